@@ -1,0 +1,178 @@
+// Bhattacharyya distance on CPU: a one-pass shifted moment reduction per residual, then the
+// closed-form (Bq, Bk) pair term of Eq. 6.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "rcl_ops/math.h"
+
+namespace rcl_ops {
+namespace {
+
+constexpr int kLanes = 8;
+
+// Shifted sums S1 = sum (x - c), S2 = sum (x - c)^2 with c = x[0], accumulated in double
+// lanes: var = (S2 - S1^2 / M) / (M - 1) does not cancel when |mean| >> std.
+template <typename T>
+void row_moments(const T* x, int64_t count, T* mean, T* var) {
+  const double shift = double(x[0]);
+  double s1[kLanes] = {}, s2[kLanes] = {};
+  int64_t m = 0;
+  for (; m + kLanes <= count; m += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = double(x[m + l]) - shift;
+      s1[l] += d;
+      s2[l] += d * d;
+    }
+  }
+  double sum1 = 0.0, sum2 = 0.0;
+  for (; m < count; ++m) {
+    const double d = double(x[m]) - shift;
+    sum1 += d;
+    sum2 += d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    sum1 += s1[l];
+    sum2 += s2[l];
+  }
+  *mean = T(shift + sum1 / double(count));
+  *var = count > 1 ? T((sum2 - sum1 * sum1 / double(count)) / double(count - 1)) : T(NAN);
+}
+
+std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x_in) {
+  check_rows(x_in, "rcl_ops::moments", "x");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1);
+  at::Tensor mean = at::empty({rows}, x.options());
+  at::Tensor var = at::empty({rows}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* mp = mean.data_ptr<scalar_t>();
+    scalar_t* vp = var.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) row_moments(xp + i * count, count, mp + i, vp + i);
+    });
+  });
+  return {mean, var};
+}
+
+at::Tensor moments_backward_cpu(const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in,
+                                const at::Tensor& x_in, const at::Tensor& mean_in) {
+  const char* op = "rcl_ops::moments_backward";
+  check_rows(x_in, op, "x");
+  const int64_t rows = x_in.size(0), count = x_in.size(1);
+  check_vector(grad_mean_in, rows, op, "grad_mean");
+  check_vector(grad_var_in, rows, op, "grad_var");
+  check_vector(mean_in, rows, op, "mean");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_mean = grad_mean_in.to(x.scalar_type()).contiguous();
+  const at::Tensor grad_var = grad_var_in.to(x.scalar_type()).contiguous();
+  const at::Tensor mean = mean_in.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* gp = grad_x.data_ptr<scalar_t>();
+    const scalar_t *gm = grad_mean.data_ptr<scalar_t>(), *gv = grad_var.data_ptr<scalar_t>();
+    const scalar_t* mp = mean.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t m = 0; m < count; ++m) {
+          gp[i * count + m] = moments_input_grad(xp[i * count + m], mp[i], gm[i], gv[i], count);
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+                      const at::Tensor& var_k, const char* op) {
+  TORCH_CHECK(mean_q.dim() == 1 && mean_k.dim() == 1, op, ": means must be 1-D");
+  check_vector(var_q, mean_q.size(0), op, "var_q");
+  check_vector(var_k, mean_k.size(0), op, "var_k");
+  check_same(mean_q, mean_k, op, "mean_q", "mean_k");
+  check_same(mean_q, var_q, op, "mean_q", "var_q");
+  check_same(mean_q, var_k, op, "mean_q", "var_k");
+}
+
+at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+                       const at::Tensor& var_k, double eps) {
+  const char* op = "rcl_ops::bd_pair";
+  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+  const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
+  at::Tensor out = at::empty({bq, bk}, mean_q.options());
+  const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
+  const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair", [&] {
+    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *vqp = vq.data_ptr<scalar_t>();
+    const scalar_t *mkp = mk.data_ptr<scalar_t>(), *vkp = vk.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, bq, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t j = 0; j < bk; ++j) {
+          op_[i * bk + j] = bd_value<scalar_t>(mqp[i], vqp[i], mkp[j], vkp[j], scalar_t(eps));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
+    const at::Tensor& mean_k, const at::Tensor& var_k, double eps) {
+  const char* op = "rcl_ops::bd_pair_backward";
+  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+  const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
+              ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
+  const at::Tensor grad = grad_in.to(mean_q.scalar_type()).contiguous();
+  const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
+  const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
+  at::Tensor g_mq = at::empty_like(mq), g_vq = at::empty_like(vq);
+  at::Tensor g_mk = at::empty_like(mk), g_vk = at::empty_like(vk);
+  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
+    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *vqp = vq.data_ptr<scalar_t>();
+    const scalar_t *mkp = mk.data_ptr<scalar_t>(), *vkp = vk.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    // Rows of q and columns of k are reduced in two passes so that no two threads write
+    // the same output.
+    at::parallel_for(0, bq, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double d_mean = 0.0, d_var = 0.0;
+        for (int64_t j = 0; j < bk; ++j) {
+          const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
+          d_mean += double(gp[i * bk + j]) * d.d_mean_q;
+          d_var += double(gp[i * bk + j]) * d.d_var_q;
+        }
+        g_mq.data_ptr<scalar_t>()[i] = scalar_t(d_mean);
+        g_vq.data_ptr<scalar_t>()[i] = scalar_t(d_var);
+      }
+    });
+    at::parallel_for(0, bk, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        double d_mean = 0.0, d_var = 0.0;
+        for (int64_t i = 0; i < bq; ++i) {
+          const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
+          d_mean -= double(gp[i * bk + j]) * d.d_mean_q;
+          d_var += double(gp[i * bk + j]) * d.d_var_k;
+        }
+        g_mk.data_ptr<scalar_t>()[j] = scalar_t(d_mean);
+        g_vk.data_ptr<scalar_t>()[j] = scalar_t(d_var);
+      }
+    });
+  });
+  return {g_mq, g_vq, g_mk, g_vk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) {
+  m.impl("moments", &moments_cpu);
+  m.impl("moments_backward", &moments_backward_cpu);
+  m.impl("bd_pair", &bd_pair_cpu);
+  m.impl("bd_pair_backward", &bd_pair_backward_cpu);
+}
+
+}  // namespace rcl_ops

@@ -1,0 +1,297 @@
+// Earth mover's distance on CPU. Sketch: each residual's values sorted (LSD radix sort for
+// float32, comparison sort for float64) and reduced to K mid-level quantiles, keeping the
+// sort order for the scatter back. Pair: D[i, j] = mean_k |s_q[i, k] - s_k[j, k]|, tiled
+// over (i, j) blocks and K chunks; the backward accumulates sign sums chunk by chunk.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "../checks.h"
+#include "rcl_ops/math.h"
+
+namespace rcl_ops {
+namespace {
+
+// ---- sort -------------------------------------------------------------------------------
+
+// Monotone map float -> uint32: flip all bits of negatives, the sign bit of the rest.
+inline uint32_t float_to_key(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float key_to_float(uint32_t key) {
+  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  float v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+struct SortScratch {
+  std::vector<uint32_t> keys[2];
+  std::vector<int32_t> index[2];
+  std::vector<int64_t> order;
+};
+
+// Sorts one row of float32 by an LSD radix sort (3 passes of 11 bits), writing the sorted
+// values and the source index of each.
+void sort_row(const float* x, int64_t count, float* sorted, int64_t* order, SortScratch& scratch) {
+  constexpr int kBits = 11, kBuckets = 1 << kBits, kPasses = 3;
+  for (int b = 0; b < 2; ++b) {
+    scratch.keys[b].resize(count);
+    scratch.index[b].resize(count);
+  }
+  uint32_t histogram[kPasses][kBuckets] = {};
+  uint32_t* keys = scratch.keys[0].data();
+  for (int64_t m = 0; m < count; ++m) {
+    const uint32_t key = float_to_key(x[m]);
+    keys[m] = key;
+    for (int p = 0; p < kPasses; ++p) ++histogram[p][(key >> (p * kBits)) & (kBuckets - 1)];
+  }
+  int src = 0;
+  bool have_index = false;
+  for (int p = 0; p < kPasses; ++p) {
+    const int shift = p * kBits;
+    const uint32_t first_digit = (scratch.keys[src][0] >> shift) & (kBuckets - 1);
+    if (histogram[p][first_digit] == uint32_t(count)) continue;  // all share this digit
+    uint32_t offset[kBuckets];
+    uint32_t running = 0;
+    for (int d = 0; d < kBuckets; ++d) {
+      offset[d] = running;
+      running += histogram[p][d];
+    }
+    const uint32_t* src_keys = scratch.keys[src].data();
+    const int32_t* src_index = scratch.index[src].data();
+    uint32_t* dst_keys = scratch.keys[1 - src].data();
+    int32_t* dst_index = scratch.index[1 - src].data();
+    for (int64_t m = 0; m < count; ++m) {
+      const uint32_t key = src_keys[m];
+      const uint32_t pos = offset[(key >> shift) & (kBuckets - 1)]++;
+      dst_keys[pos] = key;
+      dst_index[pos] = have_index ? src_index[m] : int32_t(m);
+    }
+    have_index = true;
+    src = 1 - src;
+  }
+  const uint32_t* final_keys = scratch.keys[src].data();
+  const int32_t* final_index = scratch.index[src].data();
+  for (int64_t m = 0; m < count; ++m) {
+    sorted[m] = key_to_float(final_keys[m]);
+    order[m] = have_index ? final_index[m] : m;
+  }
+}
+
+// float64 rows: a comparison sort of the indices.
+void sort_row(const double* x, int64_t count, double* sorted, int64_t* order,
+              SortScratch& scratch) {
+  std::vector<int64_t>& index = scratch.order;
+  index.resize(count);
+  std::iota(index.begin(), index.end(), int64_t(0));
+  std::sort(index.begin(), index.end(), [x](int64_t a, int64_t b) { return x[a] < x[b]; });
+  for (int64_t m = 0; m < count; ++m) {
+    order[m] = index[m];
+    sorted[m] = x[index[m]];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
+                                                        int64_t num_quantiles) {
+  const char* op = "rcl_ops::sorted_quantiles";
+  check_rows(x_in, op, "x");
+  TORCH_CHECK(num_quantiles >= 1, op, ": num_quantiles must be positive, got ", num_quantiles);
+  TORCH_CHECK(x_in.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 values per row");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1);
+  at::Tensor sorted = at::empty_like(x);
+  at::Tensor order = at::empty({rows, count}, x.options().dtype(at::kLong));
+  at::Tensor quantiles =
+      num_quantiles == count ? sorted : at::empty({rows, num_quantiles}, x.options());
+  std::vector<QuantilePosition> positions;
+  if (num_quantiles != count) {
+    for (int64_t k = 0; k < num_quantiles; ++k) {
+      positions.push_back(quantile_position(k, num_quantiles, count));
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::sorted_quantiles", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* sp = sorted.data_ptr<scalar_t>();
+    scalar_t* qp = quantiles.data_ptr<scalar_t>();
+    int64_t* orderp = order.data_ptr<int64_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      SortScratch scratch;
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* row_sorted = sp + i * count;
+        sort_row(xp + i * count, count, row_sorted, orderp + i * count, scratch);
+        if (num_quantiles == count) continue;
+        for (int64_t k = 0; k < num_quantiles; ++k) {
+          const QuantilePosition p = positions[k];
+          qp[i * num_quantiles + k] =
+              scalar_t(double(row_sorted[p.lower]) * (1.0 - p.upper_weight) +
+                       double(row_sorted[p.upper]) * p.upper_weight);
+        }
+      }
+    });
+  });
+  return {quantiles, order};
+}
+
+at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Tensor& order_in) {
+  const char* op = "rcl_ops::sorted_quantiles_backward";
+  check_rows(grad_in, op, "grad_quantiles");
+  TORCH_CHECK(order_in.dim() == 2 && order_in.size(0) == grad_in.size(0) &&
+                  order_in.scalar_type() == at::kLong,
+              op, ": order must be int64 of shape (", grad_in.size(0), ", M), got ",
+              order_in.scalar_type(), " ", order_in.sizes());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor order = order_in.contiguous();
+  const int64_t rows = grad.size(0), num_quantiles = grad.size(1), count = order.size(1);
+  at::Tensor grad_x = at::empty({rows, count}, grad.options());
+  std::vector<QuantilePosition> positions;
+  for (int64_t k = 0; num_quantiles != count && k < num_quantiles; ++k) {
+    positions.push_back(quantile_position(k, num_quantiles, count));
+  }
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rcl_ops::sorted_quantiles_backward", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const int64_t* orderp = order.data_ptr<int64_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> grad_sorted(num_quantiles == count ? 0 : count);
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* g = gp + i * num_quantiles;
+        if (num_quantiles != count) {
+          std::fill(grad_sorted.begin(), grad_sorted.end(), scalar_t(0));
+          for (int64_t k = 0; k < num_quantiles; ++k) {
+            const QuantilePosition p = positions[k];
+            grad_sorted[p.lower] += scalar_t(double(g[k]) * (1.0 - p.upper_weight));
+            grad_sorted[p.upper] += scalar_t(double(g[k]) * p.upper_weight);
+          }
+          g = grad_sorted.data();
+        }
+        const int64_t* row_order = orderp + i * count;
+        scalar_t* row_grad = gx + i * count;
+        for (int64_t m = 0; m < count; ++m) row_grad[row_order[m]] = g[m];
+      }
+    });
+  });
+  return grad_x;
+}
+
+// ---- pair -------------------------------------------------------------------------------
+
+constexpr int kLanes = 16;
+constexpr int kTile = 4;             // (i, j) block of the forward
+constexpr int64_t kChunk = 2048;     // K values per forward partial sum (cache-resident)
+constexpr int64_t kGradChunk = 256;  // K values per backward task
+
+// sum_k |a[k] - b[k]| with independent lanes, so the compiler vectorises it without
+// reassociating a single accumulator.
+template <typename T>
+inline T sum_abs_diff(const T* a, const T* b, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += std::abs(a[k + l] - b[k + l]);
+  }
+  T total = 0;
+  for (; k < n; ++k) total += std::abs(a[k] - b[k]);
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
+  check_rows(sq, op, "sorted_q");
+  check_rows(sk, op, "sorted_k");
+  check_same(sq, sk, op, "sorted_q", "sorted_k");
+  TORCH_CHECK(sq.size(1) == sk.size(1), op, ": sorted_q and sorted_k must have the same K, got ",
+              sq.size(1), " and ", sk.size(1));
+}
+
+at::Tensor emd_pair_cpu(const at::Tensor& sq_in, const at::Tensor& sk_in) {
+  check_pair(sq_in, sk_in, "rcl_ops::emd_pair");
+  const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
+  const int64_t bq = sq.size(0), bk = sk.size(0), n = sq.size(1);
+  const int64_t tiles_q = (bq + kTile - 1) / kTile, tiles_k = (bk + kTile - 1) / kTile;
+  at::Tensor out = at::empty({bq, bk}, sq.options());
+  AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair", [&] {
+    const scalar_t *qp = sq.data_ptr<scalar_t>(), *kp = sk.data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles_q * tiles_k, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t i0 = (tile / tiles_k) * kTile, j0 = (tile % tiles_k) * kTile;
+        const int64_t ni = std::min<int64_t>(kTile, bq - i0),
+                      nj = std::min<int64_t>(kTile, bk - j0);
+        double acc[kTile][kTile] = {};
+        for (int64_t c = 0; c < n; c += kChunk) {
+          const int64_t len = std::min(kChunk, n - c);
+          for (int64_t ii = 0; ii < ni; ++ii) {
+            for (int64_t jj = 0; jj < nj; ++jj) {
+              acc[ii][jj] += sum_abs_diff(qp + (i0 + ii) * n + c, kp + (j0 + jj) * n + c, len);
+            }
+          }
+        }
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          for (int64_t jj = 0; jj < nj; ++jj) outp[(i0 + ii) * bk + j0 + jj] = acc[ii][jj] / n;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cpu(const at::Tensor& grad_in,
+                                                         const at::Tensor& sq_in,
+                                                         const at::Tensor& sk_in) {
+  const char* op = "rcl_ops::emd_pair_backward";
+  check_pair(sq_in, sk_in, op);
+  const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
+  const int64_t bq = sq.size(0), bk = sk.size(0), n = sq.size(1);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
+              ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
+  // dD[i, j]/ds_q[i, k] = sign(s_q[i, k] - s_k[j, k]) / K, and the negative for s_k.
+  const at::Tensor grad = (grad_in.to(sq.scalar_type()) / double(n)).contiguous();
+  at::Tensor grad_q = at::zeros_like(sq), grad_k = at::zeros_like(sk);
+  AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair_backward", [&] {
+    const scalar_t *qp = sq.data_ptr<scalar_t>(), *kp = sk.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>();
+    const int64_t chunks = (n + kGradChunk - 1) / kGradChunk;
+    // Chunks of K are independent for both outputs: no two threads write the same value.
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t c = chunk * kGradChunk, len = std::min(kGradChunk, n - c);
+        for (int64_t i = 0; i < bq; ++i) {
+          const scalar_t* a = qp + i * n + c;
+          scalar_t* ga = gq + i * n + c;
+          for (int64_t j = 0; j < bk; ++j) {
+            const scalar_t g = gp[i * bk + j];
+            const scalar_t* b = kp + j * n + c;
+            scalar_t* gb = gk + j * n + c;
+            for (int64_t k = 0; k < len; ++k) {
+              const scalar_t s = g * sign_of_difference(a[k], b[k]);
+              ga[k] += s;
+              gb[k] -= s;
+            }
+          }
+        }
+      }
+    });
+  });
+  return {grad_q, grad_k};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) {
+  m.impl("sorted_quantiles", &sorted_quantiles_cpu);
+  m.impl("sorted_quantiles_backward", &sorted_quantiles_backward_cpu);
+  m.impl("emd_pair", &emd_pair_cpu);
+  m.impl("emd_pair_backward", &emd_pair_backward_cpu);
+}
+
+}  // namespace rcl_ops

@@ -1,0 +1,208 @@
+// Gaussian-kernel MMD on CPU: the per-value kernels of the binned-grid method (linear
+// binning, linear interpolation of a field) and the exact direct kernel sums.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "../mmd_grid.h"
+#include "rcl_ops/math.h"
+
+namespace rcl_ops {
+namespace {
+
+at::Tensor grid_bin_cpu(const at::Tensor& x_in, const at::Tensor& lo, const at::Tensor& step,
+                        int64_t num_bins) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1);
+  const double lo_v = lo.item<double>(), inv_step = 1.0 / step.item<double>();
+  const double mass = 1.0 / double(count);
+  at::Tensor weights = at::zeros({rows, num_bins}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_bin", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    double* wp = weights.data_ptr<double>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double* w = wp + i * num_bins;
+        for (int64_t m = 0; m < count; ++m) {
+          const GridPosition p = grid_position(double(xp[i * count + m]), lo_v, inv_step, num_bins);
+          w[p.lower] += mass * (1.0 - p.upper_weight);
+          w[p.lower + 1] += mass * p.upper_weight;
+        }
+      }
+    });
+  });
+  return weights;
+}
+
+at::Tensor grid_interpolate_cpu(const at::Tensor& field_in, const at::Tensor& x_in,
+                                const at::Tensor& lo, const at::Tensor& step) {
+  const at::Tensor x = x_in.contiguous(), field = field_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1), num_bins = field.size(1);
+  const double lo_v = lo.item<double>(), inv_step = 1.0 / step.item<double>();
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_interpolate", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const double* fp = field.data_ptr<double>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const double* f = fp + i * num_bins;
+        for (int64_t m = 0; m < count; ++m) {
+          const GridPosition p = grid_position(double(xp[i * count + m]), lo_v, inv_step, num_bins);
+          outp[i * count + m] =
+              scalar_t(f[p.lower] * (1.0 - p.upper_weight) + f[p.lower + 1] * p.upper_weight);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+constexpr GridKernels kCpuGridKernels{&grid_bin_cpu, &grid_interpolate_cpu};
+
+at::Tensor mmd_grid_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                        int64_t num_bins, bool unbiased) {
+  return mmd_grid_forward(kCpuGridKernels, q, k, bandwidths, num_bins, unbiased);
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_grid_backward_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& bandwidths,
+                                                         int64_t num_bins, bool unbiased) {
+  return mmd_grid_backward(kCpuGridKernels, grad, q, k, bandwidths, num_bins, unbiased);
+}
+
+// ---- exact direct sums ------------------------------------------------------------------
+
+struct KernelSumArgs {
+  at::Tensor x, y;
+  std::vector<double> inv_two_h2;
+  int64_t rows_x, rows_y, count_x, count_y;
+};
+
+KernelSumArgs kernel_sum_args(const at::Tensor& x, const at::Tensor& y,
+                              const at::Tensor& bandwidths, bool paired, const char* op) {
+  check_rows(x, op, "x");
+  check_rows(y, op, "y");
+  check_same(x, y, op, "x", "y");
+  TORCH_CHECK(bandwidths.dim() == 1 && bandwidths.numel() > 0, op,
+              ": bandwidths must be a non-empty 1-D tensor");
+  TORCH_CHECK(!paired || x.size(0) == y.size(0), op, ": paired sums need equal batch sizes, got ",
+              x.size(0), " and ", y.size(0));
+  const at::Tensor h = bandwidths.to(at::kDouble).cpu().contiguous();
+  std::vector<double> inv_two_h2(h.numel());
+  for (int64_t b = 0; b < h.numel(); ++b) {
+    const double hb = h.data_ptr<double>()[b];
+    TORCH_CHECK(hb > 0, op, ": bandwidths must be positive, got ", hb);
+    inv_two_h2[b] = 0.5 / (hb * hb);
+  }
+  return {x.contiguous(), y.contiguous(), inv_two_h2, x.size(0), y.size(0), x.size(1), y.size(1)};
+}
+
+at::Tensor gaussian_kernel_sums_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
+                                    const at::Tensor& bandwidths, bool paired) {
+  const char* op = "rcl_ops::gaussian_kernel_sums";
+  const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
+  const int64_t pairs = paired ? a.rows_x : a.rows_x * a.rows_y;
+  at::Tensor out = paired ? at::empty({a.rows_x}, a.x.options())
+                          : at::empty({a.rows_x, a.rows_y}, a.x.options());
+  const double* ih = a.inv_two_h2.data();
+  const int64_t num_h = int64_t(a.inv_two_h2.size());
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums", [&] {
+    const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t i = paired ? p : p / a.rows_y, j = paired ? p : p % a.rows_y;
+        const scalar_t *xr = xp + i * a.count_x, *yr = yp + j * a.count_y;
+        double total = 0.0;
+        for (int64_t s = 0; s < a.count_x; ++s) {
+          for (int64_t t = 0; t < a.count_y; ++t) {
+            total += gaussian_kernel(double(xr[s]) - double(yr[t]), ih, num_h);
+          }
+        }
+        outp[p] = scalar_t(total);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(const at::Tensor& grad_in,
+                                                                     const at::Tensor& x_in,
+                                                                     const at::Tensor& y_in,
+                                                                     const at::Tensor& bandwidths,
+                                                                     bool paired) {
+  const char* op = "rcl_ops::gaussian_kernel_sums_backward";
+  const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
+  if (paired) {
+    TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == a.rows_x, op, ": grad must have shape (",
+                a.rows_x, "), got ", grad_in.sizes());
+  } else {
+    TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == a.rows_x && grad_in.size(1) == a.rows_y,
+                op, ": grad must have shape (", a.rows_x, ", ", a.rows_y, "), got ",
+                grad_in.sizes());
+  }
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  at::Tensor grad_x = at::empty_like(a.x), grad_y = at::empty_like(a.y);
+  const double* ih = a.inv_two_h2.data();
+  const int64_t num_h = int64_t(a.inv_two_h2.size());
+  const double* gp = grad.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums_backward", [&] {
+    const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
+    scalar_t *gxp = grad_x.data_ptr<scalar_t>(), *gyp = grad_y.data_ptr<scalar_t>();
+    // d/dx_s sum k(x_s - y_t) = sum_t k'(x_s - y_t); the y side gets the negative. Each
+    // output row is owned by one task.
+    at::parallel_for(0, a.rows_x, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t j_begin = paired ? i : 0, j_end = paired ? i + 1 : a.rows_y;
+        for (int64_t s = 0; s < a.count_x; ++s) {
+          double total = 0.0;
+          for (int64_t j = j_begin; j < j_end; ++j) {
+            const double g = paired ? gp[i] : gp[i * a.rows_y + j];
+            double inner = 0.0;
+            for (int64_t t = 0; t < a.count_y; ++t) {
+              inner += gaussian_kernel_derivative(
+                  double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
+            }
+            total += g * inner;
+          }
+          gxp[i * a.count_x + s] = scalar_t(total);
+        }
+      }
+    });
+    at::parallel_for(0, a.rows_y, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t i_begin = paired ? j : 0, i_end = paired ? j + 1 : a.rows_x;
+        for (int64_t t = 0; t < a.count_y; ++t) {
+          double total = 0.0;
+          for (int64_t i = i_begin; i < i_end; ++i) {
+            const double g = paired ? gp[j] : gp[i * a.rows_y + j];
+            double inner = 0.0;
+            for (int64_t s = 0; s < a.count_x; ++s) {
+              inner += gaussian_kernel_derivative(
+                  double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
+            }
+            total -= g * inner;
+          }
+          gyp[j * a.count_y + t] = scalar_t(total);
+        }
+      }
+    });
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) {
+  m.impl("mmd_grid", &mmd_grid_cpu);
+  m.impl("mmd_grid_backward", &mmd_grid_backward_cpu);
+  m.impl("gaussian_kernel_sums", &gaussian_kernel_sums_cpu);
+  m.impl("gaussian_kernel_sums_backward", &gaussian_kernel_sums_backward_cpu);
+}
+
+}  // namespace rcl_ops

@@ -1,0 +1,102 @@
+// Per-element math shared by the CPU (.cpp) and CUDA (.cu) kernels. Every function here is
+// __host__ __device__, so the CPU kernels (and through them the CPU tests) exercise the
+// exact code the GPU runs.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define RCL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RCL_HOST_DEVICE inline
+#endif
+
+namespace rcl_ops {
+
+// Bhattacharyya distance between N(mean_q, var_q) and N(mean_k, var_k) (Eq. 6), with
+// a = var_q + eps, b = var_k + eps. 1/4 ln(1/4 (a/b + b/a + 2)) is written as
+// 1/4 log1p((a - b)^2 / (4ab)) so that it stays accurate when a ~ b.
+template <typename T>
+RCL_HOST_DEVICE T bd_value(T mean_q, T var_q, T mean_k, T var_k, T eps) {
+  const T a = var_q + eps, b = var_k + eps, mean_diff = mean_q - mean_k;
+  const T var_diff = a - b;
+  return T(0.25) * log1p(var_diff * var_diff / (T(4) * a * b)) +
+         T(0.25) * mean_diff * mean_diff / (a + b);
+}
+
+// Partial derivatives of bd_value. d/d(mean_k) = -d_mean_q.
+template <typename T>
+struct BdGrad {
+  T d_mean_q, d_var_q, d_var_k;
+};
+
+template <typename T>
+RCL_HOST_DEVICE BdGrad<T> bd_grad(T mean_q, T var_q, T mean_k, T var_k, T eps) {
+  const T a = var_q + eps, b = var_k + eps, sum = a + b, mean_diff = mean_q - mean_k;
+  const T mean_term = T(0.25) * mean_diff * mean_diff / (sum * sum);
+  return {T(0.5) * mean_diff / sum, T(0.25) * (a - b) / (a * sum) - mean_term,
+          T(0.25) * (b - a) / (b * sum) - mean_term};
+}
+
+// d(mean, unbiased var)/dx pulled back: grad_mean / M + grad_var * 2 (x - mean) / (M - 1).
+template <typename T>
+RCL_HOST_DEVICE T moments_input_grad(T x, T mean, T grad_mean, T grad_var, int64_t count) {
+  return grad_mean / T(count) + grad_var * T(2) * (x - mean) / T(count - 1);
+}
+
+// Mid-level quantile t_k = (k + 0.5) / K of M sorted values: fractional position
+// p = t_k M - 0.5 clamped to [0, M - 1], interpolated between lower and lower + 1.
+struct QuantilePosition {
+  int64_t lower, upper;
+  double upper_weight;
+};
+
+RCL_HOST_DEVICE QuantilePosition quantile_position(int64_t k, int64_t num_quantiles,
+                                                   int64_t num_values) {
+  double pos = (double(k) + 0.5) * double(num_values) / double(num_quantiles) - 0.5;
+  pos = pos < 0.0 ? 0.0 : (pos > double(num_values - 1) ? double(num_values - 1) : pos);
+  const int64_t lower = int64_t(floor(pos));
+  const int64_t upper = lower + 1 < num_values ? lower + 1 : num_values - 1;
+  return {lower, upper, pos - double(lower)};
+}
+
+// sign(a - b) as -1, 0 or +1: the EMD derivative d|a - b|/da.
+template <typename T>
+RCL_HOST_DEVICE T sign_of_difference(T a, T b) {
+  return T(a > b) - T(a < b);
+}
+
+// Linear binning onto the grid t_g = lo + g * step, g in [0, G): the lower bin and the
+// weight of the upper one. Values outside the grid are clamped to its ends.
+struct GridPosition {
+  int64_t lower;
+  double upper_weight;
+};
+
+RCL_HOST_DEVICE GridPosition grid_position(double x, double lo, double inv_step, int64_t num_bins) {
+  double u = (x - lo) * inv_step;
+  u = u < 0.0 ? 0.0 : (u > double(num_bins - 1) ? double(num_bins - 1) : u);
+  int64_t lower = int64_t(floor(u));
+  if (lower > num_bins - 2) lower = num_bins - 2;
+  return {lower, u - double(lower)};
+}
+
+// Gaussian kernel sum_h exp(-d^2 / (2 h^2)) and its derivative in d, given
+// inv_two_h2[h] = 1 / (2 h^2).
+RCL_HOST_DEVICE double gaussian_kernel(double diff, const double* inv_two_h2, int64_t num_h) {
+  double total = 0.0;
+  for (int64_t h = 0; h < num_h; ++h) total += exp(-diff * diff * inv_two_h2[h]);
+  return total;
+}
+
+RCL_HOST_DEVICE double gaussian_kernel_derivative(double diff, const double* inv_two_h2,
+                                                  int64_t num_h) {
+  double total = 0.0;
+  for (int64_t h = 0; h < num_h; ++h) {
+    total += -2.0 * diff * inv_two_h2[h] * exp(-diff * diff * inv_two_h2[h]);
+  }
+  return total;
+}
+
+}  // namespace rcl_ops

@@ -1,0 +1,31 @@
+// The binned-grid MMD, written once over ATen ops (FFT convolution, float64 GEMMs) and
+// parameterised by the two per-device kernels that touch every value: the binning and the
+// interpolation. csrc/cpu and csrc/cuda register it with their own kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace rcl_ops {
+
+struct GridKernels {
+  // (B, M) values -> (B, G) float64 weights: each value adds mass 1/M to the two nearest
+  // grid points t_g = lo + g * step, split linearly. lo and step are 0-dim float64 tensors
+  // on the values' device.
+  at::Tensor (*bin)(const at::Tensor& x, const at::Tensor& lo, const at::Tensor& step,
+                    int64_t num_bins);
+  // (B, G) float64 field, (B, M) values -> (B, M) in x's dtype: the field at each value,
+  // interpolated linearly between grid points.
+  at::Tensor (*interpolate)(const at::Tensor& field, const at::Tensor& x, const at::Tensor& lo,
+                            const at::Tensor& step);
+};
+
+at::Tensor mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& bandwidths, int64_t num_bins, bool unbiased);
+
+std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(const GridKernels& kernels,
+                                                     const at::Tensor& grad, const at::Tensor& q,
+                                                     const at::Tensor& k,
+                                                     const at::Tensor& bandwidths, int64_t num_bins,
+                                                     bool unbiased);
+
+}  // namespace rcl_ops

@@ -1,0 +1,36 @@
+// Operator schemas of the rcl_ops library. Kernels attach per device in csrc/cpu and
+// csrc/cuda; fake (meta) kernels and autograd are registered from Python (rcl_ops/_native.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing rcl_ops._C loads this library and runs the registrations below; the module
+// itself is empty (the ops live in torch.ops.rcl_ops).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(rcl_ops, m) {
+  // Bhattacharyya: per-row mean and unbiased variance, then the closed-form pair term.
+  m.def("moments(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("moments_backward(Tensor grad_mean, Tensor grad_var, Tensor x, Tensor mean) -> Tensor");
+  m.def("bd_pair(Tensor mean_q, Tensor var_q, Tensor mean_k, Tensor var_k, float eps) -> Tensor");
+  m.def(
+      "bd_pair_backward(Tensor grad, Tensor mean_q, Tensor var_q, Tensor mean_k, Tensor var_k, "
+      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // EMD: per-row sorted values or K mid-level quantiles (with the sort order), then the
+  // pairwise mean absolute difference.
+  m.def("sorted_quantiles(Tensor x, int num_quantiles) -> (Tensor quantiles, Tensor order)");
+  m.def("sorted_quantiles_backward(Tensor grad_quantiles, Tensor order) -> Tensor");
+  m.def("emd_pair(Tensor sorted_q, Tensor sorted_k) -> Tensor");
+  m.def("emd_pair_backward(Tensor grad, Tensor sorted_q, Tensor sorted_k) -> (Tensor, Tensor)");
+  // MMD: binned-grid method (linear in M) and the exact direct kernel sums.
+  m.def("mmd_grid(Tensor q, Tensor k, Tensor bandwidths, int num_bins, bool unbiased) -> Tensor");
+  m.def(
+      "mmd_grid_backward(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, int num_bins, "
+      "bool unbiased) -> (Tensor, Tensor)");
+  m.def("gaussian_kernel_sums(Tensor x, Tensor y, Tensor bandwidths, bool paired) -> Tensor");
+  m.def(
+      "gaussian_kernel_sums_backward(Tensor grad, Tensor x, Tensor y, Tensor bandwidths, "
+      "bool paired) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,109 @@
+"""Backend registry: each backend computes the three distance matrices on flattened inputs."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named implementation of the three pairwise distances on (B, M) inputs.
+
+    ``emd(q, k, num_quantiles)``, ``mmd(q, k, bandwidths, unbiased, method, num_bins)``,
+    ``bd(q, k, eps)``; ``device_types`` lists the tensor device types it runs on.
+    """
+
+    name: str
+    device_types: tuple[str, ...]
+    emd: Callable
+    mmd: Callable
+    bd: Callable
+    mmd_methods: tuple[str, ...] = ("grid", "direct")
+
+
+_registry: dict[str, Backend] = {}
+_unavailable_reasons: dict[str, str] = {}
+_warned_fallback: set[str] = set()
+
+
+def register_backend(backend: Backend) -> None:
+    _registry[backend.name] = backend
+    _unavailable_reasons.pop(backend.name, None)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why a backend could not be loaded; the reason appears in selection errors."""
+    if name not in _registry:
+        _unavailable_reasons[name] = reason
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that run on ``device`` (all loaded backends when None)."""
+    device_type = None if device is None else torch.device(device).type
+    return [name for name, backend in _registry.items() if device_type is None or device_type in backend.device_types]
+
+
+def _reference_mmd(q, k, bandwidths, unbiased, method, num_bins):
+    if method == "grid":
+        raise ValueError("the reference backend computes MMD only by the exact direct sum; use method='direct'")
+    return reference.pairwise_mmd(q, k, bandwidths, unbiased)
+
+
+register_backend(
+    Backend(
+        name="reference",
+        device_types=("cpu", "cuda", "mps", "xpu", "meta"),
+        emd=reference.pairwise_emd,
+        mmd=_reference_mmd,
+        bd=reference.pairwise_bd,
+        mmd_methods=("direct",),
+    )
+)
+
+# Preferred native backend per device type when backend="auto".
+_AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+def resolve_backend(name: str, device: torch.device, where: str) -> Backend:
+    """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest loaded."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(
+            f"{where}: unknown backend {name!r}; choose one of {BACKEND_NAMES} "
+            f"(available on {device.type}: {available_backends(device)})"
+        )
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ()):
+            backend = _registry.get(candidate)
+            if backend is not None and device.type in backend.device_types:
+                return backend
+        if device.type in _AUTO_ORDER and device.type not in _warned_fallback:
+            _warned_fallback.add(device.type)
+            reasons = "; ".join(f"{n}: {r}" for n, r in _unavailable_reasons.items()) or "none loaded"
+            warnings.warn(
+                f"rcl_ops: no native backend for {device.type} tensors ({reasons}); "
+                "falling back to the slow pure-PyTorch reference backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _registry["reference"]
+    backend = _registry.get(name)
+    if backend is None:
+        reason = _unavailable_reasons.get(name, "not built into this installation")
+        raise RuntimeError(
+            f"{where}: backend {name!r} is unavailable ({reason}); "
+            f"available on {device.type}: {available_backends(device)}"
+        )
+    if device.type not in backend.device_types:
+        raise ValueError(
+            f"{where}: backend {name!r} does not run on {device.type} tensors; "
+            f"available on {device.type}: {available_backends(device)}"
+        )
+    return backend

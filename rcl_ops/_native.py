@@ -1,0 +1,188 @@
+"""The native backends ("cpu", "cuda"): the C++/CUDA ops of rcl_ops._C, with their fake
+(shape-only) kernels and autograd, so torch.compile traces them and opcheck passes."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
+from ._backend import Backend, mark_unavailable, register_backend
+from .reference import mmd_from_kernel_sums
+
+ops = torch.ops.rcl_ops
+
+
+# ---- fake kernels -------------------------------------------------------------------------
+
+
+@torch.library.register_fake("rcl_ops::moments")
+def _moments_fake(x):
+    torch._check(x.dim() == 2, lambda: "rcl_ops::moments: x must be 2-D")
+    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
+
+
+@torch.library.register_fake("rcl_ops::moments_backward")
+def _moments_backward_fake(grad_mean, grad_var, x, mean):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("rcl_ops::bd_pair")
+def _bd_pair_fake(mean_q, var_q, mean_k, var_k, eps):
+    return mean_q.new_empty(mean_q.shape[0], mean_k.shape[0])
+
+
+@torch.library.register_fake("rcl_ops::bd_pair_backward")
+def _bd_pair_backward_fake(grad, mean_q, var_q, mean_k, var_k, eps):
+    return tuple(torch.empty_like(t) for t in (mean_q, var_q, mean_k, var_k))
+
+
+@torch.library.register_fake("rcl_ops::sorted_quantiles")
+def _sorted_quantiles_fake(x, num_quantiles):
+    torch._check(x.dim() == 2, lambda: "rcl_ops::sorted_quantiles: x must be 2-D")
+    return x.new_empty(x.shape[0], num_quantiles), x.new_empty(x.shape, dtype=torch.long)
+
+
+@torch.library.register_fake("rcl_ops::sorted_quantiles_backward")
+def _sorted_quantiles_backward_fake(grad_quantiles, order):
+    return grad_quantiles.new_empty(order.shape)
+
+
+@torch.library.register_fake("rcl_ops::emd_pair")
+def _emd_pair_fake(sorted_q, sorted_k):
+    torch._check(sorted_q.shape[1] == sorted_k.shape[1], lambda: "rcl_ops::emd_pair: K differs")
+    return sorted_q.new_empty(sorted_q.shape[0], sorted_k.shape[0])
+
+
+@torch.library.register_fake("rcl_ops::emd_pair_backward")
+def _emd_pair_backward_fake(grad, sorted_q, sorted_k):
+    return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
+
+
+@torch.library.register_fake("rcl_ops::mmd_grid")
+def _mmd_grid_fake(q, k, bandwidths, num_bins, unbiased):
+    return q.new_empty(q.shape[0], k.shape[0])
+
+
+@torch.library.register_fake("rcl_ops::mmd_grid_backward")
+def _mmd_grid_backward_fake(grad, q, k, bandwidths, num_bins, unbiased):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("rcl_ops::gaussian_kernel_sums")
+def _gaussian_kernel_sums_fake(x, y, bandwidths, paired):
+    return x.new_empty(x.shape[0]) if paired else x.new_empty(x.shape[0], y.shape[0])
+
+
+@torch.library.register_fake("rcl_ops::gaussian_kernel_sums_backward")
+def _gaussian_kernel_sums_backward_fake(grad, x, y, bandwidths, paired):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+# ---- autograd -----------------------------------------------------------------------------
+# Bandwidths, eps and the grid are constants: their gradients are not computed.
+
+
+def _moments_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _moments_backward(ctx, grad_mean, grad_var):
+    x, mean = ctx.saved_tensors
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+    return ops.moments_backward(grad_mean, grad_var, x, mean)
+
+
+def _bd_pair_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])
+    ctx.eps = inputs[4]
+
+
+def _bd_pair_backward(ctx, grad):
+    return (*ops.bd_pair_backward(grad, *ctx.saved_tensors, ctx.eps), None)
+
+
+def _sorted_quantiles_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sorted_quantiles_backward(ctx, grad_quantiles, grad_order):
+    (order,) = ctx.saved_tensors
+    return ops.sorted_quantiles_backward(grad_quantiles, order), None
+
+
+def _emd_pair_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _emd_pair_backward(ctx, grad):
+    return ops.emd_pair_backward(grad, *ctx.saved_tensors)
+
+
+def _mmd_grid_setup(ctx, inputs, output):
+    q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
+    ctx.save_for_backward(q, k, bandwidths)
+
+
+def _mmd_grid_backward(ctx, grad):
+    q, k, bandwidths = ctx.saved_tensors
+    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, ctx.num_bins, ctx.unbiased)
+    return grad_q, grad_k, None, None, None
+
+
+def _kernel_sums_setup(ctx, inputs, output):
+    x, y, bandwidths, ctx.paired = inputs
+    ctx.save_for_backward(x, y, bandwidths)
+
+
+def _kernel_sums_backward(ctx, grad):
+    x, y, bandwidths = ctx.saved_tensors
+    grad_x, grad_y = ops.gaussian_kernel_sums_backward(grad, x, y, bandwidths, ctx.paired)
+    return grad_x, grad_y, None, None
+
+
+for _name, _backward, _setup in (
+    ("moments", _moments_backward, _moments_setup),
+    ("bd_pair", _bd_pair_backward, _bd_pair_setup),
+    ("sorted_quantiles", _sorted_quantiles_backward, _sorted_quantiles_setup),
+    ("emd_pair", _emd_pair_backward, _emd_pair_setup),
+    ("mmd_grid", _mmd_grid_backward, _mmd_grid_setup),
+    ("gaussian_kernel_sums", _kernel_sums_backward, _kernel_sums_setup),
+):
+    torch.library.register_autograd(f"rcl_ops::{_name}", _backward, setup_context=_setup)
+
+
+# ---- the backend --------------------------------------------------------------------------
+
+
+def native_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> torch.Tensor:
+    num_quantiles = q.shape[1] if num_quantiles is None else num_quantiles
+    sorted_q, _ = ops.sorted_quantiles(q, num_quantiles)
+    sorted_k, _ = ops.sorted_quantiles(k, num_quantiles)
+    return ops.emd_pair(sorted_q, sorted_k)
+
+
+def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> torch.Tensor:
+    if method == "grid":
+        return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
+    return mmd_from_kernel_sums(
+        ops.gaussian_kernel_sums(q, q, bandwidths, True),
+        ops.gaussian_kernel_sums(k, k, bandwidths, True),
+        ops.gaussian_kernel_sums(q, k, bandwidths, False),
+        q.shape[1],
+        k.shape[1],
+        bandwidths.numel(),
+        unbiased,
+    )
+
+
+def native_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
+    return ops.bd_pair(*ops.moments(q), *ops.moments(k), eps)
+
+
+register_backend(Backend("cpu", ("cpu",), native_emd, native_mmd, native_bd))
+if torch._C._dispatch_has_kernel_for_dispatch_key("rcl_ops::emd_pair", "CUDA"):
+    register_backend(Backend("cuda", ("cuda",), native_emd, native_mmd, native_bd))
+else:
+    mark_unavailable("cuda", "rcl_ops._C was built without CUDA kernels")

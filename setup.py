@@ -1,0 +1,58 @@
+"""Builds the native extension rcl_ops._C from csrc/.
+
+CPU sources always; CUDA sources (csrc/cuda/*.cu) when torch is a CUDA build and a CUDA
+toolkit is found. RCL_OPS_WITH_CUDA=1 makes a missing CUDA setup an error instead of a
+CPU-only build, RCL_OPS_WITH_CUDA=0 skips CUDA. Target architectures come from
+TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"). Install with `pip install -e . --no-build-isolation`
+so the extension is built against the torch already installed.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCE_PATTERNS = ("csrc/*.cpp", "csrc/cpu/*.cpp")
+CUDA_SOURCE_PATTERNS = ("csrc/cuda/*.cu",)
+
+
+def sources(patterns):
+    return sorted(path for pattern in patterns for path in glob.glob(pattern, root_dir=ROOT))
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    wanted = os.environ.get("RCL_OPS_WITH_CUDA", "auto")
+    cuda_ready = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if wanted == "1" and not cuda_ready:
+        raise RuntimeError(
+            "RCL_OPS_WITH_CUDA=1 but CUDA cannot be built: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    with_cuda = cuda_ready and wanted != "0"
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    extra_compile_args = {"cxx": cxx_flags}
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if with_cuda:
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extension_class = cpp_extension.CUDAExtension
+        srcs = sources(CPU_SOURCE_PATTERNS + CUDA_SOURCE_PATTERNS)
+    else:
+        extension_class = cpp_extension.CppExtension
+        srcs = sources(CPU_SOURCE_PATTERNS)
+    return [
+        extension_class(
+            "rcl_ops._C",
+            srcs,
+            include_dirs=include_dirs,
+            extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
+        )
+    ], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

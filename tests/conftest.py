@@ -1,0 +1,22 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; this must be set before any
+# @triton.jit function is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import rcl_ops  # noqa: E402
+
+NATIVE_BACKENDS = [name for name in ("cpu", "cuda") if name in rcl_ops.available_backends()]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device(backend: str) -> str:
+    return "cuda" if backend in ("cuda",) else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
