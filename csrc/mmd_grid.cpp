@@ -16,13 +16,13 @@ struct Grid {
   int64_t fft_size;  // >= 2 G - 1, so the circular convolution is a linear one
 };
 
-// The grid spans [min, max] of all values of q and k; a batch of identical values gets a
-// span of one (smallest) bandwidth.
+// The grid spans [min, max] of all values of q and k (at least 1e-3 of the smallest
+// bandwidth, so that a batch of identical values still has a valid step).
 Grid make_grid(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
                int64_t num_bins) {
   const at::Tensor lo = at::minimum(q.min(), k.min()).to(at::kDouble);
   const at::Tensor hi = at::maximum(q.max(), k.max()).to(at::kDouble);
-  const at::Tensor span = at::maximum(hi - lo, bandwidths.min().to(at::kDouble));
+  const at::Tensor span = at::maximum(hi - lo, 1e-3 * bandwidths.min().to(at::kDouble));
   int64_t fft_size = 1;
   while (fft_size < 2 * num_bins) fft_size *= 2;
   return {lo, span / double(num_bins - 1), num_bins, fft_size};

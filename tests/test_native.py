@@ -1,0 +1,221 @@
+"""Native (C++ CPU / CUDA) ops against the reference backend; opcheck; torch.compile."""
+
+import pytest
+import torch
+from conftest import NATIVE_BACKENDS, backend_device
+
+import rcl_ops
+
+pytestmark = pytest.mark.skipif(not NATIVE_BACKENDS, reason="the native extension rcl_ops._C is not built")
+
+# (name, function, options). MMD uses the exact direct method here: the grid method is an
+# approximation with its own accuracy tests (test_mmd_grid.py).
+DISTANCES = [
+    ("emd", rcl_ops.pairwise_emd, {}),
+    ("emd_quantiles", rcl_ops.pairwise_emd, {"num_quantiles": 37}),
+    ("mmd_direct", rcl_ops.pairwise_mmd, {"method": "direct", "bandwidth": 0.8}),
+    ("mmd_direct_unbiased", rcl_ops.pairwise_mmd, {"method": "direct", "bandwidth": [0.4, 2.0], "unbiased": True}),
+    ("bd", rcl_ops.pairwise_bd, {}),
+]
+TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
+
+
+def _reference_options(options):
+    return {key: value for key, value in options.items() if key != "method"}
+
+
+def _compare(fn, options, backend, q, k, grad_out=None):
+    """Values and input gradients of backend vs reference, for a non-unit grad_output."""
+    results = []
+    for name, opts in ((backend, options), ("reference", _reference_options(options))):
+        qa = q.detach().clone().requires_grad_(True)
+        ka = k.detach().clone().requires_grad_(True)
+        out = fn(qa, ka, backend=name, **opts)
+        weights = grad_out if grad_out is not None else torch.randn_like(out)
+        grad_q, grad_k = torch.autograd.grad((out * weights).sum(), (qa, ka))
+        results.append((out, grad_q, grad_k))
+        grad_out = weights
+    tol = TOLERANCE[q.dtype]
+    for got, expected in zip(results[0], results[1]):
+        torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
+def test_matches_reference(backend, dtype, name, fn, options):
+    device = backend_device(backend)
+    q = torch.randn(5, 3, 6, 7, dtype=dtype, device=device)
+    k = (1.3 * torch.randn(7, 3, 6, 7, dtype=dtype) + 0.1).to(device)  # Bq != Bk, ragged tiles
+    _compare(fn, options, backend, q, k)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
+def test_gradcheck(backend, name, fn, options):
+    device = backend_device(backend)
+    q = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    k = torch.randn(4, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, backend=backend, **options), (q, k))
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
+def test_layouts_and_edge_shapes(backend, name, fn, options):
+    device = backend_device(backend)
+    base = torch.randn(4, 8, 6, 3, device=device, dtype=torch.float64)
+    channels_last = base.permute(0, 3, 1, 2)  # (4, 3, 8, 6), channels-last strides
+    assert not channels_last.is_contiguous()
+    k = torch.randn(6, 3, 8, 6, device=device, dtype=torch.float64)[::2]  # strided batch
+    _compare(fn, options, backend, channels_last, k)
+    _compare(fn, options, backend, channels_last[:1], k[:1])  # B = 1
+    _compare(fn, options, backend, channels_last[:, 0, 0, :2], k[:, 0, 0, :2])  # M = 2
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
+def test_constant_residuals(backend, name, fn, options):
+    device = backend_device(backend)
+    q = torch.full((3, 2, 4, 4), 0.25, dtype=torch.float64, device=device)
+    k = torch.randn(2, 2, 4, 4, dtype=torch.float64, device=device)
+    k[1] = -1.0
+    for a, b in ((q, k), (q, q)):
+        expected = fn(a, b, backend="reference", **_reference_options(options))
+        got = fn(a, b, backend=backend, **options)
+        torch.testing.assert_close(got, expected, **TOLERANCE[torch.float64])
+        assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("name, fn, options", DISTANCES[:2] + DISTANCES[-1:], ids=["emd", "emd_quantiles", "bd"])
+def test_large_residuals(backend, name, fn, options):
+    device = backend_device(backend)
+    q = torch.randn(3, 3, 128, 128, device=device)
+    k = 0.5 * torch.randn(2, 3, 128, 128, device=device) + 0.01
+    _compare(fn, options, backend, q, k)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_emd_ties_in_sort(backend):
+    device = backend_device(backend)
+    q = torch.randint(-3, 4, (4, 200), device=device).float()
+    k = torch.randint(-2, 3, (3, 200), device=device).float()
+    expected = rcl_ops.pairwise_emd(q, k, backend="reference")
+    torch.testing.assert_close(rcl_ops.pairwise_emd(q, k, backend=backend), expected)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_half_inputs(backend):
+    device = backend_device(backend)
+    q, k = torch.randn(4, 3, 16, 16, device=device), torch.randn(4, 3, 16, 16, device=device)
+    for fn in (rcl_ops.pairwise_emd, rcl_ops.pairwise_bd, rcl_ops.pairwise_mmd):
+        expected = fn(q, k, backend=backend)
+        for dtype in (torch.float16, torch.bfloat16):
+            qh = q.to(dtype).requires_grad_(True)
+            got = fn(qh, k.to(dtype), backend=backend)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+            got.sum().backward()
+            assert qh.grad.dtype == dtype and torch.isfinite(qh.grad.float()).all()
+
+
+def test_auto_picks_native_backend(monkeypatch):
+    q, k = torch.randn(3, 10), torch.randn(3, 10)
+    calls = []
+    original = torch.ops.rcl_ops.emd_pair
+    monkeypatch.setattr(torch.ops.rcl_ops, "emd_pair", lambda *a: calls.append(1) or original(*a))
+    rcl_ops.pairwise_emd(q, k)
+    assert calls
+
+
+# ---- opcheck of every op ------------------------------------------------------------------
+
+
+def _op_samples(device, dtype):
+    x = torch.randn(3, 17, device=device, dtype=dtype)
+    y = torch.randn(4, 17, device=device, dtype=dtype) * 2
+    h = torch.tensor([0.5, 1.5], device=device, dtype=dtype)
+    mean, var = torch.ops.rcl_ops.moments(x)
+    mean_k, var_k = torch.ops.rcl_ops.moments(y)
+    sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(x, 17)
+    sorted_y, _ = torch.ops.rcl_ops.sorted_quantiles(y, 17)
+    grad = torch.randn(3, 4, device=device, dtype=dtype)
+    ops = torch.ops.rcl_ops
+    return [
+        (ops.moments.default, (x,)),
+        (ops.moments_backward.default, (mean.clone(), var.clone(), x, mean)),
+        (ops.bd_pair.default, (mean, var, mean_k, var_k, 1e-6)),
+        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6)),
+        (ops.sorted_quantiles.default, (x, 17)),
+        (ops.sorted_quantiles.default, (x, 5)),
+        (ops.sorted_quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
+        (ops.emd_pair.default, (sorted_x, sorted_y)),
+        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y)),
+        (ops.mmd_grid.default, (x, y, h, 64, False)),
+        (ops.mmd_grid.default, (x, y, h, 64, True)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, 64, False)),
+        (ops.gaussian_kernel_sums.default, (x, y, h, False)),
+        (ops.gaussian_kernel_sums.default, (x, x, h, True)),
+        (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False)),
+    ]
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_opcheck_every_op(backend):
+    device = backend_device(backend)
+    samples = _op_samples(device, torch.float64)
+    checked = {op._name for op, _ in samples}
+    defined = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("rcl_ops::")}
+    assert defined <= checked, f"ops without an opcheck sample: {sorted(defined - checked)}"
+    for op, args in samples:
+        differentiable = op._name.split("::")[1] in (
+            "moments",
+            "bd_pair",
+            "sorted_quantiles",
+            "emd_pair",
+            "mmd_grid",
+            "gaussian_kernel_sums",
+        )
+        args = tuple(
+            a.clone().requires_grad_(differentiable and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_native_ops_reject_bad_arguments(backend):
+    device = backend_device(backend)
+    ops = torch.ops.rcl_ops
+    x = torch.randn(3, 5, device=device)
+    with pytest.raises(RuntimeError, match="rcl_ops::moments: x must be 2-D"):
+        ops.moments(x[0])
+    with pytest.raises(RuntimeError, match="must be float32 or float64"):
+        ops.moments(x.half())
+    with pytest.raises(RuntimeError, match="same K"):
+        ops.emd_pair(x, x[:, :4])
+    with pytest.raises(RuntimeError, match="num_bins must be at least 2"):
+        ops.mmd_grid(x, x, torch.ones(1, device=device), 1, False)
+    with pytest.raises(RuntimeError, match="bandwidths must be positive"):
+        ops.gaussian_kernel_sums(x, x, -torch.ones(1, device=device), False)
+
+
+# ---- torch.compile ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("distance", ["emd", "mmd", "bd"])
+def test_compiled_loss_fullgraph(backend, distance):
+    device = backend_device(backend)
+    torch._dynamo.reset()
+    loss_fn = rcl_ops.ResidualContrastiveLoss(distance, temperature=0.2, backend=backend)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    q = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
+    k = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
+    eager = loss_fn(q, k)
+    eager_grads = torch.autograd.grad(eager, (q, k))
+    got = compiled(q, k)
+    got_grads = torch.autograd.grad(got, (q, k))
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(got_grads, eager_grads):
+        torch.testing.assert_close(a, b)
