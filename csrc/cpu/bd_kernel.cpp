@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "parallel.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
@@ -50,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x_in) {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* mp = mean.data_ptr<scalar_t>();
     scalar_t* vp = var.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) row_moments(xp + i * count, count, mp + i, vp + i);
     });
   });
@@ -75,7 +76,7 @@ at::Tensor moments_backward_cpu(const at::Tensor& grad_mean_in, const at::Tensor
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
     const scalar_t *gm = grad_mean.data_ptr<scalar_t>(), *gv = grad_var.data_ptr<scalar_t>();
     const scalar_t* mp = mean.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t m = 0; m < count; ++m) {
           gp[i * count + m] = moments_input_grad(xp[i * count + m], mp[i], gm[i], gv[i], count);
@@ -108,7 +109,7 @@ at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const 
     const scalar_t *mqp = mq.data_ptr<scalar_t>(), *vqp = vq.data_ptr<scalar_t>();
     const scalar_t *mkp = mk.data_ptr<scalar_t>(), *vkp = vk.data_ptr<scalar_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, bq, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t j = 0; j < bk; ++j) {
           op_[i * bk + j] = bd_value<scalar_t>(mqp[i], vqp[i], mkp[j], vkp[j], scalar_t(eps));
@@ -138,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     // Rows of q and columns of k are reduced in two passes so that no two threads write
     // the same output.
-    at::parallel_for(0, bq, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double d_mean = 0.0, d_var = 0.0;
         for (int64_t j = 0; j < bk; ++j) {
@@ -150,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
         g_vq.data_ptr<scalar_t>()[i] = scalar_t(d_var);
       }
     });
-    at::parallel_for(0, bk, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, bk, grain_for(16 * bq), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         double d_mean = 0.0, d_var = 0.0;
         for (int64_t i = 0; i < bq; ++i) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "parallel.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
@@ -123,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
     scalar_t* sp = sorted.data_ptr<scalar_t>();
     scalar_t* qp = quantiles.data_ptr<scalar_t>();
     int64_t* orderp = order.data_ptr<int64_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(8 * count), [&](int64_t begin, int64_t end) {
       SortScratch scratch;
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* row_sorted = sp + i * count;
@@ -160,7 +161,7 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     const int64_t* orderp = order.data_ptr<int64_t>();
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> grad_sorted(num_quantiles == count ? 0 : count);
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* g = gp + i * num_quantiles;
@@ -182,17 +183,28 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
   return grad_x;
 }
 
-// ---- pair -------------------------------------------------------------------------------
+// ---- pair ----------------------------------------------------------------------------------
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
+// (GCC function multi-versioning); elsewhere they are compiled once.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RCL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RCL_MULTIVERSION
+#endif
+#define RCL_INLINE inline __attribute__((always_inline))
 
 constexpr int kLanes = 16;
 constexpr int kTile = 4;             // (i, j) block of the forward
 constexpr int64_t kChunk = 2048;     // K values per forward partial sum (cache-resident)
+constexpr int kRows = 4;             // q rows per backward register block
+constexpr int kVector = 16;          // K values per backward register block
 constexpr int64_t kGradChunk = 256;  // K values per backward task
 
 // sum_k |a[k] - b[k]| with independent lanes, so the compiler vectorises it without
 // reassociating a single accumulator.
 template <typename T>
-inline T sum_abs_diff(const T* a, const T* b, int64_t n) {
+RCL_INLINE T sum_abs_diff(const T* a, const T* b, int64_t n) {
   T lanes[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -202,6 +214,121 @@ inline T sum_abs_diff(const T* a, const T* b, int64_t n) {
   for (; k < n; ++k) total += std::abs(a[k] - b[k]);
   for (int l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
+}
+
+// One (kTile x kTile) block of D: partial sums per K chunk, accumulated in double.
+template <typename T>
+RCL_INLINE void emd_forward_tile(const T* qp, const T* kp, T* outp, int64_t bk, int64_t n,
+                                 int64_t i0, int64_t j0, int64_t ni, int64_t nj) {
+  double acc[kTile][kTile] = {};
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    for (int64_t ii = 0; ii < ni; ++ii) {
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        acc[ii][jj] += sum_abs_diff(qp + (i0 + ii) * n + c, kp + (j0 + jj) * n + c, len);
+      }
+    }
+  }
+  for (int64_t ii = 0; ii < ni; ++ii) {
+    for (int64_t jj = 0; jj < nj; ++jj) outp[(i0 + ii) * bk + j0 + jj] = T(acc[ii][jj] / n);
+  }
+}
+
+RCL_MULTIVERSION void emd_forward_tile_f32(const float* qp, const float* kp, float* outp,
+                                           int64_t bk, int64_t n, int64_t i0, int64_t j0,
+                                           int64_t ni, int64_t nj) {
+  emd_forward_tile(qp, kp, outp, bk, n, i0, j0, ni, nj);
+}
+
+RCL_MULTIVERSION void emd_forward_tile_f64(const double* qp, const double* kp, double* outp,
+                                           int64_t bk, int64_t n, int64_t i0, int64_t j0,
+                                           int64_t ni, int64_t nj) {
+  emd_forward_tile(qp, kp, outp, bk, n, i0, j0, ni, nj);
+}
+
+inline void emd_forward_tile_any(const float* qp, const float* kp, float* outp, int64_t bk,
+                                 int64_t n, int64_t i0, int64_t j0, int64_t ni, int64_t nj) {
+  emd_forward_tile_f32(qp, kp, outp, bk, n, i0, j0, ni, nj);
+}
+
+inline void emd_forward_tile_any(const double* qp, const double* kp, double* outp, int64_t bk,
+                                 int64_t n, int64_t i0, int64_t j0, int64_t ni, int64_t nj) {
+  emd_forward_tile_f64(qp, kp, outp, bk, n, i0, j0, ni, nj);
+}
+
+// Backward over K values [c, c + len) for all pairs: with g = grad / K,
+// grad_q[i, k] = sum_j g[i, j] sign(q[i, k] - s_k[j, k]), grad_k[j, k] = -sum_i (same).
+// A block of kRows q rows x kVector values stays in registers while j sweeps the keys, so
+// each key value is loaded once per block and grad_k is updated once per (j, block).
+template <typename T>
+RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq, T* gk, int64_t bq,
+                                   int64_t bk, int64_t n, int64_t c, int64_t len) {
+  for (int64_t i0 = 0; i0 < bq; i0 += kRows) {
+    const int64_t ni = std::min<int64_t>(kRows, bq - i0);
+    for (int64_t k0 = c; k0 < c + len; k0 += kVector) {
+      if (ni == kRows && k0 + kVector <= c + len) {
+        T a[kRows][kVector], acc[kRows][kVector] = {};
+        for (int r = 0; r < kRows; ++r) {
+          for (int l = 0; l < kVector; ++l) a[r][l] = qp[(i0 + r) * n + k0 + l];
+        }
+        for (int64_t j = 0; j < bk; ++j) {
+          const T* b = kp + j * n + k0;
+          T* gb = gk + j * n + k0;
+          T g[kRows];
+          for (int r = 0; r < kRows; ++r) g[r] = gp[(i0 + r) * bk + j];
+          for (int l = 0; l < kVector; ++l) {
+            const T key = b[l];
+            T key_sum = 0;
+            for (int r = 0; r < kRows; ++r) {
+              const T s = g[r] * sign_of_difference(a[r][l], key);
+              acc[r][l] += s;
+              key_sum += s;
+            }
+            gb[l] -= key_sum;
+          }
+        }
+        for (int r = 0; r < kRows; ++r) {
+          for (int l = 0; l < kVector; ++l) gq[(i0 + r) * n + k0 + l] += acc[r][l];
+        }
+      } else {  // ragged edge: plain loops
+        const int64_t nv = std::min<int64_t>(kVector, c + len - k0);
+        for (int64_t i = i0; i < i0 + ni; ++i) {
+          for (int64_t j = 0; j < bk; ++j) {
+            const T g = gp[i * bk + j];
+            for (int64_t k = k0; k < k0 + nv; ++k) {
+              const T s = g * sign_of_difference(qp[i * n + k], kp[j * n + k]);
+              gq[i * n + k] += s;
+              gk[j * n + k] -= s;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+RCL_MULTIVERSION void emd_backward_chunk_f32(const float* qp, const float* kp, const float* gp,
+                                             float* gq, float* gk, int64_t bq, int64_t bk,
+                                             int64_t n, int64_t c, int64_t len) {
+  emd_backward_chunk(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+}
+
+RCL_MULTIVERSION void emd_backward_chunk_f64(const double* qp, const double* kp, const double* gp,
+                                             double* gq, double* gk, int64_t bq, int64_t bk,
+                                             int64_t n, int64_t c, int64_t len) {
+  emd_backward_chunk(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+}
+
+inline void emd_backward_chunk_any(const float* qp, const float* kp, const float* gp, float* gq,
+                                   float* gk, int64_t bq, int64_t bk, int64_t n, int64_t c,
+                                   int64_t len) {
+  emd_backward_chunk_f32(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+}
+
+inline void emd_backward_chunk_any(const double* qp, const double* kp, const double* gp, double* gq,
+                                   double* gk, int64_t bq, int64_t bk, int64_t n, int64_t c,
+                                   int64_t len) {
+  emd_backward_chunk_f64(qp, kp, gp, gq, gk, bq, bk, n, c, len);
 }
 
 void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
@@ -221,25 +348,14 @@ at::Tensor emd_pair_cpu(const at::Tensor& sq_in, const at::Tensor& sk_in) {
   AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair", [&] {
     const scalar_t *qp = sq.data_ptr<scalar_t>(), *kp = sk.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles_q * tiles_k, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t i0 = (tile / tiles_k) * kTile, j0 = (tile % tiles_k) * kTile;
-        const int64_t ni = std::min<int64_t>(kTile, bq - i0),
-                      nj = std::min<int64_t>(kTile, bk - j0);
-        double acc[kTile][kTile] = {};
-        for (int64_t c = 0; c < n; c += kChunk) {
-          const int64_t len = std::min(kChunk, n - c);
-          for (int64_t ii = 0; ii < ni; ++ii) {
-            for (int64_t jj = 0; jj < nj; ++jj) {
-              acc[ii][jj] += sum_abs_diff(qp + (i0 + ii) * n + c, kp + (j0 + jj) * n + c, len);
-            }
+    at::parallel_for(
+        0, tiles_q * tiles_k, grain_for(kTile * kTile * n), [&](int64_t begin, int64_t end) {
+          for (int64_t tile = begin; tile < end; ++tile) {
+            const int64_t i0 = (tile / tiles_k) * kTile, j0 = (tile % tiles_k) * kTile;
+            emd_forward_tile_any(qp, kp, outp, bk, n, i0, j0, std::min<int64_t>(kTile, bq - i0),
+                                 std::min<int64_t>(kTile, bk - j0));
           }
-        }
-        for (int64_t ii = 0; ii < ni; ++ii) {
-          for (int64_t jj = 0; jj < nj; ++jj) outp[(i0 + ii) * bk + j0 + jj] = acc[ii][jj] / n;
-        }
-      }
-    });
+        });
   });
   return out;
 }
@@ -262,23 +378,10 @@ std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cpu(const at::Tensor& grad_
     scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>();
     const int64_t chunks = (n + kGradChunk - 1) / kGradChunk;
     // Chunks of K are independent for both outputs: no two threads write the same value.
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, grain_for(bq * bk * kGradChunk), [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t c = chunk * kGradChunk, len = std::min(kGradChunk, n - c);
-        for (int64_t i = 0; i < bq; ++i) {
-          const scalar_t* a = qp + i * n + c;
-          scalar_t* ga = gq + i * n + c;
-          for (int64_t j = 0; j < bk; ++j) {
-            const scalar_t g = gp[i * bk + j];
-            const scalar_t* b = kp + j * n + c;
-            scalar_t* gb = gk + j * n + c;
-            for (int64_t k = 0; k < len; ++k) {
-              const scalar_t s = g * sign_of_difference(a[k], b[k]);
-              ga[k] += s;
-              gb[k] -= s;
-            }
-          }
-        }
+        const int64_t c = chunk * kGradChunk;
+        emd_backward_chunk_any(qp, kp, gp, gq, gk, bq, bk, n, c, std::min(kGradChunk, n - c));
       }
     });
   });

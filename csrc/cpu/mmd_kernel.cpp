@@ -8,6 +8,7 @@
 
 #include "../checks.h"
 #include "../mmd_grid.h"
+#include "parallel.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
@@ -23,7 +24,7 @@ at::Tensor grid_bin_cpu(const at::Tensor& x_in, const at::Tensor& lo, const at::
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_bin", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     double* wp = weights.data_ptr<double>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double* w = wp + i * num_bins;
         for (int64_t m = 0; m < count; ++m) {
@@ -47,7 +48,7 @@ at::Tensor grid_interpolate_cpu(const at::Tensor& field_in, const at::Tensor& x_
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const double* fp = field.data_ptr<double>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const double* f = fp + i * num_bins;
         for (int64_t m = 0; m < count; ++m) {
@@ -114,7 +115,7 @@ at::Tensor gaussian_kernel_sums_cpu(const at::Tensor& x_in, const at::Tensor& y_
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums", [&] {
     const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, pairs, grain_for(a.count_x * a.count_y), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t i = paired ? p : p / a.rows_y, j = paired ? p : p % a.rows_y;
         const scalar_t *xr = xp + i * a.count_x, *yr = yp + j * a.count_y;
@@ -156,42 +157,44 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(const at::T
     scalar_t *gxp = grad_x.data_ptr<scalar_t>(), *gyp = grad_y.data_ptr<scalar_t>();
     // d/dx_s sum k(x_s - y_t) = sum_t k'(x_s - y_t); the y side gets the negative. Each
     // output row is owned by one task.
-    at::parallel_for(0, a.rows_x, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t j_begin = paired ? i : 0, j_end = paired ? i + 1 : a.rows_y;
-        for (int64_t s = 0; s < a.count_x; ++s) {
-          double total = 0.0;
-          for (int64_t j = j_begin; j < j_end; ++j) {
-            const double g = paired ? gp[i] : gp[i * a.rows_y + j];
-            double inner = 0.0;
-            for (int64_t t = 0; t < a.count_y; ++t) {
-              inner += gaussian_kernel_derivative(
-                  double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
-            }
-            total += g * inner;
-          }
-          gxp[i * a.count_x + s] = scalar_t(total);
-        }
-      }
-    });
-    at::parallel_for(0, a.rows_y, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const int64_t i_begin = paired ? j : 0, i_end = paired ? j + 1 : a.rows_x;
-        for (int64_t t = 0; t < a.count_y; ++t) {
-          double total = 0.0;
-          for (int64_t i = i_begin; i < i_end; ++i) {
-            const double g = paired ? gp[j] : gp[i * a.rows_y + j];
-            double inner = 0.0;
+    at::parallel_for(
+        0, a.rows_x, grain_for(a.count_x * a.count_y), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t j_begin = paired ? i : 0, j_end = paired ? i + 1 : a.rows_y;
             for (int64_t s = 0; s < a.count_x; ++s) {
-              inner += gaussian_kernel_derivative(
-                  double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
+              double total = 0.0;
+              for (int64_t j = j_begin; j < j_end; ++j) {
+                const double g = paired ? gp[i] : gp[i * a.rows_y + j];
+                double inner = 0.0;
+                for (int64_t t = 0; t < a.count_y; ++t) {
+                  inner += gaussian_kernel_derivative(
+                      double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
+                }
+                total += g * inner;
+              }
+              gxp[i * a.count_x + s] = scalar_t(total);
             }
-            total -= g * inner;
           }
-          gyp[j * a.count_y + t] = scalar_t(total);
-        }
-      }
-    });
+        });
+    at::parallel_for(
+        0, a.rows_y, grain_for(a.count_x * a.count_y), [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j) {
+            const int64_t i_begin = paired ? j : 0, i_end = paired ? j + 1 : a.rows_x;
+            for (int64_t t = 0; t < a.count_y; ++t) {
+              double total = 0.0;
+              for (int64_t i = i_begin; i < i_end; ++i) {
+                const double g = paired ? gp[j] : gp[i * a.rows_y + j];
+                double inner = 0.0;
+                for (int64_t s = 0; s < a.count_x; ++s) {
+                  inner += gaussian_kernel_derivative(
+                      double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
+                }
+                total -= g * inner;
+              }
+              gyp[j * a.count_y + t] = scalar_t(total);
+            }
+          }
+        });
   });
   return {grad_x, grad_y};
 }

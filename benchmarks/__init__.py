@@ -1,0 +1,1 @@
+"""Benchmarks of rcl_ops against the alternatives a user would pick (run: python -m benchmarks.run)."""

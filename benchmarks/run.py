@@ -1,0 +1,215 @@
+"""Side-by-side benchmarks of rcl_ops against the alternatives, with ratios.
+
+    python -m benchmarks.run --device cpu --quick     # B=64, 3x64x64: the targets' configuration
+    python -m benchmarks.run --device cuda --full     # B and M sweeps, exponent fits
+
+For each distance and for the whole ResidualContrastiveLoss step, every provider
+(benchmarks/providers.py) is timed on the same inputs in the same run: forward, backward and
+forward+backward (median and interquartile range over repeats, after warm-up), and its peak
+extra memory. Providers whose direct cost would exceed the cap are timed at a smaller size
+and extrapolated by their known complexity, and marked so. Results go to a JSON file with
+the device name, versions and git commit; a table of ratios is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import rcl_ops
+from benchmarks.providers import DISTANCES, kernel_evaluations, loss_providers, providers
+
+RESULTS_DIR = Path(__file__).parent / "results"
+DIRECT_COST_CAP = 2e10  # element pairs; beyond this a provider is extrapolated, not run
+EXTRAPOLATION_SHAPE = (3, 16, 16)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(fn, q, k, device: str, repeats: int, warmup: int) -> dict:
+    """Forward, backward and full times in ms: median and interquartile range."""
+    samples = {"forward": [], "backward": [], "full": []}
+    for step in range(warmup + repeats):
+        qa, ka = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+        _sync(device)
+        start = time.perf_counter()
+        out = fn(qa, ka)
+        _sync(device)
+        middle = time.perf_counter()
+        out.sum().backward()
+        _sync(device)
+        end = time.perf_counter()
+        if step >= warmup:
+            samples["forward"].append(middle - start)
+            samples["backward"].append(end - middle)
+            samples["full"].append(end - start)
+    result = {}
+    for mode, values in samples.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        result[f"{mode}_ms"] = 1e3 * statistics.median(values)
+        result[f"{mode}_iqr_ms"] = 1e3 * (quartiles[2] - quartiles[0])
+    return result
+
+
+def peak_memory(what: str, provider: str, fn, q, k, device: str) -> dict:
+    if device == "cuda":
+        qa, ka = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(qa, ka).sum().backward()
+        torch.cuda.synchronize()
+        return {"extra_bytes": torch.cuda.max_memory_allocated() - base, "uncertainty_bytes": 0}
+    args = [sys.executable, "-m", "benchmarks.memory_probe", what, provider, str(q.shape[0]), *map(str, q.shape[1:])]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool) -> dict:
+    distance = what.split("-")[-1]
+    values = math.prod(shape)
+    row = {"what": what, "provider": name, "batch": batch, "shape": "x".join(map(str, shape)), "values": values}
+    if name in ("reference", "naive") and kernel_evaluations(distance, batch, values) > DIRECT_COST_CAP:
+        if name == "naive":
+            return {**row, "skipped": "over the cost cap"}
+        # The reference MMD is O(B^2 M^2): time it at a small size, scale by the pair count.
+        small = torch.randn(8, *EXTRAPOLATION_SHAPE, device=device)
+        timing = time_step(fn, small, small.clone(), device, repeats=2, warmup=1)
+        scale = kernel_evaluations(distance, batch, values) / kernel_evaluations(distance, 8, small[0].numel())
+        timing = {key: value * scale for key, value in timing.items()}
+        return {**row, **timing, "extrapolated_from": f"B=8, {'x'.join(map(str, EXTRAPOLATION_SHAPE))}"}
+    q = torch.randn(batch, *shape, device=device)
+    k = 0.9 * torch.randn(batch, *shape, device=device) + 0.01
+    row.update(time_step(fn, q, k, device, repeats, warmup))
+    if memory:
+        row.update(peak_memory(what, name, fn, q, k, device))
+    return row
+
+
+def environment(device: str) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    if device == "cpu":
+        name = f"{name}, {torch.get_num_threads()} threads"
+    return {
+        "device": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "rcl_ops": rcl_ops.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def print_ratio_table(rows: list[dict]) -> None:
+    """One line per (what, size, provider): full time, memory, and rcl_ops's speed-up over it."""
+    by_case: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["what"], row["batch"], row["shape"]), []).append(row)
+    print(
+        f"\n{'case':<26}{'provider':<18}{'fwd ms':>10}{'bwd ms':>10}{'full ms':>10}{'mem MiB':>10}  rcl_ops speed-up, memory"
+    )
+    for (what, batch, shape), case_rows in by_case.items():
+        ours = [r for r in case_rows if r["provider"].startswith("rcl_ops") and "full_ms" in r]
+        best = min(ours, key=lambda r: r["full_ms"]) if ours else None
+        for r in case_rows:
+            label = f"{what} B={batch} {shape}"
+            if "full_ms" not in r:
+                print(f"{label:<26}{r['provider']:<18}{r.get('skipped', r.get('error', '')):>40}")
+                continue
+            mem = r.get("extra_bytes")
+            mem_text = f"{mem / 2**20:10.1f}" if mem is not None else f"{'n/a':>10}"
+            ratio = ""
+            if best is not None and r is not best:
+                ratio = f"  {r['full_ms'] / best['full_ms']:7.1f}x faster"
+                if mem and best.get("extra_bytes"):
+                    ratio += f", {mem / best['extra_bytes']:6.1f}x leaner"
+            mark = " (extrapolated)" if "extrapolated_from" in r else ""
+            print(
+                f"{label:<26}{r['provider']:<18}{r['forward_ms']:10.2f}{r['backward_ms']:10.2f}{r['full_ms']:10.2f}{mem_text}{ratio}{mark}"
+            )
+
+
+def fit_exponents(rows: list[dict]) -> list[dict]:
+    """Least-squares exponent of full time in B (at fixed M) and in M (at fixed B), per provider."""
+    fits = []
+    for axis, fixed in (("batch", "shape"), ("values", "batch")):
+        groups: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if "full_ms" in r and "extrapolated_from" not in r:
+                groups.setdefault((r["what"], r["provider"], r[fixed]), []).append(r)
+        for (what, provider, fixed_value), group in groups.items():
+            xs = [math.log(r[axis]) for r in group]
+            if len(set(xs)) < 3:
+                continue
+            ys = [math.log(r["full_ms"]) for r in group]
+            mx, my = statistics.fmean(xs), statistics.fmean(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            fits.append({"what": what, "provider": provider, "axis": axis, fixed: fixed_value, "exponent": slope})
+    return fits
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="B=64, 3x64x64 only (default)")
+    size.add_argument("--full", action="store_true", help="sweep B in 8..128 and residual sizes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    rcl_ops.set_check_finite(False)  # a host sync per call; inputs here are finite
+
+    if args.smoke:
+        cases, label = [(4, (2, 8, 8))], "smoke"
+    elif args.full:
+        shapes = [(3, 32, 32), (3, 64, 64), (3, 128, 128)] + ([(3, 256, 256)] if args.device == "cuda" else [])
+        cases = [(b, (3, 64, 64)) for b in (8, 16, 32, 64, 128)] + [(64, s) for s in shapes if s != (3, 64, 64)]
+        label = "full"
+    else:
+        cases, label = [(64, (3, 64, 64))], "quick"
+    repeats = args.repeats or (2 if args.smoke else 10 if args.device == "cuda" else 5)
+
+    rows = []
+    for batch, shape in cases:
+        for distance in DISTANCES:
+            for name, fn in providers(distance, args.device).items():
+                rows.append(measure(distance, name, fn, batch, shape, args.device, repeats, 1, not args.no_memory))
+            for name, fn in loss_providers(distance, args.device).items():
+                what = f"loss-{distance}"
+                rows.append(measure(what, name, fn, batch, shape, args.device, repeats, 1, not args.no_memory))
+            print(f"measured {distance} at B={batch}, {shape}", file=sys.stderr)
+    env = environment(args.device)
+    print(f"device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}")
+    print_ratio_table(rows)
+    fits = fit_exponents(rows)
+    for fit in fits:
+        print(f"exponent of full time in {fit['axis']}: {fit['what']} {fit['provider']}: {fit['exponent']:.2f}")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    path = args.output_dir / f"{args.device}-{label}.json"
+    path.write_text(json.dumps({"environment": env, "rows": rows, "exponent_fits": fits}, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
