@@ -121,9 +121,8 @@ def print_ratio_table(rows: list[dict]) -> None:
     by_case: dict[tuple, list[dict]] = {}
     for row in rows:
         by_case.setdefault((row["what"], row["batch"], row["shape"]), []).append(row)
-    print(
-        f"\n{'case':<26}{'provider':<18}{'fwd ms':>10}{'bwd ms':>10}{'full ms':>10}{'mem MiB':>10}  rcl_ops speed-up, memory"
-    )
+    header = f"{'case':<26}{'provider':<18}{'fwd ms':>10}{'bwd ms':>10}{'full ms':>10}{'mem MiB':>10}"
+    print(f"\n{header}  rcl_ops speed-up, memory")
     for (what, batch, shape), case_rows in by_case.items():
         ours = [r for r in case_rows if r["provider"].startswith("rcl_ops") and "full_ms" in r]
         best = min(ours, key=lambda r: r["full_ms"]) if ours else None
