@@ -119,6 +119,21 @@ def test_half_inputs(backend):
             assert qh.grad.dtype == dtype and torch.isfinite(qh.grad.float()).all()
 
 
+def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
+    from rcl_ops import _backend
+
+    monkeypatch.setattr(_backend, "_registry", {"reference": _backend._registry["reference"]})
+    monkeypatch.setattr(_backend, "_warned_fallback", set())
+    q, k = torch.randn(3, 10), torch.randn(3, 10)
+    with pytest.warns(RuntimeWarning, match="falling back to the slow pure-PyTorch reference"):
+        first = rcl_ops.pairwise_emd(q, k)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(rcl_ops.pairwise_emd(q, k), first)
+
+
 def test_auto_picks_native_backend(monkeypatch):
     q, k = torch.randn(3, 10), torch.randn(3, 10)
     calls = []
