@@ -1,11 +1,13 @@
 import os
 
-# Triton kernels run on CPU tensors through the interpreter; this must be set before any
-# @triton.jit function is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter; this must be
+# set before any @triton.jit function is defined (rcl_ops.triton defines them at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import rcl_ops  # noqa: E402
 
@@ -14,7 +16,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def backend_device(backend: str) -> str:
-    return "cuda" if backend in ("cuda",) else "cpu"
+    """The device of the tensors a backend runs on in the tests."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
 
 
 @pytest.fixture(autouse=True)
