@@ -1,0 +1,228 @@
+// Bhattacharyya distance on CUDA: one block per residual for the shifted one-pass moments,
+// elementwise kernels for the (Bq, Bk) pair term and the moment gradient, and one block per
+// output value for the pair backward (a reduction over the other batch).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+#include "rcl_ops/math.h"
+
+namespace rcl_ops {
+namespace {
+
+using cudautil::block_sum;
+using cudautil::blocks_for;
+using cudautil::check_device;
+using cudautil::global_thread_index;
+using cudautil::global_thread_stride;
+using cudautil::kThreads;
+
+// ---- moments ----------------------------------------------------------------------------
+
+// Shifted sums S1 = sum (x - c), S2 = sum (x - c)^2 with c = x[row, 0], in double, then
+// var = (S2 - S1^2 / M) / (M - 1) as on CPU. One block per row (grid-stride over rows).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    moments_kernel(const T* __restrict__ x, int64_t rows, int64_t count, T* __restrict__ mean,
+                   T* __restrict__ var) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * count;
+    const double shift = double(xr[0]);
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t m = threadIdx.x; m < count; m += kThreads) {
+      const double d = double(xr[m]) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+    s1 = block_sum<kThreads>(s1);
+    s2 = block_sum<kThreads>(s2);
+    if (threadIdx.x == 0) {
+      mean[row] = T(shift + s1 / double(count));
+      var[row] = count > 1 ? T((s2 - s1 * s1 / double(count)) / double(count - 1)) : T(NAN);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x_in) {
+  check_rows(x_in, "rcl_ops::moments", "x");
+  c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1);
+  at::Tensor mean = at::empty({rows}, x.options());
+  at::Tensor var = at::empty({rows}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(rows, int64_t(1) << 20));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments", [&] {
+    moments_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), rows, count, mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+template <typename T>
+__global__ void moments_backward_kernel(const T* __restrict__ x, const T* __restrict__ mean,
+                                        const T* __restrict__ grad_mean,
+                                        const T* __restrict__ grad_var, int64_t total,
+                                        int64_t count, T* __restrict__ grad_x) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count;
+    grad_x[idx] = moments_input_grad(x[idx], mean[row], grad_mean[row], grad_var[row], count);
+  }
+}
+
+at::Tensor moments_backward_cuda(const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in,
+                                 const at::Tensor& x_in, const at::Tensor& mean_in) {
+  const char* op = "rcl_ops::moments_backward";
+  check_rows(x_in, op, "x");
+  const int64_t rows = x_in.size(0), count = x_in.size(1);
+  check_vector(grad_mean_in, rows, op, "grad_mean");
+  check_vector(grad_var_in, rows, op, "grad_var");
+  check_vector(mean_in, rows, op, "mean");
+  check_device(grad_mean_in, x_in, op, "grad_mean", "x");
+  check_device(grad_var_in, x_in, op, "grad_var", "x");
+  check_device(mean_in, x_in, op, "mean", "x");
+  c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_mean = grad_mean_in.to(x.scalar_type()).contiguous();
+  const at::Tensor grad_var = grad_var_in.to(x.scalar_type()).contiguous();
+  const at::Tensor mean = mean_in.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  const int64_t total = rows * count;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments_backward", [&] {
+    moments_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(), grad_mean.data_ptr<scalar_t>(),
+        grad_var.data_ptr<scalar_t>(), total, count, grad_x.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+// ---- pair -------------------------------------------------------------------------------
+
+void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+                      const at::Tensor& var_k, const char* op) {
+  TORCH_CHECK(mean_q.dim() == 1 && mean_k.dim() == 1, op, ": means must be 1-D");
+  check_vector(var_q, mean_q.size(0), op, "var_q");
+  check_vector(var_k, mean_k.size(0), op, "var_k");
+  check_same(mean_q, mean_k, op, "mean_q", "mean_k");
+  check_same(mean_q, var_q, op, "mean_q", "var_q");
+  check_same(mean_q, var_k, op, "mean_q", "var_k");
+}
+
+template <typename T>
+__global__ void bd_pair_kernel(const T* __restrict__ mq, const T* __restrict__ vq,
+                               const T* __restrict__ mk, const T* __restrict__ vk, T eps,
+                               int64_t bk, int64_t total, T* __restrict__ out) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t i = idx / bk, j = idx - i * bk;
+    out[idx] = bd_value<T>(mq[i], vq[i], mk[j], vk[j], eps);
+  }
+}
+
+at::Tensor bd_pair_cuda(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+                        const at::Tensor& var_k, double eps) {
+  const char* op = "rcl_ops::bd_pair";
+  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+  c10::cuda::CUDAGuard device_guard(mean_q.device());
+  const int64_t bq = mean_q.size(0), bk = mean_k.size(0), total = bq * bk;
+  at::Tensor out = at::empty({bq, bk}, mean_q.options());
+  if (total == 0) return out;
+  const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
+  const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair", [&] {
+    bd_pair_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        mq.data_ptr<scalar_t>(), vq.data_ptr<scalar_t>(), mk.data_ptr<scalar_t>(),
+        vk.data_ptr<scalar_t>(), scalar_t(eps), bk, total, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// Blocks [0, Bq) reduce row i of grad over j (the q side); blocks [Bq, Bq + Bk) reduce
+// column j over i (the k side). No two blocks write the same output; double accumulation.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    bd_pair_backward_kernel(const T* __restrict__ grad, const T* __restrict__ mq,
+                            const T* __restrict__ vq, const T* __restrict__ mk,
+                            const T* __restrict__ vk, double eps, int64_t bq, int64_t bk,
+                            T* __restrict__ g_mq, T* __restrict__ g_vq, T* __restrict__ g_mk,
+                            T* __restrict__ g_vk) {
+  for (int64_t task = blockIdx.x; task < bq + bk; task += gridDim.x) {
+    double d_mean = 0.0, d_var = 0.0;
+    if (task < bq) {
+      const int64_t i = task;
+      for (int64_t j = threadIdx.x; j < bk; j += kThreads) {
+        const auto d = bd_grad<double>(mq[i], vq[i], mk[j], vk[j], eps);
+        const double g = double(grad[i * bk + j]);
+        d_mean += g * d.d_mean_q;
+        d_var += g * d.d_var_q;
+      }
+    } else {
+      const int64_t j = task - bq;
+      for (int64_t i = threadIdx.x; i < bq; i += kThreads) {
+        const auto d = bd_grad<double>(mq[i], vq[i], mk[j], vk[j], eps);
+        const double g = double(grad[i * bk + j]);
+        d_mean -= g * d.d_mean_q;
+        d_var += g * d.d_var_k;
+      }
+    }
+    d_mean = block_sum<kThreads>(d_mean);  // task is uniform over the block
+    d_var = block_sum<kThreads>(d_var);
+    if (threadIdx.x == 0) {
+      if (task < bq) {
+        g_mq[task] = T(d_mean);
+        g_vq[task] = T(d_var);
+      } else {
+        g_mk[task - bq] = T(d_mean);
+        g_vk[task - bq] = T(d_var);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
+    const at::Tensor& mean_k, const at::Tensor& var_k, double eps) {
+  const char* op = "rcl_ops::bd_pair_backward";
+  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+  const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
+              ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
+  check_device(grad_in, mean_q, op, "grad", "mean_q");
+  c10::cuda::CUDAGuard device_guard(mean_q.device());
+  const at::Tensor grad = grad_in.to(mean_q.scalar_type()).contiguous();
+  const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
+  const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
+  at::Tensor g_mq = at::empty_like(mq), g_vq = at::empty_like(vq);
+  at::Tensor g_mk = at::empty_like(mk), g_vk = at::empty_like(vk);
+  const int64_t tasks = bq + bk;
+  if (tasks == 0) return {g_mq, g_vq, g_mk, g_vk};
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(tasks, int64_t(1) << 20));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
+    bd_pair_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), mq.data_ptr<scalar_t>(), vq.data_ptr<scalar_t>(),
+        mk.data_ptr<scalar_t>(), vk.data_ptr<scalar_t>(), eps, bq, bk, g_mq.data_ptr<scalar_t>(),
+        g_vq.data_ptr<scalar_t>(), g_mk.data_ptr<scalar_t>(), g_vk.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {g_mq, g_vq, g_mk, g_vk};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
+  m.impl("moments", &moments_cuda);
+  m.impl("moments_backward", &moments_backward_cuda);
+  m.impl("bd_pair", &bd_pair_cuda);
+  m.impl("bd_pair_backward", &bd_pair_backward_cuda);
+}
+
+}  // namespace rcl_ops

@@ -1,0 +1,383 @@
+// Earth mover's distance on CUDA. Sketch: each residual sorted by at::sort (stable, so ties
+// keep their index order as in the CPU radix sort) and reduced to K mid-level quantiles by
+// one thread per quantile; the backward gathers the quantile gradients of each sorted
+// position and scatters them through the sort order in one kernel. Pair: tiled like a GEMM
+// over (i, j) blocks with K staged through shared memory in chunks (split over K when the
+// batch is small); the backward has one kernel per side, so no atomics.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "common.cuh"
+#include "rcl_ops/math.h"
+
+namespace rcl_ops {
+namespace {
+
+using cudautil::blocks_for;
+using cudautil::check_device;
+using cudautil::global_thread_index;
+using cudautil::global_thread_stride;
+using cudautil::kThreads;
+
+// ---- sort -------------------------------------------------------------------------------
+
+// One thread per (row, k): linear interpolation between order statistics, as on CPU.
+template <typename T>
+__global__ void quantiles_kernel(const T* __restrict__ sorted, int64_t count, int64_t num_quantiles,
+                                 int64_t total, T* __restrict__ quantiles) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / num_quantiles, k = idx - row * num_quantiles;
+    const QuantilePosition p = quantile_position(k, num_quantiles, count);
+    const T* s = sorted + row * count;
+    // Explicit roundings (no FMA contraction): the same result as the CPU expression.
+    quantiles[idx] = T(__dadd_rn(__dmul_rn(double(s[p.lower]), 1.0 - p.upper_weight),
+                                 __dmul_rn(double(s[p.upper]), p.upper_weight)));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
+                                                         int64_t num_quantiles) {
+  const char* op = "rcl_ops::sorted_quantiles";
+  check_rows(x_in, op, "x");
+  TORCH_CHECK(num_quantiles >= 1, op, ": num_quantiles must be positive, got ", num_quantiles);
+  TORCH_CHECK(x_in.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 values per row");
+  c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1);
+  // Stable: equal values keep their index order, as in the CPU (float32) radix sort.
+  auto sorted_and_order = at::sort(x, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  const at::Tensor sorted = std::get<0>(sorted_and_order).contiguous();
+  const at::Tensor order = std::get<1>(sorted_and_order).contiguous();
+  if (num_quantiles == count) return {sorted, order};
+  at::Tensor quantiles = at::empty({rows, num_quantiles}, x.options());
+  const int64_t total = rows * num_quantiles;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::sorted_quantiles", [&] {
+    quantiles_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        sorted.data_ptr<scalar_t>(), count, num_quantiles, total, quantiles.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {quantiles, order};
+}
+
+// One thread per sorted position (row, m): its gradient is gathered from the quantiles k
+// that interpolate from m, then written to grad_x[row, order[row, m]]. lower(k) is
+// non-decreasing in k and every k touching m has lower(k) in {m - 1, m}, so a binary search
+// finds the first and a short scan the rest. The terms are added in increasing k, lower
+// before upper, in T: the same sums, in the same order, as the CPU loop.
+template <typename T>
+__global__ void sorted_quantiles_backward_kernel(const T* __restrict__ grad,
+                                                 const int64_t* __restrict__ order,
+                                                 int64_t num_quantiles, int64_t count,
+                                                 int64_t total, T* __restrict__ grad_x) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count, m = idx - row * count;
+    const T* g = grad + row * num_quantiles;
+    T value;
+    if (num_quantiles == count) {
+      value = g[m];
+    } else {
+      const int64_t target = m > 0 ? m - 1 : 0;
+      int64_t lo = 0, hi = num_quantiles;  // first k with lower(k) >= target
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (quantile_position(mid, num_quantiles, count).lower < target) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      value = T(0);
+      for (int64_t k = lo; k < num_quantiles; ++k) {
+        const QuantilePosition p = quantile_position(k, num_quantiles, count);
+        if (p.lower > m) break;
+        // __dmul_rn: no FMA contraction into the sum, as in the CPU loop.
+        if (p.lower == m) value += T(__dmul_rn(double(g[k]), 1.0 - p.upper_weight));
+        if (p.upper == m) value += T(__dmul_rn(double(g[k]), p.upper_weight));
+      }
+    }
+    const int64_t dst = order[idx];
+    CUDA_KERNEL_ASSERT(dst >= 0 && dst < count);
+    grad_x[row * count + dst] = value;
+  }
+}
+
+at::Tensor sorted_quantiles_backward_cuda(const at::Tensor& grad_in, const at::Tensor& order_in) {
+  const char* op = "rcl_ops::sorted_quantiles_backward";
+  check_rows(grad_in, op, "grad_quantiles");
+  TORCH_CHECK(order_in.dim() == 2 && order_in.size(0) == grad_in.size(0) &&
+                  order_in.scalar_type() == at::kLong,
+              op, ": order must be int64 of shape (", grad_in.size(0), ", M), got ",
+              order_in.scalar_type(), " ", order_in.sizes());
+  check_device(order_in, grad_in, op, "order", "grad_quantiles");
+  c10::cuda::CUDAGuard device_guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor order = order_in.contiguous();
+  const int64_t rows = grad.size(0), num_quantiles = grad.size(1), count = order.size(1);
+  at::Tensor grad_x = at::empty({rows, count}, grad.options());
+  const int64_t total = rows * count;
+  if (total == 0) return grad_x;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rcl_ops::sorted_quantiles_backward", [&] {
+    sorted_quantiles_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), num_quantiles, count, total,
+        grad_x.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+// ---- pair -------------------------------------------------------------------------------
+
+// Forward tiling: a block of 16 x 16 threads owns a 64 x 64 tile of (i, j) pairs, 4 x 4 per
+// thread (rows ty + 16 r, columns tx + 16 c). K is walked in chunks of 32 staged in shared
+// memory (transposed, padded against bank conflicts); each chunk's |a - b| are summed in T
+// registers and added to double accumulators. blockIdx.z splits K when there are too few
+// tiles to fill the GPU; the splits' double partial sums are then added in a fixed order.
+constexpr int kPairTile = 64;
+constexpr int kPairThreadsX = 16, kPairThreadsY = 16;
+constexpr int kPairMicro = kPairTile / kPairThreadsX;  // 4
+constexpr int kPairChunk = 32;
+constexpr int kPairThreads = kPairThreadsX * kPairThreadsY;
+static_assert(kPairTile == kPairThreadsY * kPairMicro, "square tile");
+
+template <typename T>
+__global__ void __launch_bounds__(kPairThreads)
+    emd_pair_kernel(const T* __restrict__ sq, const T* __restrict__ sk, int64_t bq, int64_t bk,
+                    int64_t n, int64_t chunks_per_split, T* __restrict__ out,
+                    double* __restrict__ partial) {
+  __shared__ T tile_q[kPairChunk][kPairTile + 1];
+  __shared__ T tile_k[kPairChunk][kPairTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kPairThreadsX + tx;
+  const int64_t i0 = int64_t(blockIdx.y) * kPairTile, j0 = int64_t(blockIdx.x) * kPairTile;
+  const int64_t c_begin = int64_t(blockIdx.z) * chunks_per_split * kPairChunk;
+  const int64_t c_end = min(n, c_begin + chunks_per_split * kPairChunk);
+  double acc[kPairMicro][kPairMicro];
+#pragma unroll
+  for (int r = 0; r < kPairMicro; ++r) {
+#pragma unroll
+    for (int c = 0; c < kPairMicro; ++c) acc[r][c] = 0.0;
+  }
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kPairChunk) {
+    // Stage: consecutive threads read consecutive k of one row (coalesced). Rows past the
+    // batch and k past the chunk's end are zero on both sides: |0 - 0| adds nothing.
+    for (int e = tid; e < kPairTile * kPairChunk; e += kPairThreads) {
+      const int r = e / kPairChunk, kk = e % kPairChunk;
+      const int64_t kidx = c0 + kk;
+      const bool k_ok = kidx < c_end;
+      tile_q[kk][r] = (k_ok && i0 + r < bq) ? sq[(i0 + r) * n + kidx] : T(0);
+      tile_k[kk][r] = (k_ok && j0 + r < bk) ? sk[(j0 + r) * n + kidx] : T(0);
+    }
+    __syncthreads();
+    T part[kPairMicro][kPairMicro];
+#pragma unroll
+    for (int r = 0; r < kPairMicro; ++r) {
+#pragma unroll
+      for (int c = 0; c < kPairMicro; ++c) part[r][c] = T(0);
+    }
+#pragma unroll 8
+    for (int kk = 0; kk < kPairChunk; ++kk) {
+      T a[kPairMicro], b[kPairMicro];
+#pragma unroll
+      for (int r = 0; r < kPairMicro; ++r) {
+        a[r] = tile_q[kk][ty + kPairThreadsY * r];
+        b[r] = tile_k[kk][tx + kPairThreadsX * r];
+      }
+#pragma unroll
+      for (int r = 0; r < kPairMicro; ++r) {
+#pragma unroll
+        for (int c = 0; c < kPairMicro; ++c) part[r][c] += fabs(a[r] - b[c]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kPairMicro; ++r) {
+#pragma unroll
+      for (int c = 0; c < kPairMicro; ++c) acc[r][c] += double(part[r][c]);
+    }
+    __syncthreads();  // the tiles are overwritten by the next chunk
+  }
+#pragma unroll
+  for (int r = 0; r < kPairMicro; ++r) {
+    const int64_t i = i0 + ty + kPairThreadsY * r;
+    if (i >= bq) continue;
+#pragma unroll
+    for (int c = 0; c < kPairMicro; ++c) {
+      const int64_t j = j0 + tx + kPairThreadsX * c;
+      if (j >= bk) continue;
+      if (partial != nullptr) {
+        partial[int64_t(blockIdx.z) * bq * bk + i * bk + j] = acc[r][c];
+      } else {
+        out[i * bk + j] = T(acc[r][c] / double(n));
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void emd_pair_reduce_kernel(const double* __restrict__ partial, int64_t splits,
+                                       int64_t pairs, int64_t n, T* __restrict__ out) {
+  for (int64_t idx = global_thread_index(); idx < pairs; idx += global_thread_stride()) {
+    double total = 0.0;
+    for (int64_t s = 0; s < splits; ++s) total += partial[s * pairs + idx];
+    out[idx] = T(total / double(n));
+  }
+}
+
+void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
+  check_rows(sq, op, "sorted_q");
+  check_rows(sk, op, "sorted_k");
+  check_same(sq, sk, op, "sorted_q", "sorted_k");
+  TORCH_CHECK(sq.size(1) == sk.size(1), op, ": sorted_q and sorted_k must have the same K, got ",
+              sq.size(1), " and ", sk.size(1));
+}
+
+at::Tensor emd_pair_cuda(const at::Tensor& sq_in, const at::Tensor& sk_in) {
+  const char* op = "rcl_ops::emd_pair";
+  check_pair(sq_in, sk_in, op);
+  c10::cuda::CUDAGuard device_guard(sq_in.device());
+  const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
+  const int64_t bq = sq.size(0), bk = sk.size(0), n = sq.size(1);
+  const int64_t tiles_q = (bq + kPairTile - 1) / kPairTile;
+  const int64_t tiles_k = (bk + kPairTile - 1) / kPairTile;
+  TORCH_CHECK(tiles_q <= 65535, op, ": at most ", 65535 * kPairTile, " rows of sorted_q");
+  at::Tensor out = at::empty({bq, bk}, sq.options());
+  // Split K so that about two blocks per multiprocessor run; each split gets whole chunks.
+  const int64_t chunks = (n + kPairChunk - 1) / kPairChunk;
+  const int64_t target_blocks = 2 * int64_t(cudautil::multiprocessor_count(sq.get_device()));
+  int64_t splits = std::max<int64_t>(1, std::min(chunks, target_blocks / (tiles_q * tiles_k)));
+  const int64_t chunks_per_split = (chunks + splits - 1) / splits;
+  splits = (chunks + chunks_per_split - 1) / chunks_per_split;  // no empty split
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, bq, bk}, sq.options().dtype(at::kDouble));
+  const dim3 grid(static_cast<unsigned int>(tiles_k), static_cast<unsigned int>(tiles_q),
+                  static_cast<unsigned int>(splits));
+  const dim3 block(kPairThreadsX, kPairThreadsY);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair", [&] {
+    double* partial_ptr = splits > 1 ? partial.data_ptr<double>() : nullptr;
+    emd_pair_kernel<scalar_t>
+        <<<grid, block, 0, stream>>>(sq.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), bq, bk, n,
+                                     chunks_per_split, out.data_ptr<scalar_t>(), partial_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      emd_pair_reduce_kernel<scalar_t><<<blocks_for(bq * bk), kThreads, 0, stream>>>(
+          partial_ptr, splits, bq * bk, n, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+// Backward, one side: out[s, k] = sum_o grad[s, o] sign(self[s, k] - other[o, k]) / K.
+// grad_q is (self, other) = (sorted_q, sorted_k) with grad; grad_k is (sorted_k, sorted_q)
+// with grad^T, since -sign(a - b) = sign(b - a). A block of 32 x 8 threads owns 32 values of
+// k and 32 rows of self (4 per thread); the other side is staged 32 rows at a time, with
+// the matching 32 x 32 block of grad. Each output is summed by one thread, in double.
+constexpr int kGradK = 32;                          // k per block (threadIdx.x)
+constexpr int kGradRowsY = 8;                       // threadIdx.y
+constexpr int kGradMicro = 4;                       // self rows per thread
+constexpr int kGradRows = kGradRowsY * kGradMicro;  // self rows per block
+constexpr int kGradOther = 32;                      // other rows per stage
+constexpr int kGradThreads = kGradK * kGradRowsY;
+static_assert(kGradOther % kGradRowsY == 0 && kGradOther == kGradK, "staging layout");
+
+template <typename T>
+__global__ void __launch_bounds__(kGradThreads)
+    emd_pair_grad_kernel(const T* __restrict__ self, const T* __restrict__ other,
+                         const T* __restrict__ grad, int64_t rows_self, int64_t rows_other,
+                         int64_t n, T* __restrict__ out) {
+  __shared__ T other_tile[kGradOther][kGradK];
+  __shared__ T grad_tile[kGradRows][kGradOther + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t k = int64_t(blockIdx.x) * kGradK + tx;
+  const int64_t s0 = int64_t(blockIdx.y) * kGradRows;
+  const bool k_ok = k < n;
+  T a[kGradMicro];
+  double acc[kGradMicro];
+#pragma unroll
+  for (int r = 0; r < kGradMicro; ++r) {
+    const int64_t s = s0 + ty + kGradRowsY * r;
+    a[r] = (k_ok && s < rows_self) ? self[s * n + k] : T(0);
+    acc[r] = 0.0;
+  }
+  for (int64_t o0 = 0; o0 < rows_other; o0 += kGradOther) {
+#pragma unroll
+    for (int q = 0; q < kGradOther / kGradRowsY; ++q) {
+      const int oo = ty + kGradRowsY * q;
+      const int64_t o = o0 + oo;
+      other_tile[oo][tx] = (k_ok && o < rows_other) ? other[o * n + k] : T(0);
+    }
+#pragma unroll
+    for (int q = 0; q < kGradRows / kGradRowsY; ++q) {
+      const int r = ty + kGradRowsY * q;
+      const int64_t s = s0 + r, o = o0 + tx;
+      grad_tile[r][tx] = (s < rows_self && o < rows_other) ? grad[s * rows_other + o] : T(0);
+    }
+    __syncthreads();
+    const int limit = int(min(int64_t(kGradOther), rows_other - o0));
+    for (int oo = 0; oo < limit; ++oo) {
+      const T b = other_tile[oo][tx];
+#pragma unroll
+      for (int r = 0; r < kGradMicro; ++r) {
+        acc[r] += double(grad_tile[ty + kGradRowsY * r][oo]) * double(sign_of_difference(a[r], b));
+      }
+    }
+    __syncthreads();  // the tiles are overwritten by the next stage
+  }
+  if (!k_ok) return;
+#pragma unroll
+  for (int r = 0; r < kGradMicro; ++r) {
+    const int64_t s = s0 + ty + kGradRowsY * r;
+    if (s < rows_self) out[s * n + k] = T(acc[r] / double(n));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad_in,
+                                                          const at::Tensor& sq_in,
+                                                          const at::Tensor& sk_in) {
+  const char* op = "rcl_ops::emd_pair_backward";
+  check_pair(sq_in, sk_in, op);
+  const int64_t bq = sq_in.size(0), bk = sk_in.size(0), n = sq_in.size(1);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
+              ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
+  check_device(grad_in, sq_in, op, "grad", "sorted_q");
+  TORCH_CHECK((std::max(bq, bk) + kGradRows - 1) / kGradRows <= 65535, op, ": at most ",
+              65535 * kGradRows, " rows per side");
+  c10::cuda::CUDAGuard device_guard(sq_in.device());
+  const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
+  // grad in the inputs' dtype (as on CPU); the division by K happens in the kernel.
+  const at::Tensor grad = grad_in.to(sq.scalar_type()).contiguous();
+  const at::Tensor grad_t = grad.t().contiguous();
+  at::Tensor grad_q = at::empty_like(sq), grad_k = at::empty_like(sk);
+  const unsigned int k_blocks = static_cast<unsigned int>((n + kGradK - 1) / kGradK);
+  const dim3 block(kGradK, kGradRowsY);
+  const dim3 grid_q(k_blocks, static_cast<unsigned int>((bq + kGradRows - 1) / kGradRows));
+  const dim3 grid_k(k_blocks, static_cast<unsigned int>((bk + kGradRows - 1) / kGradRows));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair_backward", [&] {
+    emd_pair_grad_kernel<scalar_t><<<grid_q, block, 0, stream>>>(
+        sq.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), bq, bk, n,
+        grad_q.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    emd_pair_grad_kernel<scalar_t><<<grid_k, block, 0, stream>>>(
+        sk.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), bk, bq, n,
+        grad_k.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_q, grad_k};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
+  m.impl("sorted_quantiles", &sorted_quantiles_cuda);
+  m.impl("sorted_quantiles_backward", &sorted_quantiles_backward_cuda);
+  m.impl("emd_pair", &emd_pair_cuda);
+  m.impl("emd_pair_backward", &emd_pair_backward_cuda);
+}
+
+}  // namespace rcl_ops

@@ -1,0 +1,324 @@
+// Gaussian-kernel MMD on CUDA: the per-value kernels of the binned-grid method (linear
+// binning by double atomics, linear interpolation of a field; the rest is the shared ATen
+// composite of mmd_grid.cpp) and the exact direct kernel sums.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../mmd_grid.h"
+#include "common.cuh"
+#include "rcl_ops/math.h"
+
+namespace rcl_ops {
+namespace {
+
+using cudautil::block_sum;
+using cudautil::blocks_for;
+using cudautil::check_device;
+using cudautil::global_thread_index;
+using cudautil::global_thread_stride;
+using cudautil::kThreads;
+
+// ---- grid kernels -----------------------------------------------------------------------
+
+// lo and step are read on the device (0-dim float64 tensors): no host synchronisation.
+void check_grid_scalars(const at::Tensor& x, const at::Tensor& lo, const at::Tensor& step,
+                        const char* op) {
+  TORCH_CHECK(lo.numel() == 1 && step.numel() == 1 && lo.scalar_type() == at::kDouble &&
+                  step.scalar_type() == at::kDouble,
+              op, ": lo and step must be one-element float64 tensors");
+  check_device(lo, x, op, "lo", "x");
+  check_device(step, x, op, "step", "x");
+}
+
+// One thread per value: mass 1/M split between its two grid points by double atomics
+// (so the order of the additions, and the last bits of the weights, vary between runs).
+template <typename T>
+__global__ void grid_bin_kernel(const T* __restrict__ x, const double* __restrict__ lo,
+                                const double* __restrict__ step, int64_t count, int64_t num_bins,
+                                int64_t total, double* __restrict__ weights) {
+  const double lo_v = *lo, inv_step = 1.0 / *step, mass = 1.0 / double(count);
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count;
+    const GridPosition p = grid_position(double(x[idx]), lo_v, inv_step, num_bins);
+    double* w = weights + row * num_bins + p.lower;
+    atomicAdd(w, mass * (1.0 - p.upper_weight));
+    atomicAdd(w + 1, mass * p.upper_weight);
+  }
+}
+
+at::Tensor grid_bin_cuda(const at::Tensor& x_in, const at::Tensor& lo, const at::Tensor& step,
+                         int64_t num_bins) {
+  const char* op = "rcl_ops::grid_bin";
+  check_grid_scalars(x_in, lo, step, op);
+  TORCH_CHECK(num_bins >= 2, op, ": num_bins must be at least 2, got ", num_bins);
+  c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1), total = rows * count;
+  at::Tensor weights = at::zeros({rows, num_bins}, x.options().dtype(at::kDouble));
+  if (total == 0) return weights;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_bin", [&] {
+    grid_bin_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), lo.data_ptr<double>(), step.data_ptr<double>(), count, num_bins,
+        total, weights.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return weights;
+}
+
+template <typename T>
+__global__ void grid_interpolate_kernel(const double* __restrict__ field, const T* __restrict__ x,
+                                        const double* __restrict__ lo,
+                                        const double* __restrict__ step, int64_t count,
+                                        int64_t num_bins, int64_t total, T* __restrict__ out) {
+  const double lo_v = *lo, inv_step = 1.0 / *step;
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count;
+    const GridPosition p = grid_position(double(x[idx]), lo_v, inv_step, num_bins);
+    const double* f = field + row * num_bins + p.lower;
+    out[idx] = T(f[0] * (1.0 - p.upper_weight) + f[1] * p.upper_weight);
+  }
+}
+
+at::Tensor grid_interpolate_cuda(const at::Tensor& field_in, const at::Tensor& x_in,
+                                 const at::Tensor& lo, const at::Tensor& step) {
+  const char* op = "rcl_ops::grid_interpolate";
+  check_grid_scalars(x_in, lo, step, op);
+  check_device(field_in, x_in, op, "field", "x");
+  TORCH_CHECK(field_in.dim() == 2 && field_in.size(0) == x_in.size(0) && field_in.size(1) >= 2 &&
+                  field_in.scalar_type() == at::kDouble,
+              op, ": field must be float64 of shape (", x_in.size(0), ", G >= 2), got ",
+              field_in.scalar_type(), " ", field_in.sizes());
+  c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), field = field_in.contiguous();
+  const int64_t rows = x.size(0), count = x.size(1), num_bins = field.size(1);
+  const int64_t total = rows * count;
+  at::Tensor out = at::empty_like(x);
+  if (total == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_interpolate", [&] {
+    grid_interpolate_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        field.data_ptr<double>(), x.data_ptr<scalar_t>(), lo.data_ptr<double>(),
+        step.data_ptr<double>(), count, num_bins, total, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+constexpr GridKernels kCudaGridKernels{&grid_bin_cuda, &grid_interpolate_cuda};
+
+at::Tensor mmd_grid_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                         int64_t num_bins, bool unbiased) {
+  return mmd_grid_forward(kCudaGridKernels, q, k, bandwidths, num_bins, unbiased);
+}
+
+std::tuple<at::Tensor, at::Tensor> mmd_grid_backward_cuda(const at::Tensor& grad,
+                                                          const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& bandwidths,
+                                                          int64_t num_bins, bool unbiased) {
+  return mmd_grid_backward(kCudaGridKernels, grad, q, k, bandwidths, num_bins, unbiased);
+}
+
+// ---- exact direct sums ------------------------------------------------------------------
+
+struct KernelSumArgs {
+  at::Tensor x, y;
+  at::Tensor inv_two_h2;  // (H,) float64 on the device of x
+  int64_t rows_x, rows_y, count_x, count_y;
+};
+
+KernelSumArgs kernel_sum_args(const at::Tensor& x, const at::Tensor& y,
+                              const at::Tensor& bandwidths, bool paired, const char* op) {
+  check_rows(x, op, "x");
+  check_rows(y, op, "y");
+  check_same(x, y, op, "x", "y");
+  TORCH_CHECK(bandwidths.dim() == 1 && bandwidths.numel() > 0, op,
+              ": bandwidths must be a non-empty 1-D tensor");
+  TORCH_CHECK(!paired || x.size(0) == y.size(0), op, ": paired sums need equal batch sizes, got ",
+              x.size(0), " and ", y.size(0));
+  // Unlike the CPU kernel, positivity of the bandwidths is not checked here: that would
+  // need a host synchronisation. The Python layer (rcl_ops.ops) validates them, and the
+  // default bandwidth is positive by construction. 1 / (2 h^2) is computed on the device
+  // in float64, rounded once as on CPU (0.5 / (h * h); 2 h^2 is exact, and scalar / tensor
+  // would round twice: reciprocal, then product). Bandwidths may come from any device.
+  const at::Tensor inv_two_h2 =
+      (bandwidths.to(x.device(), at::kDouble).square() * 2.0).reciprocal().contiguous();
+  return {x.contiguous(), y.contiguous(), inv_two_h2, x.size(0), y.size(0), x.size(1), y.size(1)};
+}
+
+// Blocks (p, z) for the output pairs p (grid-stride over x): i = p, j = p if paired, else
+// (p / Bk, p % Bk). The longer of the two rows is split over the threads of the z splits
+// (several blocks per pair when there are few pairs); each thread loops over all of the
+// other row (read in step across the warp, so served by broadcast), the block sums in
+// double, and the splits' partial sums are added in a fixed order. The differences are
+// x - y whichever row is outer, as on CPU.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    kernel_sums_kernel(const T* __restrict__ x, const T* __restrict__ y,
+                       const double* __restrict__ inv_two_h2, int64_t num_h, int64_t rows_y,
+                       int64_t count_x, int64_t count_y, bool paired, int64_t pairs,
+                       T* __restrict__ out, double* __restrict__ partial) {
+  const bool outer_is_x = count_x >= count_y;
+  const int64_t count_outer = outer_is_x ? count_x : count_y;
+  const int64_t count_inner = outer_is_x ? count_y : count_x;
+  const int64_t first = int64_t(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.y) * kThreads;
+  for (int64_t p = blockIdx.x; p < pairs; p += gridDim.x) {
+    const int64_t i = paired ? p : p / rows_y, j = paired ? p : p - (p / rows_y) * rows_y;
+    const T* xr = x + i * count_x;
+    const T* yr = y + j * count_y;
+    const T* outer = outer_is_x ? xr : yr;
+    const T* inner = outer_is_x ? yr : xr;
+    double total = 0.0;
+    for (int64_t s = first; s < count_outer; s += stride) {
+      const double v = double(outer[s]);
+      for (int64_t t = 0; t < count_inner; ++t) {
+        const double diff = outer_is_x ? v - double(inner[t]) : double(inner[t]) - v;
+        total += gaussian_kernel(diff, inv_two_h2, num_h);
+      }
+    }
+    total = block_sum<kThreads>(total);  // p is uniform over the block
+    if (threadIdx.x == 0) {
+      if (partial != nullptr) {
+        partial[int64_t(blockIdx.y) * pairs + p] = total;
+      } else {
+        out[p] = T(total);
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void kernel_sums_reduce_kernel(const double* __restrict__ partial, int64_t splits,
+                                          int64_t pairs, T* __restrict__ out) {
+  for (int64_t idx = global_thread_index(); idx < pairs; idx += global_thread_stride()) {
+    double total = 0.0;
+    for (int64_t s = 0; s < splits; ++s) total += partial[s * pairs + idx];
+    out[idx] = T(total);
+  }
+}
+
+at::Tensor gaussian_kernel_sums_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
+                                     const at::Tensor& bandwidths, bool paired) {
+  const char* op = "rcl_ops::gaussian_kernel_sums";
+  const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
+  c10::cuda::CUDAGuard device_guard(a.x.device());
+  const int64_t pairs = paired ? a.rows_x : a.rows_x * a.rows_y;
+  at::Tensor out = paired ? at::empty({a.rows_x}, a.x.options())
+                          : at::empty({a.rows_x, a.rows_y}, a.x.options());
+  // Split each pair over several blocks when there are fewer pairs than about two blocks
+  // per multiprocessor, as far as the longer row has values for the threads.
+  const int64_t count_outer = std::max(a.count_x, a.count_y);
+  const int64_t target_blocks = 2 * int64_t(cudautil::multiprocessor_count(a.x.get_device()));
+  const int64_t splits = std::max<int64_t>(
+      1, std::min(target_blocks / pairs, (count_outer + kThreads - 1) / kThreads));
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, pairs}, a.x.options().dtype(at::kDouble));
+  const dim3 grid(static_cast<unsigned int>(std::min<int64_t>(pairs, int64_t(1) << 20)),
+                  static_cast<unsigned int>(splits));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums", [&] {
+    double* partial_ptr = splits > 1 ? partial.data_ptr<double>() : nullptr;
+    kernel_sums_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        a.x.data_ptr<scalar_t>(), a.y.data_ptr<scalar_t>(), a.inv_two_h2.data_ptr<double>(),
+        a.inv_two_h2.numel(), a.rows_y, a.count_x, a.count_y, paired, pairs,
+        out.data_ptr<scalar_t>(), partial_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      kernel_sums_reduce_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
+          partial_ptr, splits, pairs, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+// One thread per value of one side (self): the derivative of every kernel sum it enters,
+// weighted by grad. With kSelfIsX the value is x[i, s] and the sum runs over j (all rows of
+// y, or j = i if paired) and t; otherwise it is y[j, t], over i and s, with the sign
+// flipped. The differences are always x - y and the loops nest as on CPU.
+template <typename T, bool kSelfIsX>
+__global__ void kernel_sums_grad_kernel(const T* __restrict__ self, const T* __restrict__ other,
+                                        const double* __restrict__ grad,
+                                        const double* __restrict__ inv_two_h2, int64_t num_h,
+                                        int64_t rows_self, int64_t count_self, int64_t rows_other,
+                                        int64_t count_other, int64_t rows_y, bool paired,
+                                        T* __restrict__ out) {
+  const int64_t total = rows_self * count_self;
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count_self;
+    const double v = double(self[idx]);
+    const int64_t o_begin = paired ? row : 0, o_end = paired ? row + 1 : rows_other;
+    double total_grad = 0.0;
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const double g =
+          paired ? grad[row] : (kSelfIsX ? grad[row * rows_y + o] : grad[o * rows_y + row]);
+      const T* other_row = other + o * count_other;
+      double inner = 0.0;
+      for (int64_t t = 0; t < count_other; ++t) {
+        const double diff = kSelfIsX ? v - double(other_row[t]) : double(other_row[t]) - v;
+        inner += gaussian_kernel_derivative(diff, inv_two_h2, num_h);
+      }
+      if (kSelfIsX) {
+        total_grad += g * inner;
+      } else {
+        total_grad -= g * inner;
+      }
+    }
+    out[idx] = T(total_grad);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cuda(const at::Tensor& grad_in,
+                                                                      const at::Tensor& x_in,
+                                                                      const at::Tensor& y_in,
+                                                                      const at::Tensor& bandwidths,
+                                                                      bool paired) {
+  const char* op = "rcl_ops::gaussian_kernel_sums_backward";
+  const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
+  if (paired) {
+    TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == a.rows_x, op, ": grad must have shape (",
+                a.rows_x, "), got ", grad_in.sizes());
+  } else {
+    TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == a.rows_x && grad_in.size(1) == a.rows_y,
+                op, ": grad must have shape (", a.rows_x, ", ", a.rows_y, "), got ",
+                grad_in.sizes());
+  }
+  check_device(grad_in, x_in, op, "grad", "x");
+  c10::cuda::CUDAGuard device_guard(a.x.device());
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  at::Tensor grad_x = at::empty_like(a.x), grad_y = at::empty_like(a.y);
+  const double* gp = grad.data_ptr<double>();
+  const double* ih = a.inv_two_h2.data_ptr<double>();
+  const int64_t num_h = a.inv_two_h2.numel();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums_backward", [&] {
+    const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
+    kernel_sums_grad_kernel<scalar_t, true>
+        <<<blocks_for(a.rows_x * a.count_x), kThreads, 0, stream>>>(
+            xp, yp, gp, ih, num_h, a.rows_x, a.count_x, a.rows_y, a.count_y, a.rows_y, paired,
+            grad_x.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    kernel_sums_grad_kernel<scalar_t, false>
+        <<<blocks_for(a.rows_y * a.count_y), kThreads, 0, stream>>>(
+            yp, xp, gp, ih, num_h, a.rows_y, a.count_y, a.rows_x, a.count_x, a.rows_y, paired,
+            grad_y.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_y};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
+  m.impl("mmd_grid", &mmd_grid_cuda);
+  m.impl("mmd_grid_backward", &mmd_grid_backward_cuda);
+  m.impl("gaussian_kernel_sums", &gaussian_kernel_sums_cuda);
+  m.impl("gaussian_kernel_sums_backward", &gaussian_kernel_sums_backward_cuda);
+}
+
+}  // namespace rcl_ops
