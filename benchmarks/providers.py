@@ -52,9 +52,16 @@ def _library(distance: str, backend: str) -> Callable:
     return lambda q, k: fn(q, k, backend=backend)
 
 
+def library_backends(device: str) -> list[str]:
+    """The rcl_ops backends worth timing on ``device`` (not Triton's CPU interpreter)."""
+    return [
+        b for b in rcl_ops.available_backends(device) if b != "reference" and not (b == "triton" and device == "cpu")
+    ]
+
+
 def providers(distance: str, device: str) -> dict[str, Callable]:
     """Name -> callable for every competitor that runs on ``device``."""
-    found = {f"rcl_ops[{b}]": _library(distance, b) for b in rcl_ops.available_backends(device) if b != "reference"}
+    found = {f"rcl_ops[{b}]": _library(distance, b) for b in library_backends(device)}
     found["reference"] = _reference(distance)
     found["naive"] = {"emd": naive_emd, "mmd": naive_mmd, "bd": naive_bd}[distance]
     return found
@@ -63,7 +70,7 @@ def providers(distance: str, device: str) -> dict[str, Callable]:
 def loss_providers(distance: str, device: str) -> dict[str, Callable]:
     """Name -> callable (q, k) -> scalar loss: the whole ResidualContrastiveLoss step."""
     found = {}
-    for backend in [b for b in rcl_ops.available_backends(device) if b != "reference"] + ["reference"]:
+    for backend in [*library_backends(device), "reference"]:
         name = "reference" if backend == "reference" else f"rcl_ops[{backend}]"
         found[name] = rcl_ops.ResidualContrastiveLoss(distance, backend=backend)
     return found

@@ -163,6 +163,19 @@ def fit_exponents(rows: list[dict]) -> list[dict]:
     return fits
 
 
+def run_cases(cases, device: str, repeats: int, memory: bool) -> list[dict]:
+    """Every provider of every distance and of the loss, at each (batch, shape)."""
+    rows = []
+    for batch, shape in cases:
+        for distance in DISTANCES:
+            for name, fn in providers(distance, device).items():
+                rows.append(measure(distance, name, fn, batch, shape, device, repeats, 1, memory))
+            for name, fn in loss_providers(distance, device).items():
+                rows.append(measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, 1, memory))
+            print(f"measured {distance} at B={batch}, {shape}", file=sys.stderr)
+    return rows
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -176,7 +189,6 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
-    rcl_ops.set_check_finite(False)  # a host sync per call; inputs here are finite
 
     if args.smoke:
         cases, label = [(4, (2, 8, 8))], "smoke"
@@ -188,15 +200,12 @@ def main(argv=None) -> Path:
         cases, label = [(64, (3, 64, 64))], "quick"
     repeats = args.repeats or (2 if args.smoke else 10 if args.device == "cuda" else 5)
 
-    rows = []
-    for batch, shape in cases:
-        for distance in DISTANCES:
-            for name, fn in providers(distance, args.device).items():
-                rows.append(measure(distance, name, fn, batch, shape, args.device, repeats, 1, not args.no_memory))
-            for name, fn in loss_providers(distance, args.device).items():
-                what = f"loss-{distance}"
-                rows.append(measure(what, name, fn, batch, shape, args.device, repeats, 1, not args.no_memory))
-            print(f"measured {distance} at B={batch}, {shape}", file=sys.stderr)
+    checking = rcl_ops.check_finite_enabled()
+    rcl_ops.set_check_finite(False)  # a host sync per call; inputs here are finite
+    try:
+        rows = run_cases(cases, args.device, repeats, not args.no_memory)
+    finally:
+        rcl_ops.set_check_finite(checking)
     env = environment(args.device)
     print(f"device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}")
     print_ratio_table(rows)

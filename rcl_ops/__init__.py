@@ -13,6 +13,13 @@ except ImportError as error:  # the extension was not built
     mark_unavailable("cpu", f"the native extension rcl_ops._C did not load: {error}")
     mark_unavailable("cuda", f"the native extension rcl_ops._C did not load: {error}")
 
+from . import triton as _triton  # registers the "triton" backend when triton imports
+
+if not _triton.AVAILABLE:
+    from ._backend import mark_unavailable
+
+    mark_unavailable("triton", _triton.UNAVAILABLE_REASON)
+
 __version__ = "0.1.0"
 
 __all__ = [

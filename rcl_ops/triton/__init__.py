@@ -1,0 +1,49 @@
+"""The "triton" backend: Triton kernels for the pairwise EMD, binned-grid MMD and BD.
+
+Same sketch-then-pair structure as the native kernels (rcl_ops/_native.py):
+
+- EMD: ``quantiles`` (torch.sort, then a Triton kernel interpolating the K mid-level
+  quantiles) and ``emd_pair``, a GEMM-like (Bq, Bk) tiling that loops over K (split over K
+  into partial sums when the tile grid alone would not fill the GPU); the backward is two
+  deterministic kernels (q side, k side) and one kernel adding each quantile's gradient onto
+  its order statistics through the sort order.
+- BD: ``moments`` (one program per row, corrected two-pass mean/variance) and ``bd_pair``
+  (element-wise over (Bq, Bk) tiles, log1p form of Eq. 6); backward kernels for both.
+- MMD: ``mmd_grid``, the algorithm of csrc/mmd_grid.cpp composed in Python from two Triton
+  kernels (linear binning with fp64 atomics, interpolation of the gradient field) and
+  torch.fft / float64 GEMMs. Only method="grid".
+
+All are ``torch.library.custom_op``s in the ``rcl_ops_triton`` namespace with fake kernels
+and autograd, so torch.compile(fullgraph=True) and opcheck work. The backend runs on CUDA
+tensors; with TRITON_INTERPRET=1 (set before this module is imported) it also runs on CPU
+tensors through the Triton interpreter, which is how the test suite exercises the kernels
+on CPU-only machines.
+
+backend="auto" on CUDA: rcl_ops/_backend.py's _AUTO_ORDER tries "cuda" first, then
+"triton". That order is a placeholder, not a measured result: the rule that picks between
+the two (per distance, and by batch size / values per residual where the ratio crosses 1)
+must be set from the `make gpu-check` benchmark measurements (benchmarks/run.py --device
+cuda --full, which times both providers on the same inputs) on the H100/H200 machines, and
+documented here with those numbers. No such measurements exist yet.
+
+Needs triton (tested with 3.6.0, as shipped beside the CUDA builds of torch 2.11). When
+triton cannot be imported, or the kernels fail to load, nothing is registered and
+``UNAVAILABLE_REASON`` says why (rcl_ops marks the backend unavailable with it).
+"""
+
+from __future__ import annotations
+
+AVAILABLE = False
+UNAVAILABLE_REASON: str | None = None
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:
+    UNAVAILABLE_REASON = f"triton is not installed ({error})"
+else:
+    try:
+        from . import _ops  # noqa: F401  defines the ops and registers the backend
+    except Exception as error:  # an incompatible triton: report it, keep rcl_ops importable
+        UNAVAILABLE_REASON = f"the Triton kernels failed to load: {type(error).__name__}: {error}"
+    else:
+        AVAILABLE = True
