@@ -45,8 +45,11 @@ format: $(DEPS_STAMP)
 test: build lint
 	$(PY) -m pytest -q tests
 
+# Distances between residuals of real images, then the reference trainer's quick preset
+# (RCL-EMD, N2N, N2S, Oracle: pre-train, proxy-evaluate, table, plots) on bundled images.
 demo: build
 	$(PY) -m rcl_ops.demo
+	$(PY) -m rcl_ops.train --preset quick --output-dir runs
 
 # On a machine with a CUDA GPU and its own torch (PYTHON=/path/to/python): build in place
 # with that torch, run the whole suite on CUDA and the benchmarks, write the results.

@@ -2,9 +2,11 @@
 
     python -m benchmarks.memory_probe <emd|mmd|bd|loss-emd|...> <provider> <B> <C> <H> <W>
 
-Prints JSON {"extra_bytes", "uncertainty_bytes"}: the high-water resident set size after the
-step minus the resident size before it (inputs allocated and touched), and how far the
-process's earlier high-water mark was above that baseline (an upper bound on the error).
+Prints JSON {"extra_bytes", "uncertainty_bytes"}: the peak resident set size during the step
+minus the resident size before it (inputs allocated and touched). The peak is the kernel's
+VmHWM, reset just before the step (``echo 5 > /proc/self/clear_refs``); where the reset is
+not permitted, the earlier peak's excess over the baseline is reported as the uncertainty.
+getrusage's ru_maxrss is not used: Linux carries it over from the parent across exec.
 """
 
 from __future__ import annotations
@@ -21,8 +23,21 @@ def _resident_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def _max_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> None:
@@ -40,9 +55,10 @@ def main(argv: list[str]) -> None:
     # Warm up at a tiny size so one-time allocations (thread pools, caches) are not counted.
     small = (torch.randn(2, 4, requires_grad=True), torch.randn(2, 4, requires_grad=True))
     fn(*small).sum().backward()
-    before, high_before = _resident_bytes(), _max_resident_bytes()
+    _reset_peak()
+    before, high_before = _resident_bytes(), _peak_resident_bytes()
     fn(q, k).sum().backward()
-    after = _max_resident_bytes()
+    after = _peak_resident_bytes()
     print(json.dumps({"extra_bytes": max(0, after - before), "uncertainty_bytes": max(0, high_before - before)}))
 
 

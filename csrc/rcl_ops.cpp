@@ -24,6 +24,13 @@ TORCH_LIBRARY(rcl_ops, m) {
   m.def("sorted_quantiles_backward(Tensor grad_quantiles, Tensor order) -> Tensor");
   m.def("emd_pair(Tensor sorted_q, Tensor sorted_k) -> Tensor");
   m.def("emd_pair_backward(Tensor grad, Tensor sorted_q, Tensor sorted_k) -> (Tensor, Tensor)");
+  // Exact EMD (K == M) as one node, so that its backward can fuse the scatter back.
+  m.def(
+      "emd_exact(Tensor q, Tensor k) -> (Tensor distances, Tensor sorted_q, Tensor order_q, "
+      "Tensor sorted_k, Tensor order_k)");
+  m.def(
+      "emd_exact_backward(Tensor grad, Tensor sorted_q, Tensor order_q, Tensor sorted_k, "
+      "Tensor order_k) -> (Tensor, Tensor)");
   // MMD: binned-grid method (linear in M) and the exact direct kernel sums.
   m.def("mmd_grid(Tensor q, Tensor k, Tensor bandwidths, int num_bins, bool unbiased) -> Tensor");
   m.def(

@@ -58,6 +58,23 @@ def _emd_pair_backward_fake(grad, sorted_q, sorted_k):
     return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
 
 
+@torch.library.register_fake("rcl_ops::emd_exact")
+def _emd_exact_fake(q, k):
+    torch._check(q.shape[1] == k.shape[1], lambda: "rcl_ops::emd_exact: q and k need the same M")
+    return (
+        q.new_empty(q.shape[0], k.shape[0]),
+        torch.empty_like(q),
+        q.new_empty(q.shape, dtype=torch.long),
+        torch.empty_like(k),
+        k.new_empty(k.shape, dtype=torch.long),
+    )
+
+
+@torch.library.register_fake("rcl_ops::emd_exact_backward")
+def _emd_exact_backward_fake(grad, sorted_q, order_q, sorted_k, order_k):
+    return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
+
+
 @torch.library.register_fake("rcl_ops::mmd_grid")
 def _mmd_grid_fake(q, k, bandwidths, num_bins, unbiased):
     return q.new_empty(q.shape[0], k.shape[0])
@@ -105,9 +122,12 @@ def _bd_pair_backward(ctx, grad):
 def _sorted_quantiles_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no (B, M) zeros for the integer order's gradient
 
 
 def _sorted_quantiles_backward(ctx, grad_quantiles, grad_order):
+    if grad_quantiles is None:
+        return None, None
     (order,) = ctx.saved_tensors
     return ops.sorted_quantiles_backward(grad_quantiles, order), None
 
@@ -118,6 +138,18 @@ def _emd_pair_setup(ctx, inputs, output):
 
 def _emd_pair_backward(ctx, grad):
     return ops.emd_pair_backward(grad, *ctx.saved_tensors)
+
+
+def _emd_exact_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _emd_exact_backward(ctx, grad, *unused_grads):
+    if grad is None:
+        return None, None
+    return ops.emd_exact_backward(grad, *ctx.saved_tensors)
 
 
 def _mmd_grid_setup(ctx, inputs, output):
@@ -147,6 +179,7 @@ for _name, _backward, _setup in (
     ("bd_pair", _bd_pair_backward, _bd_pair_setup),
     ("sorted_quantiles", _sorted_quantiles_backward, _sorted_quantiles_setup),
     ("emd_pair", _emd_pair_backward, _emd_pair_setup),
+    ("emd_exact", _emd_exact_backward, _emd_exact_setup),
     ("mmd_grid", _mmd_grid_backward, _mmd_grid_setup),
     ("gaussian_kernel_sums", _kernel_sums_backward, _kernel_sums_setup),
 ):
@@ -157,7 +190,8 @@ for _name, _backward, _setup in (
 
 
 def native_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> torch.Tensor:
-    num_quantiles = q.shape[1] if num_quantiles is None else num_quantiles
+    if num_quantiles is None or num_quantiles == q.shape[1] == k.shape[1]:
+        return ops.emd_exact(q, k)[0]
     sorted_q, _ = ops.sorted_quantiles(q, num_quantiles)
     sorted_k, _ = ops.sorted_quantiles(k, num_quantiles)
     return ops.emd_pair(sorted_q, sorted_k)

@@ -8,7 +8,6 @@ the native and Triton backends compute the same quantities without (Bq, Bk, M) t
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 # Pairwise element differences are built in chunks of at most this many values, so the
 # O(M^2) MMD sum never holds a (Bq, Bk, M, M) tensor.
@@ -45,10 +44,48 @@ def pairwise_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None = N
     return torch.cdist(sq.unsqueeze(0), sk.unsqueeze(0), p=1).squeeze(0) / sq.shape[1]
 
 
-def _gaussian_sum_block(x: torch.Tensor, y: torch.Tensor, inv_two_h2: torch.Tensor) -> torch.Tensor:
-    """sum_{a,b,h} exp(-(x[..., a] - y[..., b])^2 / (2 h^2)) for x (..., ca, 1), y (..., 1, cb)."""
-    sq_diff = (x - y).square().unsqueeze(-1)
-    return torch.exp(-sq_diff * inv_two_h2).sum(dim=(-3, -2, -1))
+def _kernel_blocks(x: torch.Tensor, y: torch.Tensor, inv_two_h2: torch.Tensor, paired: bool):
+    """Yield (a-slice, b-slice, diff, kernel) over chunks of value pairs, where for
+    paired=False diff[i, j, a, b, h] = x[i, a] - y[j, b] (paired: diff[i, a, b, h] with j = i)
+    and kernel = exp(-diff^2 / (2 h^2)). Chunks hold at most _MMD_CHUNK_ELEMENTS values."""
+    rows = x.shape[0] if paired else x.shape[0] * y.shape[0]
+    chunk = max(1, int((_MMD_CHUNK_ELEMENTS / (rows * inv_two_h2.numel())) ** 0.5))
+    for a in range(0, x.shape[1], chunk):
+        for b in range(0, y.shape[1], chunk):
+            xa, yb = x[:, a : a + chunk], y[:, b : b + chunk]
+            if paired:
+                diff = xa[:, :, None, None] - yb[:, None, :, None]
+            else:
+                diff = xa[:, None, :, None, None] - yb[None, :, None, :, None]
+            yield slice(a, a + chunk), slice(b, b + chunk), diff, torch.exp(-diff.square() * inv_two_h2)
+
+
+class _GaussianKernelSums(torch.autograd.Function):
+    """Chunked kernel sums with an explicit chunked backward, so memory stays bounded."""
+
+    @staticmethod
+    def forward(ctx, x, y, bandwidths, paired):
+        inv_two_h2 = 0.5 / bandwidths.to(x.dtype).square()
+        ctx.save_for_backward(x, y, inv_two_h2)
+        ctx.paired = paired
+        reduce_dims = (-3, -2, -1)
+        return sum(kernel.sum(dim=reduce_dims) for _, _, _, kernel in _kernel_blocks(x, y, inv_two_h2, paired))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        # d/dx k(x - y) = -2 (x - y) / (2 h^2) k(x - y), summed over h, weighted by grad.
+        x, y, inv_two_h2 = ctx.saved_tensors
+        grad_x, grad_y = torch.zeros_like(x), torch.zeros_like(y)
+        for a, b, diff, kernel in _kernel_blocks(x, y, inv_two_h2, ctx.paired):
+            slope = (-2.0 * diff * inv_two_h2 * kernel).sum(-1)
+            if ctx.paired:  # slope (B, ca, cb), grad (B,)
+                grad_x[:, a] += grad[:, None] * slope.sum(2)
+                grad_y[:, b] -= grad[:, None] * slope.sum(1)
+            else:  # slope (Bx, By, ca, cb), grad (Bx, By)
+                grad_x[:, a] += torch.einsum("ij,ijab->ia", grad, slope)
+                grad_y[:, b] -= torch.einsum("ij,ijab->jb", grad, slope)
+        return grad_x, grad_y, None, None
 
 
 def gaussian_kernel_sums(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor, paired: bool):
@@ -56,25 +93,9 @@ def gaussian_kernel_sums(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Ten
 
     paired=False: (Bx, Mx), (By, My) -> (Bx, By), S[i, j] = sum_{a, b, h} k_h(x[i, a], y[j, b]).
     paired=True:  (B, Mx), (B, My) -> (B,), S[i] = sum_{a, b, h} k_h(x[i, a], y[i, b]).
-    Computed in chunks, each recomputed in backward (checkpointing), so memory stays bounded.
+    Computed in chunks, forward and backward, so memory stays bounded.
     """
-    inv_two_h2 = 0.5 / bandwidths.to(x.dtype).square()
-    if paired:
-        x, y = x.unsqueeze(-1), y.unsqueeze(-2)  # (B, Mx, 1), (B, 1, My)
-        rows = x.shape[0]
-    else:
-        x, y = x[:, None, :, None], y[None, :, None, :]  # (Bx, 1, Mx, 1), (1, By, 1, My)
-        rows = x.shape[0] * y.shape[1]
-    chunk = max(1, int((_MMD_CHUNK_ELEMENTS / (rows * bandwidths.numel())) ** 0.5))
-    total = 0
-    for a in range(0, x.shape[-2], chunk):
-        for b in range(0, y.shape[-1], chunk):
-            block = (x[..., a : a + chunk, :], y[..., b : b + chunk], inv_two_h2)
-            if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-                total = total + checkpoint(_gaussian_sum_block, *block, use_reentrant=False)
-            else:
-                total = total + _gaussian_sum_block(*block)
-    return total
+    return _GaussianKernelSums.apply(x, y, bandwidths, paired)
 
 
 def mmd_from_kernel_sums(self_q, self_k, cross, m: int, n: int, num_h: int, unbiased: bool):

@@ -137,8 +137,8 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
 def test_auto_picks_native_backend(monkeypatch):
     q, k = torch.randn(3, 10), torch.randn(3, 10)
     calls = []
-    original = torch.ops.rcl_ops.emd_pair
-    monkeypatch.setattr(torch.ops.rcl_ops, "emd_pair", lambda *a: calls.append(1) or original(*a))
+    original = torch.ops.rcl_ops.emd_exact
+    monkeypatch.setattr(torch.ops.rcl_ops, "emd_exact", lambda *a: calls.append(1) or original(*a))
     rcl_ops.pairwise_emd(q, k)
     assert calls
 
@@ -153,7 +153,7 @@ def _op_samples(device, dtype):
     mean, var = torch.ops.rcl_ops.moments(x)
     mean_k, var_k = torch.ops.rcl_ops.moments(y)
     sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(x, 17)
-    sorted_y, _ = torch.ops.rcl_ops.sorted_quantiles(y, 17)
+    sorted_y, order_y = torch.ops.rcl_ops.sorted_quantiles(y, 17)
     grad = torch.randn(3, 4, device=device, dtype=dtype)
     ops = torch.ops.rcl_ops
     return [
@@ -166,6 +166,8 @@ def _op_samples(device, dtype):
         (ops.sorted_quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
         (ops.emd_pair.default, (sorted_x, sorted_y)),
         (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y)),
+        (ops.emd_exact.default, (x, y)),
+        (ops.emd_exact_backward.default, (grad, sorted_x, order, sorted_y, order_y)),
         (ops.mmd_grid.default, (x, y, h, 64, False)),
         (ops.mmd_grid.default, (x, y, h, 64, True)),
         (ops.mmd_grid_backward.default, (grad, x, y, h, 64, False)),
@@ -188,6 +190,7 @@ def test_opcheck_every_op(backend):
             "bd_pair",
             "sorted_quantiles",
             "emd_pair",
+            "emd_exact",
             "mmd_grid",
             "gaussian_kernel_sums",
         )

@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "parallel.h"
+#include "cpu_utils.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
@@ -16,7 +16,7 @@ constexpr int kLanes = 8;
 // Shifted sums S1 = sum (x - c), S2 = sum (x - c)^2 with c = x[0], accumulated in double
 // lanes: var = (S2 - S1^2 / M) / (M - 1) does not cancel when |mean| >> std.
 template <typename T>
-void row_moments(const T* x, int64_t count, T* mean, T* var) {
+RCL_INLINE void row_moments(const T* x, int64_t count, T* mean, T* var) {
   const double shift = double(x[0]);
   double s1[kLanes] = {}, s2[kLanes] = {};
   int64_t m = 0;
@@ -41,6 +41,50 @@ void row_moments(const T* x, int64_t count, T* mean, T* var) {
   *var = count > 1 ? T((sum2 - sum1 * sum1 / double(count)) / double(count - 1)) : T(NAN);
 }
 
+RCL_MULTIVERSION void row_moments_f32(const float* x, int64_t count, float* mean, float* var) {
+  row_moments(x, count, mean, var);
+}
+
+RCL_MULTIVERSION void row_moments_f64(const double* x, int64_t count, double* mean, double* var) {
+  row_moments(x, count, mean, var);
+}
+
+inline void row_moments_any(const float* x, int64_t count, float* mean, float* var) {
+  row_moments_f32(x, count, mean, var);
+}
+
+inline void row_moments_any(const double* x, int64_t count, double* mean, double* var) {
+  row_moments_f64(x, count, mean, var);
+}
+
+template <typename T>
+RCL_INLINE void row_moments_backward(const T* x, int64_t count, T mean, T grad_mean, T grad_var,
+                                     T* grad_x) {
+  for (int64_t m = 0; m < count; ++m) {
+    grad_x[m] = moments_input_grad(x[m], mean, grad_mean, grad_var, count);
+  }
+}
+
+RCL_MULTIVERSION void row_moments_backward_f32(const float* x, int64_t count, float mean,
+                                               float grad_mean, float grad_var, float* grad_x) {
+  row_moments_backward(x, count, mean, grad_mean, grad_var, grad_x);
+}
+
+RCL_MULTIVERSION void row_moments_backward_f64(const double* x, int64_t count, double mean,
+                                               double grad_mean, double grad_var, double* grad_x) {
+  row_moments_backward(x, count, mean, grad_mean, grad_var, grad_x);
+}
+
+inline void row_moments_backward_any(const float* x, int64_t count, float mean, float grad_mean,
+                                     float grad_var, float* grad_x) {
+  row_moments_backward_f32(x, count, mean, grad_mean, grad_var, grad_x);
+}
+
+inline void row_moments_backward_any(const double* x, int64_t count, double mean, double grad_mean,
+                                     double grad_var, double* grad_x) {
+  row_moments_backward_f64(x, count, mean, grad_mean, grad_var, grad_x);
+}
+
 std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x_in) {
   check_rows(x_in, "rcl_ops::moments", "x");
   const at::Tensor x = x_in.contiguous();
@@ -52,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x_in) {
     scalar_t* mp = mean.data_ptr<scalar_t>();
     scalar_t* vp = var.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) row_moments(xp + i * count, count, mp + i, vp + i);
+      for (int64_t i = begin; i < end; ++i) row_moments_any(xp + i * count, count, mp + i, vp + i);
     });
   });
   return {mean, var};
@@ -78,9 +122,7 @@ at::Tensor moments_backward_cpu(const at::Tensor& grad_mean_in, const at::Tensor
     const scalar_t* mp = mean.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t m = 0; m < count; ++m) {
-          gp[i * count + m] = moments_input_grad(xp[i * count + m], mp[i], gm[i], gv[i], count);
-        }
+        row_moments_backward_any(xp + i * count, count, mp[i], gm[i], gv[i], gp + i * count);
       }
     });
   });

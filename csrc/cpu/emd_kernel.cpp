@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "../checks.h"
-#include "parallel.h"
+#include "cpu_utils.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
@@ -185,15 +185,6 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
 
 // ---- pair ----------------------------------------------------------------------------------
 
-// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64, picked at load time
-// (GCC function multi-versioning); elsewhere they are compiled once.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RCL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RCL_MULTIVERSION
-#endif
-#define RCL_INLINE inline __attribute__((always_inline))
-
 constexpr int kLanes = 16;
 constexpr int kTile = 4;             // (i, j) block of the forward
 constexpr int64_t kChunk = 2048;     // K values per forward partial sum (cache-resident)
@@ -259,10 +250,24 @@ inline void emd_forward_tile_any(const double* qp, const double* kp, double* out
 // Backward over K values [c, c + len) for all pairs: with g = grad / K,
 // grad_q[i, k] = sum_j g[i, j] sign(q[i, k] - s_k[j, k]), grad_k[j, k] = -sum_i (same).
 // A block of kRows q rows x kVector values stays in registers while j sweeps the keys, so
-// each key value is loaded once per block and grad_k is updated once per (j, block).
+// each key value is loaded once per block; grad_k's chunk accumulates in key_buffer
+// (bk x len, cache-resident). With sort orders given (exact EMD, K == M), both gradients
+// are written straight to the unsorted positions: the scatter back is fused.
+struct BackwardArgs {
+  int64_t bq, bk, n;
+  const int64_t* order_q;  // nullptr: write sorted positions
+  const int64_t* order_k;
+};
+
 template <typename T>
-RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq, T* gk, int64_t bq,
-                                   int64_t bk, int64_t n, int64_t c, int64_t len) {
+RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq, T* gk,
+                                   T* key_buffer, const BackwardArgs& args, int64_t c,
+                                   int64_t len) {
+  const int64_t bq = args.bq, bk = args.bk, n = args.n;
+  std::fill(key_buffer, key_buffer + bk * len, T(0));
+  auto store_q = [&](int64_t i, int64_t k, T value) {
+    gq[i * n + (args.order_q ? args.order_q[i * n + k] : k)] = value;
+  };
   for (int64_t i0 = 0; i0 < bq; i0 += kRows) {
     const int64_t ni = std::min<int64_t>(kRows, bq - i0);
     for (int64_t k0 = c; k0 < c + len; k0 += kVector) {
@@ -273,7 +278,7 @@ RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq,
         }
         for (int64_t j = 0; j < bk; ++j) {
           const T* b = kp + j * n + k0;
-          T* gb = gk + j * n + k0;
+          T* gb = key_buffer + j * len + (k0 - c);
           T g[kRows];
           for (int r = 0; r < kRows; ++r) g[r] = gp[(i0 + r) * bk + j];
           for (int l = 0; l < kVector; ++l) {
@@ -288,47 +293,53 @@ RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq,
           }
         }
         for (int r = 0; r < kRows; ++r) {
-          for (int l = 0; l < kVector; ++l) gq[(i0 + r) * n + k0 + l] += acc[r][l];
+          for (int l = 0; l < kVector; ++l) store_q(i0 + r, k0 + l, acc[r][l]);
         }
       } else {  // ragged edge: plain loops
         const int64_t nv = std::min<int64_t>(kVector, c + len - k0);
         for (int64_t i = i0; i < i0 + ni; ++i) {
-          for (int64_t j = 0; j < bk; ++j) {
-            const T g = gp[i * bk + j];
-            for (int64_t k = k0; k < k0 + nv; ++k) {
-              const T s = g * sign_of_difference(qp[i * n + k], kp[j * n + k]);
-              gq[i * n + k] += s;
-              gk[j * n + k] -= s;
+          for (int64_t k = k0; k < k0 + nv; ++k) {
+            T total = 0;
+            for (int64_t j = 0; j < bk; ++j) {
+              const T s = gp[i * bk + j] * sign_of_difference(qp[i * n + k], kp[j * n + k]);
+              total += s;
+              key_buffer[j * len + (k - c)] -= s;
             }
+            store_q(i, k, total);
           }
         }
       }
     }
   }
+  for (int64_t j = 0; j < bk; ++j) {
+    for (int64_t k = c; k < c + len; ++k) {
+      gk[j * n + (args.order_k ? args.order_k[j * n + k] : k)] = key_buffer[j * len + (k - c)];
+    }
+  }
 }
 
 RCL_MULTIVERSION void emd_backward_chunk_f32(const float* qp, const float* kp, const float* gp,
-                                             float* gq, float* gk, int64_t bq, int64_t bk,
-                                             int64_t n, int64_t c, int64_t len) {
-  emd_backward_chunk(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+                                             float* gq, float* gk, float* key_buffer,
+                                             const BackwardArgs& args, int64_t c, int64_t len) {
+  emd_backward_chunk(qp, kp, gp, gq, gk, key_buffer, args, c, len);
 }
 
 RCL_MULTIVERSION void emd_backward_chunk_f64(const double* qp, const double* kp, const double* gp,
-                                             double* gq, double* gk, int64_t bq, int64_t bk,
-                                             int64_t n, int64_t c, int64_t len) {
-  emd_backward_chunk(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+                                             double* gq, double* gk, double* key_buffer,
+                                             const BackwardArgs& args, int64_t c, int64_t len) {
+  emd_backward_chunk(qp, kp, gp, gq, gk, key_buffer, args, c, len);
 }
 
 inline void emd_backward_chunk_any(const float* qp, const float* kp, const float* gp, float* gq,
-                                   float* gk, int64_t bq, int64_t bk, int64_t n, int64_t c,
-                                   int64_t len) {
-  emd_backward_chunk_f32(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+                                   float* gk, float* key_buffer, const BackwardArgs& args,
+                                   int64_t c, int64_t len) {
+  emd_backward_chunk_f32(qp, kp, gp, gq, gk, key_buffer, args, c, len);
 }
 
 inline void emd_backward_chunk_any(const double* qp, const double* kp, const double* gp, double* gq,
-                                   double* gk, int64_t bq, int64_t bk, int64_t n, int64_t c,
-                                   int64_t len) {
-  emd_backward_chunk_f64(qp, kp, gp, gq, gk, bq, bk, n, c, len);
+                                   double* gk, double* key_buffer, const BackwardArgs& args,
+                                   int64_t c, int64_t len) {
+  emd_backward_chunk_f64(qp, kp, gp, gq, gk, key_buffer, args, c, len);
 }
 
 void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
@@ -360,32 +371,64 @@ at::Tensor emd_pair_cpu(const at::Tensor& sq_in, const at::Tensor& sk_in) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cpu(const at::Tensor& grad_in,
-                                                         const at::Tensor& sq_in,
-                                                         const at::Tensor& sk_in) {
-  const char* op = "rcl_ops::emd_pair_backward";
-  check_pair(sq_in, sk_in, op);
-  const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
+// Shared by emd_pair_backward (sorted positions) and emd_exact_backward (fused scatter).
+std::tuple<at::Tensor, at::Tensor> run_emd_backward(const at::Tensor& grad_in, const at::Tensor& sq,
+                                                    const at::Tensor& sk, const at::Tensor* order_q,
+                                                    const at::Tensor* order_k, const char* op) {
   const int64_t bq = sq.size(0), bk = sk.size(0), n = sq.size(1);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
               ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
   // dD[i, j]/ds_q[i, k] = sign(s_q[i, k] - s_k[j, k]) / K, and the negative for s_k.
   const at::Tensor grad = (grad_in.to(sq.scalar_type()) / double(n)).contiguous();
-  at::Tensor grad_q = at::zeros_like(sq), grad_k = at::zeros_like(sk);
+  at::Tensor grad_q = at::empty_like(sq), grad_k = at::empty_like(sk);
+  const BackwardArgs args{bq, bk, n, order_q ? order_q->data_ptr<int64_t>() : nullptr,
+                          order_k ? order_k->data_ptr<int64_t>() : nullptr};
   AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair_backward", [&] {
     const scalar_t *qp = sq.data_ptr<scalar_t>(), *kp = sk.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>();
     const int64_t chunks = (n + kGradChunk - 1) / kGradChunk;
-    // Chunks of K are independent for both outputs: no two threads write the same value.
+    // Chunks of K are independent for both outputs (also through a permutation of each
+    // row): no two threads write the same value.
     at::parallel_for(0, chunks, grain_for(bq * bk * kGradChunk), [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> key_buffer(bk * kGradChunk);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t c = chunk * kGradChunk;
-        emd_backward_chunk_any(qp, kp, gp, gq, gk, bq, bk, n, c, std::min(kGradChunk, n - c));
+        emd_backward_chunk_any(qp, kp, gp, gq, gk, key_buffer.data(), args, c,
+                               std::min(kGradChunk, n - c));
       }
     });
   });
   return {grad_q, grad_k};
+}
+
+std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& sq_in,
+                                                         const at::Tensor& sk_in) {
+  const char* op = "rcl_ops::emd_pair_backward";
+  check_pair(sq_in, sk_in, op);
+  return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), nullptr, nullptr, op);
+}
+
+void check_order(const at::Tensor& order, const at::Tensor& sorted, const char* op,
+                 const char* name) {
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.sizes() == sorted.sizes() &&
+                  order.device() == sorted.device(),
+              op, ": ", name, " must be int64 of shape ", sorted.sizes(), " on ", sorted.device(),
+              ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cpu(const at::Tensor& grad,
+                                                          const at::Tensor& sq_in,
+                                                          const at::Tensor& order_q_in,
+                                                          const at::Tensor& sk_in,
+                                                          const at::Tensor& order_k_in) {
+  const char* op = "rcl_ops::emd_exact_backward";
+  check_pair(sq_in, sk_in, op);
+  check_order(order_q_in, sq_in, op, "order_q");
+  check_order(order_k_in, sk_in, op, "order_k");
+  const at::Tensor order_q = order_q_in.contiguous(), order_k = order_k_in.contiguous();
+  return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), &order_q, &order_k, op);
 }
 
 }  // namespace
@@ -395,6 +438,7 @@ TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) {
   m.impl("sorted_quantiles_backward", &sorted_quantiles_backward_cpu);
   m.impl("emd_pair", &emd_pair_cpu);
   m.impl("emd_pair_backward", &emd_pair_backward_cpu);
+  m.impl("emd_exact_backward", &emd_exact_backward_cpu);
 }
 
 }  // namespace rcl_ops

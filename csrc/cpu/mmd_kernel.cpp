@@ -8,7 +8,7 @@
 
 #include "../checks.h"
 #include "../mmd_grid.h"
-#include "parallel.h"
+#include "cpu_utils.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
