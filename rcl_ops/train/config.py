@@ -1,0 +1,351 @@
+"""Trainer configuration: one dataclass, presets, and config files (TOML or JSON).
+
+Precedence, lowest first: the dataclass defaults, the preset (``--preset``), the config file
+(``--config``), then command-line flags. Every field is a command-line flag
+(``batch_size`` -> ``--batch-size``), documented by its ``help`` metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import MODALITIES, TASKS
+from .losses import canonical_method
+from .models import MODELS
+
+
+def _option(default, help: str, group: str, **extra):
+    """A dataclass field with a help string and an argparse group."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group, **extra})
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one experiment needs; see ``rcl-train --help`` for each option."""
+
+    # data
+    data_dir: str | None = _option(
+        None,
+        "folder of clean PNG/JPEG/BMP/TIFF images (any sizes; searched recursively) from which the noisy "
+        "observations are simulated; with train/ and test/ subfolders those "
+        "are the split, otherwise a seeded split by --test-fraction. Default: the 17 scikit-image sample images "
+        "bundled with scikit-image (no download)",
+        "data",
+    )
+    test_fraction: float = _option(0.25, "share of the images held out as the test set", "data")
+    split_seed: int = _option(0, "seed of the train/test split", "data")
+    max_images: int | None = _option(
+        None,
+        "use only the first N images (a folder's sorted by path, the bundled ones in their listed order; "
+        "with train/ and test/ subfolders the first N of each), e.g. for smoke tests",
+        "data",
+    )
+    modality: str = _option(
+        "rgb",
+        "rgb, or raw: RGGB Bayer mosaics with noise added after mosaicing, "
+        "RAW residual x - mosaic(f(x)) and the RAW consistency loss (Eq. 11)",
+        "data",
+        choices=MODALITIES,
+    )
+    crop_size: int = _option(128, "side of the random training crops (two per image for RCL)", "data")
+    sigma_min: float = _option(0.0, "smallest noise std at full-scale intensity, in 8-bit units (/255)", "data")
+    sigma_max: float = _option(
+        20.0,
+        "largest noise std, in 8-bit units: sqrt(lambda_shot), sqrt(lambda_read) "
+        "~ U(a, b) per image (Eq. 16-17) with b = sigma_max / (255 sqrt 2)",
+        "data",
+    )
+    noise_seed: int = _option(
+        0,
+        "seed of the per-image noise levels and noisy observations (shared by all methods and training seeds)",
+        "data",
+    )
+
+    # model
+    model: str = _option(
+        "unet",
+        "restoration network: unet (predicts the image) or dncnn (predicts the residual, Sec. 4.4)",
+        "model",
+        choices=MODELS,
+    )
+    width: int | None = _option(
+        None, "channels of the first U-Net level / of every DnCNN layer (default 32 for unet, 64 for dncnn)", "model"
+    )
+    depth: int | None = _option(
+        None, "U-Net downsamplings / DnCNN conv layers (default 4 for unet, 17 for dncnn)", "model"
+    )
+
+    # pre-training
+    methods: list[str] = _option(
+        ["rcl", "n2n", "n2s", "oracle"],
+        "pre-training methods to compare: rcl (with --distance), rcl-emd, "
+        "rcl-mmd, rcl-bd, n2n (noise2noise), n2s (noise2self), oracle (supervised on clean targets), "
+        "random (no pre-training)",
+        "pre-training",
+        nargs="+",
+    )
+    distance: str = _option(
+        "emd",
+        "statistical distance of the residual contrastive loss for method 'rcl'",
+        "pre-training",
+        choices=("emd", "mmd", "bd"),
+    )
+    temperature: float = _option(0.1, "InfoNCE temperature tau (Eq. 5)", "pre-training")
+    alpha: float = _option(
+        1e-3, "weight of the contrastive term: alpha * L_contrast + L_consistency (Eq. 10)", "pre-training"
+    )
+    consistency_weight: float = _option(1.0, "weight of the consistency loss (Eq. 9 / Eq. 11)", "pre-training")
+    symmetric: bool = _option(False, "symmetric contrastive loss (rows and columns)", "pre-training")
+    distance_backend: str = _option(
+        "auto", "rcl_ops backend of the distances: auto, reference, cpu, cuda, triton", "pre-training"
+    )
+    emd_quantiles: int | None = _option(
+        None, "compare K quantiles per residual in EMD (default: all values, exact)", "pre-training"
+    )
+    encoder_weights: str | None = _option(
+        None,
+        "ResNet-50 state dict (.pth/.pt/.safetensors, torchvision names, e.g. ImageNet weights) for the "
+        "frozen encoder g_e of the consistency loss (Eq. 9). Default: no file; g_e is a fixed randomly "
+        "initialised ResNet-50 (seeded by --encoder-seed), i.e. a random-feature perceptual loss",
+        "pre-training",
+    )
+    encoder_stages: int = _option(1, "ResNet-50 stages used by g_e after the stem (1-4)", "pre-training")
+    encoder_seed: int = _option(0, "seed of the random encoder when no --encoder-weights are given", "pre-training")
+    raw_max_shift: float = _option(
+        0.5,
+        "RAW consistency (Eq. 11): T translates f(x) by a random sub-pixel "
+        "offset up to this many pixels (Keys cubic interpolation)",
+        "pre-training",
+    )
+    n2s_grid: int = _option(
+        4, "noise2self masking lattice spacing (one of grid^2 phases masked per step)", "pre-training"
+    )
+    pretrain_steps: int = _option(20000, "optimisation steps of pre-training", "pre-training")
+    batch_size: int = _option(64, "distinct images per pre-training batch (two crops each)", "pre-training")
+    lr: float = _option(1e-3, "Adam learning rate (constant)", "pre-training")
+    adam_beta1: float = _option(0.9, "Adam beta1", "pre-training")
+    adam_beta2: float = _option(0.999, "Adam beta2", "pre-training")
+    adam_eps: float = _option(1e-7, "Adam epsilon", "pre-training")
+
+    # proxy evaluation
+    tasks: list[str] = _option(
+        ["denoise", "sr2"],
+        "downstream tasks: denoise (joint demosaicing and denoising "
+        "for raw) and sr2 (x2 super-resolution of the clean image, rgb only)",
+        "proxy evaluation",
+        nargs="+",
+    )
+    num_labelled: int | None = _option(
+        None,
+        "labelled training images for fine-tuning the new last layer (default: all training images)",
+        "proxy evaluation",
+    )
+    finetune_steps: int = _option(2000, "fine-tuning steps of the new last layer (L1 loss)", "proxy evaluation")
+    finetune_batch_size: int = _option(32, "crops per fine-tuning batch", "proxy evaluation")
+    finetune_lr: float = _option(1e-3, "Adam learning rate of fine-tuning", "proxy evaluation")
+    eval_crop: int | None = _option(
+        None, "evaluate on the central NxN window of each test image (default: whole images)", "proxy evaluation"
+    )
+    seeds: list[int] = _option(
+        [0, 1, 2, 3, 4],
+        "training seeds (model init, crops, masks); the table reports the mean over them",
+        "proxy evaluation",
+        nargs="+",
+    )
+
+    # run
+    output_dir: str = _option("runs", "folder that receives one sub-folder per run", "run")
+    run_name: str | None = _option(None, "name of the run folder (default: preset name and a timestamp)", "run")
+    resume: bool = _option(
+        False,
+        "continue the run --run-name (default: the newest run in --output-dir): "
+        "finished (method, seed) results are reused and pre-training resumes from its "
+        "last checkpoint",
+        "run",
+    )
+    device: str = _option("auto", "auto (cuda when available), cpu, cuda or cuda:N", "run")
+    threads: int | None = _option(None, "CPU threads for torch (default: torch's choice)", "run")
+    deterministic: bool = _option(True, "torch.use_deterministic_algorithms (bit-reproducible runs)", "run")
+    checkpoint_every: int = _option(500, "save a pre-training checkpoint every N steps (and at the end)", "run")
+    log_every: int = _option(10, "log losses every N steps", "run")
+    tensorboard: bool = _option(
+        False, "also write TensorBoard logs (needs the tensorboard package); CSV logs are always written", "run"
+    )
+    progress: bool = _option(True, "show progress bars", "run")
+    plots: bool = _option(True, "write the residual-distance density plot (Fig. 2) and sample image grids", "run")
+    density_batches: int = _option(8, "crop-pair batches used for the Fig. 2 densities", "run")
+    grid_images: int = _option(3, "test images shown in the sample grids", "run")
+    preset: str | None = _option(
+        None,
+        "quick (the full pipeline on a CPU in minutes) or paper (the paper's settings, for a GPU)",
+        "run",
+        choices=("quick", "paper"),
+    )
+    config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
+
+    def validate(self) -> TrainConfig:
+        """Check ranges and names; return self (ValueError naming the option otherwise)."""
+        positive = (
+            "crop_size",
+            "pretrain_steps",
+            "batch_size",
+            "finetune_steps",
+            "finetune_batch_size",
+            "checkpoint_every",
+            "log_every",
+            "density_batches",
+        )
+        for name in positive:
+            if getattr(self, name) < 1 and not (name == "pretrain_steps" and getattr(self, name) == 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("temperature", "lr", "finetune_lr", "adam_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.alpha < 0 or self.consistency_weight < 0:
+            raise ValueError("--alpha and --consistency-weight must be >= 0")
+        if not 0 <= self.sigma_min <= self.sigma_max:
+            raise ValueError(f"need 0 <= --sigma-min <= --sigma-max, got {self.sigma_min}, {self.sigma_max}")
+        for name in ("num_labelled", "eval_crop", "max_images", "width", "depth", "threads", "emd_quantiles"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.eval_crop is not None and self.eval_crop < 7:
+            raise ValueError("--eval-crop must be at least 7 (the SSIM window)")
+        self.methods = list(dict.fromkeys(canonical_method(m, self.distance) for m in self.methods))
+        if not self.methods:
+            raise ValueError("--methods needs at least one method")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown --tasks {unknown}; choose from {TASKS}")
+        if self.modality == "raw" and "sr2" in self.tasks:
+            raise ValueError("the sr2 task is defined for --modality rgb only; use --tasks denoise with raw data")
+        if ("sr2" in self.tasks or self.modality == "raw") and self.crop_size % 2:
+            raise ValueError(f"--crop-size must be even for sr2 and raw data, got {self.crop_size}")
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        return self
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The dataclass fields of TrainConfig, in declaration order."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
+    """(scalar type, is_list, is_optional) of a TrainConfig field."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    optional = False
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        optional = type(None) in args
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+PRESETS: dict[str, dict] = {
+    # The whole pipeline on a 2-core CPU in a few minutes: small crops, a small U-Net, one seed, and a
+    # larger fine-tuning learning rate so the fresh last layer converges in 300 steps. One torch thread:
+    # on a 2-core machine that is also busy with something else, two OpenMP threads ran up to 10x slower
+    # per step (measured), one thread at most ~1.6x slower than two on an idle machine.
+    "quick": {
+        "crop_size": 48,
+        "width": 16,
+        "depth": 2,
+        "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
+        "pretrain_steps": 400,
+        "batch_size": 8,
+        "finetune_steps": 300,
+        "finetune_batch_size": 16,
+        "finetune_lr": 1e-2,
+        "eval_crop": 192,
+        "seeds": [0],
+        "checkpoint_every": 100,
+        "log_every": 10,
+        "density_batches": 4,
+        "threads": 1,
+    },
+    # The paper's settings (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, batch 64,
+    # crops 128, alpha 1e-3, five trials, all three distances. Needs >= 64 training images. The paper
+    # states no step counts; 20000 pre-training and 2000 fine-tuning steps are our choice. RCL-MMD at
+    # crops 128 needs a native backend (cpu/cuda "grid" method): the reference backend's exact O(M^2)
+    # sum over M = 49152 values per residual is far too slow.
+    "paper": {
+        "crop_size": 128,
+        "width": 32,
+        "depth": 4,
+        "methods": ["rcl-emd", "rcl-mmd", "rcl-bd", "n2n", "n2s", "oracle"],
+        "pretrain_steps": 20000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_eps": 1e-7,
+        "alpha": 1e-3,
+        "temperature": 0.1,
+        "finetune_steps": 2000,
+        "finetune_batch_size": 32,
+        "seeds": [0, 1, 2, 3, 4],
+    },
+}
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Options from a TOML (``.toml``) or JSON file; keys may use - or _, nested tables are flattened."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError as error:  # Python < 3.11
+            raise ValueError("reading TOML config files needs Python >= 3.11; use a JSON file") from error
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+    elif path.suffix == ".json":
+        raw = json.loads(path.read_text())
+    else:
+        raise ValueError(f"config file {path}: expected a .toml or .json file")
+    flat: dict = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):  # a [section] table
+            flat.update(value)
+        else:
+            flat[key] = value
+    options = {key.replace("-", "_"): value for key, value in flat.items()}
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown option(s) {unknown}")
+    return options
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, **overrides) -> TrainConfig:
+    """TrainConfig from defaults < preset < config file < ``overrides``, validated."""
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file is not None:
+        file_values = read_config_file(config_file)
+        preset_in_file = file_values.pop("preset", None)
+        if preset is None and preset_in_file is not None:
+            return build_config(preset_in_file, config_file, **overrides)
+        values.update(file_values)
+    values.update(overrides)
+    values["preset"], values["config"] = preset, config_file
+    return TrainConfig(**values).validate()
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """A JSON-ready dict of the configuration."""
+    return dataclasses.asdict(config)

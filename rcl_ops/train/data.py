@@ -1,0 +1,315 @@
+"""Image data for the trainer: loading, the train/test split, fixed noisy observations and random crops.
+
+Clean images are (3, H, W) float32 tensors in [0, 1] (grey images are replicated to three
+channels). Each image gets its own noise level (Eq. 16-17) and one fixed noisy observation
+(plus, for noise2noise, a second independent draw at the same level), seeded from
+``noise_seed`` and the image's name, so every method and every training seed sees the same
+noisy data set, as a real collection of noisy photographs would be.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .noise import NoiseLevel, add_noise, demosaic_bilinear, downsample2, mosaic, sample_noise_level, upsample2
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# scikit-image sample images that ship inside the package (no download needed).
+EMBEDDED_RGB = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
+EMBEDDED_GREY = ("camera", "brick", "grass", "gravel", "moon", "coins", "cell", "clock", "page", "text")
+EMBEDDED_IMAGES = EMBEDDED_RGB + EMBEDDED_GREY
+MODALITIES = ("rgb", "raw")
+
+
+class DataError(ValueError):
+    """A data folder or image that cannot be used: missing, empty, unreadable or too small."""
+
+
+@dataclass
+class CleanImage:
+    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and seeds."""
+
+    name: str
+    pixels: torch.Tensor
+
+
+def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
+    """Convert an image array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of any dtype to (3, H, W) float32 in [0, 1].
+
+    Integer images are divided by their dtype's maximum; float images must already lie in
+    [0, 1]; grey is replicated to three channels and an alpha channel dropped.
+    """
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[..., :3] if array.shape[2] != 1 else array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise DataError(f"image {name}: expected a grey, RGB or RGBA image, got an array of shape {array.shape}")
+    if array.dtype == bool:
+        pixels = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.integer):
+        pixels = array.astype(np.float32) / float(np.iinfo(array.dtype).max)
+    elif np.issubdtype(array.dtype, np.floating):
+        pixels = array.astype(np.float32)
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise DataError(f"image {name}: float images must hold finite values in [0, 1]")
+    else:
+        raise DataError(f"image {name}: unsupported pixel type {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def load_image_file(path: Path) -> CleanImage:
+    """Read one image file (PNG/JPEG/BMP/TIFF) with scikit-image; DataError if it cannot be decoded."""
+    from skimage import io
+
+    try:
+        with warnings.catch_warnings():  # imageio warns about legacy plugins while probing formats
+            warnings.simplefilter("ignore", DeprecationWarning)
+            array = io.imread(str(path))
+    except Exception as error:  # decoders raise many types
+        raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
+    return CleanImage(name=str(path), pixels=to_rgb_float(array, str(path)))
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted; DataError if the folder is missing or has none."""
+    if not folder.exists():
+        raise DataError(f"data folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} is not a directory")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"data folder {folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_folder(folder: str | Path) -> list[CleanImage]:
+    """All images under ``folder``, sorted by path."""
+    return [load_image_file(path) for path in list_image_files(Path(folder))]
+
+
+def load_embedded_images(names: tuple[str, ...] = EMBEDDED_IMAGES) -> list[CleanImage]:
+    """The scikit-image sample images that need no download (7 RGB, 10 grey)."""
+    from skimage import data
+
+    return [CleanImage(name=name, pixels=to_rgb_float(getattr(data, name)(), name)) for name in names]
+
+
+def split_images(
+    images: list[CleanImage], test_fraction: float, seed: int
+) -> tuple[list[CleanImage], list[CleanImage]]:
+    """Seeded random split into (train, test); at least one image on each side."""
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if len(images) < 2:
+        raise DataError(f"a train/test split needs at least 2 images, got {len(images)}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    num_test = min(len(images) - 1, max(1, round(test_fraction * len(images))))
+    test_ids = set(order[:num_test].tolist())
+    train = [img for i, img in enumerate(images) if i not in test_ids]
+    test = [img for i, img in enumerate(images) if i in test_ids]
+    return train, test
+
+
+def load_split(
+    data_dir: str | None, test_fraction: float, split_seed: int, max_images: int | None = None
+) -> tuple[list[CleanImage], list[CleanImage]]:
+    """(train, test) clean images.
+
+    data_dir None: the embedded sample images, split by ``test_fraction``. A folder with
+    ``train/`` and ``test/`` subfolders: those. Any other folder: all its images, split.
+    ``max_images`` keeps only the first N images (files sorted by path, the embedded ones in
+    their listed order) before splitting, or the first N of each of train/ and test/.
+    """
+    if data_dir is None:
+        images = load_embedded_images()
+    else:
+        root = Path(data_dir)
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            train, test = load_folder(root / "train"), load_folder(root / "test")
+            return train[:max_images], test[:max_images]
+        images = load_folder(root)
+    if max_images is not None:
+        images = images[:max_images]
+    return split_images(images, test_fraction, split_seed)
+
+
+def check_image_sizes(images: list[CleanImage], min_size: int, purpose: str) -> None:
+    """DataError naming every image whose height or width is below ``min_size``."""
+    small = [
+        f"{img.name} ({img.pixels.shape[1]}x{img.pixels.shape[2]})"
+        for img in images
+        if min(img.pixels.shape[1:]) < min_size
+    ]
+    if small:
+        raise DataError(
+            f"{len(small)} image(s) are smaller than the {min_size}x{min_size} {purpose}: {', '.join(small[:10])}"
+            f"{' ...' if len(small) > 10 else ''}; pass a smaller --crop-size or remove them"
+        )
+
+
+def image_seed(base_seed: int, name: str, draw: int) -> np.random.Generator:
+    """A numpy generator determined by (base_seed, image name, draw index)."""
+    return np.random.default_rng([base_seed, zlib.crc32(name.encode()), draw])
+
+
+@dataclass
+class ImageRecord:
+    """One image of the experiment.
+
+    clean: (3, H, W) RGB ground truth. observed: the noisy observation, (3, H, W) for RGB or
+    (1, H, W) for RAW (mosaicked, then noise added). observed_second: an independent noisy
+    draw at the same noise level (noise2noise), or None. observed_clean: what the sensor
+    would see without noise (clean, or mosaic(clean) for RAW). H and W are even.
+    """
+
+    name: str
+    clean: torch.Tensor
+    observed: torch.Tensor
+    observed_clean: torch.Tensor
+    noise_level: NoiseLevel
+    observed_second: torch.Tensor | None = None
+    task_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_records(
+    images: list[CleanImage],
+    modality: str,
+    sigma_min: float,
+    sigma_max: float,
+    noise_seed: int,
+    second_draw: bool,
+) -> list[ImageRecord]:
+    """Crop each image to even size, draw its noise level and noisy observation(s)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
+    records = []
+    for img in images:
+        height, width = img.pixels.shape[1] // 2 * 2, img.pixels.shape[2] // 2 * 2
+        clean = img.pixels[:, :height, :width].contiguous()
+        observed_clean = mosaic(clean) if modality == "raw" else clean
+        level = sample_noise_level(image_seed(noise_seed, img.name, 0), sigma_min, sigma_max)
+        observed = add_noise(observed_clean, level, image_seed(noise_seed, img.name, 1))
+        second = add_noise(observed_clean, level, image_seed(noise_seed, img.name, 2)) if second_draw else None
+        records.append(ImageRecord(img.name, clean, observed, observed_clean, level, second))
+    return records
+
+
+TASKS = ("denoise", "sr2")
+TASK_TITLES = {"denoise": "Denoising", "sr2": "SR x2"}
+
+
+def task_input(task: str, record: ImageRecord, modality: str) -> torch.Tensor:
+    """The downstream task's input for a whole image (the target is always ``record.clean``).
+
+    denoise: the noisy observation (RGB, or the noisy mosaic for RAW: joint demosaicing and
+    denoising). sr2: the clean image downsampled x2 (antialiased bicubic) and upsampled back
+    (bicubic), so the network restores detail at the target resolution (RGB only).
+    """
+    if task == "denoise":
+        return record.observed
+    if task == "sr2":
+        if modality != "rgb":
+            raise ValueError("the sr2 task is defined for --modality rgb only")
+        return upsample2(downsample2(record.clean[None]))[0]
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+def naive_restoration(task_inputs: torch.Tensor, modality: str, task: str) -> torch.Tensor:
+    """The no-network reference for a (N, C, H, W) batch of task inputs: the input itself
+    (bilinear-demosaicked for RAW denoising)."""
+    if modality == "raw" and task == "denoise":
+        return demosaic_bilinear(task_inputs)
+    return task_inputs
+
+
+@dataclass
+class CropBatch:
+    """Two crops of each of B distinct images, all (B, C, h, w). ``second_*`` / ``clean_*`` may be None."""
+
+    observed_q: torch.Tensor
+    observed_k: torch.Tensor
+    second_q: torch.Tensor | None
+    second_k: torch.Tensor | None
+    clean_q: torch.Tensor
+    clean_k: torch.Tensor
+
+    def to(self, device) -> CropBatch:
+        """The same batch on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return CropBatch(**{name: None if t is None else t.to(device, non_blocking=True) for name, t in moved.items()})
+
+
+class CropSampler:
+    """Random crops of ``crop_size`` from ``records``; the randomness comes from ``generator`` only.
+
+    For RAW data crop corners are even, so every crop starts on the R of the RGGB pattern.
+    """
+
+    def __init__(self, records: list[ImageRecord], crop_size: int, generator: torch.Generator, raw: bool):
+        if crop_size < 2 or (raw and crop_size % 2):
+            raise ValueError(f"crop_size must be >= 2 (and even for RAW data), got {crop_size}")
+        check_image_sizes([CleanImage(r.name, r.clean) for r in records], crop_size, "training crop")
+        self.records = records
+        self.crop_size = crop_size
+        self.generator = generator
+        self.step = 2 if raw else 1
+
+    def _corner(self, record: ImageRecord) -> tuple[int, int]:
+        height, width = record.clean.shape[1:]
+        slots_y = (height - self.crop_size) // self.step + 1
+        slots_x = (width - self.crop_size) // self.step + 1
+        y = int(torch.randint(slots_y, (1,), generator=self.generator)) * self.step
+        x = int(torch.randint(slots_x, (1,), generator=self.generator)) * self.step
+        return y, x
+
+    def _crop(self, image: torch.Tensor, corner: tuple[int, int]) -> torch.Tensor:
+        y, x = corner
+        return image[:, y : y + self.crop_size, x : x + self.crop_size]
+
+    def image_indices(self, batch_size: int) -> list[int]:
+        """``batch_size`` distinct image indices (a ValueError if there are fewer images)."""
+        if batch_size > len(self.records):
+            raise ValueError(
+                f"a batch of {batch_size} distinct images needs at least {batch_size} training images, "
+                f"but there are {len(self.records)}; lower --batch-size or add images"
+            )
+        return torch.randperm(len(self.records), generator=self.generator)[:batch_size].tolist()
+
+    def sample(self, batch_size: int) -> CropBatch:
+        """Two independent random crops of each of ``batch_size`` distinct images."""
+        indices = self.image_indices(batch_size)
+        corners = [(self._corner(self.records[i]), self._corner(self.records[i])) for i in indices]
+        has_second = all(self.records[i].observed_second is not None for i in indices)
+
+        def stack(attribute: str, which: int) -> torch.Tensor:
+            return torch.stack(
+                [self._crop(getattr(self.records[i], attribute), c[which]) for i, c in zip(indices, corners)]
+            )
+
+        return CropBatch(
+            observed_q=stack("observed", 0),
+            observed_k=stack("observed", 1),
+            second_q=stack("observed_second", 0) if has_second else None,
+            second_k=stack("observed_second", 1) if has_second else None,
+            clean_q=stack("clean", 0),
+            clean_k=stack("clean", 1),
+        )
+
+    def sample_task(self, task: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) crops for a downstream task: images drawn with replacement, one crop each."""
+        indices = torch.randint(len(self.records), (batch_size,), generator=self.generator).tolist()
+        inputs, targets = [], []
+        for i in indices:
+            corner = self._corner(self.records[i])
+            inputs.append(self._crop(self.records[i].task_inputs[task], corner))
+            targets.append(self._crop(self.records[i].clean, corner))
+        return torch.stack(inputs), torch.stack(targets)

@@ -1,0 +1,218 @@
+"""Pre-training objectives: RCL (Eq. 5 + Eq. 9-11), noise2noise, noise2self and the supervised Oracle.
+
+Each objective is called as ``objective(model, batch, generator) -> (loss, parts)`` with a
+``CropBatch`` of two crops of B distinct noisy images; ``parts`` maps names to detached
+scalars for logging. Observations x are (B, 3, h, w) RGB or (B, 1, h, w) RGGB RAW; the
+model returns RGB images (B, 3, h, w).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ResidualContrastiveLoss
+from .data import CropBatch
+from .models import ResNet50Encoder
+from .noise import keys_translate, mosaic
+
+DISTANCES = ("emd", "mmd", "bd")
+BASELINES = ("n2n", "n2s", "oracle", "random")
+METHOD_TITLES = {"n2n": "N2N", "n2s": "N2S", "oracle": "Oracle", "random": "Random init"}
+
+
+def canonical_method(name: str, default_distance: str) -> str:
+    """'rcl' -> 'rcl-<default_distance>'; 'rcl-emd', 'n2n', ... unchanged; ValueError otherwise."""
+    name = name.lower()
+    if name == "rcl":
+        name = f"rcl-{default_distance}"
+    if name.startswith("rcl-") and name[4:] in DISTANCES or name in BASELINES:
+        return name
+    raise ValueError(
+        f"unknown method {name!r}; choose from rcl, {', '.join('rcl-' + d for d in DISTANCES)}, {', '.join(BASELINES)}"
+    )
+
+
+def method_title(method: str) -> str:
+    """Display name: 'rcl-emd' -> 'RCL-EMD', 'n2n' -> 'N2N'."""
+    return METHOD_TITLES.get(method, method.upper())
+
+
+def observe(restored: torch.Tensor, raw: bool) -> torch.Tensor:
+    """What the sensor would record of an RGB image: itself, or its RGGB mosaic for RAW."""
+    return mosaic(restored) if raw else restored
+
+
+def residual(observed: torch.Tensor, restored: torch.Tensor, raw: bool) -> torch.Tensor:
+    """n(x) = x - f(x) (Eq. 4), or x - mosaic(f(x)) for RAW input (Sec. 3.5); shape of ``observed``."""
+    return observed - observe(restored, raw)
+
+
+class FeatureConsistencyLoss(nn.Module):
+    """Consistency loss (Eq. 9): mean over all feature values of (g_e(x) - g_e(f(x)))^2.
+
+    The squared L2 norm of Eq. 9, divided by the number of feature values so its scale does
+    not depend on the crop size. g_e is the frozen ``encoder``; x and f(x) are (B, 3, h, w).
+    """
+
+    def __init__(self, encoder: ResNet50Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, observed: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.encoder(observed)
+        return F.mse_loss(self.encoder(restored), target)
+
+
+class RawConsistencyLoss(nn.Module):
+    """RAW consistency loss (Eq. 11): mean |x - mosaic(T(f(x)))|.
+
+    T is a linear interpolation (Keys cubic convolution): here a translation of f(x) by a
+    random sub-pixel offset in [-max_shift, max_shift]^2, drawn per call from the generator.
+    Matching the recorded mosaic only through a randomly resampled output means f cannot
+    copy the noisy samples into their CFA positions; the loss favours outputs whose
+    interpolated values agree with the observation on average, i.e. smooth, denoised ones.
+    """
+
+    def __init__(self, max_shift: float = 0.5):
+        super().__init__()
+        if not 0 <= max_shift <= 1:
+            raise ValueError(f"RawConsistencyLoss: max_shift must be in [0, 1] pixel, got {max_shift}")
+        self.max_shift = max_shift
+
+    def forward(self, observed: torch.Tensor, restored: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        shift_y, shift_x = ((torch.rand(2, generator=generator) * 2 - 1) * self.max_shift).tolist()
+        return (observed - mosaic(keys_translate(restored, shift_y, shift_x))).abs().mean()
+
+
+class RCLObjective(nn.Module):
+    """L_total = alpha * L_contrast + consistency_weight * L_consistency (Eq. 10).
+
+    L_contrast is ``rcl_ops.ResidualContrastiveLoss`` on the residuals of the first crops
+    (queries, B of them) against those of the second crops (keys): row i's positive is the
+    other crop of image i. L_consistency (Eq. 9, or Eq. 11 for RAW) is averaged over all 2B crops.
+    """
+
+    def __init__(
+        self,
+        contrastive: ResidualContrastiveLoss,
+        consistency: nn.Module,
+        alpha: float,
+        consistency_weight: float,
+        raw: bool,
+    ):
+        super().__init__()
+        self.contrastive, self.consistency = contrastive, consistency
+        self.alpha, self.consistency_weight, self.raw = alpha, consistency_weight, raw
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        observed = torch.cat([batch.observed_q, batch.observed_k])
+        restored = model(observed)
+        residuals = residual(observed, restored, self.raw)
+        half = batch.observed_q.shape[0]
+        contrast = self.contrastive(residuals[:half], residuals[half:])
+        if self.raw:
+            consistency = self.consistency(observed, restored, generator)
+        else:
+            consistency = self.consistency(observed, restored)
+        loss = self.alpha * contrast + self.consistency_weight * consistency
+        return loss, {"contrast": contrast.detach(), "consistency": consistency.detach()}
+
+
+class Noise2NoiseObjective(nn.Module):
+    """noise2noise: mean (x' - obs(f(x)))^2 with x' a second noisy draw at the same noise level."""
+
+    def __init__(self, raw: bool):
+        super().__init__()
+        self.raw = raw
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        if batch.second_q is None:
+            raise ValueError("noise2noise needs a second noisy draw of every image (make_records(second_draw=True))")
+        observed = torch.cat([batch.observed_q, batch.observed_k])
+        target = torch.cat([batch.second_q, batch.second_k])
+        loss = F.mse_loss(observe(model(observed), self.raw), target)
+        return loss, {"n2n": loss.detach()}
+
+
+def n2s_mask(height: int, width: int, grid: int, phase: tuple[int, int], device=None) -> torch.Tensor:
+    """(1, 1, H, W) bool mask of the pixels (i, j) with i % grid == phase[0] and j % grid == phase[1]."""
+    rows = torch.arange(height, device=device) % grid == phase[0]
+    cols = torch.arange(width, device=device) % grid == phase[1]
+    return (rows[:, None] & cols[None, :])[None, None]
+
+
+def neighbour_interpolation(x: torch.Tensor, raw: bool) -> torch.Tensor:
+    """Each pixel replaced by a weighted mean of its neighbours, excluding itself: (N, C, H, W) -> same.
+
+    RGB: the 3x3 ring with weights [[.5, 1, .5], [1, 0, 1], [.5, 1, .5]] (as in noise2self's
+    interpolating masker). RAW: the same ring at distance 2, i.e. same-colour RGGB neighbours.
+    Neighbours outside the image are left out and the weights renormalised.
+    """
+    ring = torch.tensor([[0.5, 1.0, 0.5], [1.0, 0.0, 1.0], [0.5, 1.0, 0.5]], dtype=x.dtype, device=x.device)
+    dilation = 2 if raw else 1
+    kernel = ring.expand(x.shape[1], 1, 3, 3)
+    weighted = F.conv2d(x, kernel, padding=dilation, dilation=dilation, groups=x.shape[1])
+    inside = torch.ones_like(x[:1, :1])
+    total_weight = F.conv2d(inside, ring[None, None], padding=dilation, dilation=dilation)
+    return weighted / total_weight
+
+
+class Noise2SelfObjective(nn.Module):
+    """noise2self (J-invariant masking): the pixels of one random phase of a ``grid`` x ``grid``
+    lattice are replaced by the mean of their neighbours, and the loss is the mean squared
+    error between obs(f(masked x)) and x on those pixels only."""
+
+    def __init__(self, grid: int, raw: bool):
+        super().__init__()
+        minimum = 3 if raw else 2
+        if grid < minimum:
+            raise ValueError(f"noise2self grid must be >= {minimum} for {'RAW' if raw else 'RGB'} data, got {grid}")
+        self.grid, self.raw = grid, raw
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        observed = torch.cat([batch.observed_q, batch.observed_k])
+        phase = tuple(torch.randint(self.grid, (2,), generator=generator).tolist())
+        mask = n2s_mask(observed.shape[-2], observed.shape[-1], self.grid, phase, observed.device)
+        masked_input = torch.where(mask, neighbour_interpolation(observed, self.raw), observed)
+        prediction = observe(model(masked_input), self.raw)
+        squared = (prediction - observed).square() * mask
+        loss = squared.sum() / (mask.sum() * observed.shape[0] * observed.shape[1])
+        return loss, {"n2s": loss.detach()}
+
+
+class SupervisedObjective(nn.Module):
+    """The Oracle: supervised pre-training on clean targets, mean |f(x) - y|."""
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        observed = torch.cat([batch.observed_q, batch.observed_k])
+        clean = torch.cat([batch.clean_q, batch.clean_k])
+        loss = F.l1_loss(model(observed), clean)
+        return loss, {"l1": loss.detach()}
+
+
+def contrastive_loss(
+    distance: str, temperature: float, symmetric: bool, backend: str, emd_quantiles: int | None
+) -> ResidualContrastiveLoss:
+    """The library's residual contrastive loss with the trainer's options."""
+    options: dict = {"backend": backend}
+    if distance == "emd" and emd_quantiles is not None:
+        options["num_quantiles"] = emd_quantiles
+    return ResidualContrastiveLoss(distance=distance, temperature=temperature, symmetric=symmetric, **options)
+
+
+def residual_distance_gaps(distances: torch.Tensor) -> torch.Tensor:
+    """From a (B, B) distance matrix, the B (B - 1) gaps D[i, j] - D[i, i], j != i
+    (negative minus positive distance: positive when the positive pair is the closer one)."""
+    batch = distances.shape[0]
+    off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=distances.device)
+    return (distances - distances.diagonal()[:, None])[off_diagonal]
+
+
+def fraction_positive(values: torch.Tensor) -> float:
+    """Share of values > 0 (NaN if empty)."""
+    return float((values > 0).float().mean()) if values.numel() else math.nan

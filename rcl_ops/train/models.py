@@ -1,0 +1,288 @@
+"""Networks: the restoration backbones f (U-Net, DnCNN) and the frozen feature encoder g_e (ResNet-50 stages).
+
+Every restoration network maps an observation to an RGB image, ``forward(x) -> (N, 3, H, W)``,
+where x is (N, 3, H, W) RGB or (N, 1, H, W) RGGB RAW; its last layer is ``self.head``
+(what the proxy evaluation replaces), ``features(x)`` is everything before it and
+``from_features(x, features)`` finishes the forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import demosaic_bilinear, raw_to_planes
+
+MODELS = ("unet", "dncnn")
+DEFAULT_WIDTH = {"unet": 32, "dncnn": 64}
+DEFAULT_DEPTH = {"unet": 4, "dncnn": 17}
+
+
+class DoubleConv(nn.Sequential):
+    """(conv 3x3 -> ReLU) x 2, padding 1: (N, Cin, H, W) -> (N, Cout, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net (Ronneberger et al. 2015) that predicts the image: f(x) = head(features(x)).
+
+    ``depth`` 2x2 max-pool downsamplings, channels width * 2^level, transposed-conv
+    upsampling with skip concatenation, and a 1x1 conv ``head`` to 3 channels. Any H, W:
+    the input is replicate-padded to a multiple of 2^depth and the output cropped back.
+    ``raw=True`` takes an RGGB mosaic (N, 1, H, W), fed to the network as sparse colour planes.
+    """
+
+    def __init__(self, width: int = 32, depth: int = 4, raw: bool = False):
+        super().__init__()
+        if width < 1 or depth < 0:
+            raise ValueError(f"UNet: width must be >= 1 and depth >= 0, got width={width}, depth={depth}")
+        self.raw, self.depth = raw, depth
+        channels = [width * 2**level for level in range(depth + 1)]
+        self.encoders = nn.ModuleList([DoubleConv(3, channels[0])])
+        self.encoders.extend(DoubleConv(channels[i], channels[i + 1]) for i in range(depth))
+        self.upsamplers = nn.ModuleList(
+            nn.ConvTranspose2d(channels[i + 1], channels[i], 2, stride=2) for i in reversed(range(depth))
+        )
+        self.decoders = nn.ModuleList(DoubleConv(2 * channels[i], channels[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(channels[0], 3, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, Cin, H, W) -> (N, width, H, W), the input of the head."""
+        if self.raw:
+            x = raw_to_planes(x)
+        height, width = x.shape[-2:]
+        multiple = 2**self.depth
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            x = encoder(x if level == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for upsample, decoder in zip(self.upsamplers, self.decoders):
+            x = decoder(torch.cat([skips.pop(), upsample(x)], dim=1))
+        return x[..., :height, :width]
+
+    def from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The output given ``features = self.features(x)``: head(features)."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3 or 1, H, W) -> the restored image (N, 3, H, W)."""
+        return self.from_features(x, self.features(x))
+
+
+class DnCNN(nn.Module):
+    """DnCNN (Zhang et al. 2017), which predicts the residual: f(x) = base(x) - head(features(x)) (Sec. 4.4).
+
+    ``depth`` 3x3 conv layers: conv + ReLU, (depth - 2) x (conv + BatchNorm + ReLU), and the
+    ``head`` conv to 3 channels. base(x) = x for RGB, the bilinear demosaic of x for RAW, so
+    the residual x - f(x) (or x - mosaic(f(x))) is the predicted noise in both cases.
+    """
+
+    def __init__(self, width: int = 64, depth: int = 17, raw: bool = False):
+        super().__init__()
+        if width < 1 or depth < 2:
+            raise ValueError(f"DnCNN: width must be >= 1 and depth >= 2, got width={width}, depth={depth}")
+        self.raw = raw
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(width, 3, 3, padding=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, Cin, H, W) -> (N, width, H, W)."""
+        return self.body(raw_to_planes(x) if self.raw else x)
+
+    def from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The output given ``features = self.features(x)``: base(x) - head(features)."""
+        base = demosaic_bilinear(x) if self.raw else x
+        return base - self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3 or 1, H, W) -> the restored image (N, 3, H, W)."""
+        return self.from_features(x, self.features(x))
+
+
+def build_model(name: str, width: int | None = None, depth: int | None = None, raw: bool = False) -> nn.Module:
+    """A restoration network by name ("unet" or "dncnn"); None width/depth take the model's default."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    width = DEFAULT_WIDTH[name] if width is None else width
+    depth = DEFAULT_DEPTH[name] if depth is None else depth
+    return (UNet if name == "unet" else DnCNN)(width=width, depth=depth, raw=raw)
+
+
+def replace_head(model: nn.Module, generator: torch.Generator) -> None:
+    """Replace ``model.head`` by a freshly initialised layer of the same shape (PyTorch's default
+    conv initialisation, drawn from ``generator``)."""
+    old = model.head
+    new = torch.nn.utils.skip_init(
+        nn.Conv2d,
+        old.in_channels,
+        old.out_channels,
+        old.kernel_size,
+        padding=old.padding,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    fan_in = old.in_channels * math.prod(old.kernel_size)
+    bound = 1 / math.sqrt(fan_in)
+    with torch.no_grad():
+        # kaiming_uniform_(a=sqrt(5)) as in nn.Conv2d.reset_parameters gives the same bound 1/sqrt(fan_in)
+        for parameter in new.parameters():
+            parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 * bound - bound)
+    model.head = new
+
+
+def freeze_all_but_head(model: nn.Module) -> list[nn.Parameter]:
+    """Set requires_grad False on every parameter outside ``model.head``; return the head's parameters."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    head = list(model.head.parameters())
+    for parameter in head:
+        parameter.requires_grad_(True)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen encoder g_e of the consistency loss (Eq. 9): ResNet-50 stem and first stages, with
+# torchvision's parameter names so a torchvision ResNet-50 state dict loads unchanged.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET50_BLOCKS = (3, 4, 6, 3)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 bottleneck (torchvision v1.5: stride on the 3x3 conv), expansion 4."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_channels = planes * 4
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet50Encoder(nn.Module):
+    """The stem and the first ``stages`` (1-4) residual stages of ResNet-50, frozen, in eval mode.
+
+    forward: (N, 3, H, W) RGB in [0, 1] -> features (N, 256 * 2^(stages - 1), H / 2^(stages + 1), W / ...),
+    after ImageNet mean/std normalisation. Parameter names match torchvision's ``resnet50``
+    (conv1, bn1, layer1 ... layer4), so its state dict loads with ``load_encoder_weights``.
+    Without weights the encoder keeps torchvision's initialisation (Kaiming-normal convs,
+    unit BatchNorm) drawn from ``seed``: a fixed random-feature encoder.
+    """
+
+    def __init__(self, stages: int = 1, seed: int = 0):
+        super().__init__()
+        if stages not in (1, 2, 3, 4):
+            raise ValueError(f"ResNet50Encoder: stages must be 1, 2, 3 or 4, got {stages}")
+        self.stages = stages
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        in_channels = 64
+        for index in range(stages):
+            planes = 64 * 2**index
+            blocks = [Bottleneck(in_channels, planes, stride=1 if index == 0 else 2)]
+            blocks += [Bottleneck(planes * 4, planes) for _ in range(RESNET50_BLOCKS[index] - 1)]
+            self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
+            in_channels = planes * 4
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    fan_out = module.out_channels * math.prod(module.kernel_size)
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * math.sqrt(2 / fan_out))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> ResNet50Encoder:
+        """Always stays in eval mode (frozen BatchNorm statistics)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for index in range(self.stages):
+            x = getattr(self, f"layer{index + 1}")(x)
+        return x
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` file or a torch checkpoint (``.pth``/``.pt``, loaded with
+    weights_only=True); a checkpoint's "state_dict"/"model" entry is used when present and a
+    "module." prefix (DataParallel) is removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"cannot read encoder weights {path}: {type(error).__name__}: {error}") from error
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"encoder weights {path}: expected a state dict, got {type(state).__name__}")
+    return {key.removeprefix("module."): value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def load_encoder_weights(encoder: ResNet50Encoder, path: str | Path) -> None:
+    """Load a (torchvision-named) ResNet-50 state dict into ``encoder``; keys of stages it does
+    not have (and ``fc``) are ignored, missing or mis-shaped ones raise ValueError."""
+    state = read_state_dict(path)
+    expected = encoder.state_dict()
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise ValueError(
+            f"encoder weights {path} lack {len(missing)} ResNet-50 tensor(s), e.g. {missing[:5]}; "
+            "expected a torchvision-style resnet50 state dict (conv1.weight, bn1.*, layer1.0.conv1.weight, ...)"
+        )
+    wrong = [
+        f"{key}: {tuple(state[key].shape)} != {tuple(value.shape)}"
+        for key, value in expected.items()
+        if state[key].shape != value.shape
+    ]
+    if wrong:
+        raise ValueError(f"encoder weights {path} have mis-shaped tensors: {wrong[:5]}")
+    encoder.load_state_dict({key: state[key] for key in expected})

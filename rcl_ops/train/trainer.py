@@ -1,0 +1,609 @@
+"""The experiment: pre-train each method, proxy-evaluate it on each task, write the table and plots.
+
+Run folder layout (``<output_dir>/<run_name>/``)::
+
+    config.json                  resolved configuration
+    metrics.csv                  every logged loss (long format); tensorboard/ when enabled
+    checkpoints/<method>/seed<s>/pretrain_last.safetensors   resumable pre-training state
+    checkpoints/<method>/seed<s>/pretrained.safetensors      pre-trained weights
+    checkpoints/<method>/seed<s>/finetuned_<task>.safetensors  proxy-evaluated weights
+    results/<method>_seed<s>.json  per-run scores (reused by --resume)
+    results.json, results.md     the table (Table 1 shape) and every number behind it
+    figures/                     residual_distance_density.png (Fig. 2), samples_<task>.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import rcl_ops
+
+from .config import TrainConfig, config_to_dict
+from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
+from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
+from .losses import (
+    FeatureConsistencyLoss,
+    Noise2NoiseObjective,
+    Noise2SelfObjective,
+    RawConsistencyLoss,
+    RCLObjective,
+    SupervisedObjective,
+    contrastive_loss,
+    fraction_positive,
+    residual,
+    residual_distance_gaps,
+)
+from .models import ResNet50Encoder, build_model, load_encoder_weights
+
+# Options that do not change any number a run produces: they may differ when resuming.
+RUN_MANAGEMENT_OPTIONS = {
+    "resume",
+    "progress",
+    "tensorboard",
+    "output_dir",
+    "run_name",
+    "preset",
+    "config",
+    "threads",
+    "checkpoint_every",
+    "log_every",
+    "plots",
+    "grid_images",
+    "device",
+}
+
+
+class RunError(RuntimeError):
+    """A run that cannot start: an existing run folder without --resume, nothing to resume, changed
+    options on resume, or a missing optional package."""
+
+
+def require_packages(config: TrainConfig) -> None:
+    """Fail before any training if a package this run needs is missing (RunError naming them)."""
+    import importlib.util
+
+    needed = {"skimage": "scikit-image", "safetensors": "safetensors"}
+    if config.progress:
+        needed["tqdm"] = "tqdm"
+    if config.plots:
+        needed.update({"matplotlib": "matplotlib", "scipy": "scipy"})
+    if config.tensorboard:
+        needed["tensorboard"] = "tensorboard"
+    missing = sorted(pip for module, pip in needed.items() if importlib.util.find_spec(module) is None)
+    if missing:
+        raise RunError(
+            f"this run needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)} "
+            "(or pass --no-progress / --no-plots where they are optional)"
+        )
+
+
+def derive_seed(seed: int, *tags: str) -> int:
+    """A 63-bit seed determined by ``seed`` and string tags (stable across runs and platforms)."""
+    entropy = [seed] + [zlib.crc32(tag.encode()) for tag in tags]
+    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seeded_generator(seed: int, *tags: str) -> torch.Generator:
+    """A CPU torch.Generator seeded by ``derive_seed(seed, *tags)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; a clear error for CUDA on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def progress_bar(enabled: bool, description: str) -> Callable:
+    """A function wrapping an iterable in a tqdm bar (or returning it unchanged when disabled)."""
+    if not enabled:
+        return lambda iterable, **_: iterable
+    from tqdm.auto import tqdm
+
+    return lambda iterable, **kwargs: tqdm(iterable, desc=description, leave=False, dynamic_ncols=True, **kwargs)
+
+
+class RunLogger:
+    """Appends (time, method, seed, phase, step, metric, value) rows to metrics.csv, and to TensorBoard
+    when ``tensorboard`` is True."""
+
+    COLUMNS = ("wall_time", "method", "seed", "phase", "step", "metric", "value")
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        path = run_dir / "metrics.csv"
+        new = not path.exists()
+        self._file = path.open("a", newline="")
+        self._csv = csv.writer(self._file)
+        if new:
+            self._csv.writerow(self.COLUMNS)
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise RunError("--tensorboard needs the tensorboard package (pip install tensorboard)") from error
+            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, method: str, seed: int, phase: str, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        for metric, value in values.items():
+            self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
+            if self._writer is not None:
+                self._writer.add_scalar(f"{method}/seed{seed}/{phase}/{metric}", float(value), step)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints (safetensors): model tensors, optimizer tensors, the sampling generator's state;
+# step and optimizer hyper-parameters in the metadata.
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+    metadata: dict | None = None,
+) -> None:
+    """Write model (and optimizer/generator) state to ``path`` atomically as safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for index, entries in state["state"].items():
+            for name, value in entries.items():
+                value = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+        meta["optimizer_param_groups"] = json.dumps(state["param_groups"])
+    if generator is not None:
+        tensors["generator_state"] = generator.get_state()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary), metadata=meta)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Restore what ``save_checkpoint`` wrote; returns the decoded metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:
+        meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+    model.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("model.")})
+    if optimizer is not None:
+        state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta.pop("optimizer_param_groups")})
+    if generator is not None:
+        generator.set_state(tensors["generator_state"])
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def make_objective(method: str, config: TrainConfig, encoder: nn.Module | None) -> nn.Module:
+    """The pre-training objective of ``method`` (a canonical name, e.g. 'rcl-emd', 'n2s')."""
+    raw = config.modality == "raw"
+    if method.startswith("rcl-"):
+        contrastive = contrastive_loss(
+            method[4:], config.temperature, config.symmetric, config.distance_backend, config.emd_quantiles
+        )
+        consistency = RawConsistencyLoss(config.raw_max_shift) if raw else FeatureConsistencyLoss(encoder)
+        return RCLObjective(contrastive, consistency, config.alpha, config.consistency_weight, raw)
+    if method == "n2n":
+        return Noise2NoiseObjective(raw)
+    if method == "n2s":
+        return Noise2SelfObjective(config.n2s_grid, raw)
+    if method == "oracle":
+        return SupervisedObjective()
+    raise ValueError(f"method {method!r} has no pre-training objective")
+
+
+def pretrain(
+    model: nn.Module,
+    objective: nn.Module,
+    sampler: CropSampler,
+    config: TrainConfig,
+    device: torch.device,
+    checkpoint_path: Path,
+    log: Callable[[int, dict[str, float]], None],
+    progress: Callable,
+    resume: bool,
+) -> dict:
+    """Optimise ``objective`` for ``config.pretrain_steps`` steps with Adam; checkpoint every
+    ``config.checkpoint_every`` steps. Returns {"steps", "seconds", "final_loss", "resumed_from"}."""
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
+    )
+    start, last_loss = 0, math.nan
+    if resume and checkpoint_path.exists():
+        saved = load_checkpoint(checkpoint_path, model, optimizer, sampler.generator)
+        start, last_loss = int(saved["step"]), float(saved.get("loss", math.nan))
+    model.train()
+    started = time.perf_counter()
+    steps = progress(range(start, config.pretrain_steps), initial=start, total=config.pretrain_steps)
+    for step in steps:
+        batch = sampler.sample(config.batch_size).to(device)
+        loss, parts = objective(model, batch, sampler.generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"pre-training loss became {float(loss)} at step {step + 1}; try a lower --lr or a larger --temperature"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last_loss = float(loss.detach())
+        done = step + 1
+        if done % config.log_every == 0 or done == config.pretrain_steps:
+            log(done, {"loss": last_loss, **{name: float(value) for name, value in parts.items()}})
+            if hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{last_loss:.4g}")
+        if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
+            save_checkpoint(checkpoint_path, model, optimizer, sampler.generator, {"step": done, "loss": last_loss})
+    return {
+        "steps": config.pretrain_steps,
+        "seconds": time.perf_counter() - started,
+        "final_loss": last_loss,
+        "resumed_from": start,
+    }
+
+
+@torch.no_grad()
+def distance_gaps(
+    model: nn.Module | None,
+    records: list,
+    config: TrainConfig,
+    distance: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """Gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, over ``config.density_batches`` batches of
+    crop pairs (Fig. 2). ``model`` None uses the true noise x - obs(y) as the residual. The crops
+    come from a fixed generator, so every model is measured on the same pairs."""
+    raw = config.modality == "raw"
+    sampler = CropSampler(records, config.crop_size, seeded_generator(config.split_seed, "density"), raw)
+    batch_size = min(len(records), config.batch_size)
+    if batch_size < 2:
+        return torch.empty(0)
+    distance_fn = {"emd": rcl_ops.pairwise_emd, "mmd": rcl_ops.pairwise_mmd, "bd": rcl_ops.pairwise_bd}[distance]
+    gaps = []
+    if model is not None:
+        model.eval()
+    for _ in range(config.density_batches):
+        batch = sampler.sample(batch_size).to(device)
+        if model is None:
+            q = residual(batch.observed_q, batch.clean_q, raw)
+            k = residual(batch.observed_k, batch.clean_k, raw)
+        else:
+            q = residual(batch.observed_q, model(batch.observed_q), raw)
+            k = residual(batch.observed_k, model(batch.observed_k), raw)
+        gaps.append(residual_distance_gaps(distance_fn(q, k, backend=config.distance_backend)).cpu())
+    return torch.cat(gaps)
+
+
+def _scores_dict(scores: TestScores) -> dict:
+    return {
+        "psnr": scores.mean_psnr,
+        "ssim": scores.mean_ssim,
+        "psnr_per_image": scores.psnr,
+        "ssim_per_image": scores.ssim,
+    }
+
+
+def prepare_run_dir(config: TrainConfig) -> Path:
+    """Create (or, with --resume, find and check) the run folder."""
+    output = Path(config.output_dir)
+    if config.resume:
+        if config.run_name is not None:
+            run_dir = output / config.run_name
+        else:
+            runs = (
+                sorted((p for p in output.glob("*") if (p / "config.json").exists()), key=lambda p: p.stat().st_mtime)
+                if output.is_dir()
+                else []
+            )
+            if not runs:
+                raise RunError(f"--resume: no run to resume in {output}")
+            run_dir = runs[-1]
+        saved_path = run_dir / "config.json"
+        if not saved_path.exists():
+            raise RunError(f"--resume: {saved_path} does not exist, so there is no run to resume there")
+        saved = json.loads(saved_path.read_text())
+        current = config_to_dict(config)
+        changed = sorted(k for k in current if k not in RUN_MANAGEMENT_OPTIONS and saved.get(k) != current[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise RunError(f"--resume: the options differ from the run in {run_dir} ({details})")
+        return run_dir
+    name = config.run_name or f"{config.preset or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = output / name
+    if (run_dir / "config.json").exists():
+        raise RunError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it or choose another --run-name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    return run_dir
+
+
+@contextlib.contextmanager
+def torch_settings(threads: int | None, deterministic: bool, device: torch.device):
+    """Apply the run's thread count and determinism, and restore torch's previous settings afterwards."""
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if deterministic:
+            if device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = print) -> dict:
+    """Run the whole protocol for ``config``; returns the summary also written to results.json.
+
+    ``echo`` receives one progress line per finished stage (None: silent).
+    """
+    config.validate()
+    require_packages(config)
+    device = resolve_device(config.device)
+    with torch_settings(config.threads, config.deterministic, device):
+        return Experiment(config, device, echo or (lambda message: None)).run()
+
+
+class Experiment:
+    """One run of the protocol: data and noise are prepared once, then for every seed and method the
+    network is pre-trained from the seed's shared initialisation and proxy-evaluated on every task."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, say: Callable[[str], None]):
+        self.config, self.device, self.say = config, device, say
+        self.started = time.perf_counter()
+        self.raw = config.modality == "raw"
+        train_images, test_images = load_split(
+            config.data_dir, config.test_fraction, config.split_seed, config.max_images
+        )
+        check_image_sizes(train_images, config.crop_size, "training crop")
+        check_image_sizes(test_images, 8, "minimum test image size (SSIM window)")
+        if config.batch_size > len(train_images):
+            raise DataError(
+                f"--batch-size {config.batch_size} needs at least that many distinct training images (the other "
+                f"images of a batch are a crop's negatives), but there are {len(train_images)}; lower --batch-size "
+                "or pass a larger --data-dir (--preset quick fits the bundled sample images)"
+            )
+        if config.num_labelled is not None and config.num_labelled > len(train_images):
+            raise DataError(f"--num-labelled {config.num_labelled} exceeds the {len(train_images)} training images")
+        self.run_dir = prepare_run_dir(config)
+        say(
+            f"rcl-train: run folder {self.run_dir}; {len(train_images)} training / {len(test_images)} test images; "
+            f"device {device}; torch {torch.__version__}"
+        )
+        noise = (config.modality, config.sigma_min, config.sigma_max, config.noise_seed)
+        self.train = make_records(train_images, *noise, second_draw="n2n" in config.methods)
+        self.test = make_records(test_images, *noise, second_draw=False)
+        for record in self.train + self.test:
+            record.task_inputs = {task: task_input(task, record, config.modality) for task in config.tasks}
+        label_order = np.random.default_rng(config.split_seed).permutation(len(self.train)).tolist()
+        self.labelled = [self.train[i] for i in label_order[: config.num_labelled or len(self.train)]]
+        self.encoder = None
+        if any(m.startswith("rcl-") for m in config.methods) and not self.raw:
+            encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
+            if config.encoder_weights is not None:
+                load_encoder_weights(encoder, config.encoder_weights)
+            self.encoder = encoder.to(device)
+        self.naive = {
+            task: evaluate_naive(self.test, task, config.modality, config.eval_crop, config.grid_images)
+            for task in config.tasks
+        }
+        self.examples: dict[str, dict[str, list]] = {
+            task: {"Input": self.naive[task].examples} for task in config.tasks
+        }
+        self.density_distance = next((m[4:] for m in config.methods if m.startswith("rcl-")), config.distance)
+        self.densities: dict[str, np.ndarray] = {}
+        self.proxy_settings = ProxySettings(
+            config.finetune_steps,
+            config.finetune_batch_size,
+            config.crop_size,
+            config.finetune_lr,
+            (config.adam_beta1, config.adam_beta2),
+            config.adam_eps,
+        )
+        self.logger = RunLogger(self.run_dir, config.tensorboard)
+
+    def run(self) -> dict:
+        """Every (seed, method), then the summary, table and figures."""
+        from . import report
+
+        config, results = self.config, []
+        try:
+            for seed_index, seed in enumerate(config.seeds):
+                torch.manual_seed(derive_seed(seed, "init"))
+                initial = build_model(config.model, config.width, config.depth, self.raw)
+                initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
+                if seed_index == 0 and config.plots:
+                    initial.to(self.device)
+                    self.densities["init"] = self._gaps(initial)
+                    self.densities["noise"] = self._gaps(None)
+                for method in config.methods:
+                    results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
+        finally:
+            self.logger.close()
+        summary = report.summarise(config, results, self.naive, self._environment())
+        report.write_summary(self.run_dir, summary)
+        if config.plots:
+            figures = self.run_dir / "figures"
+            report.plot_densities(figures / "residual_distance_density.png", self.densities, self.density_distance)
+            for task in config.tasks:
+                report.plot_samples(figures / f"samples_{task}.png", self.examples[task], task)
+        return summary
+
+    def _gaps(self, model: nn.Module | None) -> np.ndarray:
+        return distance_gaps(model, self.train, self.config, self.density_distance, self.device).numpy()
+
+    def _run_method(self, method: str, seed: int, initial_state: dict, first_seed: bool) -> dict:
+        """Pre-train ``method`` from ``initial_state`` and proxy-evaluate it (or reuse a finished result)."""
+        config, tag = self.config, f"{method}/seed{seed}"
+        result_path = self.run_dir / "results" / f"{method}_seed{seed}.json"
+        checkpoint_dir = self.run_dir / "checkpoints" / method / f"seed{seed}"
+        samples_path = checkpoint_dir / "samples.npz"
+        if config.resume and result_path.exists() and (not first_seed or samples_path.exists()):
+            if first_seed:
+                _load_samples(samples_path, method, self.examples, self.densities)
+            self.say(f"  {tag}: reused finished result")
+            return json.loads(result_path.read_text())
+
+        model = build_model(config.model, config.width, config.depth, self.raw)
+        model.load_state_dict(initial_state)
+        model.to(self.device)
+        result: dict = {"method": method, "seed": seed}
+        if method != "random" and config.pretrain_steps > 0:
+            sampler = CropSampler(self.train, config.crop_size, seeded_generator(seed, "pretrain"), self.raw)
+            result["pretrain"] = pretrain(
+                model,
+                make_objective(method, config, self.encoder).to(self.device),
+                sampler,
+                config,
+                self.device,
+                checkpoint_dir / "pretrain_last.safetensors",
+                lambda step, values: self.logger.log(method, seed, "pretrain", step, values),
+                progress_bar(config.progress, f"pre-train {tag}"),
+                config.resume,
+            )
+            self.say(
+                f"  {tag}: pre-trained {config.pretrain_steps} steps in {result['pretrain']['seconds']:.1f} s, "
+                f"final loss {result['pretrain']['final_loss']:.4g}"
+            )
+        save_checkpoint(checkpoint_dir / "pretrained.safetensors", model, metadata={"method": method, "seed": seed})
+
+        samples: dict[str, np.ndarray] = {}
+        if first_seed and config.plots and "pretrain" in result:
+            gaps = self._gaps(model)
+            self.densities[method] = samples["density"] = gaps
+            result["density"] = {
+                "distance": self.density_distance,
+                "positive_closer_init": fraction_positive(torch.from_numpy(self.densities["init"])),
+                "positive_closer_after": fraction_positive(torch.from_numpy(gaps)),
+                "positive_closer_true_noise": fraction_positive(torch.from_numpy(self.densities["noise"])),
+            }
+        result["tasks"] = {}
+        for task in config.tasks:
+
+            def log_finetune(step: int, loss: float, task: str = task) -> None:
+                if step % config.log_every == 0 or step == config.finetune_steps:
+                    self.logger.log(method, seed, f"finetune-{task}", step, {"l1": loss})
+
+            tuned, scores, seconds = proxy_evaluate(
+                model,
+                task,
+                self.labelled,
+                self.test,
+                self.proxy_settings,
+                seeded_generator(seed, "finetune", task),
+                self.device,
+                self.raw,
+                config.eval_crop,
+                config.grid_images if first_seed else 0,
+                log_finetune,
+                progress_bar(config.progress, f"fine-tune {tag} {task}"),
+            )
+            save_checkpoint(
+                checkpoint_dir / f"finetuned_{task}.safetensors",
+                tuned,
+                metadata={"method": method, "seed": seed, "task": task},
+            )
+            result["tasks"][task] = {**_scores_dict(scores), "finetune_seconds": seconds}
+            if first_seed:
+                self.examples[task][method] = scores.examples
+                for index, (_, output, _) in enumerate(scores.examples):
+                    samples[f"{task}.{index}"] = output.numpy()
+            self.say(
+                f"  {tag}: {task} PSNR {scores.mean_psnr:.2f} dB, SSIM {scores.mean_ssim:.4f} "
+                f"(fine-tuned head in {seconds:.1f} s)"
+            )
+        if first_seed:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(samples_path, **samples)
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result, indent=2))
+        scores_row = {f"{t}_{k}": v[k] for t, v in result["tasks"].items() for k in ("psnr", "ssim")}
+        self.logger.log(method, seed, "proxy", 0, scores_row)
+        return result
+
+    def _environment(self) -> dict:
+        return {
+            "run_dir": str(self.run_dir),
+            "device": str(self.device),
+            "torch": torch.__version__,
+            "rcl_ops": rcl_ops.__version__,
+            "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+            "distance_backends_available": rcl_ops.available_backends(self.device),
+            "num_train_images": len(self.train),
+            "num_test_images": len(self.test),
+            "num_labelled": len(self.labelled),
+            "train_images": [r.name for r in self.train],
+            "test_images": [r.name for r in self.test],
+            "wall_seconds": time.perf_counter() - self.started,
+            "command": " ".join(sys.argv),
+        }
+
+
+def _load_samples(path: Path, method: str, examples: dict, densities: dict) -> None:
+    """Restore a finished run's Fig. 2 gaps and sample outputs (for --resume)."""
+    with np.load(path) as stored:
+        if "density" in stored:
+            densities[method] = stored["density"]
+        for task, task_examples in examples.items():
+            reference = task_examples.get("Input", [])
+            outputs = []
+            for index, (inputs, _, target) in enumerate(reference):
+                key = f"{task}.{index}"
+                if key in stored:
+                    outputs.append((inputs, torch.from_numpy(stored[key]), target))
+            if outputs:
+                task_examples[method] = outputs

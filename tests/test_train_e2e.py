@@ -1,0 +1,208 @@
+"""End-to-end tests of the reference trainer on tiny generated images (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage import io
+
+from rcl_ops.train.cli import main
+from rcl_ops.train.config import build_config
+from rcl_ops.train.data import CleanImage, CropSampler, load_embedded_images, make_records
+from rcl_ops.train.models import ResNet50Encoder, build_model
+from rcl_ops.train.trainer import load_checkpoint, make_objective, pretrain, save_checkpoint, seeded_generator
+
+
+def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random smooth RGB uint8 image (a few sinusoids), so denoising has something to recover."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [
+        0.5 + 0.4 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y + rng.uniform()))
+        for _ in range(3)
+    ]
+    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for index in range(8):
+        io.imsave(folder / f"img{index}.png", smooth_image(rng, 36), check_contrast=False)
+    return folder
+
+
+TINY = [
+    "--crop-size", "16", "--width", "4", "--depth", "1", "--pretrain-steps", "3", "--finetune-steps", "3",
+    "--batch-size", "3", "--finetune-batch-size", "4", "--eval-crop", "24", "--no-progress",
+    "--checkpoint-every", "2", "--density-batches", "1", "--grid-images", "2",
+]  # fmt: skip
+
+
+def read_table_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| Method"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
+    args = [
+        "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", "tiny",
+        "--methods", "rcl", "n2n", "n2s", "oracle", "random", "--seeds", "0", "1", *TINY,
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = read_table_rows(out)
+    assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD", "N2N", "N2S", "Oracle", "Random init"}
+    assert all(len(cells) == 4 for cells in rows.values())  # PSNR/SSIM for denoising and SR x2
+    assert "Measured on this run:" in out
+    run = tmp_path / "tiny"
+    summary = json.loads((run / "results.json").read_text())
+    assert len(summary["runs"]) == 10  # 5 methods x 2 seeds
+    for row in summary["rows"]:
+        for task in ("denoise", "sr2"):
+            assert math.isfinite(row["tasks"][task]["psnr"]["mean"])
+            assert 0 < row["tasks"][task]["ssim"]["mean"] <= 1
+    assert summary["environment"]["num_train_images"] == 6 and summary["environment"]["num_test_images"] == 2
+    assert (run / "results.md").read_text().strip() in out
+    for name in ("residual_distance_density.png", "samples_denoise.png", "samples_sr2.png"):
+        assert (run / "figures" / name).stat().st_size > 1000
+    for method in ("rcl-emd", "n2n", "n2s", "oracle"):
+        for name in ("pretrain_last", "pretrained", "finetuned_denoise", "finetuned_sr2"):
+            assert (run / "checkpoints" / method / "seed1" / f"{name}.safetensors").exists()
+    with (run / "metrics.csv").open() as handle:
+        logged = list(csv.DictReader(handle))
+    assert {"contrast", "consistency", "n2n", "n2s", "l1", "loss"} <= {row["metric"] for row in logged}
+
+    # --resume reuses every finished (method, seed) and reproduces the same table
+    assert main([*args, "--resume"]) == 0
+    resumed_out = capsys.readouterr().out
+    assert resumed_out.count("reused finished result") == 10
+    assert read_table_rows(resumed_out) == rows
+
+    # the same run name without --resume is refused, with a hint
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_raw_dncnn_end_to_end(image_folder, tmp_path, capsys):
+    args = [
+        "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--modality", "raw", "--model", "dncnn",
+        "--depth", "3", "--methods", "rcl-bd", "n2n", "n2s", "--tasks", "denoise", "--seeds", "0", "--no-plots",
+        *TINY[: TINY.index("--depth")], *TINY[TINY.index("--depth") + 2 :],
+    ]  # fmt: skip
+    assert main(args) == 0
+    rows = read_table_rows(capsys.readouterr().out)
+    assert set(rows) == {"Input (bilinear demosaic)", "RCL-BD", "N2N", "N2S"}
+
+
+def tiny_records(num_images: int = 4, size: int = 24):
+    generator = torch.Generator().manual_seed(0)
+    images = [CleanImage(f"im{i}", torch.rand(3, size, size, generator=generator)) for i in range(num_images)]
+    return make_records(images, "rgb", 0, 20, 0, second_draw=True)
+
+
+def test_pretraining_resumes_exactly(tmp_path):
+    config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=2, log_every=1)
+    records = tiny_records()
+    encoder = ResNet50Encoder(1, seed=0)
+    objective = make_objective("rcl-emd", config, encoder)
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model("unet", 4, 1), CropSampler(records, 12, seeded_generator(0, "pretrain"), raw=False)
+
+    model, sampler = fresh()
+    pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / "a.safetensors",
+             lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
+
+    interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2)
+    model_b, sampler_b = fresh()
+    pretrain(model_b, objective, sampler_b, interrupted, torch.device("cpu"), tmp_path / "b.safetensors",
+             lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
+    model_c, sampler_c = fresh()  # a new process: fresh model and generator, state from the checkpoint
+    summary = pretrain(model_c, objective, sampler_c, config, torch.device("cpu"), tmp_path / "b.safetensors",
+                       lambda *_: None, lambda it, **_: it, resume=True)  # fmt: skip
+    assert summary["resumed_from"] == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(model_c.state_dict()[key], value), key
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = build_model("dncnn", 4, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(5)
+    save_checkpoint(tmp_path / "c.safetensors", model, optimizer, generator, {"step": 17})
+    expected = torch.rand(3, generator=generator)
+    other = build_model("dncnn", 4, 3)
+    other_optimizer = torch.optim.Adam(other.parameters())
+    other_generator = torch.Generator()
+    meta = load_checkpoint(tmp_path / "c.safetensors", other, other_optimizer, other_generator)
+    assert meta["step"] == 17
+    assert torch.equal(torch.rand(3, generator=other_generator), expected)
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value)
+    assert (
+        other_optimizer.state_dict()["state"][0]["exp_avg"].shape == optimizer.state_dict()["state"][0]["exp_avg"].shape
+    )
+
+
+@pytest.mark.parametrize("method", ["rcl-mmd", "rcl-bd", "rcl-emd", "n2n", "n2s", "oracle"])
+@pytest.mark.parametrize("modality", ["rgb", "raw"])
+def test_objectives_give_finite_gradients(method, modality):
+    # MMD runs on the O(M^2) reference backend when no native backend is built: tiny crops
+    config = build_config(crop_size=8, batch_size=3, modality=modality, tasks=["denoise"])
+    raw = modality == "raw"
+    images = [CleanImage(f"im{i}", torch.rand(3, 12, 12)) for i in range(3)]
+    records = make_records(images, modality, 0, 20, 0, second_draw=True)
+    model = build_model("unet", 4, 1, raw=raw)
+    objective = make_objective(method, config, None if raw else ResNet50Encoder(1))
+    sampler = CropSampler(records, 8, torch.Generator().manual_seed(0), raw=raw)
+    loss, parts = objective(model, sampler.sample(3), sampler.generator)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_embedded_images_load_offline():
+    images = load_embedded_images(("camera", "astronaut"))
+    assert [img.pixels.shape for img in images] == [(3, 512, 512), (3, 512, 512)]
+    assert torch.equal(images[0].pixels[0], images[0].pixels[1])  # grey replicated to RGB
+
+
+def test_too_few_images_for_the_batch(image_folder, tmp_path, capsys):
+    args = ["--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--batch-size", "7", "--crop-size", "16"]
+    assert main(args) == 2
+    assert "--batch-size 7 needs at least" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # failed before creating a run folder
+
+
+def test_tensorboard_logs(image_folder, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    args = [
+        "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", "tb", "--methods", "n2n",
+        "--tasks", "denoise", "--seeds", "0", "--no-plots", "--tensorboard", *TINY,
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_module_entry_point_help():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "rcl_ops.train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0
+    assert "usage: rcl-train" in done.stdout and "--preset" in done.stdout

@@ -1,0 +1,458 @@
+"""Unit tests of the reference trainer: noise model, mosaic, metrics, losses, models, data errors, config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from skimage import io
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from rcl_ops.train.cli import build_parser, main
+from rcl_ops.train.config import TrainConfig, build_config, config_fields
+from rcl_ops.train.data import (
+    CleanImage,
+    CropSampler,
+    DataError,
+    check_image_sizes,
+    load_folder,
+    load_split,
+    make_records,
+    to_rgb_float,
+)
+from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate, psnr, ssim
+from rcl_ops.train.losses import (
+    Noise2SelfObjective,
+    RawConsistencyLoss,
+    canonical_method,
+    n2s_mask,
+    neighbour_interpolation,
+    residual,
+    residual_distance_gaps,
+)
+from rcl_ops.train.models import (
+    DnCNN,
+    ResNet50Encoder,
+    UNet,
+    build_model,
+    load_encoder_weights,
+)
+from rcl_ops.train.noise import (
+    NoiseLevel,
+    add_noise,
+    bayer_masks,
+    demosaic_bilinear,
+    keys_translate,
+    mosaic,
+    nlf_sqrt_range,
+    raw_to_planes,
+    sample_noise_level,
+)
+
+# ---------------------------------------------------------------------------------------------
+# noise model (Eq. 3, Eq. 16-17)
+
+
+def test_noise_levels_follow_eq16_17():
+    rng = np.random.default_rng(0)
+    levels = [sample_noise_level(rng, 0.0, 20.0) for _ in range(4000)]
+    low, high = nlf_sqrt_range(0.0, 20.0)
+    assert low == 0 and high == pytest.approx(20 / 255 / math.sqrt(2))
+    sqrt_shot = np.sqrt([lv.shot for lv in levels])
+    sqrt_read = np.sqrt([lv.read for lv in levels])
+    for sample in (sqrt_shot, sqrt_read):
+        assert sample.min() >= low and sample.max() <= high
+        assert stats.kstest(sample, "uniform", args=(low, high - low)).pvalue > 1e-3
+    # independent draws of the two parameters
+    assert abs(np.corrcoef(sqrt_shot, sqrt_read)[0, 1]) < 0.06
+    # sigma at any intensity stays within [0, 20] / 255, and reaches close to the top
+    max_stds = np.array([lv.max_std for lv in levels])
+    assert max_stds.max() <= 20 / 255 + 1e-12 and max_stds.max() > 18 / 255
+
+
+def test_noise_level_lower_bound():
+    rng = np.random.default_rng(1)
+    levels = [sample_noise_level(rng, 5.0, 20.0) for _ in range(500)]
+    assert min(lv.max_std for lv in levels) >= 5 / 255 - 1e-12
+    with pytest.raises(ValueError, match="sigma_min"):
+        nlf_sqrt_range(10.0, 5.0)
+
+
+@pytest.mark.parametrize("intensity", [0.0, 0.25, 1.0])
+def test_noise_is_heteroscedastic_gaussian(intensity):
+    level = NoiseLevel(shot=0.004, read=0.0005)
+    clean = torch.full((200_000,), intensity, dtype=torch.float64)
+    noise = add_noise(clean, level, np.random.default_rng(2)) - clean
+    expected_var = level.shot * intensity + level.read
+    assert float(noise.mean()) == pytest.approx(0.0, abs=4 * math.sqrt(expected_var / noise.numel()))
+    assert float(noise.var()) == pytest.approx(expected_var, rel=0.02)
+    standardised = (noise / math.sqrt(expected_var)).numpy()[:20000]
+    assert stats.kstest(standardised, "norm").pvalue > 1e-3
+
+
+def test_noise_is_seeded_and_reproducible():
+    image = CleanImage("img", torch.rand(3, 20, 24))
+    first = make_records([image], "rgb", 0, 20, noise_seed=7, second_draw=True)[0]
+    again = make_records([image], "rgb", 0, 20, noise_seed=7, second_draw=True)[0]
+    other = make_records([image], "rgb", 0, 20, noise_seed=8, second_draw=True)[0]
+    assert torch.equal(first.observed, again.observed) and first.noise_level == again.noise_level
+    assert not torch.equal(first.observed, other.observed)
+    # noise2noise's second draw: same noise level, independent noise
+    n1, n2 = first.observed - first.clean, first.observed_second - first.clean
+    assert not torch.equal(n1, n2)
+    assert abs(float(torch.corrcoef(torch.stack([n1.flatten(), n2.flatten()]))[0, 1])) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# RGGB mosaic
+
+
+def test_mosaic_is_rggb():
+    rgb = torch.stack([torch.full((4, 6), 1.0), torch.full((4, 6), 2.0), torch.full((4, 6), 3.0)])
+    raw = mosaic(rgb)
+    assert raw.shape == (1, 4, 6)
+    assert torch.equal(raw[0, 0::2, 0::2], torch.full((2, 3), 1.0))  # R
+    assert torch.equal(raw[0, 0::2, 1::2], torch.full((2, 3), 2.0))  # G
+    assert torch.equal(raw[0, 1::2, 0::2], torch.full((2, 3), 2.0))  # G
+    assert torch.equal(raw[0, 1::2, 1::2], torch.full((2, 3), 3.0))  # B
+    assert torch.equal(bayer_masks(4, 6).sum(0), torch.ones(4, 6))
+    assert torch.equal(raw_to_planes(raw).sum(-3, keepdim=True), raw)
+
+
+def test_bilinear_demosaic_keeps_samples_and_constant_colours():
+    raw = torch.rand(2, 1, 8, 10)
+    assert torch.allclose(mosaic(demosaic_bilinear(raw)), raw)
+    flat = torch.tensor([0.2, 0.5, 0.9]).view(1, 3, 1, 1).expand(1, 3, 8, 10)
+    assert torch.allclose(demosaic_bilinear(mosaic(flat)), flat)
+
+
+def test_raw_records_add_noise_after_mosaicing():
+    image = CleanImage("img", torch.rand(3, 31, 40))
+    record = make_records([image], "raw", 0, 20, 0, second_draw=False)[0]
+    assert record.clean.shape == (3, 30, 40)  # cropped to even size
+    assert record.observed.shape == (1, 30, 40)
+    assert torch.equal(record.observed_clean, mosaic(record.clean))
+    noise = record.observed - record.observed_clean
+    assert float(noise.abs().max()) > 0
+    # raw residual of a perfect restoration is exactly the sensor noise
+    assert torch.allclose(residual(record.observed[None], record.clean[None], raw=True), noise[None])
+
+
+def test_raw_crops_start_on_red():
+    rgb = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1).expand(3, 41, 40).contiguous()
+    records = make_records([CleanImage("img", rgb)], "raw", 0, 0, 0, second_draw=False)  # sigma 0: no noise
+    sampler = CropSampler(records, 10, torch.Generator().manual_seed(0), raw=True)
+    for _ in range(10):
+        crop = sampler.sample(1).observed_q[0, 0]
+        assert (float(crop[0, 0]), float(crop[0, 1]), float(crop[1, 0]), float(crop[1, 1])) == (1, 2, 2, 3)
+
+
+def test_keys_interpolation():
+    image = torch.rand(1, 2, 12, 12)
+    assert torch.allclose(keys_translate(image, 0.0, 0.0), image)
+    shifted = keys_translate(image, 1.0, 0.0)
+    assert torch.allclose(shifted[..., :-1, :], image[..., 1:, :])
+    ramp = torch.arange(12.0).view(1, 1, 1, 12).expand(1, 1, 12, 12)
+    moved = keys_translate(ramp, 0.0, 0.3)  # cubic convolution reproduces linear functions
+    assert torch.allclose(moved[..., 2:-3], ramp[..., 2:-3] + 0.3, atol=1e-5)
+    with pytest.raises(ValueError, match="within one pixel"):
+        keys_translate(image, 1.5, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics against scikit-image
+
+
+@pytest.mark.parametrize("channels,size", [(3, (32, 40)), (1, (19, 23)), (3, (7, 7))])
+def test_metrics_match_skimage(channels, size):
+    generator = torch.Generator().manual_seed(3)
+    target = torch.rand(2, channels, *size, generator=generator, dtype=torch.float64)
+    prediction = (target + 0.1 * torch.randn(target.shape, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    ours_psnr, ours_ssim = psnr(prediction, target), ssim(prediction, target)
+    for i in range(2):
+        x, y = prediction[i].permute(1, 2, 0).numpy(), target[i].permute(1, 2, 0).numpy()
+        assert float(ours_psnr[i]) == pytest.approx(peak_signal_noise_ratio(y, x, data_range=1.0), abs=1e-9)
+        reference = structural_similarity(y, x, data_range=1.0, channel_axis=2)
+        assert float(ours_ssim[i]) == pytest.approx(reference, abs=1e-9)
+    assert float(ssim(target, target)[0]) == pytest.approx(1.0)
+
+
+def test_metrics_reject_bad_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        psnr(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 9))
+    with pytest.raises(ValueError, match="win_size"):
+        ssim(torch.rand(1, 3, 5, 5), torch.rand(1, 3, 5, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# models and the proxy evaluation's freezing
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_models_shapes(raw):
+    x = torch.rand(2, 1 if raw else 3, 18, 22)
+    for model in (UNet(width=4, depth=2, raw=raw), DnCNN(width=4, depth=3, raw=raw)):
+        out = model(x)
+        assert out.shape == (2, 3, 18, 22)
+        assert torch.allclose(model.from_features(x, model.features(x)), out)
+
+
+def test_dncnn_predicts_the_residual():
+    model = DnCNN(width=4, depth=3)
+    torch.nn.init.zeros_(model.head.weight)
+    torch.nn.init.zeros_(model.head.bias)
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.equal(model(x), x)
+
+
+@pytest.mark.parametrize("name", ["unet", "dncnn"])
+def test_proxy_evaluation_changes_only_the_last_layer(name):
+    torch.manual_seed(0)
+    model = build_model(name, width=4, depth=2 if name == "unet" else 4)
+    if name == "dncnn":  # non-trivial BatchNorm statistics, to see that they stay frozen
+        model.train()
+        model(torch.rand(4, 3, 16, 16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [CleanImage(f"im{i}", torch.rand(3, 24, 24)) for i in range(3)]
+    records = make_records(images, "rgb", 0, 20, 0, second_draw=False)
+    for record in records:
+        record.task_inputs = {"denoise": record.observed}
+    settings = ProxySettings(steps=5, batch_size=2, crop_size=16, lr=1e-2)
+    tuned, scores, _ = proxy_evaluate(
+        model, "denoise", records, records[:1], settings, torch.Generator().manual_seed(0), torch.device("cpu"), False
+    )
+    after = tuned.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        if key.startswith("head."):
+            assert not torch.equal(after[key], value), key
+        else:
+            assert torch.equal(after[key], value), key
+    # the pre-trained model itself is untouched
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert len(scores.psnr) == 1 and math.isfinite(scores.psnr[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# the frozen encoder (ResNet-50 stages with torchvision names)
+
+
+def test_resnet50_encoder_has_torchvision_layout(tmp_path):
+    full = ResNet50Encoder(stages=4)
+    state = full.state_dict()
+    # torchvision's resnet50 state dict has 320 entries: these 318 plus fc.weight and fc.bias
+    assert len(state) == 318
+    for key in (
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.downsample.0.weight",
+        "layer2.0.conv2.weight",
+        "layer4.2.bn3.num_batches_tracked",
+    ):
+        assert key in state
+    assert state["layer4.2.conv3.weight"].shape == (2048, 512, 1, 1)
+    # a DataParallel-prefixed torchvision-style checkpoint with the classifier loads into 1 stage
+    checkpoint = {"module." + k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    checkpoint["module.fc.weight"], checkpoint["module.fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    path = tmp_path / "resnet50.pth"
+    torch.save(checkpoint, path)
+    encoder = ResNet50Encoder(stages=1)
+    load_encoder_weights(encoder, path)
+    assert torch.equal(encoder.conv1.weight, checkpoint["module.conv1.weight"])
+    assert encoder(torch.rand(1, 3, 32, 32)).shape == (1, 256, 8, 8)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.training
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="lack"):
+        load_encoder_weights(encoder, tmp_path / "partial.pth")
+    with pytest.raises(FileNotFoundError):
+        load_encoder_weights(encoder, tmp_path / "missing.pth")
+
+
+def test_random_encoder_is_seeded():
+    a, b, c = ResNet50Encoder(1, seed=0), ResNet50Encoder(1, seed=0), ResNet50Encoder(1, seed=1)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_noise2self_masking_is_j_invariant(raw):
+    x = torch.rand(1, 1, 16, 16)
+    grid, phase = 4, (1, 2)
+    mask = n2s_mask(16, 16, grid, phase)
+    assert int(mask.sum()) == 16
+    # the replacement value at a masked pixel depends on no masked pixel (J-invariance)
+    perturbed = x.clone()
+    perturbed[mask] += 1.0
+    replaced = neighbour_interpolation(x, raw)
+    assert torch.allclose(neighbour_interpolation(perturbed, raw)[mask], replaced[mask])
+    if raw:  # only same-colour (distance-2) neighbours
+        single = torch.zeros(1, 1, 16, 16)
+        single[0, 0, 8, 8] = 1
+        touched = neighbour_interpolation(single, raw=True)[0, 0].nonzero()
+        assert all((int(i) - 8) % 2 == 0 and (int(j) - 8) % 2 == 0 for i, j in touched)
+    with pytest.raises(ValueError, match="grid"):
+        Noise2SelfObjective(2, raw=True)
+
+
+def test_raw_consistency_loss_is_differentiable():
+    restored = torch.rand(2, 3, 12, 12, requires_grad=True)
+    loss = RawConsistencyLoss(0.5)(mosaic(restored.detach()), restored, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert restored.grad is not None and torch.isfinite(restored.grad).all()
+
+
+def test_distance_gaps():
+    distances = torch.tensor([[0.0, 2.0, 3.0], [1.0, 0.5, 4.0], [1.0, 1.0, 1.0]])
+    gaps = residual_distance_gaps(distances)
+    assert torch.equal(gaps, torch.tensor([2.0, 3.0, 0.5, 3.5, 0.0, 0.0]))
+
+
+def test_method_names():
+    assert canonical_method("rcl", "bd") == "rcl-bd"
+    assert canonical_method("RCL-MMD", "emd") == "rcl-mmd"
+    with pytest.raises(ValueError, match="unknown method"):
+        canonical_method("moco", "emd")
+
+
+# ---------------------------------------------------------------------------------------------
+# data errors
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="holds no images"):
+        load_folder(tmp_path / "empty")
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+        load_folder(tmp_path)
+
+
+def test_images_smaller_than_the_crop(tmp_path):
+    io.imsave(tmp_path / "big.png", np.zeros((40, 40, 3), np.uint8), check_contrast=False)
+    io.imsave(tmp_path / "small.png", np.zeros((20, 50), np.uint8), check_contrast=False)
+    images = load_folder(tmp_path)
+    assert [img.pixels.shape for img in images] == [(3, 40, 40), (3, 20, 50)]
+    with pytest.raises(DataError, match=r"small.png \(20x50\).*--crop-size"):
+        check_image_sizes(images, 32, "training crop")
+
+
+def test_folder_with_train_and_test_subfolders(tmp_path):
+    for split, count in (("train", 3), ("test", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(count):
+            io.imsave(tmp_path / split / f"{i}.png", np.full((8, 8, 3), 10 * i, np.uint8), check_contrast=False)
+    train, test = load_split(str(tmp_path), 0.5, 0)
+    assert len(train) == 3 and len(test) == 2
+
+
+def test_pixel_conversion():
+    assert to_rgb_float(np.full((2, 3), 65535, np.uint16), "x").shape == (3, 2, 3)
+    assert float(to_rgb_float(np.full((2, 3, 4), 255, np.uint8), "x").max()) == 1.0
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
+        to_rgb_float(np.full((2, 2), 2.0), "x")
+    with pytest.raises(DataError, match="shape"):
+        to_rgb_float(np.zeros((2, 2, 5)), "x")
+
+
+def test_batches_need_distinct_images():
+    records = make_records([CleanImage(f"i{i}", torch.rand(3, 16, 16)) for i in range(3)], "rgb", 0, 20, 0, False)
+    sampler = CropSampler(records, 8, torch.Generator().manual_seed(0), raw=False)
+    with pytest.raises(ValueError, match="distinct images"):
+        sampler.sample(4)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and command line
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in config_fields():
+        assert "--" + f.name.replace("_", "-") in text
+        assert f.metadata["help"]
+    assert "--print-config" in text
+
+
+def test_config_precedence(tmp_path):
+    config = build_config("quick")
+    assert config.crop_size == 48 and config.methods == ["rcl-emd", "n2n", "n2s", "oracle", "random"]
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "quick"\n[pre-training]\nbatch-size = 4\ndistance = "bd"\nmethods = ["rcl", "n2s"]\n')
+    config = build_config(config_file=str(path), lr=5e-4)
+    assert (config.crop_size, config.batch_size, config.lr, config.methods) == (48, 4, 5e-4, ["rcl-bd", "n2s"])
+    (tmp_path / "bad.json").write_text(json.dumps({"batchsize": 3}))
+    with pytest.raises(ValueError, match="unknown option"):
+        build_config(config_file=str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="sr2"):
+        build_config(modality="raw", tasks=["sr2"])
+    with pytest.raises(ValueError, match="batch-size"):
+        build_config(batch_size=0)
+    assert TrainConfig().validate().methods == ["rcl-emd", "n2n", "n2s", "oracle"]
+
+
+def test_cli_flags_override_preset(capsys):
+    assert (
+        main(
+            [
+                "--preset",
+                "quick",
+                "--pretrain-steps",
+                "7",
+                "--eval-crop",
+                "none",
+                "--no-progress",
+                "--seeds",
+                "1",
+                "2",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["pretrain_steps"] == 7 and printed["eval_crop"] is None and printed["seeds"] == [1, 2]
+    assert printed["crop_size"] == 48 and printed["progress"] is False
+    with pytest.raises(SystemExit):
+        main(["--methods", "moco"])
+
+
+def test_cli_reports_missing_data_folder(tmp_path, capsys):
+    assert main(["--data-dir", str(tmp_path / "missing"), "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_example_config_file_parses():
+    from pathlib import Path
+
+    import rcl_ops.train
+
+    path = Path(rcl_ops.train.__file__).parent / "example_config.toml"
+    config = build_config(config_file=str(path))
+    assert config.methods == ["rcl-emd", "rcl-bd", "n2n", "n2s", "oracle"] and config.seeds == [0, 1, 2]
+    assert config.preset == "quick" and config.finetune_lr == 1e-2
+
+
+def test_printed_config_is_a_valid_config_file(tmp_path, capsys):
+    assert main(["--preset", "quick", "--seeds", "3", "--print-config"]) == 0
+    path = tmp_path / "printed.json"
+    path.write_text(capsys.readouterr().out)
+    config = build_config(config_file=str(path))
+    assert config.seeds == [3] and config.crop_size == 48
