@@ -51,6 +51,10 @@ demo: build
 	$(PY) -m rcl_ops.demo
 	$(PY) -m rcl_ops.train --preset quick --output-dir runs
 
+# Side-by-side CPU benchmark at B=64, 3x64x64 (a few minutes); results in benchmarks/results/.
+bench: build
+	$(PY) -m benchmarks.run --device cpu --quick
+
 # On a machine with a CUDA GPU and its own torch (PYTHON=/path/to/python): build in place
 # with that torch, run the whole suite on CUDA and the benchmarks, write the results.
 PYTHON ?= python3

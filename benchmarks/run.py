@@ -107,9 +107,23 @@ def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool)
     return row
 
 
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    git = ["git", "-C", str(Path(__file__).parent)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "csrc", "rcl_ops"]).returncode != 0:
+        commit += "+uncommitted"
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu_model_name()
     if device == "cpu":
         name = f"{name}, {torch.get_num_threads()} threads"
     return {
