@@ -183,15 +183,15 @@ def fit_exponents(rows: list[dict]) -> list[dict]:
     return fits
 
 
-def run_cases(cases, device: str, repeats: int, memory: bool) -> list[dict]:
+def run_cases(cases, device: str, repeats: int, warmup: int, memory: bool) -> list[dict]:
     """Every provider of every distance and of the loss, at each (batch, shape)."""
     rows = []
     for batch, shape in cases:
         for distance in DISTANCES:
             for name, fn in providers(distance, device).items():
-                rows.append(measure(distance, name, fn, batch, shape, device, repeats, 1, memory))
+                rows.append(measure(distance, name, fn, batch, shape, device, repeats, warmup, memory))
             for name, fn in loss_providers(distance, device).items():
-                rows.append(measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, 1, memory))
+                rows.append(measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, warmup, memory))
             print(f"measured {distance} at B={batch}, {shape}", file=sys.stderr)
     return rows
 
@@ -203,7 +203,8 @@ def main(argv=None) -> Path:
     size.add_argument("--quick", action="store_true", help="B=64, 3x64x64 only (default)")
     size.add_argument("--full", action="store_true", help="sweep B in 8..128 and residual sizes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 5 CPU, 10 CUDA)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (allocator, caches, autotuning)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -223,7 +224,7 @@ def main(argv=None) -> Path:
     checking = rcl_ops.check_finite_enabled()
     rcl_ops.set_check_finite(False)  # a host sync per call; inputs here are finite
     try:
-        rows = run_cases(cases, args.device, repeats, not args.no_memory)
+        rows = run_cases(cases, args.device, repeats, args.warmup, not args.no_memory)
     finally:
         rcl_ops.set_check_finite(checking)
     env = environment(args.device)
