@@ -3,7 +3,13 @@
 - ``rcl_ops[<backend>]``: the library, per loaded backend;
 - ``reference``: the library's pure-PyTorch oracle (rcl_ops.reference, not a copy);
 - ``naive``: what a user would write by hand: EMD as cdist of sorted values, BD from torch
-  moments, MMD as the direct kernel sum on m = 1024 subsampled values per residual.
+  moments, MMD as the direct kernel sum on m = 1024 subsampled values per residual;
+- ``reference+compile``: torch.compile of the reference (EMD, BD; the reference MMD's chunk
+  loop is not worth compiling);
+- peers, when installed (``pip install .[bench]``; never required by the library):
+  ``pot`` (ot.wasserstein_1d, torch backend, expanded to all Bq x Bk pairs as its users
+  must), ``geomloss`` (SamplesLoss("gaussian"), tensorized, all pairs expanded), and
+  ``scipy`` (scipy.stats.wasserstein_distance per pair; forward only, no gradient).
 """
 
 from __future__ import annotations
@@ -59,11 +65,67 @@ def library_backends(device: str) -> list[str]:
     ]
 
 
+def pot_emd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """POT's 1-D Wasserstein on every (i, j) pair: columns of (M, Bq * Bk) expanded inputs."""
+    import ot
+
+    x, y = q.flatten(1), k.flatten(1)
+    bq, bk = x.shape[0], y.shape[0]
+    u = x.t().repeat_interleave(bk, dim=1)  # (M, Bq * Bk): column i * Bk + j is q[i]
+    v = y.t().repeat(1, bq)  # column i * Bk + j is k[j]
+    return ot.wasserstein_1d(u, v, p=1).reshape(bq, bk)
+
+
+def geomloss_mmd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """GeomLoss's Gaussian-kernel MMD (tensorized) on every pair, expanded to (Bq Bk, M, 1)."""
+    from geomloss import SamplesLoss
+
+    x, y = q.flatten(1), k.flatten(1)
+    bq, bk = x.shape[0], y.shape[0]
+    h = rcl_ops.default_bandwidth(x, y).item()
+    loss = SamplesLoss("gaussian", blur=h, backend="tensorized")
+    a = x.repeat_interleave(bk, dim=0)[..., None]
+    b = y.repeat(bq, 1)[..., None]
+    return loss(a, b).reshape(bq, bk)
+
+
+def scipy_emd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """scipy.stats.wasserstein_distance for each pair, in a Python loop (no gradient)."""
+    from scipy.stats import wasserstein_distance
+
+    x, y = q.detach().flatten(1).cpu().numpy(), k.detach().flatten(1).cpu().numpy()
+    out = [[wasserstein_distance(a, b) for b in y] for a in x]
+    return torch.tensor(out, dtype=q.dtype)
+
+
+scipy_emd.forward_only = True
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _compiled_reference(distance: str) -> Callable:
+    compiled = torch.compile(getattr(reference, f"pairwise_{distance}"))
+    extra = {"emd": (None,), "bd": (1e-6,)}[distance]
+    return lambda q, k: compiled(q.flatten(1), k.flatten(1), *extra)
+
+
 def providers(distance: str, device: str) -> dict[str, Callable]:
     """Name -> callable for every competitor that runs on ``device``."""
     found = {f"rcl_ops[{b}]": _library(distance, b) for b in library_backends(device)}
     found["reference"] = _reference(distance)
+    if distance != "mmd":
+        found["reference+compile"] = _compiled_reference(distance)
     found["naive"] = {"emd": naive_emd, "mmd": naive_mmd, "bd": naive_bd}[distance]
+    if distance == "emd" and _installed("ot"):
+        found["pot"] = pot_emd
+    if distance == "emd" and device == "cpu" and _installed("scipy"):
+        found["scipy"] = scipy_emd
+    if distance == "mmd" and _installed("geomloss"):
+        found["geomloss"] = geomloss_mmd
     return found
 
 
@@ -79,3 +141,7 @@ def loss_providers(distance: str, device: str) -> dict[str, Callable]:
 def kernel_evaluations(distance: str, batch: int, values: int) -> float:
     """Pairwise element operations of the direct O(B^2 M^2) MMD, used to cap slow providers."""
     return float(batch) ** 2 * float(values) ** 2 if distance == "mmd" else float(batch) ** 2 * values
+
+
+# Providers whose cost is the direct all-pairs sum, and so are capped (or extrapolated).
+DIRECT_SUM_PROVIDERS = ("reference", "naive", "geomloss")

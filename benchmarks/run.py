@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 import rcl_ops
-from benchmarks.providers import DISTANCES, NAIVE_MMD_SUBSAMPLE, kernel_evaluations, loss_providers, providers
+from benchmarks.plots import plot_results
+from benchmarks.providers import (
+    DIRECT_SUM_PROVIDERS,
+    DISTANCES,
+    NAIVE_MMD_SUBSAMPLE,
+    kernel_evaluations,
+    loss_providers,
+    providers,
+)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SLOW_CALL_SECONDS = 1.0
@@ -41,6 +49,7 @@ def _sync(device: str) -> None:
 
 def time_step(fn, q, k, device: str, repeats: int, warmup: int) -> dict:
     """Forward, backward and full times in ms: median and interquartile range."""
+    forward_only = getattr(fn, "forward_only", False)
     samples = {"forward": [], "backward": [], "full": []}
     step, steps = 0, warmup + repeats
     while step < steps:
@@ -50,7 +59,8 @@ def time_step(fn, q, k, device: str, repeats: int, warmup: int) -> dict:
         out = fn(qa, ka)
         _sync(device)
         middle = time.perf_counter()
-        out.sum().backward()
+        if not forward_only:
+            out.sum().backward()
         _sync(device)
         end = time.perf_counter()
         if step >= warmup:
@@ -74,7 +84,9 @@ def peak_memory(what: str, provider: str, fn, q, k, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fn(qa, ka).sum().backward()
+        out = fn(qa, ka)
+        if not getattr(fn, "forward_only", False):
+            out.sum().backward()
         torch.cuda.synchronize()
         return {"extra_bytes": torch.cuda.max_memory_allocated() - base, "uncertainty_bytes": 0}
     args = [sys.executable, "-m", "benchmarks.memory_probe", what, provider, str(q.shape[0]), *map(str, q.shape[1:])]
@@ -90,9 +102,9 @@ def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool)
     row = {"what": what, "provider": name, "batch": batch, "shape": "x".join(map(str, shape)), "values": values}
     # The naive MMD subsamples its values; its direct sum costs B^2 m^2.
     effective = min(values, NAIVE_MMD_SUBSAMPLE) if name == "naive" else values
-    if name in ("reference", "naive") and kernel_evaluations(distance, batch, effective) > DIRECT_COST_CAP:
-        if name == "naive":
-            return {**row, "skipped": "over the cost cap"}
+    if name in DIRECT_SUM_PROVIDERS and kernel_evaluations(distance, batch, effective) > DIRECT_COST_CAP:
+        if name != "reference":
+            return {**row, "skipped": f"over the cost cap ({DIRECT_COST_CAP:.0e} element pairs)"}
         # The reference MMD is O(B^2 M^2): time it at a small size, scale by the pair count.
         small = torch.randn(8, *EXTRAPOLATION_SHAPE, device=device)
         timing = time_step(fn, small, small.clone(), device, repeats=2, warmup=1)
@@ -102,7 +114,7 @@ def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool)
     q = torch.randn(batch, *shape, device=device)
     k = 0.9 * torch.randn(batch, *shape, device=device) + 0.01
     row.update(time_step(fn, q, k, device, repeats, warmup))
-    if memory:
+    if memory and not name.endswith("+compile"):  # a fresh process would count the compiler
         row.update(peak_memory(what, name, fn, q, k, device))
     return row
 
@@ -237,6 +249,8 @@ def main(argv=None) -> Path:
     path = args.output_dir / f"{args.device}-{label}.json"
     path.write_text(json.dumps({"environment": env, "rows": rows, "exponent_fits": fits}, indent=1))
     print(f"wrote {path}")
+    for plot in plot_results(rows, args.output_dir, f"{args.device}-{label}", env["device_name"]):
+        print(f"wrote {plot}")
     return path
 
 

@@ -26,4 +26,33 @@ inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* op,
               " but ", name_b, " is ", b.scalar_type());
 }
 
+// Two sorted (or quantile) batches to pair: (Bq, K) and (Bk, K).
+inline void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
+  check_rows(sq, op, "sorted_q");
+  check_rows(sk, op, "sorted_k");
+  check_same(sq, sk, op, "sorted_q", "sorted_k");
+  TORCH_CHECK(sq.size(1) == sk.size(1), op, ": sorted_q and sorted_k must have the same K, got ",
+              sq.size(1), " and ", sk.size(1));
+}
+
+// A sort order (int64, the shape of the sorted values, on their device).
+inline void check_order(const at::Tensor& order, const at::Tensor& sorted, const char* op,
+                        const char* name) {
+  TORCH_CHECK(order.scalar_type() == at::kLong && order.sizes() == sorted.sizes() &&
+                  order.device() == sorted.device(),
+              op, ": ", name, " must be int64 of shape ", sorted.sizes(), " on ", sorted.device(),
+              ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
+}
+
+// Means and variances of the q and k batches for the Bhattacharyya pair term.
+inline void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q,
+                             const at::Tensor& mean_k, const at::Tensor& var_k, const char* op) {
+  TORCH_CHECK(mean_q.dim() == 1 && mean_k.dim() == 1, op, ": means must be 1-D");
+  check_vector(var_q, mean_q.size(0), op, "var_q");
+  check_vector(var_k, mean_k.size(0), op, "var_k");
+  check_same(mean_q, mean_k, op, "mean_q", "mean_k");
+  check_same(mean_q, var_q, op, "mean_q", "var_q");
+  check_same(mean_q, var_k, op, "mean_q", "var_k");
+}
+
 }  // namespace rcl_ops

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import run
 from benchmarks.providers import providers
 
@@ -24,3 +26,18 @@ def test_memory_probe_sees_a_large_allocation():
     fn = providers("emd", "cpu")["naive"]
     row = run.measure("emd", "naive", fn, 8, (1, 128, 128), "cpu", repeats=1, warmup=0, memory=True)
     assert row["extra_bytes"] > 2**20, row
+
+
+def test_plots_and_exponent_fits_from_a_sweep(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.plots import plot_results
+
+    rows = [
+        {"what": "emd", "provider": p, "batch": b, "shape": "3x64x64", "values": 12288, "full_ms": c * b**e}
+        for p, c, e in (("rcl_ops[cpu]", 0.1, 2.0), ("reference", 1.0, 1.0))
+        for b in (8, 16, 32, 64)
+    ]
+    paths = plot_results(rows, tmp_path, "cpu-full", "test device")
+    assert [p.name for p in paths] == ["cpu-full-time-vs-batch.png"] and paths[0].stat().st_size > 0
+    fits = {f["provider"]: f["exponent"] for f in run.fit_exponents(rows)}
+    assert fits["rcl_ops[cpu]"] == pytest.approx(2.0) and fits["reference"] == pytest.approx(1.0)

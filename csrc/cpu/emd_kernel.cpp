@@ -342,14 +342,6 @@ inline void emd_backward_chunk_any(const double* qp, const double* kp, const dou
   emd_backward_chunk_f64(qp, kp, gp, gq, gk, key_buffer, args, c, len);
 }
 
-void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
-  check_rows(sq, op, "sorted_q");
-  check_rows(sk, op, "sorted_k");
-  check_same(sq, sk, op, "sorted_q", "sorted_k");
-  TORCH_CHECK(sq.size(1) == sk.size(1), op, ": sorted_q and sorted_k must have the same K, got ",
-              sq.size(1), " and ", sk.size(1));
-}
-
 at::Tensor emd_pair_cpu(const at::Tensor& sq_in, const at::Tensor& sk_in) {
   check_pair(sq_in, sk_in, "rcl_ops::emd_pair");
   const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
@@ -408,14 +400,6 @@ std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cpu(const at::Tensor& grad,
   const char* op = "rcl_ops::emd_pair_backward";
   check_pair(sq_in, sk_in, op);
   return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), nullptr, nullptr, op);
-}
-
-void check_order(const at::Tensor& order, const at::Tensor& sorted, const char* op,
-                 const char* name) {
-  TORCH_CHECK(order.scalar_type() == at::kLong && order.sizes() == sorted.sizes() &&
-                  order.device() == sorted.device(),
-              op, ": ", name, " must be int64 of shape ", sorted.sizes(), " on ", sorted.device(),
-              ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
 }
 
 std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cpu(const at::Tensor& grad,

@@ -105,16 +105,6 @@ at::Tensor moments_backward_cuda(const at::Tensor& grad_mean_in, const at::Tenso
 
 // ---- pair -------------------------------------------------------------------------------
 
-void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
-                      const at::Tensor& var_k, const char* op) {
-  TORCH_CHECK(mean_q.dim() == 1 && mean_k.dim() == 1, op, ": means must be 1-D");
-  check_vector(var_q, mean_q.size(0), op, "var_q");
-  check_vector(var_k, mean_k.size(0), op, "var_k");
-  check_same(mean_q, mean_k, op, "mean_q", "mean_k");
-  check_same(mean_q, var_q, op, "mean_q", "var_q");
-  check_same(mean_q, var_k, op, "mean_q", "var_k");
-}
-
 template <typename T>
 __global__ void bd_pair_kernel(const T* __restrict__ mq, const T* __restrict__ vq,
                                const T* __restrict__ mk, const T* __restrict__ vk, T eps,

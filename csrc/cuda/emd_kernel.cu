@@ -227,14 +227,6 @@ __global__ void emd_pair_reduce_kernel(const double* __restrict__ partial, int64
   }
 }
 
-void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* op) {
-  check_rows(sq, op, "sorted_q");
-  check_rows(sk, op, "sorted_k");
-  check_same(sq, sk, op, "sorted_q", "sorted_k");
-  TORCH_CHECK(sq.size(1) == sk.size(1), op, ": sorted_q and sorted_k must have the same K, got ",
-              sq.size(1), " and ", sk.size(1));
-}
-
 at::Tensor emd_pair_cuda(const at::Tensor& sq_in, const at::Tensor& sk_in) {
   const char* op = "rcl_ops::emd_pair";
   check_pair(sq_in, sk_in, op);

@@ -1,0 +1,56 @@
+"""PNG plots of a benchmark run: time vs B, time vs M and peak memory vs B, per distance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WHATS = ("emd", "mmd", "bd", "loss-emd", "loss-mmd", "loss-bd")
+
+
+def _series(rows, what, x_key, fixed_key, fixed_value, y_key):
+    """provider -> sorted [(x, y)] over the measured rows of one distance."""
+    series: dict[str, list] = {}
+    for r in rows:
+        if r["what"] == what and r.get(fixed_key) == fixed_value and y_key in r and "extrapolated_from" not in r:
+            series.setdefault(r["provider"], []).append((r[x_key], r[y_key]))
+    return {name: sorted(points) for name, points in series.items() if len(points) > 1}
+
+
+def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str) -> list[Path]:
+    """Write <stem>-time-vs-batch.png, -time-vs-values.png, -memory-vs-batch.png; returns the paths
+    (none when matplotlib is missing or the run has no sweep)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    shapes = {r["shape"] for r in rows if r["batch"] == 64}
+    base_shape = "3x64x64" if "3x64x64" in shapes else None
+    plans = [
+        ("time-vs-batch", "batch", "shape", base_shape, "full_ms", "batch B", "forward+backward (ms)"),
+        ("time-vs-values", "values", "batch", 64, "full_ms", "values per residual M", "forward+backward (ms)"),
+        ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", "batch B", "peak extra memory (bytes)"),
+    ]
+    written = []
+    for name, x_key, fixed_key, fixed_value, y_key, x_label, y_label in plans:
+        panels = [(what, _series(rows, what, x_key, fixed_key, fixed_value, y_key)) for what in WHATS]
+        panels = [(what, series) for what, series in panels if series]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (what, series) in zip(axes[0], panels):
+            for provider, points in series.items():
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=provider)
+            ax.set(xscale="log", yscale="log", title=what, xlabel=x_label, ylabel=y_label)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"{name.replace('-', ' ')} ({device_name})", fontsize=9)
+        fig.tight_layout()
+        path = output_dir / f"{stem}-{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
