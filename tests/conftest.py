@@ -12,7 +12,6 @@ import pytest  # noqa: E402
 import rcl_ops  # noqa: E402
 
 NATIVE_BACKENDS = [name for name in ("cpu", "cuda") if name in rcl_ops.available_backends()]
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def backend_device(backend: str) -> str:
