@@ -1,5 +1,7 @@
 # Set-up, build, test and demo on a fresh machine: `make test`, `make demo`.
 # Everything is installed into $(VENV) by these rules; nothing by hand.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c  # a failing command before a | tee fails the rule
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -64,9 +66,9 @@ GPU_RESULTS ?= gpu-check-results
 gpu-check:
 	mkdir -p $(GPU_RESULTS)
 	$(PYTHON) -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA GPU'; print(torch.cuda.get_device_name())" | tee $(GPU_RESULTS)/device.txt
-	RCL_OPS_WITH_CUDA=1 $(PYTHON) setup.py --quiet build_ext --inplace 2>&1 | tail -n 20 | tee $(GPU_RESULTS)/build.txt
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} RCL_OPS_WITH_CUDA=1 $(PYTHON) setup.py --quiet build_ext --inplace 2>&1 | tail -n 20 | tee $(GPU_RESULTS)/build.txt
 	$(PYTHON) -m pytest -q -rs tests 2>&1 | tee $(GPU_RESULTS)/tests.txt
-	if [ -f benchmarks/run.py ]; then $(PYTHON) -m benchmarks.run --device cuda --full --output-dir $(GPU_RESULTS) 2>&1 | tee $(GPU_RESULTS)/bench.txt; fi
+	$(PYTHON) -m benchmarks.run --device cuda --full --output-dir $(GPU_RESULTS) 2>&1 | tee $(GPU_RESULTS)/bench.txt
 
 clean:
 	rm -rf build $(GPU_RESULTS) rcl_ops/_C*.so $(EXT_STAMP) $(INSTALL_STAMP)
