@@ -67,8 +67,8 @@ def time_step(fn, q, k, device: str, repeats: int, warmup: int) -> dict:
             samples["forward"].append(middle - start)
             samples["backward"].append(end - middle)
             samples["full"].append(end - start)
-        elif end - start > SLOW_CALL_SECONDS:  # slow provider: no more warm-up, 2 timed calls
-            steps = min(steps, step + 3)
+        elif end - start > SLOW_CALL_SECONDS:  # slow provider: end the warm-up, 2 timed calls
+            warmup, steps = step + 1, min(steps, step + 3)
         step += 1
     result = {}
     for mode, values in samples.items():
