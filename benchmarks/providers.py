@@ -145,3 +145,7 @@ def kernel_evaluations(distance: str, batch: int, values: int) -> float:
 
 # Providers whose cost is the direct all-pairs sum, and so are capped (or extrapolated).
 DIRECT_SUM_PROVIDERS = ("reference", "naive", "geomloss")
+# Providers that expand the inputs to all Bq x Bk pairs (Bq Bk M values, sorted with int64
+# indices and kept for backward): skipped beyond this many expanded values.
+EXPANDING_PROVIDERS = ("pot",)
+EXPANDED_VALUES_CAP = 1 << 27

@@ -29,6 +29,8 @@ import rcl_ops
 from benchmarks.plots import plot_results
 from benchmarks.providers import (
     DIRECT_SUM_PROVIDERS,
+    EXPANDED_VALUES_CAP,
+    EXPANDING_PROVIDERS,
     DISTANCES,
     NAIVE_MMD_SUBSAMPLE,
     kernel_evaluations,
@@ -102,6 +104,8 @@ def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool)
     row = {"what": what, "provider": name, "batch": batch, "shape": "x".join(map(str, shape)), "values": values}
     # The naive MMD subsamples its values; its direct sum costs B^2 m^2.
     effective = min(values, NAIVE_MMD_SUBSAMPLE) if name == "naive" else values
+    if name in EXPANDING_PROVIDERS and batch * batch * values > EXPANDED_VALUES_CAP:
+        return {**row, "skipped": f"over the memory cap ({EXPANDED_VALUES_CAP:.1e} expanded values)"}
     if name in DIRECT_SUM_PROVIDERS and kernel_evaluations(distance, batch, effective) > DIRECT_COST_CAP:
         if name != "reference":
             return {**row, "skipped": f"over the cost cap ({DIRECT_COST_CAP:.0e} element pairs)"}
