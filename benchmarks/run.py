@@ -29,9 +29,9 @@ import rcl_ops
 from benchmarks.plots import plot_results
 from benchmarks.providers import (
     DIRECT_SUM_PROVIDERS,
+    DISTANCES,
     EXPANDED_VALUES_CAP,
     EXPANDING_PROVIDERS,
-    DISTANCES,
     NAIVE_MMD_SUBSAMPLE,
     kernel_evaluations,
     loss_providers,
