@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
+from ._autograd import register_sketch_and_pair_autograd
 from ._backend import Backend, mark_unavailable, register_backend
 from .reference import mmd_from_kernel_sums
 
@@ -96,48 +97,6 @@ def _gaussian_kernel_sums_backward_fake(grad, x, y, bandwidths, paired):
 
 
 # ---- autograd -----------------------------------------------------------------------------
-# Bandwidths, eps and the grid are constants: their gradients are not computed.
-
-
-def _moments_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
-
-
-def _moments_backward(ctx, grad_mean, grad_var):
-    x, mean = ctx.saved_tensors
-    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-    return ops.moments_backward(grad_mean, grad_var, x, mean)
-
-
-def _bd_pair_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.eps = inputs[4]
-
-
-def _bd_pair_backward(ctx, grad):
-    return (*ops.bd_pair_backward(grad, *ctx.saved_tensors, ctx.eps), None)
-
-
-def _sorted_quantiles_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no (B, M) zeros for the integer order's gradient
-
-
-def _sorted_quantiles_backward(ctx, grad_quantiles, grad_order):
-    if grad_quantiles is None:
-        return None, None
-    (order,) = ctx.saved_tensors
-    return ops.sorted_quantiles_backward(grad_quantiles, order), None
-
-
-def _emd_pair_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _emd_pair_backward(ctx, grad):
-    return ops.emd_pair_backward(grad, *ctx.saved_tensors)
 
 
 def _emd_exact_setup(ctx, inputs, output):
@@ -152,17 +111,6 @@ def _emd_exact_backward(ctx, grad, *unused_grads):
     return ops.emd_exact_backward(grad, *ctx.saved_tensors)
 
 
-def _mmd_grid_setup(ctx, inputs, output):
-    q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
-    ctx.save_for_backward(q, k, bandwidths)
-
-
-def _mmd_grid_backward(ctx, grad):
-    q, k, bandwidths = ctx.saved_tensors
-    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, ctx.num_bins, ctx.unbiased)
-    return grad_q, grad_k, None, None, None
-
-
 def _kernel_sums_setup(ctx, inputs, output):
     x, y, bandwidths, ctx.paired = inputs
     ctx.save_for_backward(x, y, bandwidths)
@@ -174,16 +122,11 @@ def _kernel_sums_backward(ctx, grad):
     return grad_x, grad_y, None, None
 
 
-for _name, _backward, _setup in (
-    ("moments", _moments_backward, _moments_setup),
-    ("bd_pair", _bd_pair_backward, _bd_pair_setup),
-    ("sorted_quantiles", _sorted_quantiles_backward, _sorted_quantiles_setup),
-    ("emd_pair", _emd_pair_backward, _emd_pair_setup),
-    ("emd_exact", _emd_exact_backward, _emd_exact_setup),
-    ("mmd_grid", _mmd_grid_backward, _mmd_grid_setup),
-    ("gaussian_kernel_sums", _kernel_sums_backward, _kernel_sums_setup),
-):
-    torch.library.register_autograd(f"rcl_ops::{_name}", _backward, setup_context=_setup)
+register_sketch_and_pair_autograd("rcl_ops", quantiles_op="sorted_quantiles")
+torch.library.register_autograd("rcl_ops::emd_exact", _emd_exact_backward, setup_context=_emd_exact_setup)
+torch.library.register_autograd(
+    "rcl_ops::gaussian_kernel_sums", _kernel_sums_backward, setup_context=_kernel_sums_setup
+)
 
 
 # ---- the backend --------------------------------------------------------------------------

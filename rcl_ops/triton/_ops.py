@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import register_sketch_and_pair_autograd
 from .._backend import Backend, register_backend
 from . import _kernels
 from ._kernels import INTERPRET
@@ -378,63 +379,9 @@ def _(grad, q, k, bandwidths, num_bins, unbiased):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-# ---- autograd (as rcl_ops/_native.py; eps, bandwidths and the grid are constants) -----------
+# ---- autograd (shared with the native ops) ---------------------------------------------------
 
-
-def _quantiles_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
-
-
-def _quantiles_backward(ctx, grad_quantiles, grad_order):
-    (order,) = ctx.saved_tensors
-    return ops.quantiles_backward(grad_quantiles, order), None
-
-
-def _emd_pair_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _emd_pair_backward(ctx, grad):
-    return ops.emd_pair_backward(grad, *ctx.saved_tensors)
-
-
-def _moments_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output[0])
-
-
-def _moments_backward(ctx, grad_mean, grad_var):
-    x, mean = ctx.saved_tensors
-    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
-    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-    return ops.moments_backward(grad_mean, grad_var, x, mean)
-
-
-def _bd_pair_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.eps = inputs[4]
-
-
-def _bd_pair_backward(ctx, grad):
-    return (*ops.bd_pair_backward(grad, *ctx.saved_tensors, ctx.eps), None)
-
-
-def _mmd_grid_setup(ctx, inputs, output):
-    q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
-    ctx.save_for_backward(q, k, bandwidths)
-
-
-def _mmd_grid_backward(ctx, grad):
-    q, k, bandwidths = ctx.saved_tensors
-    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, ctx.num_bins, ctx.unbiased)
-    return grad_q, grad_k, None, None, None
-
-
-quantiles.register_autograd(_quantiles_backward, setup_context=_quantiles_setup)
-emd_pair.register_autograd(_emd_pair_backward, setup_context=_emd_pair_setup)
-moments.register_autograd(_moments_backward, setup_context=_moments_setup)
-bd_pair.register_autograd(_bd_pair_backward, setup_context=_bd_pair_setup)
-mmd_grid.register_autograd(_mmd_grid_backward, setup_context=_mmd_grid_setup)
+register_sketch_and_pair_autograd(NAMESPACE, quantiles_op="quantiles")
 
 # Every op of the namespace, for the tests' opcheck coverage.
 OPS = (
