@@ -33,6 +33,8 @@ def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str
         ("time-vs-values", "values", "batch", 64, "full_ms", "values per residual M", "forward+backward (ms)"),
         ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", "batch B", "peak extra memory (bytes)"),
     ]
+    providers = sorted({r["provider"] for r in rows})
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}  # same colour in every panel
     written = []
     for name, x_key, fixed_key, fixed_value, y_key, x_label, y_label in plans:
         panels = [(what, _series(rows, what, x_key, fixed_key, fixed_value, y_key)) for what in WHATS]
@@ -43,10 +45,10 @@ def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str
         for ax, (what, series) in zip(axes[0], panels):
             for provider, points in series.items():
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o", label=provider)
+                ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
             ax.set(xscale="log", yscale="log", title=what, xlabel=x_label, ylabel=y_label)
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=6)
         fig.suptitle(f"{name.replace('-', ' ')} ({device_name})", fontsize=9)
         fig.tight_layout()
         path = output_dir / f"{stem}-{name}.png"
