@@ -44,6 +44,13 @@ inline void check_order(const at::Tensor& order, const at::Tensor& sorted, const
               ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
 }
 
+// The sort order (B, M) int64 that a (B, K) quantile gradient is scattered through.
+inline void check_quantile_order(const at::Tensor& order, const at::Tensor& grad, const char* op) {
+  TORCH_CHECK(order.dim() == 2 && order.size(0) == grad.size(0) && order.scalar_type() == at::kLong,
+              op, ": order must be int64 of shape (", grad.size(0), ", M), got ",
+              order.scalar_type(), " ", order.sizes());
+}
+
 // Means and variances of the q and k batches for the Bhattacharyya pair term.
 inline void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q,
                              const at::Tensor& mean_k, const at::Tensor& var_k, const char* op) {

@@ -21,6 +21,19 @@ def backend_device(backend: str) -> str:
     return "cpu"
 
 
+def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"):
+    """torch.compile(fullgraph=True) of the loss gives the eager value and input gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
+    eager = loss_fn(q, k)
+    eager_grads = torch.autograd.grad(eager, (q, k))
+    got = compiled(q, k)
+    got_grads = torch.autograd.grad(got, (q, k))
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(got_grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import NATIVE_BACKENDS, backend_device
+from conftest import NATIVE_BACKENDS, assert_compiled_loss_matches_eager, backend_device
 
 import rcl_ops
 
@@ -226,15 +226,7 @@ def test_native_ops_reject_bad_arguments(backend):
 @pytest.mark.parametrize("distance", ["emd", "mmd", "bd"])
 def test_compiled_loss_fullgraph(backend, distance):
     device = backend_device(backend)
-    torch._dynamo.reset()
     loss_fn = rcl_ops.ResidualContrastiveLoss(distance, temperature=0.2, backend=backend)
-    compiled = torch.compile(loss_fn, fullgraph=True)
     q = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
     k = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
-    eager = loss_fn(q, k)
-    eager_grads = torch.autograd.grad(eager, (q, k))
-    got = compiled(q, k)
-    got_grads = torch.autograd.grad(got, (q, k))
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(got_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_loss_matches_eager(loss_fn, q, k)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_compiled_loss_matches_eager
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -309,18 +310,10 @@ def test_ops_reject_bad_arguments(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("distance", ["emd", "bd"])
 def test_compiled_loss_fullgraph(device, distance):
-    torch._dynamo.reset()
     loss_fn = rcl_ops.ResidualContrastiveLoss(distance, temperature=0.2, backend="triton")
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     q = torch.randn(6, 3, 5, 7, device=device, requires_grad=True)
     k = torch.randn(6, 3, 5, 7, device=device, requires_grad=True)
-    eager = loss_fn(q, k)
-    eager_grads = torch.autograd.grad(eager, (q, k))
-    got = compiled(q, k)
-    got_grads = torch.autograd.grad(got, (q, k))
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(got_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="aot_eager")
 
 
 @pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")

@@ -145,10 +145,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
 at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Tensor& order_in) {
   const char* op = "rcl_ops::sorted_quantiles_backward";
   check_rows(grad_in, op, "grad_quantiles");
-  TORCH_CHECK(order_in.dim() == 2 && order_in.size(0) == grad_in.size(0) &&
-                  order_in.scalar_type() == at::kLong,
-              op, ": order must be int64 of shape (", grad_in.size(0), ", M), got ",
-              order_in.scalar_type(), " ", order_in.sizes());
+  check_quantile_order(order_in, grad_in, op);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor order = order_in.contiguous();
   const int64_t rows = grad.size(0), num_quantiles = grad.size(1), count = order.size(1);

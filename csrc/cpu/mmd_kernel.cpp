@@ -132,6 +132,31 @@ at::Tensor gaussian_kernel_sums_cpu(const at::Tensor& x_in, const at::Tensor& y_
   return out;
 }
 
+// grad_a[i, s] = sum_j grad(i, j) sum_t k'(a[i, s] - b[j, t]), over j = i when paired. Each
+// output row is owned by one task.
+template <typename T, typename GradAt>
+void kernel_sums_side_grad(const T* a, int64_t rows_a, int64_t count_a, const T* b, int64_t rows_b,
+                           int64_t count_b, bool paired, const double* ih, int64_t num_h,
+                           GradAt grad_at, T* grad_a) {
+  at::parallel_for(0, rows_a, grain_for(count_a * count_b), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t j_begin = paired ? i : 0, j_end = paired ? i + 1 : rows_b;
+      for (int64_t s = 0; s < count_a; ++s) {
+        double total = 0.0;
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          double inner = 0.0;
+          for (int64_t t = 0; t < count_b; ++t) {
+            inner += gaussian_kernel_derivative(
+                double(a[i * count_a + s]) - double(b[j * count_b + t]), ih, num_h);
+          }
+          total += grad_at(i, j) * inner;
+        }
+        grad_a[i * count_a + s] = T(total);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(const at::Tensor& grad_in,
                                                                      const at::Tensor& x_in,
                                                                      const at::Tensor& y_in,
@@ -154,47 +179,15 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(const at::T
   const double* gp = grad.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums_backward", [&] {
     const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
-    scalar_t *gxp = grad_x.data_ptr<scalar_t>(), *gyp = grad_y.data_ptr<scalar_t>();
-    // d/dx_s sum k(x_s - y_t) = sum_t k'(x_s - y_t); the y side gets the negative. Each
-    // output row is owned by one task.
-    at::parallel_for(
-        0, a.rows_x, grain_for(a.count_x * a.count_y), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            const int64_t j_begin = paired ? i : 0, j_end = paired ? i + 1 : a.rows_y;
-            for (int64_t s = 0; s < a.count_x; ++s) {
-              double total = 0.0;
-              for (int64_t j = j_begin; j < j_end; ++j) {
-                const double g = paired ? gp[i] : gp[i * a.rows_y + j];
-                double inner = 0.0;
-                for (int64_t t = 0; t < a.count_y; ++t) {
-                  inner += gaussian_kernel_derivative(
-                      double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
-                }
-                total += g * inner;
-              }
-              gxp[i * a.count_x + s] = scalar_t(total);
-            }
-          }
-        });
-    at::parallel_for(
-        0, a.rows_y, grain_for(a.count_x * a.count_y), [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j) {
-            const int64_t i_begin = paired ? j : 0, i_end = paired ? j + 1 : a.rows_x;
-            for (int64_t t = 0; t < a.count_y; ++t) {
-              double total = 0.0;
-              for (int64_t i = i_begin; i < i_end; ++i) {
-                const double g = paired ? gp[j] : gp[i * a.rows_y + j];
-                double inner = 0.0;
-                for (int64_t s = 0; s < a.count_x; ++s) {
-                  inner += gaussian_kernel_derivative(
-                      double(xp[i * a.count_x + s]) - double(yp[j * a.count_y + t]), ih, num_h);
-                }
-                total -= g * inner;
-              }
-              gyp[j * a.count_y + t] = scalar_t(total);
-            }
-          }
-        });
+    // d/dx_s sum k(x_s - y_t) = sum_t k'(x_s - y_t); for y the roles swap (k' is odd).
+    kernel_sums_side_grad(
+        xp, a.rows_x, a.count_x, yp, a.rows_y, a.count_y, paired, ih, num_h,
+        [&](int64_t i, int64_t j) { return paired ? gp[i] : gp[i * a.rows_y + j]; },
+        grad_x.data_ptr<scalar_t>());
+    kernel_sums_side_grad(
+        yp, a.rows_y, a.count_y, xp, a.rows_x, a.count_x, paired, ih, num_h,
+        [&](int64_t j, int64_t i) { return paired ? gp[j] : gp[i * a.rows_y + j]; },
+        grad_y.data_ptr<scalar_t>());
   });
   return {grad_x, grad_y};
 }

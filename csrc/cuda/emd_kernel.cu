@@ -109,10 +109,7 @@ __global__ void sorted_quantiles_backward_kernel(const T* __restrict__ grad,
 at::Tensor sorted_quantiles_backward_cuda(const at::Tensor& grad_in, const at::Tensor& order_in) {
   const char* op = "rcl_ops::sorted_quantiles_backward";
   check_rows(grad_in, op, "grad_quantiles");
-  TORCH_CHECK(order_in.dim() == 2 && order_in.size(0) == grad_in.size(0) &&
-                  order_in.scalar_type() == at::kLong,
-              op, ": order must be int64 of shape (", grad_in.size(0), ", M), got ",
-              order_in.scalar_type(), " ", order_in.sizes());
+  check_quantile_order(order_in, grad_in, op);
   check_device(order_in, grad_in, op, "order", "grad_quantiles");
   c10::cuda::CUDAGuard device_guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
