@@ -35,20 +35,26 @@ inline void check_pair(const at::Tensor& sq, const at::Tensor& sk, const char* o
               sq.size(1), " and ", sk.size(1));
 }
 
-// A sort order (int64, the shape of the sorted values, on their device).
+// Sort orders are int32 on every device (rows hold at most 2^31 - 1 values): half the
+// memory of int64 for the (B, M) orders that autograd keeps between forward and backward.
+using order_t = int32_t;
+constexpr auto kOrderType = at::kInt;
+
+// A sort order (int32, the shape of the sorted values, on their device).
 inline void check_order(const at::Tensor& order, const at::Tensor& sorted, const char* op,
                         const char* name) {
-  TORCH_CHECK(order.scalar_type() == at::kLong && order.sizes() == sorted.sizes() &&
+  TORCH_CHECK(order.scalar_type() == kOrderType && order.sizes() == sorted.sizes() &&
                   order.device() == sorted.device(),
-              op, ": ", name, " must be int64 of shape ", sorted.sizes(), " on ", sorted.device(),
+              op, ": ", name, " must be int32 of shape ", sorted.sizes(), " on ", sorted.device(),
               ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
 }
 
-// The sort order (B, M) int64 that a (B, K) quantile gradient is scattered through.
+// The sort order (B, M) int32 that a (B, K) quantile gradient is scattered through.
 inline void check_quantile_order(const at::Tensor& order, const at::Tensor& grad, const char* op) {
-  TORCH_CHECK(order.dim() == 2 && order.size(0) == grad.size(0) && order.scalar_type() == at::kLong,
-              op, ": order must be int64 of shape (", grad.size(0), ", M), got ",
-              order.scalar_type(), " ", order.sizes());
+  TORCH_CHECK(
+      order.dim() == 2 && order.size(0) == grad.size(0) && order.scalar_type() == kOrderType, op,
+      ": order must be int32 of shape (", grad.size(0), ", M), got ", order.scalar_type(), " ",
+      order.sizes());
 }
 
 // Means and variances of the q and k batches for the Bhattacharyya pair term.

@@ -1,7 +1,8 @@
 // Exact EMD (K == M) as one autograd node: forward sorts both batches and pairs them,
-// returning the sorted values and orders that the backward needs; the backward's pair
-// gradient and scatter back are fused on CPU (csrc/cpu/emd_kernel.cpp). These composite
-// kernels, built from the primitive ops, serve every other device.
+// returning the sorted values and int32 orders that the backward needs; on CPU the
+// backward's pair gradient is scattered back in place, row by row, with no (B, M)
+// temporaries (csrc/cpu/emd_kernel.cpp). These composite kernels, built from the primitive
+// ops, serve every other device.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

@@ -48,6 +48,10 @@ def check_all_finite(x: torch.Tensor, name: str, where: str) -> None:
     """Raise ValueError naming the first batch index of ``x`` holding NaN or Inf."""
     if not _check_finite or _is_compiling():
         return
+    # Fast path, one pass and no (B, M) mask: a NaN or Inf anywhere makes the sum NaN or Inf.
+    # A non-finite sum of finite values (overflow) falls through to the exact check.
+    if bool(torch.isfinite(x.sum())):
+        return
     finite_rows = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
     if not bool(finite_rows.all()):
         bad = torch.nonzero(~finite_rows).flatten().tolist()

@@ -40,7 +40,7 @@ def _bd_pair_backward_fake(grad, mean_q, var_q, mean_k, var_k, eps):
 @torch.library.register_fake("rcl_ops::sorted_quantiles")
 def _sorted_quantiles_fake(x, num_quantiles):
     torch._check(x.dim() == 2, lambda: "rcl_ops::sorted_quantiles: x must be 2-D")
-    return x.new_empty(x.shape[0], num_quantiles), x.new_empty(x.shape, dtype=torch.long)
+    return x.new_empty(x.shape[0], num_quantiles), x.new_empty(x.shape, dtype=torch.int32)
 
 
 @torch.library.register_fake("rcl_ops::sorted_quantiles_backward")
@@ -65,9 +65,9 @@ def _emd_exact_fake(q, k):
     return (
         q.new_empty(q.shape[0], k.shape[0]),
         torch.empty_like(q),
-        q.new_empty(q.shape, dtype=torch.long),
+        q.new_empty(q.shape, dtype=torch.int32),
         torch.empty_like(k),
-        k.new_empty(k.shape, dtype=torch.long),
+        k.new_empty(k.shape, dtype=torch.int32),
     )
 
 

@@ -41,12 +41,23 @@ def test_empty_inputs(fn, backend):
 
 
 @pytest.mark.parametrize("fn", DISTANCES)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_input_names_batch_index(fn, backend, bad):
     q, k = _pair(backend)
     k[2, 1, 0, 3] = bad
     with pytest.raises(ValueError, match="k contains NaN or Inf at batch index 2"):
         fn(q, k, backend=backend)
+
+
+def test_finite_values_whose_sum_overflows_pass_the_check():
+    # The check's fast path sums the values; an overflowing sum of finite values must fall
+    # through to the exact per-value check and pass.
+    q = torch.full((3, 64), 3e38)
+    k = torch.full((2, 64), -3e38)
+    rcl_ops.pairwise_bd(q, k, backend="reference")
+    q[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="q contains NaN or Inf at batch index 1"):
+        rcl_ops.pairwise_bd(q, k, backend="reference")
 
 
 def test_finite_check_can_be_disabled():

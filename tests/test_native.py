@@ -105,6 +105,38 @@ def test_emd_ties_in_sort(backend):
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sort_order_is_the_stable_sort_permutation(backend, dtype):
+    # Ties (integers), signed zeros and a long row: the radix sort (float32) and the
+    # comparison sort (float64) must both give torch's stable order, as int32.
+    device = backend_device(backend)
+    x = torch.randint(-50, 51, (3, 5000), device=device).to(dtype)
+    x[0, :7] = torch.tensor([0.0, -0.0, 0.0, -0.0, 1e-30, -1e-30, 0.0], dtype=dtype)
+    sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(x, x.shape[1])
+    expected_values, expected_order = torch.sort(x, dim=1, stable=True)
+    assert order.dtype == torch.int32
+    torch.testing.assert_close(sorted_x, expected_values, atol=0, rtol=0)
+    torch.testing.assert_close(torch.gather(x, 1, order.long()), sorted_x, atol=0, rtol=0)
+    ties_resolved_by_index = expected_order[:, 1:] > expected_order[:, :-1]
+    same_value = expected_values[:, 1:] == expected_values[:, :-1]
+    assert bool((ties_resolved_by_index | ~same_value).all())
+    # -0.0 sorts before +0.0 in the radix keys but compares equal: only the values are
+    # comparable with torch's order there, the permutation elsewhere.
+    nonzero = expected_values != 0
+    assert torch.equal(order.long()[nonzero], expected_order[nonzero])
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_int64_sort_order_is_rejected(backend):
+    device = backend_device(backend)
+    sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(torch.randn(2, 9, device=device), 9)
+    with pytest.raises(RuntimeError, match="order_q must be int32"):
+        torch.ops.rcl_ops.emd_exact_backward(torch.ones(2, 2, device=device), sorted_x, order.long(), sorted_x, order)
+    with pytest.raises(RuntimeError, match="order must be int32"):
+        torch.ops.rcl_ops.sorted_quantiles_backward(sorted_x, order.long())
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
 def test_half_inputs(backend):
     device = backend_device(backend)
     q, k = torch.randn(4, 3, 16, 16, device=device), torch.randn(4, 3, 16, 16, device=device)

@@ -36,65 +36,96 @@ inline float key_to_float(uint32_t key) {
 
 struct SortScratch {
   std::vector<uint32_t> keys[2];
-  std::vector<int32_t> index[2];
-  std::vector<int64_t> order;
+  std::vector<order_t> index[2];
+  std::vector<order_t> order;
 };
 
-// Sorts one row of float32 by an LSD radix sort (3 passes of 11 bits), writing the sorted
-// values and the source index of each.
-void sort_row(const float* x, int64_t count, float* sorted, int64_t* order, SortScratch& scratch) {
-  constexpr int kBits = 11, kBuckets = 1 << kBits, kPasses = 3;
+constexpr int kRadixBits = 11, kRadixBuckets = 1 << kRadixBits, kRadixPasses = 3;
+
+// One counting-sort pass on digit `shift` of the keys. The first pass reads the keys from
+// the input values (index = position); the last writes the sorted values and their source
+// indices straight to the outputs, so no pass only copies.
+template <bool kFirst, bool kLast>
+RCL_INLINE void radix_pass(const float* x, const uint32_t* src_keys, const order_t* src_index,
+                           int64_t count, int shift, uint32_t* offset, uint32_t* dst_keys,
+                           order_t* dst_index, float* sorted, order_t* order) {
+  for (int64_t m = 0; m < count; ++m) {
+    const uint32_t key = kFirst ? float_to_key(x[m]) : src_keys[m];
+    const order_t index = kFirst ? order_t(m) : src_index[m];
+    const uint32_t pos = offset[(key >> shift) & (kRadixBuckets - 1)]++;
+    if (kLast) {
+      sorted[pos] = key_to_float(key);
+      order[pos] = index;
+    } else {
+      dst_keys[pos] = key;
+      dst_index[pos] = index;
+    }
+  }
+}
+
+// Sorts one row of float32 by an LSD radix sort (3 passes of 11 bits, skipping digits that
+// all values share), writing the sorted values and the source index of each. Stable.
+void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
+  uint32_t histogram[kRadixPasses][kRadixBuckets] = {};
+  for (int64_t m = 0; m < count; ++m) {
+    const uint32_t key = float_to_key(x[m]);
+    for (int p = 0; p < kRadixPasses; ++p) {
+      ++histogram[p][(key >> (p * kRadixBits)) & (kRadixBuckets - 1)];
+    }
+  }
+  const uint32_t first_key = float_to_key(x[0]);
+  int passes[kRadixPasses], num_passes = 0;
+  for (int p = 0; p < kRadixPasses; ++p) {
+    const uint32_t digit = (first_key >> (p * kRadixBits)) & (kRadixBuckets - 1);
+    if (histogram[p][digit] != uint32_t(count)) passes[num_passes++] = p;
+  }
+  if (num_passes == 0) {  // all keys equal
+    std::copy(x, x + count, sorted);
+    std::iota(order, order + count, order_t(0));
+    return;
+  }
   for (int b = 0; b < 2; ++b) {
     scratch.keys[b].resize(count);
     scratch.index[b].resize(count);
   }
-  uint32_t histogram[kPasses][kBuckets] = {};
-  uint32_t* keys = scratch.keys[0].data();
-  for (int64_t m = 0; m < count; ++m) {
-    const uint32_t key = float_to_key(x[m]);
-    keys[m] = key;
-    for (int p = 0; p < kPasses; ++p) ++histogram[p][(key >> (p * kBits)) & (kBuckets - 1)];
-  }
-  int src = 0;
-  bool have_index = false;
-  for (int p = 0; p < kPasses; ++p) {
-    const int shift = p * kBits;
-    const uint32_t first_digit = (scratch.keys[src][0] >> shift) & (kBuckets - 1);
-    if (histogram[p][first_digit] == uint32_t(count)) continue;  // all share this digit
-    uint32_t offset[kBuckets];
+  for (int n = 0; n < num_passes; ++n) {
+    const int p = passes[n], src = n % 2, dst = 1 - src;
+    uint32_t offset[kRadixBuckets];
     uint32_t running = 0;
-    for (int d = 0; d < kBuckets; ++d) {
+    for (int d = 0; d < kRadixBuckets; ++d) {
       offset[d] = running;
       running += histogram[p][d];
     }
+    const bool first = n == 0, last = n == num_passes - 1;
     const uint32_t* src_keys = scratch.keys[src].data();
-    const int32_t* src_index = scratch.index[src].data();
-    uint32_t* dst_keys = scratch.keys[1 - src].data();
-    int32_t* dst_index = scratch.index[1 - src].data();
-    for (int64_t m = 0; m < count; ++m) {
-      const uint32_t key = src_keys[m];
-      const uint32_t pos = offset[(key >> shift) & (kBuckets - 1)]++;
-      dst_keys[pos] = key;
-      dst_index[pos] = have_index ? src_index[m] : int32_t(m);
+    const order_t* src_index = scratch.index[src].data();
+    uint32_t* dst_keys = scratch.keys[dst].data();
+    order_t* dst_index = scratch.index[dst].data();
+    const int shift = p * kRadixBits;
+    if (first && last) {
+      radix_pass<true, true>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+                             sorted, order);
+    } else if (first) {
+      radix_pass<true, false>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+                              sorted, order);
+    } else if (last) {
+      radix_pass<false, true>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+                              sorted, order);
+    } else {
+      radix_pass<false, false>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+                               sorted, order);
     }
-    have_index = true;
-    src = 1 - src;
-  }
-  const uint32_t* final_keys = scratch.keys[src].data();
-  const int32_t* final_index = scratch.index[src].data();
-  for (int64_t m = 0; m < count; ++m) {
-    sorted[m] = key_to_float(final_keys[m]);
-    order[m] = have_index ? final_index[m] : m;
   }
 }
 
 // float64 rows: a comparison sort of the indices.
-void sort_row(const double* x, int64_t count, double* sorted, int64_t* order,
+void sort_row(const double* x, int64_t count, double* sorted, order_t* order,
               SortScratch& scratch) {
-  std::vector<int64_t>& index = scratch.order;
+  std::vector<order_t>& index = scratch.order;
   index.resize(count);
-  std::iota(index.begin(), index.end(), int64_t(0));
-  std::sort(index.begin(), index.end(), [x](int64_t a, int64_t b) { return x[a] < x[b]; });
+  std::iota(index.begin(), index.end(), order_t(0));
+  // Stable, so that ties keep their index order as in the float32 radix sort.
+  std::stable_sort(index.begin(), index.end(), [x](order_t a, order_t b) { return x[a] < x[b]; });
   for (int64_t m = 0; m < count; ++m) {
     order[m] = index[m];
     sorted[m] = x[index[m]];
@@ -110,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), count = x.size(1);
   at::Tensor sorted = at::empty_like(x);
-  at::Tensor order = at::empty({rows, count}, x.options().dtype(at::kLong));
+  at::Tensor order = at::empty({rows, count}, x.options().dtype(kOrderType));
   at::Tensor quantiles =
       num_quantiles == count ? sorted : at::empty({rows, num_quantiles}, x.options());
   std::vector<QuantilePosition> positions;
@@ -123,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* sp = sorted.data_ptr<scalar_t>();
     scalar_t* qp = quantiles.data_ptr<scalar_t>();
-    int64_t* orderp = order.data_ptr<int64_t>();
+    order_t* orderp = order.data_ptr<order_t>();
     at::parallel_for(0, rows, grain_for(8 * count), [&](int64_t begin, int64_t end) {
       SortScratch scratch;
       for (int64_t i = begin; i < end; ++i) {
@@ -156,7 +187,7 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
   }
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rcl_ops::sorted_quantiles_backward", [&] {
     const scalar_t* gp = grad.data_ptr<scalar_t>();
-    const int64_t* orderp = order.data_ptr<int64_t>();
+    const order_t* orderp = order.data_ptr<order_t>();
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> grad_sorted(num_quantiles == count ? 0 : count);
@@ -171,7 +202,7 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
           }
           g = grad_sorted.data();
         }
-        const int64_t* row_order = orderp + i * count;
+        const order_t* row_order = orderp + i * count;
         scalar_t* row_grad = gx + i * count;
         for (int64_t m = 0; m < count; ++m) row_grad[row_order[m]] = g[m];
       }
@@ -185,7 +216,7 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
 constexpr int kLanes = 16;
 constexpr int kTile = 4;             // (i, j) block of the forward
 constexpr int64_t kChunk = 2048;     // K values per forward partial sum (cache-resident)
-constexpr int kRows = 4;             // q rows per backward register block
+constexpr int kRows = 8;             // q rows per backward register block
 constexpr int kVector = 16;          // K values per backward register block
 constexpr int64_t kGradChunk = 256;  // K values per backward task
 
@@ -248,12 +279,11 @@ inline void emd_forward_tile_any(const double* qp, const double* kp, double* out
 // grad_q[i, k] = sum_j g[i, j] sign(q[i, k] - s_k[j, k]), grad_k[j, k] = -sum_i (same).
 // A block of kRows q rows x kVector values stays in registers while j sweeps the keys, so
 // each key value is loaded once per block; grad_k's chunk accumulates in key_buffer
-// (bk x len, cache-resident). With sort orders given (exact EMD, K == M), both gradients
-// are written straight to the unsorted positions: the scatter back is fused.
+// (bk x len, cache-resident). Gradients are written at sorted positions; the exact EMD's
+// scatter back through the sort orders is a second, row-wise pass (permute_rows_in_place):
+// scattering from inside this chunked loop would touch every row at random, out of cache.
 struct BackwardArgs {
   int64_t bq, bk, n;
-  const int64_t* order_q;  // nullptr: write sorted positions
-  const int64_t* order_k;
 };
 
 template <typename T>
@@ -262,9 +292,6 @@ RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq,
                                    int64_t len) {
   const int64_t bq = args.bq, bk = args.bk, n = args.n;
   std::fill(key_buffer, key_buffer + bk * len, T(0));
-  auto store_q = [&](int64_t i, int64_t k, T value) {
-    gq[i * n + (args.order_q ? args.order_q[i * n + k] : k)] = value;
-  };
   for (int64_t i0 = 0; i0 < bq; i0 += kRows) {
     const int64_t ni = std::min<int64_t>(kRows, bq - i0);
     for (int64_t k0 = c; k0 < c + len; k0 += kVector) {
@@ -290,7 +317,7 @@ RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq,
           }
         }
         for (int r = 0; r < kRows; ++r) {
-          for (int l = 0; l < kVector; ++l) store_q(i0 + r, k0 + l, acc[r][l]);
+          for (int l = 0; l < kVector; ++l) gq[(i0 + r) * n + k0 + l] = acc[r][l];
         }
       } else {  // ragged edge: plain loops
         const int64_t nv = std::min<int64_t>(kVector, c + len - k0);
@@ -302,7 +329,7 @@ RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq,
               total += s;
               key_buffer[j * len + (k - c)] -= s;
             }
-            store_q(i, k, total);
+            gq[i * n + k] = total;
           }
         }
       }
@@ -310,7 +337,7 @@ RCL_INLINE void emd_backward_chunk(const T* qp, const T* kp, const T* gp, T* gq,
   }
   for (int64_t j = 0; j < bk; ++j) {
     for (int64_t k = c; k < c + len; ++k) {
-      gk[j * n + (args.order_k ? args.order_k[j * n + k] : k)] = key_buffer[j * len + (k - c)];
+      gk[j * n + k] = key_buffer[j * len + (k - c)];
     }
   }
 }
@@ -360,7 +387,26 @@ at::Tensor emd_pair_cpu(const at::Tensor& sq_in, const at::Tensor& sk_in) {
   return out;
 }
 
-// Shared by emd_pair_backward (sorted positions) and emd_exact_backward (fused scatter).
+// values[i, order[i, m]] = values[i, m] for each row, through a row-sized scratch: the
+// scatter back from sorted positions, in place, one cache-resident row at a time.
+template <typename T>
+void permute_rows_in_place(at::Tensor& values, const at::Tensor& order) {
+  const int64_t rows = values.size(0), count = values.size(1);
+  T* vp = values.data_ptr<T>();
+  const order_t* op = order.data_ptr<order_t>();
+  at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
+    std::vector<T> row(count);
+    for (int64_t i = begin; i < end; ++i) {
+      T* values_row = vp + i * count;
+      const order_t* order_row = op + i * count;
+      std::copy(values_row, values_row + count, row.begin());
+      for (int64_t m = 0; m < count; ++m) values_row[order_row[m]] = row[m];
+    }
+  });
+}
+
+// Shared by emd_pair_backward (sorted positions) and emd_exact_backward (scattered back
+// through the orders when they are given).
 std::tuple<at::Tensor, at::Tensor> run_emd_backward(const at::Tensor& grad_in, const at::Tensor& sq,
                                                     const at::Tensor& sk, const at::Tensor* order_q,
                                                     const at::Tensor* order_k, const char* op) {
@@ -370,15 +416,13 @@ std::tuple<at::Tensor, at::Tensor> run_emd_backward(const at::Tensor& grad_in, c
   // dD[i, j]/ds_q[i, k] = sign(s_q[i, k] - s_k[j, k]) / K, and the negative for s_k.
   const at::Tensor grad = (grad_in.to(sq.scalar_type()) / double(n)).contiguous();
   at::Tensor grad_q = at::empty_like(sq), grad_k = at::empty_like(sk);
-  const BackwardArgs args{bq, bk, n, order_q ? order_q->data_ptr<int64_t>() : nullptr,
-                          order_k ? order_k->data_ptr<int64_t>() : nullptr};
+  const BackwardArgs args{bq, bk, n};
   AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair_backward", [&] {
     const scalar_t *qp = sq.data_ptr<scalar_t>(), *kp = sk.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t *gq = grad_q.data_ptr<scalar_t>(), *gk = grad_k.data_ptr<scalar_t>();
     const int64_t chunks = (n + kGradChunk - 1) / kGradChunk;
-    // Chunks of K are independent for both outputs (also through a permutation of each
-    // row): no two threads write the same value.
+    // Chunks of K are independent for both outputs: no two threads write the same value.
     at::parallel_for(0, chunks, grain_for(bq * bk * kGradChunk), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> key_buffer(bk * kGradChunk);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -387,6 +431,8 @@ std::tuple<at::Tensor, at::Tensor> run_emd_backward(const at::Tensor& grad_in, c
                                std::min(kGradChunk, n - c));
       }
     });
+    if (order_q) permute_rows_in_place<scalar_t>(grad_q, *order_q);
+    if (order_k) permute_rows_in_place<scalar_t>(grad_k, *order_k);
   });
   return {grad_q, grad_k};
 }

@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
   // Stable: equal values keep their index order, as in the CPU (float32) radix sort.
   auto sorted_and_order = at::sort(x, /*stable=*/true, /*dim=*/1, /*descending=*/false);
   const at::Tensor sorted = std::get<0>(sorted_and_order).contiguous();
-  const at::Tensor order = std::get<1>(sorted_and_order).contiguous();
+  const at::Tensor order = std::get<1>(sorted_and_order).to(kOrderType).contiguous();
   if (num_quantiles == count) return {sorted, order};
   at::Tensor quantiles = at::empty({rows, num_quantiles}, x.options());
   const int64_t total = rows * num_quantiles;
@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
 // before upper, in T: the same sums, in the same order, as the CPU loop.
 template <typename T>
 __global__ void sorted_quantiles_backward_kernel(const T* __restrict__ grad,
-                                                 const int64_t* __restrict__ order,
+                                                 const order_t* __restrict__ order,
                                                  int64_t num_quantiles, int64_t count,
                                                  int64_t total, T* __restrict__ grad_x) {
   for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
@@ -100,7 +100,7 @@ __global__ void sorted_quantiles_backward_kernel(const T* __restrict__ grad,
         if (p.upper == m) value += T(__dmul_rn(double(g[k]), p.upper_weight));
       }
     }
-    const int64_t dst = order[idx];
+    const int64_t dst = order[idx];  // int32 -> int64 before the row offset
     CUDA_KERNEL_ASSERT(dst >= 0 && dst < count);
     grad_x[row * count + dst] = value;
   }
@@ -121,7 +121,7 @@ at::Tensor sorted_quantiles_backward_cuda(const at::Tensor& grad_in, const at::T
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rcl_ops::sorted_quantiles_backward", [&] {
     sorted_quantiles_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), num_quantiles, count, total,
+        grad.data_ptr<scalar_t>(), order.data_ptr<order_t>(), num_quantiles, count, total,
         grad_x.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
