@@ -54,9 +54,9 @@ demo: build
 	$(PY) -m rcl_ops.train --preset quick --output-dir runs
 
 # Side-by-side CPU benchmark at B=64, 3x64x64 (a few minutes); results in benchmarks/results/.
-# The peers (POT, GeomLoss) are installed here only: the library never needs them.
+# The peers (POT, GeomLoss, KeOps) are installed here only: the library never needs them.
 bench: build
-	$(PIP) install --quiet pot geomloss matplotlib
+	$(PIP) install --quiet pot geomloss pykeops matplotlib
 	$(PY) -m benchmarks.run --device cpu --quick
 
 # On a machine with a CUDA GPU and its own torch (PYTHON=/path/to/python): build in place

@@ -1,4 +1,4 @@
-"""PNG plots of a benchmark run: time vs B, time vs M and peak memory vs B, per distance."""
+"""PNG plots of a benchmark run: time and peak extra memory, vs B and vs M, per distance."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ def _series(rows, what, x_key, fixed_key, fixed_value, y_key):
     """provider -> sorted [(x, y)] over the measured rows of one distance."""
     series: dict[str, list] = {}
     for r in rows:
-        if r["what"] == what and r.get(fixed_key) == fixed_value and y_key in r and "extrapolated_from" not in r:
+        measured = r.get(y_key, 0) > 0 and "extrapolated_from" not in r  # 0 bytes: not on a log axis
+        if measured and r["what"] == what and r.get(fixed_key) == fixed_value:
             series.setdefault(r["provider"], []).append((r[x_key], r[y_key]))
     return {name: sorted(points) for name, points in series.items() if len(points) > 1}
 
 
 def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str) -> list[Path]:
-    """Write <stem>-time-vs-batch.png, -time-vs-values.png, -memory-vs-batch.png; returns the paths
-    (none when matplotlib is missing or the run has no sweep)."""
+    """Write <stem>-time-vs-batch.png, -time-vs-values.png, -memory-vs-batch.png and
+    -memory-vs-values.png; returns the paths (none when matplotlib is missing or the run has no
+    sweep). The memory plots need the rows' peak memory: without it (--no-memory) a note is printed."""
     try:
         import matplotlib
 
@@ -28,11 +30,15 @@ def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str
         return []
     shapes = {r["shape"] for r in rows if r["batch"] == 64}
     base_shape = "3x64x64" if "3x64x64" in shapes else None
+    time, memory, values = "forward+backward (ms)", "peak extra memory (bytes)", "values per residual M"
     plans = [
-        ("time-vs-batch", "batch", "shape", base_shape, "full_ms", "batch B", "forward+backward (ms)"),
-        ("time-vs-values", "values", "batch", 64, "full_ms", "values per residual M", "forward+backward (ms)"),
-        ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", "batch B", "peak extra memory (bytes)"),
+        ("time-vs-batch", "batch", "shape", base_shape, "full_ms", "batch B", time),
+        ("time-vs-values", "values", "batch", 64, "full_ms", values, time),
+        ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", "batch B", memory),
+        ("memory-vs-values", "values", "batch", 64, "extra_bytes", values, memory),
     ]
+    if not any("extra_bytes" in r for r in rows):
+        print("note: no peak-memory numbers in these results (run without --no-memory): memory plots skipped")
     providers = sorted({r["provider"] for r in rows})
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}  # same colour in every panel
     written = []

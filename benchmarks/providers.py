@@ -8,18 +8,30 @@
   loop is not worth compiling);
 - peers, when installed (``pip install .[bench]``; never required by the library):
   ``pot`` (ot.wasserstein_1d, torch backend, expanded to all Bq x Bk pairs as its users
-  must), ``geomloss`` (SamplesLoss("gaussian"), tensorized, all pairs expanded), and
-  ``scipy`` (scipy.stats.wasserstein_distance per pair; forward only, no gradient).
+  must), ``geomloss`` (SamplesLoss("gaussian"), tensorized, all pairs expanded),
+  ``geomloss[keops]`` (the same with backend="online": KeOps computes the kernel on the fly,
+  in linear memory; listed when pykeops is installed, and marked unavailable, with the
+  reason, when it does not compile and run a tiny case), and ``scipy``
+  (scipy.stats.wasserstein_distance per pair; forward only, no gradient).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import os
 from collections.abc import Callable
 
 import torch
 
 import rcl_ops
 from rcl_ops import reference
+
+# KeOps prints its notes (no CUDA here, compiling a formula) to stdout, into the table; it is
+# imported by geomloss[keops], and also by GeomLoss and POT (through GeomLoss) when installed.
+# Read at import: KEOPS_VERBOSE=1 PYKEOPS_VERBOSE=1 show them.
+os.environ.setdefault("KEOPS_VERBOSE", "0")
+os.environ.setdefault("PYKEOPS_VERBOSE", "0")
 
 DISTANCES = ("emd", "mmd", "bd")
 NAIVE_MMD_SUBSAMPLE = 1024
@@ -76,17 +88,71 @@ def pot_emd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return ot.wasserstein_1d(u, v, p=1).reshape(bq, bk)
 
 
-def geomloss_mmd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """GeomLoss's Gaussian-kernel MMD (tensorized) on every pair, expanded to (Bq Bk, M, 1)."""
+def geomloss_mmd(q: torch.Tensor, k: torch.Tensor, backend: str = "tensorized") -> torch.Tensor:
+    """GeomLoss's Gaussian-kernel MMD on every pair, expanded to (Bq Bk, M, 1): ``tensorized``
+    (dense (M, M) kernel matrices per pair) or ``online`` (KeOps, kernel computed on the fly)."""
     from geomloss import SamplesLoss
 
     x, y = q.flatten(1), k.flatten(1)
     bq, bk = x.shape[0], y.shape[0]
     h = rcl_ops.default_bandwidth(x, y).item()
-    loss = SamplesLoss("gaussian", blur=h, backend="tensorized")
+    loss = SamplesLoss("gaussian", blur=h, backend=backend)
     a = x.repeat_interleave(bk, dim=0)[..., None]
     b = y.repeat(bq, 1)[..., None]
     return loss(a, b).reshape(bq, bk)
+
+
+def geomloss_keops_mmd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """GeomLoss's MMD with its KeOps ("online") backend; see keops_unavailable_reason."""
+    return geomloss_mmd(q, k, backend="online")
+
+
+def _geomloss_sees_keops() -> bool:
+    """GeomLoss imports pykeops itself and, if that fails, silently runs "online" on dense tensors."""
+    for name in ("geomloss._legacy.kernel_samples", "geomloss.kernel_samples"):  # GeomLoss 0.3, 0.2
+        try:
+            return bool(getattr(importlib.import_module(name), "keops_available", True))
+        except ImportError:
+            continue
+    return True  # an unknown layout: the probe's run is the only check
+
+
+@functools.cache
+def keops_unavailable_reason(device: str = "cpu") -> str | None:
+    """None when geomloss[keops] works on ``device``, else why not (cached per process).
+
+    Imports pykeops and runs the provider once on a tiny float32 case, forward and backward,
+    against the tensorized backend: this compiles (g++ or nvcc, once per machine, into KeOps's
+    cache under ~/.cache/keops*, see pykeops.get_build_folder()) the formulas the provider then
+    uses, so no compile is timed.
+    """
+    try:
+        import pykeops.torch  # noqa: F401
+
+        if not _geomloss_sees_keops():
+            return "geomloss could not import pykeops"
+        q = torch.tensor([[0.1, -0.4, 1.2, 0.3], [0.5, 0.0, -0.8, 0.9]], device=device, requires_grad=True)
+        k = torch.tensor([[0.2, 0.7, -1.1, 0.0], [1.0, -0.3, 0.4, 0.6]], device=device, requires_grad=True)
+        got = geomloss_keops_mmd(q, k)
+        got_grads = torch.autograd.grad(got.sum(), (q, k))
+        want = geomloss_mmd(q, k)
+        want_grads = torch.autograd.grad(want.sum(), (q, k))
+        for a, b in zip((got, *got_grads), (want, *want_grads)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    except Exception as err:  # a missing compiler, a failed build or load, a wrong value
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        return f"pykeops probe failed: {type(err).__name__}" + (f": {detail}" if detail else "")
+    return None
+
+
+def unavailable(reason: str) -> Callable:
+    """A provider that is listed but cannot run here; run.measure reports the reason."""
+
+    def fn(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(reason)
+
+    fn.unavailable = reason
+    return fn
 
 
 def scipy_emd(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -126,6 +192,9 @@ def providers(distance: str, device: str) -> dict[str, Callable]:
         found["scipy"] = scipy_emd
     if distance == "mmd" and _installed("geomloss"):
         found["geomloss"] = geomloss_mmd
+        if _installed("pykeops"):
+            reason = keops_unavailable_reason(device)
+            found["geomloss[keops]"] = unavailable(reason) if reason else geomloss_keops_mmd
     return found
 
 
@@ -144,7 +213,7 @@ def kernel_evaluations(distance: str, batch: int, values: int) -> float:
 
 
 # Providers whose cost is the direct all-pairs sum, and so are capped (or extrapolated).
-DIRECT_SUM_PROVIDERS = ("reference", "naive", "geomloss")
+DIRECT_SUM_PROVIDERS = ("reference", "naive", "geomloss", "geomloss[keops]")
 # Providers that expand the inputs to all Bq x Bk pairs (Bq Bk M values, sorted with int64
 # indices and kept for backward): skipped beyond this many expanded values.
 EXPANDING_PROVIDERS = ("pot",)

@@ -102,6 +102,8 @@ def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool)
     distance = what.split("-")[-1]
     values = math.prod(shape)
     row = {"what": what, "provider": name, "batch": batch, "shape": "x".join(map(str, shape)), "values": values}
+    if getattr(fn, "unavailable", None):
+        return {**row, "skipped": f"unavailable: {fn.unavailable}"}
     # The naive MMD subsamples its values; its direct sum costs B^2 m^2.
     effective = min(values, NAIVE_MMD_SUBSAMPLE) if name == "naive" else values
     if name in EXPANDING_PROVIDERS and batch * batch * values > EXPANDED_VALUES_CAP:
