@@ -40,6 +40,10 @@ from benchmarks.providers import (
 
 RESULTS_DIR = Path(__file__).parent / "results"
 SLOW_CALL_SECONDS = 1.0
+# Fast calls are repeated beyond --repeats until --min-seconds of calls are sampled (at most
+# MAX_REPEATS): a median of 5 millisecond-scale calls drifts with the machine's noise.
+MIN_SAMPLED_SECONDS = 1.0
+MAX_REPEATS = 200
 DIRECT_COST_CAP = 5e9  # element pairs; beyond this a provider is extrapolated, not run
 EXTRAPOLATION_SHAPE = (3, 16, 16)
 
@@ -49,12 +53,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_step(fn, q, k, device: str, repeats: int, warmup: int) -> dict:
-    """Forward, backward and full times in ms: median and interquartile range."""
+def time_step(fn, q, k, device: str, repeats: int, warmup: int, min_seconds: float = 0.0) -> dict:
+    """Forward, backward and full times in ms: median and interquartile range over at least
+    ``repeats`` calls after ``warmup``, and more until ``min_seconds`` are sampled."""
     forward_only = getattr(fn, "forward_only", False)
     samples = {"forward": [], "backward": [], "full": []}
     step, steps = 0, warmup + repeats
-    while step < steps:
+    while step < steps or (
+        step >= warmup and sum(samples["full"]) < min_seconds and len(samples["full"]) < MAX_REPEATS
+    ):
         qa, ka = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
         _sync(device)
         start = time.perf_counter()
@@ -72,7 +79,7 @@ def time_step(fn, q, k, device: str, repeats: int, warmup: int) -> dict:
         elif end - start > SLOW_CALL_SECONDS:  # slow provider: end the warm-up, 2 timed calls
             warmup, steps = step + 1, min(steps, step + 3)
         step += 1
-    result = {}
+    result = {"timed_calls": len(samples["full"])}
     for mode, values in samples.items():
         quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         result[f"{mode}_ms"] = 1e3 * statistics.median(values)
@@ -98,7 +105,7 @@ def peak_memory(what: str, provider: str, fn, q, k, device: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool) -> dict:
+def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool, min_seconds: float = 0.0) -> dict:
     distance = what.split("-")[-1]
     values = math.prod(shape)
     row = {"what": what, "provider": name, "batch": batch, "shape": "x".join(map(str, shape)), "values": values}
@@ -119,7 +126,7 @@ def measure(what, name, fn, batch, shape, device, repeats, warmup, memory: bool)
         return {**row, **timing, "extrapolated_from": f"B=8, {'x'.join(map(str, EXTRAPOLATION_SHAPE))}"}
     q = torch.randn(batch, *shape, device=device)
     k = 0.9 * torch.randn(batch, *shape, device=device) + 0.01
-    row.update(time_step(fn, q, k, device, repeats, warmup))
+    row.update(time_step(fn, q, k, device, repeats, warmup, min_seconds))
     if memory and not name.endswith("+compile"):  # a fresh process would count the compiler
         row.update(peak_memory(what, name, fn, q, k, device))
     return row
@@ -201,15 +208,17 @@ def fit_exponents(rows: list[dict]) -> list[dict]:
     return fits
 
 
-def run_cases(cases, device: str, repeats: int, warmup: int, memory: bool) -> list[dict]:
+def run_cases(cases, device: str, repeats: int, warmup: int, memory: bool, min_seconds: float) -> list[dict]:
     """Every provider of every distance and of the loss, at each (batch, shape)."""
     rows = []
     for batch, shape in cases:
         for distance in DISTANCES:
             for name, fn in providers(distance, device).items():
-                rows.append(measure(distance, name, fn, batch, shape, device, repeats, warmup, memory))
+                rows.append(measure(distance, name, fn, batch, shape, device, repeats, warmup, memory, min_seconds))
             for name, fn in loss_providers(distance, device).items():
-                rows.append(measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, warmup, memory))
+                rows.append(
+                    measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, warmup, memory, min_seconds)
+                )
             print(f"measured {distance} at B={batch}, {shape}", file=sys.stderr)
     return rows
 
@@ -223,6 +232,12 @@ def main(argv=None) -> Path:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 5 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (allocator, caches, autotuning)")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help=f"repeat fast calls until this much time is sampled (default {MIN_SAMPLED_SECONDS}; 0 with --smoke)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -238,11 +253,12 @@ def main(argv=None) -> Path:
     else:
         cases, label = [(64, (3, 64, 64))], "quick"
     repeats = args.repeats or (2 if args.smoke else 10 if args.device == "cuda" else 5)
+    min_seconds = args.min_seconds if args.min_seconds is not None else 0.0 if args.smoke else MIN_SAMPLED_SECONDS
 
     checking = rcl_ops.check_finite_enabled()
     rcl_ops.set_check_finite(False)  # a host sync per call; inputs here are finite
     try:
-        rows = run_cases(cases, args.device, repeats, args.warmup, not args.no_memory)
+        rows = run_cases(cases, args.device, repeats, args.warmup, not args.no_memory, min_seconds)
     finally:
         rcl_ops.set_check_finite(checking)
     env = environment(args.device)

@@ -112,3 +112,15 @@ def test_memory_plots_from_a_sweep_with_memory(tmp_path, capsys):
     ]
     assert all((tmp_path / n).stat().st_size > 0 for n in names)
     assert "memory plots skipped" not in capsys.readouterr().out
+
+
+def test_fast_calls_are_repeated_until_min_seconds():
+    q = torch.randn(2, 8)
+
+    def tiny(qa, ka):
+        return (qa - ka).square().sum()
+
+    few = run.time_step(tiny, q, q.clone(), "cpu", repeats=2, warmup=0)
+    assert few["timed_calls"] == 2
+    many = run.time_step(tiny, q, q.clone(), "cpu", repeats=2, warmup=0, min_seconds=0.02)
+    assert 2 < many["timed_calls"] <= run.MAX_REPEATS

@@ -112,6 +112,9 @@ def test_sort_order_is_the_stable_sort_permutation(backend, dtype):
     device = backend_device(backend)
     x = torch.randint(-50, 51, (3, 5000), device=device).to(dtype)
     x[0, :7] = torch.tensor([0.0, -0.0, 0.0, -0.0, 1e-30, -1e-30, 0.0], dtype=dtype)
+    # Values a few float32 ulps apart, shuffled: the float32 sort's two-pass fast path
+    # leaves them unordered and must fall back to all three radix passes.
+    x[2] = (1.0 + torch.randint(0, 1000, (5000,), device=device) * 2.0**-23).to(dtype)
     sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(x, x.shape[1])
     expected_values, expected_order = torch.sort(x, dim=1, stable=True)
     assert order.dtype == torch.int32

@@ -40,10 +40,10 @@ struct SortScratch {
   std::vector<order_t> order;
 };
 
-constexpr int kRadixBits = 11, kRadixBuckets = 1 << kRadixBits, kRadixPasses = 3;
+constexpr int kRadixBits = 11, kRadixBuckets = 1 << kRadixBits;
 
-// One counting-sort pass on digit `shift` of the keys. The first pass reads the keys from
-// the input values (index = position); the last writes the sorted values and their source
+// One counting-sort pass on the digit at `shift`. The first pass reads the keys from the
+// input values (index = position); the last writes the sorted values and their source
 // indices straight to the outputs, so no pass only copies.
 template <bool kFirst, bool kLast>
 RCL_INLINE void radix_pass(const float* x, const uint32_t* src_keys, const order_t* src_index,
@@ -63,23 +63,23 @@ RCL_INLINE void radix_pass(const float* x, const uint32_t* src_keys, const order
   }
 }
 
-// Sorts one row of float32 by an LSD radix sort (3 passes of 11 bits, skipping digits that
-// all values share), writing the sorted values and the source index of each. Stable.
-void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
-  uint32_t histogram[kRadixPasses][kRadixBuckets] = {};
+// Stable LSD radix sort of one row on the 11-bit digits at `shifts` (least significant
+// first), skipping digits that all values share.
+template <int kPasses>
+void radix_sort_row(const float* x, int64_t count, const int (&shifts)[kPasses], float* sorted,
+                    order_t* order, SortScratch& scratch) {
+  uint32_t histogram[kPasses][kRadixBuckets] = {};
   for (int64_t m = 0; m < count; ++m) {
     const uint32_t key = float_to_key(x[m]);
-    for (int p = 0; p < kRadixPasses; ++p) {
-      ++histogram[p][(key >> (p * kRadixBits)) & (kRadixBuckets - 1)];
-    }
+    for (int p = 0; p < kPasses; ++p) ++histogram[p][(key >> shifts[p]) & (kRadixBuckets - 1)];
   }
   const uint32_t first_key = float_to_key(x[0]);
-  int passes[kRadixPasses], num_passes = 0;
-  for (int p = 0; p < kRadixPasses; ++p) {
-    const uint32_t digit = (first_key >> (p * kRadixBits)) & (kRadixBuckets - 1);
+  int passes[kPasses], num_passes = 0;
+  for (int p = 0; p < kPasses; ++p) {
+    const uint32_t digit = (first_key >> shifts[p]) & (kRadixBuckets - 1);
     if (histogram[p][digit] != uint32_t(count)) passes[num_passes++] = p;
   }
-  if (num_passes == 0) {  // all keys equal
+  if (num_passes == 0) {  // all digits shared
     std::copy(x, x + count, sorted);
     std::iota(order, order + count, order_t(0));
     return;
@@ -101,20 +101,52 @@ void sort_row(const float* x, int64_t count, float* sorted, order_t* order, Sort
     const order_t* src_index = scratch.index[src].data();
     uint32_t* dst_keys = scratch.keys[dst].data();
     order_t* dst_index = scratch.index[dst].data();
-    const int shift = p * kRadixBits;
     if (first && last) {
-      radix_pass<true, true>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+      radix_pass<true, true>(x, src_keys, src_index, count, shifts[p], offset, dst_keys, dst_index,
                              sorted, order);
     } else if (first) {
-      radix_pass<true, false>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+      radix_pass<true, false>(x, src_keys, src_index, count, shifts[p], offset, dst_keys, dst_index,
                               sorted, order);
     } else if (last) {
-      radix_pass<false, true>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
+      radix_pass<false, true>(x, src_keys, src_index, count, shifts[p], offset, dst_keys, dst_index,
                               sorted, order);
     } else {
-      radix_pass<false, false>(x, src_keys, src_index, count, shift, offset, dst_keys, dst_index,
-                               sorted, order);
+      radix_pass<false, false>(x, src_keys, src_index, count, shifts[p], offset, dst_keys,
+                               dst_index, sorted, order);
     }
+  }
+}
+
+// Stable insertion sort of rows that are already nearly sorted; gives up (false) once it
+// has moved values more than `budget` places in all.
+bool finish_nearly_sorted(float* sorted, order_t* order, int64_t count, int64_t budget) {
+  for (int64_t m = 1; m < count; ++m) {
+    const float value = sorted[m];
+    if (!(value < sorted[m - 1])) continue;
+    const order_t index = order[m];
+    int64_t j = m;
+    for (; j > 0 && value < sorted[j - 1]; --j) {
+      sorted[j] = sorted[j - 1];
+      order[j] = order[j - 1];
+    }
+    sorted[j] = value;
+    order[j] = index;
+    budget -= m - j;
+    if (budget < 0) return false;
+  }
+  return true;
+}
+
+// Sorts one row of float32, writing the sorted values and the source index of each; stable.
+// Two radix passes on the top 22 bits of the keys leave only values within a relative
+// 2^-13 of each other out of order, which an insertion pass puts right (the low 10 bits
+// rarely decide); rows where it would move too much, e.g. values crowded into a tiny range,
+// get the full three passes.
+void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
+  static constexpr int kTopBits[2] = {10, 21}, kAllBits[3] = {0, 11, 22};
+  radix_sort_row(x, count, kTopBits, sorted, order, scratch);
+  if (!finish_nearly_sorted(sorted, order, count, 4 * count)) {
+    radix_sort_row(x, count, kAllBits, sorted, order, scratch);
   }
 }
 
