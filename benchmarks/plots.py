@@ -17,25 +17,27 @@ def _series(rows, what, x_key, fixed_key, fixed_value, y_key):
     return {name: sorted(points) for name, points in series.items() if len(points) > 1}
 
 
-def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str) -> list[Path]:
-    """Write <stem>-time-vs-batch.png, -time-vs-values.png, -memory-vs-batch.png and
-    -memory-vs-values.png; returns the paths (none when matplotlib is missing or the run has no
-    sweep). The memory plots need the rows' peak memory: without it (--no-memory) a note is printed."""
+def plot_results(
+    rows: list[dict], output_dir: Path, stem: str, device_name: str, base_batch: int = 64, base_shape: str = "3x64x64"
+) -> list[Path]:
+    """Write <stem>-time-vs-batch.png (at base_shape), -time-vs-values.png (at base_batch),
+    -memory-vs-batch.png and -memory-vs-values.png; returns the paths (none when matplotlib is
+    missing or the run has no sweep). The memory plots need the rows' peak memory: without it
+    (--no-memory) a note is printed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         return []
-    shapes = {r["shape"] for r in rows if r["batch"] == 64}
-    base_shape = "3x64x64" if "3x64x64" in shapes else None
     time, memory, values = "forward+backward (ms)", "peak extra memory (bytes)", "values per residual M"
     plans = [
         ("time-vs-batch", "batch", "shape", base_shape, "full_ms", "batch B", time),
-        ("time-vs-values", "values", "batch", 64, "full_ms", values, time),
+        ("time-vs-values", "values", "batch", base_batch, "full_ms", values, time),
         ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", "batch B", memory),
-        ("memory-vs-values", "values", "batch", 64, "extra_bytes", values, memory),
+        ("memory-vs-values", "values", "batch", base_batch, "extra_bytes", values, memory),
     ]
     if not any("extra_bytes" in r for r in rows):
         print("note: no peak-memory numbers in these results (run without --no-memory): memory plots skipped")
@@ -53,6 +55,7 @@ def plot_results(rows: list[dict], output_dir: Path, stem: str, device_name: str
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
             ax.set(xscale="log", yscale="log", title=what, xlabel=x_label, ylabel=y_label)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6)
         fig.suptitle(f"{name.replace('-', ' ')} ({device_name})", fontsize=9)

@@ -1,6 +1,6 @@
 """Side-by-side benchmarks of rcl_ops against the alternatives, with ratios.
 
-    python -m benchmarks.run --device cpu --quick     # B=64, 3x64x64: the targets' configuration
+    python -m benchmarks.run --device cpu --quick     # B=64, 3x64x64 (the targets'), + a few scaling points
     python -m benchmarks.run --device cuda --full     # B and M sweeps, exponent fits
 
 For each distance and for the whole ResidualContrastiveLoss step, every provider
@@ -208,14 +208,25 @@ def fit_exponents(rows: list[dict]) -> list[dict]:
     return fits
 
 
+def scaling_provider(distance: str, name: str) -> bool:
+    """The providers timed at the quick run's scaling points: rcl_ops and plain PyTorch (not the
+    peers, and not the naive MMD, whose subsampled direct sum takes seconds per call)."""
+    return name.startswith("rcl_ops") or name == "reference" or (name == "naive" and distance != "mmd")
+
+
 def run_cases(cases, device: str, repeats: int, warmup: int, memory: bool, min_seconds: float) -> list[dict]:
-    """Every provider of every distance and of the loss, at each (batch, shape)."""
+    """Every provider of every distance and of the loss at each (batch, shape, scaling_only) case;
+    scaling_only cases measure the scaling_provider ones only."""
     rows = []
-    for batch, shape in cases:
+    for batch, shape, scaling_only in cases:
         for distance in DISTANCES:
             for name, fn in providers(distance, device).items():
+                if scaling_only and not scaling_provider(distance, name):
+                    continue
                 rows.append(measure(distance, name, fn, batch, shape, device, repeats, warmup, memory, min_seconds))
             for name, fn in loss_providers(distance, device).items():
+                if scaling_only and not scaling_provider(distance, name):
+                    continue
                 rows.append(
                     measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, warmup, memory, min_seconds)
                 )
@@ -227,7 +238,9 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="B=64, 3x64x64 only (default)")
+    size.add_argument(
+        "--quick", action="store_true", help="B=64, 3x64x64 with every provider, plus scaling points (default)"
+    )
     size.add_argument("--full", action="store_true", help="sweep B in 8..128 and residual sizes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 5 CPU, 10 CUDA)")
@@ -245,13 +258,15 @@ def main(argv=None) -> Path:
         parser.error("--device cuda needs a CUDA GPU")
 
     if args.smoke:
-        cases, label = [(4, (2, 8, 8))], "smoke"
+        cases, label = [(4, (2, 8, 8), False), (2, (2, 8, 8), True), (4, (1, 8, 8), True)], "smoke"
     elif args.full:
         shapes = [(3, 32, 32), (3, 64, 64), (3, 128, 128)] + ([(3, 256, 256)] if args.device == "cuda" else [])
-        cases = [(b, (3, 64, 64)) for b in (8, 16, 32, 64, 128)] + [(64, s) for s in shapes if s != (3, 64, 64)]
+        cases = [(b, (3, 64, 64), False) for b in (8, 16, 32, 64, 128)]
+        cases += [(64, s, False) for s in shapes if s != (3, 64, 64)]
         label = "full"
-    else:
-        cases, label = [(64, (3, 64, 64))], "quick"
+    else:  # the targets' case with every provider, and scaling points for the plots
+        cases = [(64, (3, 64, 64), False), (16, (3, 64, 64), True), (32, (3, 64, 64), True), (64, (3, 32, 32), True)]
+        label = "quick"
     repeats = args.repeats or (2 if args.smoke else 10 if args.device == "cuda" else 5)
     min_seconds = args.min_seconds if args.min_seconds is not None else 0.0 if args.smoke else MIN_SAMPLED_SECONDS
 
@@ -271,7 +286,11 @@ def main(argv=None) -> Path:
     path = args.output_dir / f"{args.device}-{label}.json"
     path.write_text(json.dumps({"environment": env, "rows": rows, "exponent_fits": fits}, indent=1))
     print(f"wrote {path}")
-    for plot in plot_results(rows, args.output_dir, f"{args.device}-{label}", env["device_name"]):
+    base_batch, base_shape, _ = cases[0]
+    plots = plot_results(
+        rows, args.output_dir, f"{args.device}-{label}", env["device_name"], base_batch, "x".join(map(str, base_shape))
+    )
+    for plot in plots:
         print(f"wrote {plot}")
     return path
 

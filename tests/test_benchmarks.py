@@ -35,6 +35,13 @@ def test_benchmark_smoke(tmp_path, capsys):
         assert row["full_ms"] > 0 and row["forward_ms"] > 0
     if _keops_skip_reason() is None:
         assert "geomloss[keops]" in providers
+    # The scaling points (other B and M) time only rcl_ops and plain PyTorch, enough for the plots.
+    scaling = {(row["provider"], row["what"]) for row in result["rows"] if (row["batch"], row["shape"]) != (4, "2x8x8")}
+    assert scaling and all(run.scaling_provider(what.split("-")[-1], name) for name, what in scaling)
+    assert ("reference", "emd") in scaling and ("naive", "mmd") not in scaling
+    if importlib.util.find_spec("matplotlib") is not None:
+        for plot in ("time-vs-batch", "time-vs-values"):
+            assert (tmp_path / f"cpu-smoke-{plot}.png").is_file()
     out = capsys.readouterr().out
     assert "faster" in out
     assert "memory plots skipped" in out  # --no-memory

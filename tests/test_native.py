@@ -106,15 +106,16 @@ def test_emd_ties_in_sort(backend):
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sort_order_is_the_stable_sort_permutation(backend, dtype):
-    # Ties (integers), signed zeros and a long row: the radix sort (float32) and the
+@pytest.mark.parametrize("count", [5000, 20000])  # the float32 CPU sort's two- and three-pass rows
+def test_sort_order_is_the_stable_sort_permutation(backend, dtype, count):
+    # Ties (integers), signed zeros and long rows: the radix sort (float32) and the
     # comparison sort (float64) must both give torch's stable order, as int32.
     device = backend_device(backend)
-    x = torch.randint(-50, 51, (3, 5000), device=device).to(dtype)
+    x = torch.randint(-50, 51, (3, count), device=device).to(dtype)
     x[0, :7] = torch.tensor([0.0, -0.0, 0.0, -0.0, 1e-30, -1e-30, 0.0], dtype=dtype)
     # Values a few float32 ulps apart, shuffled: the float32 sort's two-pass fast path
     # leaves them unordered and must fall back to all three radix passes.
-    x[2] = (1.0 + torch.randint(0, 1000, (5000,), device=device) * 2.0**-23).to(dtype)
+    x[2] = (1.0 + torch.randint(0, 1000, (count,), device=device) * 2.0**-23).to(dtype)
     sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(x, x.shape[1])
     expected_values, expected_order = torch.sort(x, dim=1, stable=True)
     assert order.dtype == torch.int32

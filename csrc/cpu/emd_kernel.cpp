@@ -138,16 +138,21 @@ bool finish_nearly_sorted(float* sorted, order_t* order, int64_t count, int64_t 
 }
 
 // Sorts one row of float32, writing the sorted values and the source index of each; stable.
-// Two radix passes on the top 22 bits of the keys leave only values within a relative
-// 2^-13 of each other out of order, which an insertion pass puts right (the low 10 bits
-// rarely decide); rows where it would move too much, e.g. values crowded into a tiny range,
-// get the full three passes.
+// Rows of up to kTwoPassMaxCount values: two radix passes on the top 22 bits of the keys
+// leave only values within a relative 2^-13 of each other out of order, which an insertion
+// pass puts right; rows where it would move too much (values crowded into a tiny range) get
+// the full three passes. Longer rows hold more such near-ties, so the insertion pass costs
+// more than the third radix pass it saves (measured: 12% faster at 12,288 values per row,
+// even at 24,576, 17% slower at 49,152): they get the three passes directly.
+constexpr int64_t kTwoPassMaxCount = 16384;
+
 void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
   static constexpr int kTopBits[2] = {10, 21}, kAllBits[3] = {0, 11, 22};
-  radix_sort_row(x, count, kTopBits, sorted, order, scratch);
-  if (!finish_nearly_sorted(sorted, order, count, 4 * count)) {
-    radix_sort_row(x, count, kAllBits, sorted, order, scratch);
+  if (count <= kTwoPassMaxCount) {
+    radix_sort_row(x, count, kTopBits, sorted, order, scratch);
+    if (finish_nearly_sorted(sorted, order, count, 4 * count)) return;
   }
+  radix_sort_row(x, count, kAllBits, sorted, order, scratch);
 }
 
 // float64 rows: a comparison sort of the indices.
