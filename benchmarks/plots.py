@@ -29,10 +29,10 @@ def plot_results(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return []
-    time, memory, values = "forward+backward (ms)", "peak extra memory (bytes)", "values per residual M"
+    time, memory, values = "forward+backward (ms)", "peak extra memory (MiB)", "values per residual M"
     plans = [
         ("time-vs-batch", "batch", "shape", base_shape, "full_ms", "batch B", time),
         ("time-vs-values", "values", "batch", base_batch, "full_ms", values, time),
@@ -49,13 +49,25 @@ def plot_results(
         panels = [(what, series) for what, series in panels if series]
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-        for ax, (what, series) in zip(axes[0], panels):
+        columns = min(3, len(panels))
+        rows_of_panels = -(-len(panels) // columns)
+        fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.4 * columns, 3.6 * rows_of_panels), squeeze=False)
+        for ax in axes.flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, (what, series) in zip(axes.flat, panels):
             for provider, points in series.items():
                 xs, ys = zip(*points)
+                if y_key == "extra_bytes":
+                    ys = [y / 2**20 for y in ys]
                 ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
             ax.set(xscale="log", yscale="log", title=what, xlabel=x_label, ylabel=y_label)
-            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+            # Label the measured sizes; matplotlib's minor labels on a short log axis overlap.
+            ticks = sorted({x for points in series.values() for x, _ in points})
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6)
         fig.suptitle(f"{name.replace('-', ' ')} ({device_name})", fontsize=9)
