@@ -131,3 +131,14 @@ def test_fast_calls_are_repeated_until_min_seconds():
     assert few["timed_calls"] == 2
     many = run.time_step(tiny, q, q.clone(), "cpu", repeats=2, warmup=0, min_seconds=0.02)
     assert 2 < many["timed_calls"] <= run.MAX_REPEATS
+
+
+def test_extrapolated_rows_scale_times_only():
+    fn = providers("mmd", "cpu")["reference"]
+    row = run.measure("mmd", "reference", fn, 64, (3, 64, 64), "cpu", repeats=1, warmup=0, memory=False)
+    assert row["extrapolated_from"].startswith("B=8")
+    assert row["timed_calls"] <= run.MAX_REPEATS  # a count, not scaled with the times
+    small = run.time_step(
+        fn, torch.randn(8, *run.EXTRAPOLATION_SHAPE), torch.randn(8, *run.EXTRAPOLATION_SHAPE), "cpu", 1, 0
+    )
+    assert row["full_ms"] > 100 * small["full_ms"]
