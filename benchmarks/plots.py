@@ -33,18 +33,19 @@ def plot_results(
     except ImportError:
         return []
     time, memory, values = "forward+backward (ms)", "peak extra memory (MiB)", "values per residual M"
-    plans = [
-        ("time-vs-batch", "batch", "shape", base_shape, "full_ms", "batch B", time),
-        ("time-vs-values", "values", "batch", base_batch, "full_ms", values, time),
-        ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", "batch B", memory),
-        ("memory-vs-values", "values", "batch", base_batch, "extra_bytes", values, memory),
+    mib = 1 / 2**20
+    plans = [  # name, x, fixed key and value, y and its scale, labels
+        ("time-vs-batch", "batch", "shape", base_shape, "full_ms", 1, "batch B", time),
+        ("time-vs-values", "values", "batch", base_batch, "full_ms", 1, values, time),
+        ("memory-vs-batch", "batch", "shape", base_shape, "extra_bytes", mib, "batch B", memory),
+        ("memory-vs-values", "values", "batch", base_batch, "extra_bytes", mib, values, memory),
     ]
     if not any("extra_bytes" in r for r in rows):
         print("note: no peak-memory numbers in these results (run without --no-memory): memory plots skipped")
     providers = sorted({r["provider"] for r in rows})
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}  # same colour in every panel
     written = []
-    for name, x_key, fixed_key, fixed_value, y_key, x_label, y_label in plans:
+    for name, x_key, fixed_key, fixed_value, y_key, y_scale, x_label, y_label in plans:
         panels = [(what, _series(rows, what, x_key, fixed_key, fixed_value, y_key)) for what in WHATS]
         panels = [(what, series) for what, series in panels if series]
         if not panels:
@@ -57,9 +58,7 @@ def plot_results(
         for ax, (what, series) in zip(axes.flat, panels):
             for provider, points in series.items():
                 xs, ys = zip(*points)
-                if y_key == "extra_bytes":
-                    ys = [y / 2**20 for y in ys]
-                ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
+                ax.plot(xs, [y * y_scale for y in ys], marker="o", label=provider, color=colors[provider])
             ax.set(xscale="log", yscale="log", title=what, xlabel=x_label, ylabel=y_label)
             # Label the measured sizes; matplotlib's minor labels on a short log axis overlap.
             ticks = sorted({x for points in series.values() for x, _ in points})

@@ -57,6 +57,20 @@ inline void check_quantile_order(const at::Tensor& order, const at::Tensor& grad
       order.sizes());
 }
 
+// The two row batches and the bandwidths of the direct Gaussian kernel sums (paired: row i
+// of x with row i of y only). Positivity of the bandwidths is checked where it costs no
+// host synchronisation (CPU).
+inline void check_kernel_sum_args(const at::Tensor& x, const at::Tensor& y,
+                                  const at::Tensor& bandwidths, bool paired, const char* op) {
+  check_rows(x, op, "x");
+  check_rows(y, op, "y");
+  check_same(x, y, op, "x", "y");
+  TORCH_CHECK(bandwidths.dim() == 1 && bandwidths.numel() > 0, op,
+              ": bandwidths must be a non-empty 1-D tensor");
+  TORCH_CHECK(!paired || x.size(0) == y.size(0), op, ": paired sums need equal batch sizes, got ",
+              x.size(0), " and ", y.size(0));
+}
+
 // Means and variances of the q and k batches for the Bhattacharyya pair term.
 inline void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q,
                              const at::Tensor& mean_k, const at::Tensor& var_k, const char* op) {

@@ -44,22 +44,27 @@ def _check_tensor(x: torch.Tensor, name: str, where: str) -> None:
         raise ValueError(f"{where}: {name} has no values per residual (shape {tuple(x.shape)})")
 
 
-def check_all_finite(x: torch.Tensor, name: str, where: str) -> None:
-    """Raise ValueError naming the first batch index of ``x`` holding NaN or Inf."""
+def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ValueError naming the first tensor and batch index holding NaN or Inf.
+
+    One host synchronisation for all tensors in the common case: a NaN or Inf anywhere makes
+    the sum of the sums NaN or Inf. A non-finite sum of finite values (overflow) falls
+    through to the exact per-row check. Half inputs are summed in float32 (their own range
+    would overflow on ordinary data)."""
     if not _check_finite or _is_compiling():
         return
-    # Fast path, one pass and no (B, M) mask: a NaN or Inf anywhere makes the sum NaN or Inf.
-    # A non-finite sum of finite values (overflow) falls through to the exact check.
-    if bool(torch.isfinite(x.sum())):
+    total = sum(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)) for x in tensors.values())
+    if bool(torch.isfinite(total)):
         return
-    finite_rows = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if not bool(finite_rows.all()):
-        bad = torch.nonzero(~finite_rows).flatten().tolist()
-        raise ValueError(
-            f"{where}: {name} contains NaN or Inf at batch index {bad[0]}"
-            + (f" (and {len(bad) - 1} more: {bad[1:9]})" if len(bad) > 1 else "")
-            + "; disable this check with rcl_ops.set_check_finite(False)"
-        )
+    for name, x in tensors.items():
+        finite_rows = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        if not bool(finite_rows.all()):
+            bad = torch.nonzero(~finite_rows).flatten().tolist()
+            raise ValueError(
+                f"{where}: {name} contains NaN or Inf at batch index {bad[0]}"
+                + (f" (and {len(bad) - 1} more: {bad[1:9]})" if len(bad) > 1 else "")
+                + "; disable this check with rcl_ops.set_check_finite(False)"
+            )
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -76,8 +81,7 @@ def prepare_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> tuple[torch.Te
     _check_tensor(k, "k", where)
     if q.device != k.device:
         raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}; put both on one device")
-    check_all_finite(q, "q", where)
-    check_all_finite(k, "k", where)
+    check_all_finite({"q": q, "k": k}, where)
     dtype = compute_dtype(q, k)
     return q.reshape(q.shape[0], -1).to(dtype), k.reshape(k.shape[0], -1).to(dtype)
 

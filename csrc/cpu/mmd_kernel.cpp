@@ -86,13 +86,7 @@ struct KernelSumArgs {
 
 KernelSumArgs kernel_sum_args(const at::Tensor& x, const at::Tensor& y,
                               const at::Tensor& bandwidths, bool paired, const char* op) {
-  check_rows(x, op, "x");
-  check_rows(y, op, "y");
-  check_same(x, y, op, "x", "y");
-  TORCH_CHECK(bandwidths.dim() == 1 && bandwidths.numel() > 0, op,
-              ": bandwidths must be a non-empty 1-D tensor");
-  TORCH_CHECK(!paired || x.size(0) == y.size(0), op, ": paired sums need equal batch sizes, got ",
-              x.size(0), " and ", y.size(0));
+  check_kernel_sum_args(x, y, bandwidths, paired, op);
   const at::Tensor h = bandwidths.to(at::kDouble).cpu().contiguous();
   std::vector<double> inv_two_h2(h.numel());
   for (int64_t b = 0; b < h.numel(); ++b) {

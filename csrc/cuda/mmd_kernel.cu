@@ -133,13 +133,7 @@ struct KernelSumArgs {
 
 KernelSumArgs kernel_sum_args(const at::Tensor& x, const at::Tensor& y,
                               const at::Tensor& bandwidths, bool paired, const char* op) {
-  check_rows(x, op, "x");
-  check_rows(y, op, "y");
-  check_same(x, y, op, "x", "y");
-  TORCH_CHECK(bandwidths.dim() == 1 && bandwidths.numel() > 0, op,
-              ": bandwidths must be a non-empty 1-D tensor");
-  TORCH_CHECK(!paired || x.size(0) == y.size(0), op, ": paired sums need equal batch sizes, got ",
-              x.size(0), " and ", y.size(0));
+  check_kernel_sum_args(x, y, bandwidths, paired, op);
   // Unlike the CPU kernel, positivity of the bandwidths is not checked here: that would
   // need a host synchronisation. The Python layer (rcl_ops.ops) validates them, and the
   // default bandwidth is positive by construction. 1 / (2 h^2) is computed on the device
