@@ -40,19 +40,17 @@ struct SortScratch {
   std::vector<order_t> order;
 };
 
-constexpr int kRadixBits = 11, kRadixBuckets = 1 << kRadixBits;
-
-// One counting-sort pass on the digit at `shift`. The first pass reads the keys from the
-// input values (index = position); the last writes the sorted values and their source
-// indices straight to the outputs, so no pass only copies.
-template <bool kFirst, bool kLast>
+// One counting-sort pass on the kBits-wide digit at `shift`. The first pass reads the keys
+// from the input values (index = position); the last writes the sorted values and their
+// source indices straight to the outputs, so no pass only copies.
+template <int kBits, bool kFirst, bool kLast>
 RCL_INLINE void radix_pass(const float* x, const uint32_t* src_keys, const order_t* src_index,
                            int64_t count, int shift, uint32_t* offset, uint32_t* dst_keys,
                            order_t* dst_index, float* sorted, order_t* order) {
   for (int64_t m = 0; m < count; ++m) {
     const uint32_t key = kFirst ? float_to_key(x[m]) : src_keys[m];
     const order_t index = kFirst ? order_t(m) : src_index[m];
-    const uint32_t pos = offset[(key >> shift) & (kRadixBuckets - 1)]++;
+    const uint32_t pos = offset[(key >> shift) & ((1u << kBits) - 1)]++;
     if (kLast) {
       sorted[pos] = key_to_float(key);
       order[pos] = index;
@@ -63,20 +61,22 @@ RCL_INLINE void radix_pass(const float* x, const uint32_t* src_keys, const order
   }
 }
 
-// Stable LSD radix sort of one row on the 11-bit digits at `shifts` (least significant
+// Stable LSD radix sort of one row on the kBits-wide digits at `shifts` (least significant
 // first), skipping digits that all values share.
-template <int kPasses>
+template <int kBits, int kPasses>
 void radix_sort_row(const float* x, int64_t count, const int (&shifts)[kPasses], float* sorted,
                     order_t* order, SortScratch& scratch) {
-  uint32_t histogram[kPasses][kRadixBuckets] = {};
+  constexpr int kBuckets = 1 << kBits;
+  constexpr uint32_t kMask = kBuckets - 1;
+  uint32_t histogram[kPasses][kBuckets] = {};
   for (int64_t m = 0; m < count; ++m) {
     const uint32_t key = float_to_key(x[m]);
-    for (int p = 0; p < kPasses; ++p) ++histogram[p][(key >> shifts[p]) & (kRadixBuckets - 1)];
+    for (int p = 0; p < kPasses; ++p) ++histogram[p][(key >> shifts[p]) & kMask];
   }
   const uint32_t first_key = float_to_key(x[0]);
   int passes[kPasses], num_passes = 0;
   for (int p = 0; p < kPasses; ++p) {
-    const uint32_t digit = (first_key >> shifts[p]) & (kRadixBuckets - 1);
+    const uint32_t digit = (first_key >> shifts[p]) & kMask;
     if (histogram[p][digit] != uint32_t(count)) passes[num_passes++] = p;
   }
   if (num_passes == 0) {  // all digits shared
@@ -90,9 +90,9 @@ void radix_sort_row(const float* x, int64_t count, const int (&shifts)[kPasses],
   }
   for (int n = 0; n < num_passes; ++n) {
     const int p = passes[n], src = n % 2, dst = 1 - src;
-    uint32_t offset[kRadixBuckets];
+    uint32_t offset[kBuckets];
     uint32_t running = 0;
-    for (int d = 0; d < kRadixBuckets; ++d) {
+    for (int d = 0; d < kBuckets; ++d) {
       offset[d] = running;
       running += histogram[p][d];
     }
@@ -102,17 +102,17 @@ void radix_sort_row(const float* x, int64_t count, const int (&shifts)[kPasses],
     uint32_t* dst_keys = scratch.keys[dst].data();
     order_t* dst_index = scratch.index[dst].data();
     if (first && last) {
-      radix_pass<true, true>(x, src_keys, src_index, count, shifts[p], offset, dst_keys, dst_index,
-                             sorted, order);
+      radix_pass<kBits, true, true>(x, src_keys, src_index, count, shifts[p], offset, dst_keys,
+                                    dst_index, sorted, order);
     } else if (first) {
-      radix_pass<true, false>(x, src_keys, src_index, count, shifts[p], offset, dst_keys, dst_index,
-                              sorted, order);
+      radix_pass<kBits, true, false>(x, src_keys, src_index, count, shifts[p], offset, dst_keys,
+                                     dst_index, sorted, order);
     } else if (last) {
-      radix_pass<false, true>(x, src_keys, src_index, count, shifts[p], offset, dst_keys, dst_index,
-                              sorted, order);
+      radix_pass<kBits, false, true>(x, src_keys, src_index, count, shifts[p], offset, dst_keys,
+                                     dst_index, sorted, order);
     } else {
-      radix_pass<false, false>(x, src_keys, src_index, count, shifts[p], offset, dst_keys,
-                               dst_index, sorted, order);
+      radix_pass<kBits, false, false>(x, src_keys, src_index, count, shifts[p], offset, dst_keys,
+                                      dst_index, sorted, order);
     }
   }
 }
@@ -138,21 +138,23 @@ bool finish_nearly_sorted(float* sorted, order_t* order, int64_t count, int64_t 
 }
 
 // Sorts one row of float32, writing the sorted values and the source index of each; stable.
-// Rows of up to kTwoPassMaxCount values: two radix passes on the top 22 bits of the keys
-// leave only values within a relative 2^-13 of each other out of order, which an insertion
-// pass puts right; rows where it would move too much (values crowded into a tiny range) get
-// the full three passes. Longer rows hold more such near-ties, so the insertion pass costs
-// more than the third radix pass it saves (measured: 12% faster at 12,288 values per row,
-// even at 24,576, 17% slower at 49,152): they get the three passes directly.
-constexpr int64_t kTwoPassMaxCount = 16384;
+// Rows of up to kTwoPassMaxCount values: two radix passes on the top 24 bits of the keys
+// (12-bit digits: 10% faster than 11-bit ones at 12,288 values per row, whose 22 bits leave
+// four times as many values out of order) leave only values within a relative 2^-15 of each
+// other out of order, which an insertion pass puts right; rows where it would move too much
+// (values crowded into a tiny range) get the full three passes. Longer rows hold more such
+// near-ties, so the insertion pass costs more than the third radix pass it saves (measured:
+// two passes 5-10% faster at 24,576 values per row, 20% slower at 49,152): they get the
+// three 11-bit passes directly.
+constexpr int64_t kTwoPassMaxCount = 24576;
 
 void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
-  static constexpr int kTopBits[2] = {10, 21}, kAllBits[3] = {0, 11, 22};
+  static constexpr int kTopBits[2] = {8, 20}, kAllBits[3] = {0, 11, 22};
   if (count <= kTwoPassMaxCount) {
-    radix_sort_row(x, count, kTopBits, sorted, order, scratch);
+    radix_sort_row<12>(x, count, kTopBits, sorted, order, scratch);
     if (finish_nearly_sorted(sorted, order, count, 4 * count)) return;
   }
-  radix_sort_row(x, count, kAllBits, sorted, order, scratch);
+  radix_sort_row<11>(x, count, kAllBits, sorted, order, scratch);
 }
 
 // float64 rows: a comparison sort of the indices.
@@ -169,35 +171,59 @@ void sort_row(const double* x, int64_t count, double* sorted, order_t* order,
   }
 }
 
+// Rows to sort: x (rows, count) contiguous, into sorted and order of the same shape.
+struct SortBatch {
+  at::Tensor x, sorted, order;
+};
+
+SortBatch make_sort_batch(const at::Tensor& x_in, const char* op, const char* name) {
+  check_rows(x_in, op, name);
+  TORCH_CHECK(x_in.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 values per row of ", name,
+              ", got ", x_in.size(1));
+  at::Tensor x = x_in.contiguous();
+  return {x, at::empty_like(x), at::empty(x.sizes(), x.options().dtype(kOrderType))};
+}
+
+// Sorts the rows of all batches (same dtype and row length) in one parallel region.
+void sort_batches(std::initializer_list<SortBatch*> batches) {
+  std::vector<SortBatch*> list(batches);
+  std::vector<int64_t> first_row{0};
+  for (const SortBatch* batch : list) first_row.push_back(first_row.back() + batch->x.size(0));
+  const int64_t count = list[0]->x.size(1);
+  AT_DISPATCH_FLOATING_TYPES(list[0]->x.scalar_type(), "rcl_ops::sort_rows", [&] {
+    at::parallel_for(0, first_row.back(), grain_for(8 * count), [&](int64_t begin, int64_t end) {
+      SortScratch scratch;
+      for (int64_t row = begin; row < end; ++row) {
+        const size_t b =
+            std::upper_bound(first_row.begin(), first_row.end(), row) - first_row.begin() - 1;
+        const int64_t offset = (row - first_row[b]) * count;
+        sort_row(list[b]->x.data_ptr<scalar_t>() + offset, count,
+                 list[b]->sorted.data_ptr<scalar_t>() + offset,
+                 list[b]->order.data_ptr<order_t>() + offset, scratch);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
                                                         int64_t num_quantiles) {
   const char* op = "rcl_ops::sorted_quantiles";
-  check_rows(x_in, op, "x");
+  SortBatch batch = make_sort_batch(x_in, op, "x");
   TORCH_CHECK(num_quantiles >= 1, op, ": num_quantiles must be positive, got ", num_quantiles);
-  TORCH_CHECK(x_in.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 values per row");
-  const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.size(0), count = x.size(1);
-  at::Tensor sorted = at::empty_like(x);
-  at::Tensor order = at::empty({rows, count}, x.options().dtype(kOrderType));
-  at::Tensor quantiles =
-      num_quantiles == count ? sorted : at::empty({rows, num_quantiles}, x.options());
+  sort_batches({&batch});
+  const int64_t rows = batch.x.size(0), count = batch.x.size(1);
+  if (num_quantiles == count) return {batch.sorted, batch.order};
   std::vector<QuantilePosition> positions;
-  if (num_quantiles != count) {
-    for (int64_t k = 0; k < num_quantiles; ++k) {
-      positions.push_back(quantile_position(k, num_quantiles, count));
-    }
+  for (int64_t k = 0; k < num_quantiles; ++k) {
+    positions.push_back(quantile_position(k, num_quantiles, count));
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::sorted_quantiles", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* sp = sorted.data_ptr<scalar_t>();
+  at::Tensor quantiles = at::empty({rows, num_quantiles}, batch.x.options());
+  AT_DISPATCH_FLOATING_TYPES(batch.x.scalar_type(), "rcl_ops::sorted_quantiles", [&] {
+    const scalar_t* sp = batch.sorted.data_ptr<scalar_t>();
     scalar_t* qp = quantiles.data_ptr<scalar_t>();
-    order_t* orderp = order.data_ptr<order_t>();
-    at::parallel_for(0, rows, grain_for(8 * count), [&](int64_t begin, int64_t end) {
-      SortScratch scratch;
+    at::parallel_for(0, rows, grain_for(num_quantiles), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        scalar_t* row_sorted = sp + i * count;
-        sort_row(xp + i * count, count, row_sorted, orderp + i * count, scratch);
-        if (num_quantiles == count) continue;
+        const scalar_t* row_sorted = sp + i * count;
         for (int64_t k = 0; k < num_quantiles; ++k) {
           const QuantilePosition p = positions[k];
           qp[i * num_quantiles + k] =
@@ -207,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
       }
     });
   });
-  return {quantiles, order};
+  return {quantiles, batch.order};
 }
 
 at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Tensor& order_in) {
@@ -250,66 +276,77 @@ at::Tensor sorted_quantiles_backward_cpu(const at::Tensor& grad_in, const at::Te
 
 // ---- pair ----------------------------------------------------------------------------------
 
-constexpr int kLanes = 16;
-constexpr int kTile = 4;             // (i, j) block of the forward
-constexpr int64_t kChunk = 2048;     // K values per forward partial sum (cache-resident)
+constexpr int64_t kTile = 4;         // (i, j) block of the forward
+constexpr int64_t kChunk = 1024;     // K values per float partial sum (then added in double)
 constexpr int kRows = 8;             // q rows per backward register block
 constexpr int kVector = 16;          // K values per backward register block
 constexpr int64_t kGradChunk = 256;  // K values per backward task
 
-// sum_k |a[k] - b[k]| with independent lanes, so the compiler vectorises it without
-// reassociating a single accumulator.
-template <typename T>
-RCL_INLINE T sum_abs_diff(const T* a, const T* b, int64_t n) {
-  T lanes[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += std::abs(a[k + l] - b[k + l]);
-  }
-  T total = 0;
-  for (; k < n; ++k) total += std::abs(a[k] - b[k]);
-  for (int l = 0; l < kLanes; ++l) total += lanes[l];
-  return total;
-}
+// Adds one (kTile x kTile) block of D's sums over K values [c, end) to acc (row stride n).
+// Per 64-byte vector of K values, the block's kTile q rows and kTile key rows are loaded
+// once and all kTile^2 sums of |difference| accumulate in registers (AVX-512: 16
+// accumulators; 1.5x faster than streaming each pair, as fast on AVX2), as float lanes
+// within the chunk, then in double. Edge blocks repeat their last row (results unused).
+struct Block {
+  int64_t i0, j0, ni, nj;
+};
 
-// One (kTile x kTile) block of D: partial sums per K chunk, accumulated in double.
 template <typename T>
-RCL_INLINE void emd_forward_tile(const T* qp, const T* kp, T* outp, int64_t bk, int64_t n,
-                                 int64_t i0, int64_t j0, int64_t ni, int64_t nj) {
-  double acc[kTile][kTile] = {};
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
-    for (int64_t ii = 0; ii < ni; ++ii) {
-      for (int64_t jj = 0; jj < nj; ++jj) {
-        acc[ii][jj] += sum_abs_diff(qp + (i0 + ii) * n + c, kp + (j0 + jj) * n + c, len);
+RCL_INLINE void emd_forward_block(const T* qp, const T* kp, int64_t n, const Block& block,
+                                  int64_t c, int64_t end, double* acc) {
+  constexpr int kVec = 64 / sizeof(T);
+  const T* q_rows[kTile];
+  const T* k_rows[kTile];
+  for (int r = 0; r < kTile; ++r) {
+    q_rows[r] = qp + (block.i0 + std::min<int64_t>(r, block.ni - 1)) * n;
+    k_rows[r] = kp + (block.j0 + std::min<int64_t>(r, block.nj - 1)) * n;
+  }
+  T lanes[kTile][kTile][kVec] = {};
+  int64_t k = c;
+  for (; k + kVec <= end; k += kVec) {
+    T a[kTile][kVec], b[kTile][kVec];
+    for (int r = 0; r < kTile; ++r) {
+      for (int l = 0; l < kVec; ++l) {
+        a[r][l] = q_rows[r][k + l];
+        b[r][l] = k_rows[r][k + l];
+      }
+    }
+    for (int ii = 0; ii < kTile; ++ii) {
+      for (int jj = 0; jj < kTile; ++jj) {
+        for (int l = 0; l < kVec; ++l) lanes[ii][jj][l] += std::abs(a[ii][l] - b[jj][l]);
       }
     }
   }
-  for (int64_t ii = 0; ii < ni; ++ii) {
-    for (int64_t jj = 0; jj < nj; ++jj) outp[(i0 + ii) * bk + j0 + jj] = T(acc[ii][jj] / n);
+  for (int ii = 0; ii < kTile; ++ii) {
+    for (int jj = 0; jj < kTile; ++jj) {
+      T total = 0;
+      for (int l = 0; l < kVec; ++l) total += lanes[ii][jj][l];
+      for (int64_t t = k; t < end; ++t) total += std::abs(q_rows[ii][t] - k_rows[jj][t]);
+      acc[ii * kTile + jj] += total;
+    }
   }
 }
 
-RCL_MULTIVERSION void emd_forward_tile_f32(const float* qp, const float* kp, float* outp,
-                                           int64_t bk, int64_t n, int64_t i0, int64_t j0,
-                                           int64_t ni, int64_t nj) {
-  emd_forward_tile(qp, kp, outp, bk, n, i0, j0, ni, nj);
+RCL_MULTIVERSION void emd_forward_block_f32(const float* qp, const float* kp, int64_t n,
+                                            const Block& block, int64_t c, int64_t end,
+                                            double* acc) {
+  emd_forward_block(qp, kp, n, block, c, end, acc);
 }
 
-RCL_MULTIVERSION void emd_forward_tile_f64(const double* qp, const double* kp, double* outp,
-                                           int64_t bk, int64_t n, int64_t i0, int64_t j0,
-                                           int64_t ni, int64_t nj) {
-  emd_forward_tile(qp, kp, outp, bk, n, i0, j0, ni, nj);
+RCL_MULTIVERSION void emd_forward_block_f64(const double* qp, const double* kp, int64_t n,
+                                            const Block& block, int64_t c, int64_t end,
+                                            double* acc) {
+  emd_forward_block(qp, kp, n, block, c, end, acc);
 }
 
-inline void emd_forward_tile_any(const float* qp, const float* kp, float* outp, int64_t bk,
-                                 int64_t n, int64_t i0, int64_t j0, int64_t ni, int64_t nj) {
-  emd_forward_tile_f32(qp, kp, outp, bk, n, i0, j0, ni, nj);
+inline void emd_forward_block_any(const float* qp, const float* kp, int64_t n, const Block& block,
+                                  int64_t c, int64_t end, double* acc) {
+  emd_forward_block_f32(qp, kp, n, block, c, end, acc);
 }
 
-inline void emd_forward_tile_any(const double* qp, const double* kp, double* outp, int64_t bk,
-                                 int64_t n, int64_t i0, int64_t j0, int64_t ni, int64_t nj) {
-  emd_forward_tile_f64(qp, kp, outp, bk, n, i0, j0, ni, nj);
+inline void emd_forward_block_any(const double* qp, const double* kp, int64_t n, const Block& block,
+                                  int64_t c, int64_t end, double* acc) {
+  emd_forward_block_f64(qp, kp, n, block, c, end, acc);
 }
 
 // Backward over K values [c, c + len) for all pairs: with g = grad / K,
@@ -412,16 +449,47 @@ at::Tensor emd_pair_cpu(const at::Tensor& sq_in, const at::Tensor& sk_in) {
   AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair", [&] {
     const scalar_t *qp = sq.data_ptr<scalar_t>(), *kp = sk.data_ptr<scalar_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
+    // K chunks outermost: a thread's blocks then reuse the chunk of every row they read from
+    // its core's L2 instead of streaming whole key rows from L3 once per block.
     at::parallel_for(
         0, tiles_q * tiles_k, grain_for(kTile * kTile * n), [&](int64_t begin, int64_t end) {
+          std::vector<Block> blocks;
           for (int64_t tile = begin; tile < end; ++tile) {
             const int64_t i0 = (tile / tiles_k) * kTile, j0 = (tile % tiles_k) * kTile;
-            emd_forward_tile_any(qp, kp, outp, bk, n, i0, j0, std::min<int64_t>(kTile, bq - i0),
-                                 std::min<int64_t>(kTile, bk - j0));
+            blocks.push_back({i0, j0, std::min(kTile, bq - i0), std::min(kTile, bk - j0)});
+          }
+          std::vector<double> acc(blocks.size() * kTile * kTile, 0.0);
+          for (int64_t c = 0; c < n; c += kChunk) {
+            for (size_t b = 0; b < blocks.size(); ++b) {
+              emd_forward_block_any(qp, kp, n, blocks[b], c, std::min(c + kChunk, n),
+                                    acc.data() + b * kTile * kTile);
+            }
+          }
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            const Block& block = blocks[b];
+            for (int64_t ii = 0; ii < block.ni; ++ii) {
+              for (int64_t jj = 0; jj < block.nj; ++jj) {
+                outp[(block.i0 + ii) * bk + block.j0 + jj] =
+                    scalar_t(acc[b * kTile * kTile + ii * kTile + jj] / n);
+              }
+            }
           }
         });
   });
   return out;
+}
+
+// Exact EMD forward: both batches sorted in one parallel region, then paired.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact_cpu(
+    const at::Tensor& q, const at::Tensor& k) {
+  const char* op = "rcl_ops::emd_exact";
+  SortBatch sq = make_sort_batch(q, op, "q"), sk = make_sort_batch(k, op, "k");
+  TORCH_CHECK(
+      q.size(1) == k.size(1) && q.scalar_type() == k.scalar_type() && q.device() == k.device(), op,
+      ": q and k must have the same number of values, dtype and device, got ", q.sizes(), " ",
+      q.scalar_type(), " ", q.device(), " and ", k.sizes(), " ", k.scalar_type(), " ", k.device());
+  sort_batches({&sq, &sk});
+  return {emd_pair_cpu(sq.sorted, sk.sorted), sq.sorted, sq.order, sk.sorted, sk.order};
 }
 
 // values[i, order[i, m]] = values[i, m] for each row, through a row-sized scratch: the
@@ -502,6 +570,7 @@ TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) {
   m.impl("sorted_quantiles_backward", &sorted_quantiles_backward_cpu);
   m.impl("emd_pair", &emd_pair_cpu);
   m.impl("emd_pair_backward", &emd_pair_backward_cpu);
+  m.impl("emd_exact", &emd_exact_cpu);
   m.impl("emd_exact_backward", &emd_exact_backward_cpu);
 }
 
