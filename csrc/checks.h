@@ -13,6 +13,14 @@ inline void check_rows(const at::Tensor& x, const char* op, const char* name) {
               " must be float32 or float64, got ", x.scalar_type());
 }
 
+// q and k of one distance: the same number of values per row, dtype and device.
+inline void check_same_rows(const at::Tensor& q, const at::Tensor& k, const char* op) {
+  TORCH_CHECK(
+      q.size(1) == k.size(1) && q.scalar_type() == k.scalar_type() && q.device() == k.device(), op,
+      ": q and k must have the same number of values, dtype and device, got ", q.sizes(), " ",
+      q.scalar_type(), " ", q.device(), " and ", k.sizes(), " ", k.scalar_type(), " ", k.device());
+}
+
 inline void check_vector(const at::Tensor& x, int64_t size, const char* op, const char* name) {
   TORCH_CHECK(x.dim() == 1 && x.size(0) == size, op, ": ", name, " must have shape (", size,
               "), got ", x.sizes());

@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "checks.h"
+
 namespace rcl_ops {
 namespace {
 
@@ -21,9 +23,10 @@ TensorPair call_sorted_quantiles(const at::Tensor& x, int64_t num_quantiles) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact_composite(
     const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1),
-              "rcl_ops::emd_exact: q and k must be (B, M) with the same M, got ", q.sizes(),
-              " and ", k.sizes());
+  const char* op = "rcl_ops::emd_exact";
+  check_rows(q, op, "q");
+  check_rows(k, op, "k");
+  check_same_rows(q, k, op);
   static const auto emd_pair = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("rcl_ops::emd_pair", "")
                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();

@@ -248,6 +248,12 @@ def test_native_ops_reject_bad_arguments(backend):
         ops.moments(x.half())
     with pytest.raises(RuntimeError, match="same K"):
         ops.emd_pair(x, x[:, :4])
+    with pytest.raises(RuntimeError, match="rcl_ops::emd_exact: q and k must"):
+        ops.emd_exact(x, x[:, :4])
+    with pytest.raises(RuntimeError, match="rcl_ops::emd_exact: q and k must"):
+        ops.emd_exact(x, x.double())
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        ops.emd_exact(x[0], x)
     with pytest.raises(RuntimeError, match="num_bins must be at least 2"):
         ops.mmd_grid(x, x, torch.ones(1, device=device), 1, False)
     if device == "cpu":  # CUDA skips this check: it would need a host sync (ops.py validates)

@@ -484,10 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact
     const at::Tensor& q, const at::Tensor& k) {
   const char* op = "rcl_ops::emd_exact";
   SortBatch sq = make_sort_batch(q, op, "q"), sk = make_sort_batch(k, op, "k");
-  TORCH_CHECK(
-      q.size(1) == k.size(1) && q.scalar_type() == k.scalar_type() && q.device() == k.device(), op,
-      ": q and k must have the same number of values, dtype and device, got ", q.sizes(), " ",
-      q.scalar_type(), " ", q.device(), " and ", k.sizes(), " ", k.scalar_type(), " ", k.device());
+  check_same_rows(q, k, op);
   sort_batches({&sq, &sk});
   return {emd_pair_cpu(sq.sorted, sk.sorted), sq.sorted, sq.order, sk.sorted, sk.order};
 }
