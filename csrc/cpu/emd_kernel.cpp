@@ -20,10 +20,13 @@ namespace {
 
 // ---- sort -------------------------------------------------------------------------------
 
-// Monotone map float -> uint32: flip all bits of negatives, the sign bit of the rest.
+// Monotone map float -> uint32: flip all bits of negatives, the sign bit of the rest. -0.0
+// takes the key of +0.0, so that signed zeros tie (and keep their index order) as in
+// torch.sort and the float64 comparison sort; its sorted value comes back as +0.0.
 inline uint32_t float_to_key(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
+  if (u == 0x80000000u) u = 0;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -55,6 +55,7 @@ at::Tensor grid_bin_cuda(const at::Tensor& x_in, const at::Tensor& lo, const at:
   const char* op = "rcl_ops::grid_bin";
   check_grid_scalars(x_in, lo, step, op);
   TORCH_CHECK(num_bins >= 2, op, ": num_bins must be at least 2, got ", num_bins);
+  at::globalContext().alertNotDeterministic("rcl_ops::grid_bin (CUDA float64 atomics)");
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), count = x.size(1), total = rows * count;
@@ -134,6 +135,10 @@ struct KernelSumArgs {
 KernelSumArgs kernel_sum_args(const at::Tensor& x, const at::Tensor& y,
                               const at::Tensor& bandwidths, bool paired, const char* op) {
   check_kernel_sum_args(x, y, bandwidths, paired, op);
+  // Bandwidths may live on any device, so CUDA bandwidths can route CPU x and y here.
+  TORCH_CHECK(x.is_cuda(), op, ": x and y are on ", x.device(),
+              "; this is the CUDA kernel (picked for the bandwidths on ", bandwidths.device(),
+              "): put x, y and the bandwidths on one device");
   // Unlike the CPU kernel, positivity of the bandwidths is not checked here: that would
   // need a host synchronisation. The Python layer (rcl_ops.ops) validates them, and the
   // default bandwidth is positive by construction. 1 / (2 h^2) is computed on the device

@@ -76,7 +76,9 @@ struct GridPosition {
 
 RCL_HOST_DEVICE GridPosition grid_position(double x, double lo, double inv_step, int64_t num_bins) {
   double u = (x - lo) * inv_step;
-  u = u < 0.0 ? 0.0 : (u > double(num_bins - 1) ? double(num_bins - 1) : u);
+  // !(u >= 0) also sends NaN (non-finite input with the finite check off) to the first bin:
+  // converting NaN to an integer would be undefined.
+  u = !(u >= 0.0) ? 0.0 : (u > double(num_bins - 1) ? double(num_bins - 1) : u);
   int64_t lower = int64_t(floor(u));
   if (lower > num_bins - 2) lower = num_bins - 2;
   return {lower, u - double(lower)};
