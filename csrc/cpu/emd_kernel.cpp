@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -20,13 +21,10 @@ namespace {
 
 // ---- sort -------------------------------------------------------------------------------
 
-// Monotone map float -> uint32: flip all bits of negatives, the sign bit of the rest. -0.0
-// takes the key of +0.0, so that signed zeros tie (and keep their index order) as in
-// torch.sort and the float64 comparison sort; its sorted value comes back as +0.0.
+// Monotone map float -> uint32: flip all bits of negatives, the sign bit of the rest.
 inline uint32_t float_to_key(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
-  if (u == 0x80000000u) u = 0;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -151,13 +149,30 @@ bool finish_nearly_sorted(float* sorted, order_t* order, int64_t count, int64_t 
 // three 11-bit passes directly.
 constexpr int64_t kTwoPassMaxCount = 24576;
 
+// Signed zeros compare equal but have different keys (every -0.0 sorts before every +0.0):
+// merge the zero run back into index order, as torch's stable sort (and the float64 and CUDA
+// sorts) leave it. A binary search per row; the merge only where both signs occur.
+void merge_signed_zeros(const float* x, int64_t count, float* sorted, order_t* order) {
+  if (std::isnan(sorted[0]) || std::isnan(sorted[count - 1])) return;  // not partitioned at 0
+  const int64_t begin = std::lower_bound(sorted, sorted + count, 0.0f) - sorted;
+  const int64_t end = std::upper_bound(sorted + begin, sorted + count, 0.0f) - sorted;
+  if (end - begin < 2 || !std::signbit(sorted[begin]) || std::signbit(sorted[end - 1])) return;
+  const int64_t first_positive =
+      std::partition_point(sorted + begin, sorted + end, [](float v) { return std::signbit(v); }) -
+      sorted;
+  std::inplace_merge(order + begin, order + first_positive, order + end);
+  for (int64_t m = begin; m < end; ++m) sorted[m] = x[order[m]];
+}
+
 void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
   static constexpr int kTopBits[2] = {8, 20}, kAllBits[3] = {0, 11, 22};
+  bool done = false;
   if (count <= kTwoPassMaxCount) {
     radix_sort_row<12>(x, count, kTopBits, sorted, order, scratch);
-    if (finish_nearly_sorted(sorted, order, count, 4 * count)) return;
+    done = finish_nearly_sorted(sorted, order, count, 4 * count);
   }
-  radix_sort_row<11>(x, count, kAllBits, sorted, order, scratch);
+  if (!done) radix_sort_row<11>(x, count, kAllBits, sorted, order, scratch);
+  merge_signed_zeros(x, count, sorted, order);
 }
 
 // float64 rows: a comparison sort of the indices.
