@@ -57,6 +57,15 @@ inline void check_order(const at::Tensor& order, const at::Tensor& sorted, const
               ", got ", order.scalar_type(), " ", order.sizes(), " on ", order.device());
 }
 
+// The saved state of the exact EMD: both batches' sorted values and their sort orders.
+inline void check_sorted_pair_and_orders(const at::Tensor& sorted_q, const at::Tensor& order_q,
+                                         const at::Tensor& sorted_k, const at::Tensor& order_k,
+                                         const char* op) {
+  check_pair(sorted_q, sorted_k, op);
+  check_order(order_q, sorted_q, op, "order_q");
+  check_order(order_k, sorted_k, op, "order_k");
+}
+
 // The sort order (B, M) int32 that a (B, K) quantile gradient is scattered through.
 inline void check_quantile_order(const at::Tensor& order, const at::Tensor& grad, const char* op) {
   TORCH_CHECK(

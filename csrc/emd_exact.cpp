@@ -39,9 +39,7 @@ TensorPair emd_exact_backward_composite(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& order_q, const at::Tensor& sorted_k,
                                         const at::Tensor& order_k) {
   const char* op = "rcl_ops::emd_exact_backward";
-  check_pair(sorted_q, sorted_k, op);
-  check_order(order_q, sorted_q, op, "order_q");
-  check_order(order_k, sorted_k, op, "order_k");
+  check_sorted_pair_and_orders(sorted_q, order_q, sorted_k, order_k, op);
   static const auto pair_backward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("rcl_ops::emd_pair_backward", "")

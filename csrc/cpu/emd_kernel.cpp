@@ -7,9 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -21,15 +21,17 @@ namespace {
 
 // ---- sort -------------------------------------------------------------------------------
 
-// Monotone map float -> uint32: flip all bits of negatives, the sign bit of the rest.
+// Monotone map float -> uint32: negatives to 2^32 - bits, the rest to bits | 2^31. -0.0 thus
+// takes the key of +0.0: signed zeros tie and keep their index order, as in torch.sort and
+// the float64 comparison sort (a -0.0 comes back from the keys as +0.0).
 inline uint32_t float_to_key(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (u & 0x80000000u) ? 0u - u : (u | 0x80000000u);
 }
 
 inline float key_to_float(uint32_t key) {
-  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : 0u - key;
   float v;
   std::memcpy(&v, &u, sizeof(v));
   return v;
@@ -149,21 +151,6 @@ bool finish_nearly_sorted(float* sorted, order_t* order, int64_t count, int64_t 
 // three 11-bit passes directly.
 constexpr int64_t kTwoPassMaxCount = 24576;
 
-// Signed zeros compare equal but have different keys (every -0.0 sorts before every +0.0):
-// merge the zero run back into index order, as torch's stable sort (and the float64 and CUDA
-// sorts) leave it. A binary search per row; the merge only where both signs occur.
-void merge_signed_zeros(const float* x, int64_t count, float* sorted, order_t* order) {
-  if (std::isnan(sorted[0]) || std::isnan(sorted[count - 1])) return;  // not partitioned at 0
-  const int64_t begin = std::lower_bound(sorted, sorted + count, 0.0f) - sorted;
-  const int64_t end = std::upper_bound(sorted + begin, sorted + count, 0.0f) - sorted;
-  if (end - begin < 2 || !std::signbit(sorted[begin]) || std::signbit(sorted[end - 1])) return;
-  const int64_t first_positive =
-      std::partition_point(sorted + begin, sorted + end, [](float v) { return std::signbit(v); }) -
-      sorted;
-  std::inplace_merge(order + begin, order + first_positive, order + end);
-  for (int64_t m = begin; m < end; ++m) sorted[m] = x[order[m]];
-}
-
 void sort_row(const float* x, int64_t count, float* sorted, order_t* order, SortScratch& scratch) {
   static constexpr int kTopBits[2] = {8, 20}, kAllBits[3] = {0, 11, 22};
   bool done = false;
@@ -172,7 +159,6 @@ void sort_row(const float* x, int64_t count, float* sorted, order_t* order, Sort
     done = finish_nearly_sorted(sorted, order, count, 4 * count);
   }
   if (!done) radix_sort_row<11>(x, count, kAllBits, sorted, order, scratch);
-  merge_signed_zeros(x, count, sorted, order);
 }
 
 // float64 rows: a comparison sort of the indices.
@@ -202,8 +188,10 @@ SortBatch make_sort_batch(const at::Tensor& x_in, const char* op, const char* na
   return {x, at::empty_like(x), at::empty(x.sizes(), x.options().dtype(kOrderType))};
 }
 
-// Sorts the rows of all batches (same dtype and row length) in one parallel region.
-void sort_batches(std::initializer_list<SortBatch*> batches) {
+// Sorts the rows of all batches (same dtype and row length) in one parallel region, then
+// calls row_done(row, sorted_row) for each row of the first batch while it is in cache.
+template <typename RowDone>
+void sort_batches(std::initializer_list<SortBatch*> batches, RowDone row_done) {
   std::vector<SortBatch*> list(batches);
   std::vector<int64_t> first_row{0};
   for (const SortBatch* batch : list) first_row.push_back(first_row.back() + batch->x.size(0));
@@ -215,9 +203,10 @@ void sort_batches(std::initializer_list<SortBatch*> batches) {
         const size_t b =
             std::upper_bound(first_row.begin(), first_row.end(), row) - first_row.begin() - 1;
         const int64_t offset = (row - first_row[b]) * count;
-        sort_row(list[b]->x.data_ptr<scalar_t>() + offset, count,
-                 list[b]->sorted.data_ptr<scalar_t>() + offset,
+        scalar_t* row_sorted = list[b]->sorted.data_ptr<scalar_t>() + offset;
+        sort_row(list[b]->x.data_ptr<scalar_t>() + offset, count, row_sorted,
                  list[b]->order.data_ptr<order_t>() + offset, scratch);
+        if (b == 0) row_done(row, static_cast<const scalar_t*>(row_sorted));
       }
     });
   });
@@ -228,28 +217,24 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cpu(const at::Tensor& x_in,
   const char* op = "rcl_ops::sorted_quantiles";
   SortBatch batch = make_sort_batch(x_in, op, "x");
   TORCH_CHECK(num_quantiles >= 1, op, ": num_quantiles must be positive, got ", num_quantiles);
-  sort_batches({&batch});
   const int64_t rows = batch.x.size(0), count = batch.x.size(1);
-  if (num_quantiles == count) return {batch.sorted, batch.order};
+  if (num_quantiles == count) {
+    sort_batches({&batch}, [](int64_t, const auto*) {});
+    return {batch.sorted, batch.order};
+  }
   std::vector<QuantilePosition> positions;
   for (int64_t k = 0; k < num_quantiles; ++k) {
     positions.push_back(quantile_position(k, num_quantiles, count));
   }
   at::Tensor quantiles = at::empty({rows, num_quantiles}, batch.x.options());
-  AT_DISPATCH_FLOATING_TYPES(batch.x.scalar_type(), "rcl_ops::sorted_quantiles", [&] {
-    const scalar_t* sp = batch.sorted.data_ptr<scalar_t>();
-    scalar_t* qp = quantiles.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain_for(num_quantiles), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* row_sorted = sp + i * count;
-        for (int64_t k = 0; k < num_quantiles; ++k) {
-          const QuantilePosition p = positions[k];
-          qp[i * num_quantiles + k] =
-              scalar_t(double(row_sorted[p.lower]) * (1.0 - p.upper_weight) +
-                       double(row_sorted[p.upper]) * p.upper_weight);
-        }
-      }
-    });
+  sort_batches({&batch}, [&](int64_t i, const auto* row_sorted) {
+    using T = std::remove_cv_t<std::remove_pointer_t<decltype(row_sorted)>>;
+    T* row_quantiles = quantiles.data_ptr<T>() + i * num_quantiles;
+    for (int64_t k = 0; k < num_quantiles; ++k) {
+      const QuantilePosition p = positions[k];
+      row_quantiles[k] = T(double(row_sorted[p.lower]) * (1.0 - p.upper_weight) +
+                           double(row_sorted[p.upper]) * p.upper_weight);
+    }
   });
   return {quantiles, batch.order};
 }
@@ -503,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact
   const char* op = "rcl_ops::emd_exact";
   SortBatch sq = make_sort_batch(q, op, "q"), sk = make_sort_batch(k, op, "k");
   check_same_rows(q, k, op);
-  sort_batches({&sq, &sk});
+  sort_batches({&sq, &sk}, [](int64_t, const auto*) {});
   return {emd_pair_cpu(sq.sorted, sk.sorted), sq.sorted, sq.order, sk.sorted, sk.order};
 }
 
@@ -571,9 +556,7 @@ std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& sk_in,
                                                           const at::Tensor& order_k_in) {
   const char* op = "rcl_ops::emd_exact_backward";
-  check_pair(sq_in, sk_in, op);
-  check_order(order_q_in, sq_in, op, "order_q");
-  check_order(order_k_in, sk_in, op, "order_k");
+  check_sorted_pair_and_orders(sq_in, order_q_in, sk_in, order_k_in, op);
   const at::Tensor order_q = order_q_in.contiguous(), order_k = order_k_in.contiguous();
   return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), &order_q, &order_k, op);
 }
