@@ -186,16 +186,21 @@ def providers(distance: str, device: str) -> dict[str, Callable]:
     if distance != "mmd":
         found["reference+compile"] = _compiled_reference(distance)
     found["naive"] = {"emd": naive_emd, "mmd": naive_mmd, "bd": naive_bd}[distance]
-    if distance == "emd" and _installed("ot"):
-        found["pot"] = pot_emd
+    if distance == "emd":
+        found["pot"] = pot_emd if _installed("ot") else unavailable(NOT_INSTALLED.format("POT"))
     if distance == "emd" and device == "cpu" and _installed("scipy"):
         found["scipy"] = scipy_emd
-    if distance == "mmd" and _installed("geomloss"):
-        found["geomloss"] = geomloss_mmd
-        if _installed("pykeops"):
+    if distance == "mmd":
+        found["geomloss"] = geomloss_mmd if _installed("geomloss") else unavailable(NOT_INSTALLED.format("GeomLoss"))
+        if not (_installed("geomloss") and _installed("pykeops")):
+            found["geomloss[keops]"] = unavailable(NOT_INSTALLED.format("GeomLoss or pykeops"))
+        else:
             reason = keops_unavailable_reason(device)
             found["geomloss[keops]"] = unavailable(reason) if reason else geomloss_keops_mmd
     return found
+
+
+NOT_INSTALLED = "{} is not installed here (pip install .[bench]); skipped"
 
 
 def loss_providers(distance: str, device: str) -> dict[str, Callable]:

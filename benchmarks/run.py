@@ -53,9 +53,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class _Clock:
+    """Marks points of a step: CUDA events on the GPU (device time between the marks, no
+    host sync inside the step), perf_counter with a sync at each mark on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.marks = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks (syncs the GPU once)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 def time_step(fn, q, k, device: str, repeats: int, warmup: int, min_seconds: float = 0.0) -> dict:
     """Forward, backward and full times in ms: median and interquartile range over at least
-    ``repeats`` calls after ``warmup``, and more until ``min_seconds`` are sampled."""
+    ``repeats`` calls after ``warmup``, and more until ``min_seconds`` are sampled. On CUDA
+    the times are CUDA-event times of the GPU's work (the step is queued, then synced once)."""
     forward_only = getattr(fn, "forward_only", False)
     samples = {"forward": [], "backward": [], "full": []}
     step, steps = 0, warmup + repeats
@@ -64,27 +89,74 @@ def time_step(fn, q, k, device: str, repeats: int, warmup: int, min_seconds: flo
     ):
         qa, ka = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
         _sync(device)
-        start = time.perf_counter()
+        clock = _Clock(device)
+        clock.mark()
         out = fn(qa, ka)
-        _sync(device)
-        middle = time.perf_counter()
+        clock.mark()
         if not forward_only:
             out.sum().backward()
-        _sync(device)
-        end = time.perf_counter()
+        clock.mark()
+        forward, backward = clock.seconds()
         if step >= warmup:
-            samples["forward"].append(middle - start)
-            samples["backward"].append(end - middle)
-            samples["full"].append(end - start)
-        elif end - start > SLOW_CALL_SECONDS:  # slow provider: end the warm-up, 2 timed calls
+            samples["forward"].append(forward)
+            samples["backward"].append(backward)
+            samples["full"].append(forward + backward)
+        elif forward + backward > SLOW_CALL_SECONDS:  # slow provider: end the warm-up, 2 timed calls
             warmup, steps = step + 1, min(steps, step + 3)
         step += 1
+    return _summary(samples)
+
+
+def _summary(samples: dict[str, list[float]]) -> dict:
     result = {"timed_calls": len(samples["full"])}
     for mode, values in samples.items():
         quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         result[f"{mode}_ms"] = 1e3 * statistics.median(values)
         result[f"{mode}_iqr_ms"] = 1e3 * (quartiles[2] - quartiles[0])
     return result
+
+
+OVERHEAD_BATCH, OVERHEAD_SHAPE = 8, (1, 4, 4)
+
+
+def host_overhead(fn, device: str, calls: int = 300, warmup: int = 20) -> dict:
+    """Host time of one forward+backward at a tiny size (B=8, M=16), in microseconds: the
+    Python, dispatch and launch cost a training step pays per call. No sync inside the loop
+    on CUDA (the GPU work of so small a call is shorter than its launch)."""
+    q = torch.randn(OVERHEAD_BATCH, *OVERHEAD_SHAPE, device=device)
+    k = 0.9 * torch.randn(OVERHEAD_BATCH, *OVERHEAD_SHAPE, device=device)
+    times = []
+    for step in range(warmup + calls):
+        qa, ka = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+        start = time.perf_counter()
+        fn(qa, ka).sum().backward()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+        if step % 50 == 0:
+            _sync(device)  # keep the launch queue from filling up
+    _sync(device)
+    quartiles = statistics.quantiles(times, n=4)
+    return {"host_us": 1e6 * statistics.median(times), "host_iqr_us": 1e6 * (quartiles[2] - quartiles[0])}
+
+
+def run_overhead(device: str, on_row=None) -> list[dict]:
+    """The host-overhead case for rcl_ops's backends on ``device`` and the hand-written naive
+    formulation, with the library's default settings (the NaN/Inf check as it is by default)."""
+    rows = []
+    for distance in DISTANCES:
+        candidates = providers(distance, device)
+        for name in [n for n in candidates if n.startswith("rcl_ops")] + ["naive"]:
+            row = {"what": f"overhead-{distance}", "provider": name, "batch": OVERHEAD_BATCH}
+            row.update({"shape": "x".join(map(str, OVERHEAD_SHAPE)), "values": math.prod(OVERHEAD_SHAPE)})
+            row["check_finite"] = rcl_ops.check_finite_enabled()
+            try:
+                row.update(host_overhead(candidates[name], device))
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+            rows.append(row)
+            if on_row:
+                on_row(row)
+    return rows
 
 
 def peak_memory(what: str, provider: str, fn, q, k, device: str) -> dict:
@@ -189,6 +261,23 @@ def print_ratio_table(rows: list[dict]) -> None:
             print(f"{label:<26}{r['provider']:<18}{times}{mem_text}{ratio}{mark}")
 
 
+def print_overhead_table(rows: list[dict]) -> None:
+    """Host microseconds per forward+backward at B=8, M=16, and each against the naive one."""
+    overhead = [r for r in rows if r["what"].startswith("overhead")]
+    if not overhead:
+        return
+    print(f"\nhost overhead, one forward+backward at B={OVERHEAD_BATCH}, M={math.prod(OVERHEAD_SHAPE)}")
+    naive = {r["what"]: r["host_us"] for r in overhead if r["provider"] == "naive" and "host_us" in r}
+    for r in overhead:
+        if "host_us" not in r:
+            print(f"{r['what']:<16}{r['provider']:<18}{r.get('error', '')}")
+            continue
+        versus = f"  {r['host_us'] / naive[r['what']]:.2f}x naive's" if r["what"] in naive else ""
+        check = "on" if r["check_finite"] else "off"
+        spread = f"(IQR {r['host_iqr_us']:.1f}, check {check})"
+        print(f"{r['what']:<16}{r['provider']:<18}{r['host_us']:9.1f} us {spread}{versus}")
+
+
 def fit_exponents(rows: list[dict]) -> list[dict]:
     """Least-squares exponent of full time in B (at fixed M) and in M (at fixed B), per provider."""
     fits = []
@@ -214,24 +303,54 @@ def scaling_provider(distance: str, name: str) -> bool:
     return name.startswith("rcl_ops") or name == "reference" or (name == "naive" and distance != "mmd")
 
 
-def run_cases(cases, device: str, repeats: int, warmup: int, memory: bool, min_seconds: float) -> list[dict]:
+def run_cases(cases, device: str, repeats: int, warmup: int, memory: bool, min_seconds: float, on_row=None):
     """Every provider of every distance and of the loss at each (batch, shape, scaling_only) case;
-    scaling_only cases measure the scaling_provider ones only."""
+    scaling_only cases measure the scaling_provider ones only. ``on_row(row)`` sees each row
+    as soon as it is measured."""
     rows = []
     for batch, shape, scaling_only in cases:
-        for distance in DISTANCES:
-            for name, fn in providers(distance, device).items():
-                if scaling_only and not scaling_provider(distance, name):
-                    continue
-                rows.append(measure(distance, name, fn, batch, shape, device, repeats, warmup, memory, min_seconds))
-            for name, fn in loss_providers(distance, device).items():
-                if scaling_only and not scaling_provider(distance, name):
-                    continue
-                rows.append(
-                    measure(f"loss-{distance}", name, fn, batch, shape, device, repeats, warmup, memory, min_seconds)
-                )
-            print(f"measured {distance} at B={batch}, {shape}", file=sys.stderr)
+        # torch.compile providers last: their compile is the slowest part of a run that may be cut off.
+        for compiled in (False, True):
+            for distance in DISTANCES:
+                named = [(distance, name, fn) for name, fn in providers(distance, device).items()]
+                named += [(f"loss-{distance}", name, fn) for name, fn in loss_providers(distance, device).items()]
+                for what, name, fn in named:
+                    if name.endswith("+compile") != compiled or (scaling_only and not scaling_provider(distance, name)):
+                        continue
+                    try:
+                        row = measure(what, name, fn, batch, shape, device, repeats, warmup, memory, min_seconds)
+                    except Exception as error:  # one broken provider must not lose the others' rows
+                        row = {"what": what, "provider": name, "batch": batch, "shape": "x".join(map(str, shape))}
+                        row["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+            print(f"measured B={batch}, {shape}{' (compiled providers)' if compiled else ''}", file=sys.stderr)
     return rows
+
+
+def copy_bandwidth_gbs(device: str, megabytes: int = 1024) -> float | None:
+    """Bytes read + written per second by a device-to-device copy of ``megabytes`` (GPU only):
+    the roofline a memory-bound kernel is compared against."""
+    if device != "cuda":
+        return None
+    src = torch.empty(megabytes << 18, device=device)  # float32: 4 bytes each
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    clock = _Clock(device)
+    clock.mark()
+    for _ in range(20):
+        dst.copy_(src)
+    clock.mark()
+    (seconds,) = clock.seconds()
+    return 2 * src.numel() * 4 * 20 / seconds / 1e9
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
 
 
 def main(argv=None) -> Path:
@@ -242,7 +361,10 @@ def main(argv=None) -> Path:
         "--quick", action="store_true", help="B=64, 3x64x64 with every provider, plus scaling points (default)"
     )
     size.add_argument("--full", action="store_true", help="sweep B in 8..128 and residual sizes")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    size.add_argument(
+        "--headline", action="store_true", help="B=64, 3x128x128 only (the GPU targets' case), and host overhead"
+    )
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 5 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (allocator, caches, autotuning)")
     parser.add_argument(
@@ -252,6 +374,8 @@ def main(argv=None) -> Path:
         help=f"repeat fast calls until this much time is sampled (default {MIN_SAMPLED_SECONDS}; 0 with --smoke)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the host-overhead case")
+    parser.add_argument("--no-plots", action="store_true", help="write no plots")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -264,28 +388,45 @@ def main(argv=None) -> Path:
         cases = [(b, (3, 64, 64), False) for b in (8, 16, 32, 64, 128)]
         cases += [(64, s, False) for s in shapes if s != (3, 64, 64)]
         label = "full"
+    elif args.headline:
+        cases, label = [(64, (3, 128, 128), False)], "headline"
     else:  # the targets' case with every provider, and scaling points for the plots
         cases = [(64, (3, 64, 64), False), (16, (3, 64, 64), True), (32, (3, 64, 64), True), (64, (3, 32, 32), True)]
         label = "quick"
     repeats = args.repeats or (2 if args.smoke else 10 if args.device == "cuda" else 5)
     min_seconds = args.min_seconds if args.min_seconds is not None else 0.0 if args.smoke else MIN_SAMPLED_SECONDS
 
+    # Validate and create the output before measuring; the JSON is rewritten (atomically)
+    # after every row, so a run that is cut off keeps what it measured.
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    path = args.output_dir / f"{args.device}-{label}.json"
+    env = environment(args.device)
+    env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
+    print(f"device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}", flush=True)
+    rows: list[dict] = []
+
+    def save(row: dict | None = None) -> None:
+        if row is not None:
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        write_json_atomically(path, {"environment": env, "rows": rows, "exponent_fits": fit_exponents(rows)})
+
+    if not args.no_overhead and not args.smoke:
+        run_overhead(args.device, on_row=save)  # with the library's default settings
     checking = rcl_ops.check_finite_enabled()
     rcl_ops.set_check_finite(False)  # a host sync per call; inputs here are finite
     try:
-        rows = run_cases(cases, args.device, repeats, args.warmup, not args.no_memory, min_seconds)
+        run_cases(cases, args.device, repeats, args.warmup, not args.no_memory, min_seconds, on_row=save)
     finally:
         rcl_ops.set_check_finite(checking)
-    env = environment(args.device)
-    print(f"device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}")
-    print_ratio_table(rows)
-    fits = fit_exponents(rows)
-    for fit in fits:
+    save()
+    print_overhead_table(rows)
+    print_ratio_table([r for r in rows if not r["what"].startswith("overhead")])
+    for fit in fit_exponents(rows):
         print(f"exponent of full time in {fit['axis']}: {fit['what']} {fit['provider']}: {fit['exponent']:.2f}")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"{args.device}-{label}.json"
-    path.write_text(json.dumps({"environment": env, "rows": rows, "exponent_fits": fits}, indent=1))
     print(f"wrote {path}")
+    if args.no_plots or args.headline:
+        return path
     # The plots' fixed case: the batch of the M sweep and the shape of the B sweep.
     base_batch, base_shape = (4, (2, 8, 8)) if args.smoke else (64, (3, 64, 64))
     plots = plot_results(

@@ -34,6 +34,18 @@ def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"
         torch.testing.assert_close(a, b)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs CUDA kernels or compiled Triton (`make gpu-check` runs only these)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark as "gpu" every test parametrised with a "cuda" backend or device."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "cuda" in [v for v in callspec.params.values() if isinstance(v, str)]:
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -71,6 +71,7 @@ def test_finite_check_can_be_disabled():
         rcl_ops.set_check_finite(True)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mismatched_devices():
     q, k = _pair("reference")

@@ -316,6 +316,7 @@ def test_compiled_loss_fullgraph(device, distance):
     assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="aot_eager")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 def test_autotuning_keeps_first_calls_quick():
     # Compile every config once at a small size (cold: seconds, or milliseconds from the
