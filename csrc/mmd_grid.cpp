@@ -11,21 +11,30 @@ namespace rcl_ops {
 namespace {
 
 struct Grid {
-  at::Tensor lo, step;  // 0-dim float64
+  at::Tensor lo, step;  // 0-dim float64 views of the (2,) grid tensor [lo, step]
   int64_t num_bins;
   int64_t fft_size;  // >= 2 G - 1, so the circular convolution is a linear one
 };
 
+int64_t fft_size_for(int64_t num_bins) {
+  int64_t fft_size = 1;
+  while (fft_size < 2 * num_bins) fft_size *= 2;
+  return fft_size;
+}
+
+Grid grid_from_tensor(const at::Tensor& grid, int64_t num_bins) {
+  return {grid.select(0, 0), grid.select(0, 1), num_bins, fft_size_for(num_bins)};
+}
+
 // The grid spans [min, max] of all values of q and k (at least 1e-3 of the smallest
 // bandwidth, so that a batch of identical values still has a valid step).
-Grid make_grid(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
-               int64_t num_bins) {
+// Returns the (2,) float64 tensor [lo, step].
+at::Tensor make_grid(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                     int64_t num_bins) {
   const at::Tensor lo = at::minimum(q.min(), k.min()).to(at::kDouble);
   const at::Tensor hi = at::maximum(q.max(), k.max()).to(at::kDouble);
   const at::Tensor span = at::maximum(hi - lo, 1e-3 * bandwidths.min().to(at::kDouble));
-  int64_t fft_size = 1;
-  while (fft_size < 2 * num_bins) fft_size *= 2;
-  return {lo, span / double(num_bins - 1), num_bins, fft_size};
+  return at::stack({lo, span / double(num_bins - 1)});
 }
 
 // rfft of the kernel sum_h exp(-d^2 / (2 h^2)) (or its derivative in d) sampled at the
@@ -61,12 +70,30 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ba
               ": the unbiased estimator needs at least 2 values per residual");
 }
 
+// The forward's saved state: its grid [lo, step] and the binned weights of q and k.
+void check_saved_grid(const at::Tensor& grid, const at::Tensor& w_q, const at::Tensor& w_k,
+                      const at::Tensor& q, const at::Tensor& k, int64_t num_bins, const char* op) {
+  TORCH_CHECK(grid.dim() == 1 && grid.size(0) == 2 && grid.scalar_type() == at::kDouble &&
+                  grid.device() == q.device(),
+              op, ": grid must be the forward's float64 [lo, step] on ", q.device());
+  for (const auto& [w, x, name] :
+       {std::tuple<const at::Tensor&, const at::Tensor&, const char*>{w_q, q, "w_q"},
+        std::tuple<const at::Tensor&, const at::Tensor&, const char*>{w_k, k, "w_k"}}) {
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == num_bins &&
+                    w.scalar_type() == at::kDouble && w.device() == x.device(),
+                op, ": ", name, " must be the forward's float64 binned weights of shape (",
+                x.size(0), ", ", num_bins, "), got ", w.scalar_type(), " ", w.sizes());
+  }
+}
+
 }  // namespace
 
-at::Tensor mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& bandwidths, int64_t num_bins, bool unbiased) {
+MmdGridOutputs mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& bandwidths, int64_t num_bins,
+                                bool unbiased) {
   check_inputs(q, k, bandwidths, num_bins, unbiased, "rcl_ops::mmd_grid");
-  const Grid grid = make_grid(q, k, bandwidths, num_bins);
+  const at::Tensor grid_tensor = make_grid(q, k, bandwidths, num_bins);
+  const Grid grid = grid_from_tensor(grid_tensor, num_bins);
   const at::Tensor w_q = kernels.bin(q, grid.lo, grid.step, num_bins);
   const at::Tensor w_k = kernels.bin(k, grid.lo, grid.step, num_bins);
   const at::Tensor w_mean = (w_q.sum(0) + w_k.sum(0)) / double(q.size(0) + k.size(0));
@@ -85,21 +112,19 @@ at::Tensor mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q, con
     out = out + ((full_q - num_h) / double(q.size(1) - 1)).unsqueeze(1) +
           ((full_k - num_h) / double(k.size(1) - 1)).unsqueeze(0);
   }
-  return out.to(q.scalar_type());
+  return {out.to(q.scalar_type()), grid_tensor, w_q, w_k};
 }
 
-std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(const GridKernels& kernels,
-                                                     const at::Tensor& grad, const at::Tensor& q,
-                                                     const at::Tensor& k,
-                                                     const at::Tensor& bandwidths, int64_t num_bins,
-                                                     bool unbiased) {
+std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(
+    const GridKernels& kernels, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& bandwidths, const at::Tensor& grid_tensor, const at::Tensor& w_q,
+    const at::Tensor& w_k, int64_t num_bins, bool unbiased) {
   const char* op = "rcl_ops::mmd_grid_backward";
   check_inputs(q, k, bandwidths, num_bins, unbiased, op);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == q.size(0) && grad.size(1) == k.size(0), op,
               ": grad must have shape (", q.size(0), ", ", k.size(0), "), got ", grad.sizes());
-  const Grid grid = make_grid(q, k, bandwidths, num_bins);
-  const at::Tensor w_q = kernels.bin(q, grid.lo, grid.step, num_bins);
-  const at::Tensor w_k = kernels.bin(k, grid.lo, grid.step, num_bins);
+  check_saved_grid(grid_tensor, w_q, w_k, q, k, num_bins, op);
+  const Grid grid = grid_from_tensor(grid_tensor, num_bins);
   const at::Tensor w_mean = (w_q.sum(0) + w_k.sum(0)) / double(q.size(0) + k.size(0));
   const at::Tensor u_q = w_q - w_mean, u_k = w_k - w_mean;
   const at::Tensor g = grad.to(at::kDouble);

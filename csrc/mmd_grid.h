@@ -19,13 +19,17 @@ struct GridKernels {
                             const at::Tensor& step);
 };
 
-at::Tensor mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& bandwidths, int64_t num_bins, bool unbiased);
+// (distances (Bq, Bk) in q's dtype, grid (2,) float64 [lo, step], w_q, w_k (B, G) float64).
+using MmdGridOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(const GridKernels& kernels,
-                                                     const at::Tensor& grad, const at::Tensor& q,
-                                                     const at::Tensor& k,
-                                                     const at::Tensor& bandwidths, int64_t num_bins,
-                                                     bool unbiased);
+MmdGridOutputs mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& bandwidths, int64_t num_bins,
+                                bool unbiased);
+
+// Gradients of sum(grad * distances) for q and k, from the forward's grid and weights.
+std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(
+    const GridKernels& kernels, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& bandwidths, const at::Tensor& grid, const at::Tensor& w_q,
+    const at::Tensor& w_k, int64_t num_bins, bool unbiased);
 
 }  // namespace rcl_ops

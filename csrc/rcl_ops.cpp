@@ -1,5 +1,7 @@
 // Operator schemas of the rcl_ops library. Kernels attach per device in csrc/cpu and
-// csrc/cuda; fake (meta) kernels and autograd are registered from Python (rcl_ops/_native.py).
+// csrc/cuda; fake (meta) kernels are registered from Python (rcl_ops/_native.py), autograd
+// of the fused ops (emd_exact, mmd_grid, bd) in C++ (csrc/autograd.cpp), of the primitives
+// from Python (rcl_ops/_autograd.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -18,6 +20,13 @@ TORCH_LIBRARY(rcl_ops, m) {
   m.def(
       "bd_pair_backward(Tensor grad, Tensor mean_q, Tensor var_q, Tensor mean_k, Tensor var_k, "
       "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The whole Bhattacharyya distance as one node (one autograd hop per loss step).
+  m.def(
+      "bd(Tensor q, Tensor k, float eps) -> (Tensor distances, Tensor mean_q, Tensor var_q, "
+      "Tensor mean_k, Tensor var_k)");
+  m.def(
+      "bd_backward(Tensor grad, Tensor q, Tensor k, Tensor mean_q, Tensor var_q, Tensor mean_k, "
+      "Tensor var_k, float eps) -> (Tensor, Tensor)");
   // EMD: per-row sorted values or K mid-level quantiles (with the sort order), then the
   // pairwise mean absolute difference.
   m.def("sorted_quantiles(Tensor x, int num_quantiles) -> (Tensor quantiles, Tensor order)");
@@ -32,10 +41,14 @@ TORCH_LIBRARY(rcl_ops, m) {
       "emd_exact_backward(Tensor grad, Tensor sorted_q, Tensor order_q, Tensor sorted_k, "
       "Tensor order_k) -> (Tensor, Tensor)");
   // MMD: binned-grid method (linear in M) and the exact direct kernel sums.
-  m.def("mmd_grid(Tensor q, Tensor k, Tensor bandwidths, int num_bins, bool unbiased) -> Tensor");
+  // The forward also returns its grid (lo, step as a float64 (2,) tensor) and the float64
+  // (B, num_bins) binned weights of q and k, which the backward reuses instead of binning again.
   m.def(
-      "mmd_grid_backward(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, int num_bins, "
-      "bool unbiased) -> (Tensor, Tensor)");
+      "mmd_grid(Tensor q, Tensor k, Tensor bandwidths, int num_bins, bool unbiased) -> "
+      "(Tensor distances, Tensor grid, Tensor w_q, Tensor w_k)");
+  m.def(
+      "mmd_grid_backward(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, Tensor grid, "
+      "Tensor w_q, Tensor w_k, int num_bins, bool unbiased) -> (Tensor, Tensor)");
   m.def("gaussian_kernel_sums(Tensor x, Tensor y, Tensor bandwidths, bool paired) -> Tensor");
   m.def(
       "gaussian_kernel_sums_backward(Tensor grad, Tensor x, Tensor y, Tensor bandwidths, "

@@ -1,6 +1,7 @@
 """Autograd of the sketch and pair ops, shared by every op namespace that implements them
-(``rcl_ops`` native C++/CUDA, ``rcl_ops_triton``). Each forward op's backward calls the
-namespace's own ``*_backward`` op, so it dispatches to the same device and backend.
+(``rcl_ops`` native C++/CUDA, ``rcl_ops_triton``; the native fused ops have theirs in C++).
+Each forward op's backward calls the namespace's own ``*_backward`` op, so it dispatches to
+the same device and backend.
 eps, bandwidths and the MMD grid are constants: their gradients are not computed."""
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str) -> None:
-    """Attach autograd to ``<namespace>::{quantiles_op, emd_pair, moments, bd_pair, mmd_grid}``.
+def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str, with_mmd_grid: bool = False) -> None:
+    """Attach autograd to ``<namespace>::{quantiles_op, emd_pair, moments, bd_pair}`` (and
+    ``mmd_grid`` (q, k, bandwidths, num_bins, unbiased) -> distances, when asked).
 
     ``quantiles_op`` (x, K) -> (quantiles, order) has the backward op ``<quantiles_op>_backward``.
     """
@@ -63,6 +65,6 @@ def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str) -> None
         ("emd_pair", emd_pair_grad, emd_pair_setup),
         ("moments", moments_grad, moments_setup),
         ("bd_pair", bd_pair_grad, bd_pair_setup),
-        ("mmd_grid", mmd_grid_grad, mmd_grid_setup),
+        *([("mmd_grid", mmd_grid_grad, mmd_grid_setup)] if with_mmd_grid else []),
     ):
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)

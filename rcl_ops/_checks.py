@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_check_finite = True
+# The NaN/Inf input check reads every value and brings one number back to the host. On CPU
+# that is a few microseconds; on a GPU it is a host-device synchronisation per call, which
+# stalls the launch pipeline of a training step, so there it is opt-in (as anomaly detection is).
+CHECK_FINITE_DEFAULTS = {"cpu": True}  # device types not listed: off
+_check_finite_overrides: dict[str, bool] = {}
+_ALL_DEVICES = "*"
 
 
-def set_check_finite(enabled: bool) -> None:
-    """Turn the NaN/Inf check of the inputs on (default) or off.
+def set_check_finite(enabled: bool | None, device_type: str | None = None) -> None:
+    """Turn the NaN/Inf check of the inputs on or off, for one device type ("cpu", "cuda",
+    ...) or, with ``device_type=None``, for all; ``enabled=None`` restores the defaults (on for
+    CPU tensors, off elsewhere: there the check costs a host-device synchronisation per call).
+    The check is always skipped inside ``torch.compile``."""
+    if enabled is None:
+        if device_type is None:
+            _check_finite_overrides.clear()
+        else:
+            _check_finite_overrides.pop(device_type, None)
+        return
+    if device_type is None:
+        _check_finite_overrides.clear()
+        device_type = _ALL_DEVICES
+    _check_finite_overrides[device_type] = bool(enabled)
 
-    The check costs one host-device synchronisation per call; switch it off for speed
-    once inputs are known to be finite. It is always skipped inside ``torch.compile``.
-    """
-    global _check_finite
-    _check_finite = bool(enabled)
 
-
-def check_finite_enabled() -> bool:
-    """Whether the NaN/Inf check of the inputs is on."""
-    return _check_finite
+def check_finite_enabled(device_type: str = "cpu") -> bool:
+    """Whether the NaN/Inf check of the inputs is on for tensors of ``device_type``."""
+    enabled = _check_finite_overrides.get(device_type)
+    if enabled is None:
+        enabled = _check_finite_overrides.get(_ALL_DEVICES, CHECK_FINITE_DEFAULTS.get(device_type, False))
+    return enabled
 
 
 def _is_compiling() -> bool:
@@ -34,27 +50,36 @@ def _check_tensor(x: torch.Tensor, name: str, where: str) -> None:
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{where}: {name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2:
+    shape = x.shape
+    if len(shape) < 2:
         raise ValueError(
-            f"{where}: {name} must have shape (B, ...) with at least one value dimension, got shape {tuple(x.shape)}"
+            f"{where}: {name} must have shape (B, ...) with at least one value dimension, got shape {tuple(shape)}"
         )
-    if x.shape[0] == 0:
-        raise ValueError(f"{where}: {name} has an empty batch (shape {tuple(x.shape)})")
+    if shape[0] == 0:
+        raise ValueError(f"{where}: {name} has an empty batch (shape {tuple(shape)})")
     if x.numel() == 0:
-        raise ValueError(f"{where}: {name} has no values per residual (shape {tuple(x.shape)})")
+        raise ValueError(f"{where}: {name} has no values per residual (shape {tuple(shape)})")
+
+
+def _finite_sum(x: torch.Tensor) -> torch.Tensor:
+    # Half inputs are summed in float32: their own range would overflow on ordinary data.
+    return x.sum(dtype=torch.float32) if x.dtype in _LOW_PRECISION else x.sum()
 
 
 def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ValueError naming the first tensor and batch index holding NaN or Inf.
+    """Raise ValueError naming the first tensor and batch index holding NaN or Inf (when the
+    check is on for the tensors' device type; see set_check_finite).
 
-    One host synchronisation for all tensors in the common case: a NaN or Inf anywhere makes
-    the sum of the sums NaN or Inf. A non-finite sum of finite values (overflow) falls
-    through to the exact per-row check. Half inputs are summed in float32 (their own range
-    would overflow on ordinary data)."""
-    if not _check_finite or _is_compiling():
+    One host round trip for all tensors in the common case: a NaN or Inf anywhere makes the
+    sum of the sums NaN or Inf. A non-finite sum of finite values (overflow) falls through to
+    the exact per-row check."""
+    device_type = next(iter(tensors.values())).device.type
+    if not check_finite_enabled(device_type) or _is_compiling():
         return
-    total = sum(x.sum(dtype=torch.promote_types(x.dtype, torch.float32)) for x in tensors.values())
-    if bool(torch.isfinite(total)):
+    if device_type == "cpu":
+        if math.isfinite(sum(_finite_sum(x).item() for x in tensors.values())):
+            return
+    elif bool(torch.isfinite(sum(_finite_sum(x) for x in tensors.values()))):  # one sync
         return
     for name, x in tensors.items():
         finite_rows = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
@@ -63,7 +88,7 @@ def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             raise ValueError(
                 f"{where}: {name} contains NaN or Inf at batch index {bad[0]}"
                 + (f" (and {len(bad) - 1} more: {bad[1:9]})" if len(bad) > 1 else "")
-                + "; disable this check with rcl_ops.set_check_finite(False)"
+                + f"; disable this check with rcl_ops.set_check_finite(False, {device_type!r})"
             )
 
 
@@ -83,7 +108,14 @@ def prepare_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> tuple[torch.Te
         raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}; put both on one device")
     check_all_finite({"q": q, "k": k}, where)
     dtype = compute_dtype(q, k)
-    return q.reshape(q.shape[0], -1).to(dtype), k.reshape(k.shape[0], -1).to(dtype)
+    return _rows(q, dtype), _rows(k, dtype)
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as (B, M) in ``dtype``, without a call where nothing changes (host time per step)."""
+    if x.dim() != 2:
+        x = x.reshape(x.shape[0], -1)
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def check_positive_int(value, name: str, where: str) -> int:

@@ -76,13 +76,27 @@ def _emd_exact_backward_fake(grad, sorted_q, order_q, sorted_k, order_k):
     return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
 
 
+@torch.library.register_fake("rcl_ops::bd")
+def _bd_fake(q, k, eps):
+    torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rcl_ops::bd: q and k must be 2-D")
+    bq, bk = q.shape[0], k.shape[0]
+    return q.new_empty(bq, bk), q.new_empty(bq), q.new_empty(bq), q.new_empty(bk), q.new_empty(bk)
+
+
+@torch.library.register_fake("rcl_ops::bd_backward")
+def _bd_backward_fake(grad, q, k, mean_q, var_q, mean_k, var_k, eps):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
 @torch.library.register_fake("rcl_ops::mmd_grid")
 def _mmd_grid_fake(q, k, bandwidths, num_bins, unbiased):
-    return q.new_empty(q.shape[0], k.shape[0])
+    weights = q.new_empty(q.shape[0], num_bins, dtype=torch.float64)
+    grid = q.new_empty(2, dtype=torch.float64)
+    return q.new_empty(q.shape[0], k.shape[0]), grid, weights, k.new_empty(k.shape[0], num_bins, dtype=torch.float64)
 
 
 @torch.library.register_fake("rcl_ops::mmd_grid_backward")
-def _mmd_grid_backward_fake(grad, q, k, bandwidths, num_bins, unbiased):
+def _mmd_grid_backward_fake(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased):
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -97,18 +111,7 @@ def _gaussian_kernel_sums_backward_fake(grad, x, y, bandwidths, paired):
 
 
 # ---- autograd -----------------------------------------------------------------------------
-
-
-def _emd_exact_setup(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-def _emd_exact_backward(ctx, grad, *unused_grads):
-    if grad is None:
-        return None, None
-    return ops.emd_exact_backward(grad, *ctx.saved_tensors)
+# emd_exact, mmd_grid and bd: in C++ (csrc/autograd.cpp), one host hop per step.
 
 
 def _kernel_sums_setup(ctx, inputs, output):
@@ -123,7 +126,6 @@ def _kernel_sums_backward(ctx, grad):
 
 
 register_sketch_and_pair_autograd("rcl_ops", quantiles_op="sorted_quantiles")
-torch.library.register_autograd("rcl_ops::emd_exact", _emd_exact_backward, setup_context=_emd_exact_setup)
 torch.library.register_autograd(
     "rcl_ops::gaussian_kernel_sums", _kernel_sums_backward, setup_context=_kernel_sums_setup
 )
@@ -142,7 +144,7 @@ def native_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> t
 
 def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> torch.Tensor:
     if method == "grid":
-        return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
+        return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)[0]
     return mmd_from_kernel_sums(
         ops.gaussian_kernel_sums(q, q, bandwidths, True),
         ops.gaussian_kernel_sums(k, k, bandwidths, True),
@@ -155,7 +157,7 @@ def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> 
 
 
 def native_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
-    return ops.bd_pair(*ops.moments(q), *ops.moments(k), eps)
+    return ops.bd(q, k, eps)[0]
 
 
 register_backend(Backend("cpu", ("cpu",), native_emd, native_mmd, native_bd))

@@ -27,6 +27,10 @@ if [ -z "${CUDA_HOME:-}" ]; then
   [ -x "$CUDA_HOME/bin/nvcc" ] || CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 fi
 export PYTHONUNBUFFERED=1 CUDA_HOME
+# The GPU image's default g++ (/opt/gcc) links libstdc++ statically into the extension; the
+# process then mixes two libstdc++ copies and the first TORCH_CHECK message that formats an
+# integer segfaults (seen on H200, 2026-11-26). Prefer the system compiler when it exists.
+if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 mkdir -p "$OUT"
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$OUT/stages.txt"; }
 
@@ -52,6 +56,8 @@ for stage in $STAGES; do
       "$PYTHON" setup.py --quiet build_ext --inplace >>"$OUT/build.txt" 2>&1
     rc=$?; tail -n 30 "$OUT/build.txt"
     if [ $rc -ne 0 ]; then log "stage 1 FAILED (rc $rc) in $((SECONDS - start)) s"; exit $rc; fi
+    so=$(ls rcl_ops/_C*.so | head -1)
+    ldd "$so" | grep -q libstdc++ || log "WARNING: $so links libstdc++ statically (compiler ${CXX:-default}); C++ errors may crash"
     ;;
   2)
     log "stage 2: tests marked gpu, $TEST_WORKERS workers, ${TEST_TIMEOUT}s per test"

@@ -68,7 +68,37 @@ def test_finite_check_can_be_disabled():
         assert not rcl_ops.check_finite_enabled()
         assert torch.isnan(rcl_ops.pairwise_bd(q, k, backend="reference")[1]).all()
     finally:
+        rcl_ops.set_check_finite(None)
+    assert rcl_ops.check_finite_enabled("cpu")
+
+
+def test_check_finite_defaults_per_device():
+    # On by default for CPU tensors; opt-in elsewhere (a host-device sync per call on a GPU).
+    assert rcl_ops.check_finite_enabled("cpu") and not rcl_ops.check_finite_enabled("cuda")
+    try:
+        rcl_ops.set_check_finite(True, "cuda")
+        assert rcl_ops.check_finite_enabled("cuda") and rcl_ops.check_finite_enabled("cpu")
+        rcl_ops.set_check_finite(False)
+        assert not rcl_ops.check_finite_enabled("cpu") and not rcl_ops.check_finite_enabled("cuda")
         rcl_ops.set_check_finite(True)
+        assert rcl_ops.check_finite_enabled("cuda") and rcl_ops.check_finite_enabled("meta")
+    finally:
+        rcl_ops.set_check_finite(None)
+    assert rcl_ops.check_finite_enabled("cpu") and not rcl_ops.check_finite_enabled("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nan_check_on_cuda_is_opt_in():
+    q, k = torch.randn(3, 40, device="cuda"), torch.randn(3, 40, device="cuda")
+    q[2, 5] = float("nan")
+    assert torch.isnan(rcl_ops.pairwise_bd(q, k)[2]).all()  # off by default: no sync
+    rcl_ops.set_check_finite(True, "cuda")
+    try:
+        with pytest.raises(ValueError, match="q contains NaN or Inf at batch index 2"):
+            rcl_ops.pairwise_bd(q, k)
+    finally:
+        rcl_ops.set_check_finite(None)
 
 
 @pytest.mark.gpu

@@ -190,11 +190,14 @@ def _op_samples(device, dtype):
     sorted_y, order_y = torch.ops.rcl_ops.sorted_quantiles(y, 17)
     grad = torch.randn(3, 4, device=device, dtype=dtype)
     ops = torch.ops.rcl_ops
+    _, grid, w_x, w_y = ops.mmd_grid(x, y, h, 64, False)
     return [
         (ops.moments.default, (x,)),
         (ops.moments_backward.default, (mean.clone(), var.clone(), x, mean)),
         (ops.bd_pair.default, (mean, var, mean_k, var_k, 1e-6)),
         (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6)),
+        (ops.bd.default, (x, y, 1e-6)),
+        (ops.bd_backward.default, (grad, x, y, mean, var, mean_k, var_k, 1e-6)),
         (ops.sorted_quantiles.default, (x, 17)),
         (ops.sorted_quantiles.default, (x, 5)),
         (ops.sorted_quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
@@ -204,7 +207,8 @@ def _op_samples(device, dtype):
         (ops.emd_exact_backward.default, (grad, sorted_x, order, sorted_y, order_y)),
         (ops.mmd_grid.default, (x, y, h, 64, False)),
         (ops.mmd_grid.default, (x, y, h, 64, True)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, 64, False)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, True)),
         (ops.gaussian_kernel_sums.default, (x, y, h, False)),
         (ops.gaussian_kernel_sums.default, (x, x, h, True)),
         (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False)),
@@ -222,6 +226,7 @@ def test_opcheck_every_op(backend):
         differentiable = op._name.split("::")[1] in (
             "moments",
             "bd_pair",
+            "bd",
             "sorted_quantiles",
             "emd_pair",
             "emd_exact",

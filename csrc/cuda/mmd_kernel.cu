@@ -112,16 +112,17 @@ at::Tensor grid_interpolate_cuda(const at::Tensor& field_in, const at::Tensor& x
 
 constexpr GridKernels kCudaGridKernels{&grid_bin_cuda, &grid_interpolate_cuda};
 
-at::Tensor mmd_grid_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
-                         int64_t num_bins, bool unbiased) {
+MmdGridOutputs mmd_grid_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                             int64_t num_bins, bool unbiased) {
   return mmd_grid_forward(kCudaGridKernels, q, k, bandwidths, num_bins, unbiased);
 }
 
-std::tuple<at::Tensor, at::Tensor> mmd_grid_backward_cuda(const at::Tensor& grad,
-                                                          const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& bandwidths,
-                                                          int64_t num_bins, bool unbiased) {
-  return mmd_grid_backward(kCudaGridKernels, grad, q, k, bandwidths, num_bins, unbiased);
+std::tuple<at::Tensor, at::Tensor> mmd_grid_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+    const at::Tensor& grid, const at::Tensor& w_q, const at::Tensor& w_k, int64_t num_bins,
+    bool unbiased) {
+  return mmd_grid_backward(kCudaGridKernels, grad, q, k, bandwidths, grid, w_q, w_k, num_bins,
+                           unbiased);
 }
 
 // ---- exact direct sums ------------------------------------------------------------------

@@ -381,7 +381,7 @@ def _(grad, q, k, bandwidths, num_bins, unbiased):
 
 # ---- autograd (shared with the native ops) ---------------------------------------------------
 
-register_sketch_and_pair_autograd(NAMESPACE, quantiles_op="quantiles")
+register_sketch_and_pair_autograd(NAMESPACE, quantiles_op="quantiles", with_mmd_grid=True)
 
 # Every op of the namespace, for the tests' opcheck coverage.
 OPS = (
