@@ -1,6 +1,9 @@
 // Bhattacharyya distance on CUDA: one block per residual for the shifted one-pass moments,
 // elementwise kernels for the (Bq, Bk) pair term and the moment gradient, and one block per
-// output value for the pair backward (a reduction over the other batch).
+// output value for the pair backward (a reduction over the other batch). The fused op
+// (bd, bd_backward) takes both batches in each launch: two launches forward (moments of
+// q and k, pair), two backward (pair reduction, input gradients of q and k). At training
+// sizes the step is bound by launches and host time, not by bytes.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -101,6 +104,124 @@ at::Tensor moments_backward_cuda(const at::Tensor& grad_mean_in, const at::Tenso
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
+}
+
+// ---- fused: both batches per launch --------------------------------------------------------
+
+constexpr int kMomentThreads = 512;
+
+// Rows [0, bq) are q's, rows [bq, bq + bk) k's: the moments kernel's sums, one block a row.
+template <typename T>
+__global__ void __launch_bounds__(kMomentThreads)
+    two_batch_moments_kernel(const T* __restrict__ q, int64_t bq, int64_t count_q,
+                             const T* __restrict__ k, int64_t bk, int64_t count_k,
+                             T* __restrict__ mean_q, T* __restrict__ var_q, T* __restrict__ mean_k,
+                             T* __restrict__ var_k) {
+  for (int64_t task = blockIdx.x; task < bq + bk; task += gridDim.x) {
+    const bool is_q = task < bq;
+    const int64_t row = is_q ? task : task - bq, count = is_q ? count_q : count_k;
+    const T* xr = (is_q ? q : k) + row * count;
+    const double shift = double(xr[0]);
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t m = threadIdx.x; m < count; m += kMomentThreads) {
+      const double d = double(xr[m]) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+    s1 = block_sum<kMomentThreads>(s1);  // task is uniform over the block
+    s2 = block_sum<kMomentThreads>(s2);
+    if (threadIdx.x == 0) {
+      T* mean = is_q ? mean_q : mean_k;
+      T* var = is_q ? var_q : var_k;
+      mean[row] = T(shift + s1 / double(count));
+      var[row] = count > 1 ? T((s2 - s1 * s1 / double(count)) / double(count - 1)) : T(NAN);
+    }
+  }
+}
+
+// Elements [0, total_q) are q's, the rest k's: the moments backward of both batches.
+template <typename T>
+__global__ void two_batch_moments_backward_kernel(
+    const T* __restrict__ q, const T* __restrict__ mean_q, const T* __restrict__ g_mean_q,
+    const T* __restrict__ g_var_q, int64_t total_q, int64_t count_q, const T* __restrict__ k,
+    const T* __restrict__ mean_k, const T* __restrict__ g_mean_k, const T* __restrict__ g_var_k,
+    int64_t total_k, int64_t count_k, T* __restrict__ grad_q, T* __restrict__ grad_k) {
+  for (int64_t idx = global_thread_index(); idx < total_q + total_k;
+       idx += global_thread_stride()) {
+    if (idx < total_q) {
+      const int64_t row = idx / count_q;
+      grad_q[idx] = moments_input_grad(q[idx], mean_q[row], g_mean_q[row], g_var_q[row], count_q);
+    } else {
+      const int64_t e = idx - total_q, row = e / count_k;
+      grad_k[e] = moments_input_grad(k[e], mean_k[row], g_mean_k[row], g_var_k[row], count_k);
+    }
+  }
+}
+
+void check_bd_inputs(const at::Tensor& q, const at::Tensor& k, const char* op) {
+  check_rows(q, op, "q");
+  check_rows(k, op, "k");
+  check_same(q, k, op, "q", "k");
+  TORCH_CHECK(q.size(1) > 1 && k.size(1) > 1, op,
+              ": the sample variance needs at least 2 values per residual");
+}
+
+at::Tensor bd_pair_cuda(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+                        const at::Tensor& var_k, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, double eps) {
+  check_bd_inputs(q_in, k_in, "rcl_ops::bd");
+  c10::cuda::CUDAGuard device_guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t bq = q.size(0), bk = k.size(0);
+  at::Tensor mean_q = at::empty({bq}, q.options()), var_q = at::empty({bq}, q.options());
+  at::Tensor mean_k = at::empty({bk}, q.options()), var_k = at::empty({bk}, q.options());
+  const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(bq + bk, 1 << 20));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd", [&] {
+    two_batch_moments_kernel<scalar_t><<<blocks, kMomentThreads, 0, stream>>>(
+        q.data_ptr<scalar_t>(), bq, q.size(1), k.data_ptr<scalar_t>(), bk, k.size(1),
+        mean_q.data_ptr<scalar_t>(), var_q.data_ptr<scalar_t>(), mean_k.data_ptr<scalar_t>(),
+        var_k.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {bd_pair_cuda(mean_q, var_q, mean_k, var_k, eps), mean_q, var_q, mean_k, var_k};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
+    const at::Tensor& mean_k, const at::Tensor& var_k, double eps);
+
+std::tuple<at::Tensor, at::Tensor> bd_backward_cuda(const at::Tensor& grad, const at::Tensor& q_in,
+                                                    const at::Tensor& k_in,
+                                                    const at::Tensor& mean_q,
+                                                    const at::Tensor& var_q,
+                                                    const at::Tensor& mean_k,
+                                                    const at::Tensor& var_k, double eps) {
+  const char* op = "rcl_ops::bd_backward";
+  check_bd_inputs(q_in, k_in, op);
+  check_vector(mean_q, q_in.size(0), op, "mean_q");
+  check_vector(mean_k, k_in.size(0), op, "mean_k");
+  check_same(mean_q, q_in, op, "mean_q", "q");
+  c10::cuda::CUDAGuard device_guard(q_in.device());
+  // The pair backward checks grad and the moments (shapes, dtype, device).
+  auto [g_mq, g_vq, g_mk, g_vk] = bd_pair_backward_cuda(grad, mean_q, var_q, mean_k, var_k, eps);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const at::Tensor mq = mean_q.contiguous(), mk = mean_k.contiguous();
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k);
+  const int64_t total_q = q.numel(), total_k = k.numel();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
+    two_batch_moments_backward_kernel<scalar_t>
+        <<<blocks_for(total_q + total_k), kThreads, 0, stream>>>(
+            q.data_ptr<scalar_t>(), mq.data_ptr<scalar_t>(), g_mq.data_ptr<scalar_t>(),
+            g_vq.data_ptr<scalar_t>(), total_q, q.size(1), k.data_ptr<scalar_t>(),
+            mk.data_ptr<scalar_t>(), g_mk.data_ptr<scalar_t>(), g_vk.data_ptr<scalar_t>(), total_k,
+            k.size(1), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_q, grad_k};
 }
 
 // ---- pair -------------------------------------------------------------------------------
@@ -213,6 +334,8 @@ TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
   m.impl("moments_backward", &moments_backward_cuda);
   m.impl("bd_pair", &bd_pair_cuda);
   m.impl("bd_pair_backward", &bd_pair_backward_cuda);
+  m.impl("bd", &bd_cuda);
+  m.impl("bd_backward", &bd_backward_cuda);
 }
 
 }  // namespace rcl_ops

@@ -1,14 +1,18 @@
-// Earth mover's distance on CUDA. Sketch: each residual sorted by at::sort (stable, so ties
-// keep their index order as in the CPU radix sort) and reduced to K mid-level quantiles by
-// one thread per quantile; the backward gathers the quantile gradients of each sorted
-// position and scatters them through the sort order in one kernel. Pair: tiled like a GEMM
-// over (i, j) blocks with K staged through shared memory in chunks (split over K when the
-// batch is small); the backward has one kernel per side, so no atomics.
+// Earth mover's distance on CUDA. Sketch: each residual sorted (stable, so ties keep their
+// index order as in the CPU radix sort and torch.sort) and reduced to K mid-level quantiles
+// by one thread per quantile. float32 rows are sorted all at once by one device-wide radix
+// sort of (row, value) keys, which keeps every SM busy; at::sort's segmented sort gives a
+// row to each block (64 rows: 64 of 132 SMs). float64 rows use at::sort; the backward gathers the
+// quantile gradients of each sorted position and scatters them through the sort order in one
+// kernel. Pair: tiled like a GEMM over (i, j) blocks with K staged through shared memory in chunks
+// (split over K when the batch is small); the backward has one kernel per side, so no atomics.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cub/device/device_radix_sort.cuh>
 
 #include "../checks.h"
 #include "common.cuh"
@@ -39,6 +43,69 @@ __global__ void quantiles_kernel(const T* __restrict__ sorted, int64_t count, in
   }
 }
 
+// The float32 radix key: unsigned order equals numeric order; -0.0 takes +0.0's key (equal
+// values tie, so the stable sort keeps their index order, as torch.sort does) and every NaN
+// the largest key (last, as torch.sort puts them). The row index sits above the 32 value bits.
+__device__ __forceinline__ uint64_t row_value_key(int64_t row, float v) {
+  uint32_t bits = __float_as_uint(v);
+  if (v == 0.0f) bits = 0u;
+  uint32_t key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  if (v != v) key = 0xFFFFFFFFu;
+  return (uint64_t(row) << 32) | key;
+}
+
+__global__ void row_value_keys_kernel(const float* __restrict__ x, int64_t count, int64_t total,
+                                      uint64_t* __restrict__ keys, order_t* __restrict__ columns) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count;
+    keys[idx] = row_value_key(row, x[idx]);
+    columns[idx] = order_t(idx - row * count);
+  }
+}
+
+// After the sort, position idx holds the (idx / count)-th row's rank (idx % count) value:
+// every row has exactly count keys and the row index is the key's most significant part.
+__global__ void gather_sorted_kernel(const float* __restrict__ x, const order_t* __restrict__ order,
+                                     int64_t count, int64_t total, float* __restrict__ sorted) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    const int64_t row = idx / count;
+    sorted[idx] = x[row * count + order[idx]];
+  }
+}
+
+// Stable ascending sort of each row of a contiguous float32 (rows, count) tensor: (sorted
+// values, int32 column order), with one cub radix sort over 32 + ceil(log2(rows)) key bits.
+// rows * count < 2^31 (cub's item count is an int).
+std::tuple<at::Tensor, at::Tensor> sort_rows_float32(const at::Tensor& x) {
+  const int64_t rows = x.size(0), count = x.size(1), total = rows * count;
+  at::Tensor sorted = at::empty_like(x);
+  at::Tensor order = at::empty({rows, count}, x.options().dtype(kOrderType));
+  const auto u64 = x.options().dtype(at::kLong);
+  at::Tensor keys_in = at::empty({total}, u64), keys_out = at::empty({total}, u64);
+  at::Tensor columns = at::empty({total}, x.options().dtype(kOrderType));
+  int row_bits = 0;
+  while ((int64_t(1) << row_bits) < rows) ++row_bits;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto* keys_in_p = reinterpret_cast<uint64_t*>(keys_in.data_ptr<int64_t>());
+  auto* keys_out_p = reinterpret_cast<uint64_t*>(keys_out.data_ptr<int64_t>());
+  row_value_keys_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+      x.data_ptr<float>(), count, total, keys_in_p, columns.data_ptr<order_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  size_t temp_bytes = 0;
+  const int num_items = int(total), end_bit = 32 + row_bits;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, keys_in_p, keys_out_p, columns.data_ptr<order_t>(),
+      order.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+  at::Tensor temp = at::empty({int64_t(temp_bytes)}, x.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.data_ptr(), temp_bytes, keys_in_p, keys_out_p, columns.data_ptr<order_t>(),
+      order.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+  gather_sorted_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+      x.data_ptr<float>(), order.data_ptr<order_t>(), count, total, sorted.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sorted, order};
+}
+
 std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
                                                          int64_t num_quantiles) {
   const char* op = "rcl_ops::sorted_quantiles";
@@ -49,9 +116,14 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), count = x.size(1);
   // Stable: equal values keep their index order, as in the CPU (float32) radix sort.
-  auto sorted_and_order = at::sort(x, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-  const at::Tensor sorted = std::get<0>(sorted_and_order).contiguous();
-  const at::Tensor order = std::get<1>(sorted_and_order).to(kOrderType).contiguous();
+  at::Tensor sorted, order;
+  if (x.scalar_type() == at::kFloat && rows * count < (int64_t(1) << 31)) {
+    std::tie(sorted, order) = sort_rows_float32(x);
+  } else {
+    auto sorted_and_order = at::sort(x, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+    sorted = std::get<0>(sorted_and_order).contiguous();
+    order = std::get<1>(sorted_and_order).to(kOrderType).contiguous();
+  }
   if (num_quantiles == count) return {sorted, order};
   at::Tensor quantiles = at::empty({rows, num_quantiles}, x.options());
   const int64_t total = rows * num_quantiles;
