@@ -1,8 +1,9 @@
 // Exact EMD (K == M) as one autograd node: forward sorts both batches and pairs them,
 // returning the sorted values and int32 orders that the backward needs; on CPU the
 // backward's pair gradient is scattered back in place, row by row, with no (B, M)
-// temporaries (csrc/cpu/emd_kernel.cpp). These composite kernels, built from the primitive
-// ops, serve every other device.
+// temporaries (csrc/cpu/emd_kernel.cpp); on CUDA the forward sorts q and k in one radix
+// sort (csrc/cuda/emd_kernel.cu). These composite kernels, built from the primitive ops,
+// serve the rest (the CUDA backward, other devices).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

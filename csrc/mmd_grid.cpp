@@ -26,30 +26,6 @@ Grid grid_from_tensor(const at::Tensor& grid, int64_t num_bins) {
   return {grid.select(0, 0), grid.select(0, 1), num_bins, fft_size_for(num_bins)};
 }
 
-// The grid spans [min, max] of all values of q and k (at least 1e-3 of the smallest
-// bandwidth, so that a batch of identical values still has a valid step).
-// Returns the (2,) float64 tensor [lo, step].
-at::Tensor make_grid(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
-                     int64_t num_bins) {
-  const at::Tensor lo = at::minimum(q.min(), k.min()).to(at::kDouble);
-  const at::Tensor hi = at::maximum(q.max(), k.max()).to(at::kDouble);
-  const at::Tensor span = at::maximum(hi - lo, 1e-3 * bandwidths.min().to(at::kDouble));
-  return at::stack({lo, span / double(num_bins - 1)});
-}
-
-// rfft of the kernel sum_h exp(-d^2 / (2 h^2)) (or its derivative in d) sampled at the
-// signed offsets d = n * step, laid out circularly over fft_size points.
-at::Tensor kernel_spectrum(const Grid& grid, const at::Tensor& bandwidths, bool derivative) {
-  const auto opts = grid.lo.options();
-  at::Tensor n = at::arange(grid.fft_size, opts);
-  n = at::where(n < double(grid.fft_size / 2), n, n - double(grid.fft_size));
-  const at::Tensor diff = (n * grid.step).unsqueeze(1);                     // (L, 1)
-  const at::Tensor inv_two_h2 = 0.5 / bandwidths.to(at::kDouble).square();  // (H,)
-  at::Tensor values = at::exp(-diff.square() * inv_two_h2);
-  if (derivative) values = values * (-2.0 * diff * inv_two_h2);
-  return at::fft_rfft(values.sum(1), grid.fft_size);
-}
-
 // (B, G) -> (B, G): out[:, m] = sum_g w[:, g] kernel((m - g) step).
 at::Tensor convolve(const at::Tensor& w, const at::Tensor& spectrum, const Grid& grid) {
   const at::Tensor product = at::fft_rfft(w, grid.fft_size, -1) * spectrum;
@@ -88,17 +64,40 @@ void check_saved_grid(const at::Tensor& grid, const at::Tensor& w_q, const at::T
 
 }  // namespace
 
+// The grid spans [min, max] of all values of q and k (at least 1e-3 of the smallest
+// bandwidth, so that a batch of identical values still has a valid step).
+at::Tensor grid_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                     int64_t num_bins) {
+  const at::Tensor lo = at::minimum(q.min(), k.min()).to(at::kDouble);
+  const at::Tensor hi = at::maximum(q.max(), k.max()).to(at::kDouble);
+  const at::Tensor span = at::maximum(hi - lo, 1e-3 * bandwidths.min().to(at::kDouble));
+  return at::stack({lo, span / double(num_bins - 1)});
+}
+
+at::Tensor spectrum_aten(const at::Tensor& grid, const at::Tensor& bandwidths, int64_t fft_size,
+                         bool derivative) {
+  const auto opts = grid.options();
+  at::Tensor n = at::arange(fft_size, opts);
+  n = at::where(n < double(fft_size / 2), n, n - double(fft_size));
+  const at::Tensor diff = (n * grid.select(0, 1)).unsqueeze(1);             // (L, 1)
+  const at::Tensor inv_two_h2 = 0.5 / bandwidths.to(at::kDouble).square();  // (H,)
+  at::Tensor values = at::exp(-diff.square() * inv_two_h2);
+  if (derivative) values = values * (-2.0 * diff * inv_two_h2);
+  return at::fft_rfft(values.sum(1), fft_size);
+}
+
 MmdGridOutputs mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& bandwidths, int64_t num_bins,
                                 bool unbiased) {
   check_inputs(q, k, bandwidths, num_bins, unbiased, "rcl_ops::mmd_grid");
-  const at::Tensor grid_tensor = make_grid(q, k, bandwidths, num_bins);
+  const at::Tensor grid_tensor = kernels.grid(q, k, bandwidths, num_bins);
   const Grid grid = grid_from_tensor(grid_tensor, num_bins);
   const at::Tensor w_q = kernels.bin(q, grid.lo, grid.step, num_bins);
   const at::Tensor w_k = kernels.bin(k, grid.lo, grid.step, num_bins);
   const at::Tensor w_mean = (w_q.sum(0) + w_k.sum(0)) / double(q.size(0) + k.size(0));
   const at::Tensor u_q = w_q - w_mean, u_k = w_k - w_mean;
-  const at::Tensor spectrum = kernel_spectrum(grid, bandwidths, /*derivative=*/false);
+  const at::Tensor spectrum =
+      kernels.spectrum(grid_tensor, bandwidths, grid.fft_size, /*derivative=*/false);
   const at::Tensor v_q = convolve(u_q, spectrum, grid), v_k = convolve(u_k, spectrum, grid);
   const at::Tensor self_q = (u_q * v_q).sum(1), self_k = (u_k * v_k).sum(1);
   at::Tensor out = self_q.unsqueeze(1) + self_k.unsqueeze(0) - 2.0 * at::mm(u_q, v_k.t());
@@ -138,7 +137,8 @@ std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(
     coef_q = coef_q + (row_sums / double(q.size(1) - 1)).unsqueeze(1) * w_q;
     coef_k = coef_k + (col_sums / double(k.size(1) - 1)).unsqueeze(1) * w_k;
   }
-  const at::Tensor spectrum = kernel_spectrum(grid, bandwidths, /*derivative=*/true);
+  const at::Tensor spectrum =
+      kernels.spectrum(grid_tensor, bandwidths, grid.fft_size, /*derivative=*/true);
   const at::Tensor field_q = convolve(coef_q, spectrum, grid) * (2.0 / double(q.size(1)));
   const at::Tensor field_k = convolve(coef_k, spectrum, grid) * (2.0 / double(k.size(1)));
   return {kernels.interpolate(field_q, q, grid.lo, grid.step),

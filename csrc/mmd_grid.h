@@ -17,7 +17,22 @@ struct GridKernels {
   // interpolated linearly between grid points.
   at::Tensor (*interpolate)(const at::Tensor& field, const at::Tensor& x, const at::Tensor& lo,
                             const at::Tensor& step);
+  // The grid over all values of q and k: a (2,) float64 tensor [lo, step] with lo the smallest
+  // value and step = max(max - lo, 1e-3 min(bandwidths)) / (num_bins - 1).
+  at::Tensor (*grid)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                     int64_t num_bins);
+  // rfft over fft_size points of the kernel sum_h exp(-d^2 / (2 h^2)) (or its derivative in
+  // d) sampled at the signed offsets d = n * step, laid out circularly; (2,) grid as above.
+  at::Tensor (*spectrum)(const at::Tensor& grid, const at::Tensor& bandwidths, int64_t fft_size,
+                         bool derivative);
 };
+
+// The grid and spectrum written with ATen ops (any device; the CPU kernels use them, the
+// CUDA ones compute the same in one or two launches).
+at::Tensor grid_aten(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
+                     int64_t num_bins);
+at::Tensor spectrum_aten(const at::Tensor& grid, const at::Tensor& bandwidths, int64_t fft_size,
+                         bool derivative);
 
 // (distances (Bq, Bk) in q's dtype, grid (2,) float64 [lo, step], w_q, w_k (B, G) float64).
 using MmdGridOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

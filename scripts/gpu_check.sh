@@ -30,7 +30,13 @@ export PYTHONUNBUFFERED=1 CUDA_HOME
 # The GPU image's default g++ (/opt/gcc) links libstdc++ statically into the extension; the
 # process then mixes two libstdc++ copies and the first TORCH_CHECK message that formats an
 # integer segfaults (seen on H200, 2026-11-26). Prefer the system compiler when it exists.
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+# The image also sets CXX to it, so the system compiler is chosen explicitly (GPU_CHECK_CC and
+# GPU_CHECK_CXX override).
+if [ -n "${GPU_CHECK_CXX:-}" ]; then
+  export CC=${GPU_CHECK_CC:-${CC:-gcc}} CXX=$GPU_CHECK_CXX
+elif [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
 mkdir -p "$OUT"
 log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$OUT/stages.txt"; }
 

@@ -40,9 +40,17 @@ def test_empty_inputs(fn, backend):
         fn(q[:, 0, 0, 0], k, backend=backend)
 
 
+@pytest.fixture
+def check_finite_everywhere():
+    """The NaN/Inf check on for every device type (on CUDA it is opt-in)."""
+    rcl_ops.set_check_finite(True)
+    yield
+    rcl_ops.set_check_finite(None)
+
+
 @pytest.mark.parametrize("fn", DISTANCES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_input_names_batch_index(fn, backend, bad):
+def test_non_finite_input_names_batch_index(fn, backend, bad, check_finite_everywhere):
     q, k = _pair(backend)
     k[2, 1, 0, 3] = bad
     with pytest.raises(ValueError, match="k contains NaN or Inf at batch index 2"):
@@ -158,7 +166,7 @@ def test_reference_has_no_grid_mmd():
         rcl_ops.pairwise_mmd(q, k, method="grid", backend="reference")
 
 
-def test_loss_bad_inputs(backend):
+def test_loss_bad_inputs(backend, check_finite_everywhere):
     q, k = _pair(backend)
     loss = rcl_ops.ResidualContrastiveLoss("emd", backend=backend)
     with pytest.raises(ValueError, match="q has batch size 3 but k has 2"):

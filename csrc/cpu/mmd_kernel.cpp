@@ -62,7 +62,8 @@ at::Tensor grid_interpolate_cpu(const at::Tensor& field_in, const at::Tensor& x_
   return out;
 }
 
-constexpr GridKernels kCpuGridKernels{&grid_bin_cpu, &grid_interpolate_cpu};
+constexpr GridKernels kCpuGridKernels{&grid_bin_cpu, &grid_interpolate_cpu, &grid_aten,
+                                      &spectrum_aten};
 
 MmdGridOutputs mmd_grid_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
                             int64_t num_bins, bool unbiased) {

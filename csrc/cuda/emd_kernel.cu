@@ -54,56 +54,88 @@ __device__ __forceinline__ uint64_t row_value_key(int64_t row, float v) {
   return (uint64_t(row) << 32) | key;
 }
 
-__global__ void row_value_keys_kernel(const float* __restrict__ x, int64_t count, int64_t total,
+// Keys of two batches at once: elements [0, total_a) are a's rows, the rest b's, whose row
+// indices follow a's (b may be empty: total_b == 0).
+__global__ void row_value_keys_kernel(const float* __restrict__ a, int64_t total_a,
+                                      const float* __restrict__ b, int64_t total_b, int64_t count,
                                       uint64_t* __restrict__ keys, order_t* __restrict__ columns) {
-  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
-    const int64_t row = idx / count;
-    keys[idx] = row_value_key(row, x[idx]);
+  for (int64_t idx = global_thread_index(); idx < total_a + total_b;
+       idx += global_thread_stride()) {
+    const int64_t row = idx / count;  // a's rows, then b's: one row numbering
+    keys[idx] = row_value_key(row, idx < total_a ? a[idx] : b[idx - total_a]);
     columns[idx] = order_t(idx - row * count);
   }
 }
 
 // After the sort, position idx holds the (idx / count)-th row's rank (idx % count) value:
 // every row has exactly count keys and the row index is the key's most significant part.
-__global__ void gather_sorted_kernel(const float* __restrict__ x, const order_t* __restrict__ order,
-                                     int64_t count, int64_t total, float* __restrict__ sorted) {
-  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
-    const int64_t row = idx / count;
-    sorted[idx] = x[row * count + order[idx]];
+// Writes each batch's sorted values (gathered from the input, bit for bit) and order.
+__global__ void gather_sorted_kernel(const float* __restrict__ a, int64_t total_a,
+                                     const float* __restrict__ b, int64_t total_b, int64_t count,
+                                     const order_t* __restrict__ columns,
+                                     float* __restrict__ sorted_a, order_t* __restrict__ order_a,
+                                     float* __restrict__ sorted_b, order_t* __restrict__ order_b) {
+  for (int64_t idx = global_thread_index(); idx < total_a + total_b;
+       idx += global_thread_stride()) {
+    const order_t column = columns[idx];
+    if (idx < total_a) {
+      const int64_t row = idx / count;
+      sorted_a[idx] = a[row * count + column];
+      order_a[idx] = column;
+    } else {
+      const int64_t e = idx - total_a, row = e / count;
+      sorted_b[e] = b[row * count + column];
+      order_b[e] = column;
+    }
   }
 }
 
-// Stable ascending sort of each row of a contiguous float32 (rows, count) tensor: (sorted
-// values, int32 column order), with one cub radix sort over 32 + ceil(log2(rows)) key bits.
-// rows * count < 2^31 (cub's item count is an int).
-std::tuple<at::Tensor, at::Tensor> sort_rows_float32(const at::Tensor& x) {
-  const int64_t rows = x.size(0), count = x.size(1), total = rows * count;
-  at::Tensor sorted = at::empty_like(x);
-  at::Tensor order = at::empty({rows, count}, x.options().dtype(kOrderType));
-  const auto u64 = x.options().dtype(at::kLong);
+struct SortedRows {
+  at::Tensor sorted, order;
+};
+
+// Stable ascending sort of each row of one or two contiguous float32 (rows, count) batches
+// of the same count, with one cub radix sort over 32 + ceil(log2(rows)) key bits: (sorted
+// values, int32 column order) per batch. b may be undefined. The total number of values is
+// below 2^31 (cub's item count is an int).
+std::pair<SortedRows, SortedRows> sort_rows_float32(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t count = a.size(1), total_a = a.numel(), total_b = b.defined() ? b.numel() : 0;
+  const int64_t rows = a.size(0) + (b.defined() ? b.size(0) : 0), total = total_a + total_b;
+  const auto int32 = a.options().dtype(kOrderType), u64 = a.options().dtype(at::kLong);
   at::Tensor keys_in = at::empty({total}, u64), keys_out = at::empty({total}, u64);
-  at::Tensor columns = at::empty({total}, x.options().dtype(kOrderType));
+  at::Tensor columns_in = at::empty({total}, int32), columns_out = at::empty({total}, int32);
   int row_bits = 0;
   while ((int64_t(1) << row_bits) < rows) ++row_bits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float* b_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
   auto* keys_in_p = reinterpret_cast<uint64_t*>(keys_in.data_ptr<int64_t>());
   auto* keys_out_p = reinterpret_cast<uint64_t*>(keys_out.data_ptr<int64_t>());
   row_value_keys_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-      x.data_ptr<float>(), count, total, keys_in_p, columns.data_ptr<order_t>());
+      a.data_ptr<float>(), total_a, b_ptr, total_b, count, keys_in_p,
+      columns_in.data_ptr<order_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   size_t temp_bytes = 0;
   const int num_items = int(total), end_bit = 32 + row_bits;
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      nullptr, temp_bytes, keys_in_p, keys_out_p, columns.data_ptr<order_t>(),
-      order.data_ptr<order_t>(), num_items, 0, end_bit, stream));
-  at::Tensor temp = at::empty({int64_t(temp_bytes)}, x.options().dtype(at::kByte));
+      nullptr, temp_bytes, keys_in_p, keys_out_p, columns_in.data_ptr<order_t>(),
+      columns_out.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+  at::Tensor temp = at::empty({int64_t(temp_bytes)}, a.options().dtype(at::kByte));
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      temp.data_ptr(), temp_bytes, keys_in_p, keys_out_p, columns.data_ptr<order_t>(),
-      order.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+      temp.data_ptr(), temp_bytes, keys_in_p, keys_out_p, columns_in.data_ptr<order_t>(),
+      columns_out.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+  SortedRows out_a{at::empty_like(a), at::empty(a.sizes(), int32)}, out_b;
+  if (b.defined()) out_b = {at::empty_like(b), at::empty(b.sizes(), int32)};
   gather_sorted_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-      x.data_ptr<float>(), order.data_ptr<order_t>(), count, total, sorted.data_ptr<float>());
+      a.data_ptr<float>(), total_a, b_ptr, total_b, count, columns_out.data_ptr<order_t>(),
+      out_a.sorted.data_ptr<float>(), out_a.order.data_ptr<order_t>(),
+      b.defined() ? out_b.sorted.data_ptr<float>() : nullptr,
+      b.defined() ? out_b.order.data_ptr<order_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {sorted, order};
+  return {out_a, out_b};
+}
+
+bool radix_sortable(const at::Tensor& x, int64_t total) {
+  return x.scalar_type() == at::kFloat && total < (int64_t(1) << 31);
 }
 
 std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
@@ -117,8 +149,10 @@ std::tuple<at::Tensor, at::Tensor> sorted_quantiles_cuda(const at::Tensor& x_in,
   const int64_t rows = x.size(0), count = x.size(1);
   // Stable: equal values keep their index order, as in the CPU (float32) radix sort.
   at::Tensor sorted, order;
-  if (x.scalar_type() == at::kFloat && rows * count < (int64_t(1) << 31)) {
-    std::tie(sorted, order) = sort_rows_float32(x);
+  if (radix_sortable(x, rows * count)) {
+    const SortedRows result = sort_rows_float32(x, at::Tensor()).first;
+    sorted = result.sorted;
+    order = result.order;
   } else {
     auto sorted_and_order = at::sort(x, /*stable=*/true, /*dim=*/1, /*descending=*/false);
     sorted = std::get<0>(sorted_and_order).contiguous();
@@ -434,7 +468,29 @@ std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad
 
 }  // namespace
 
+// Exact EMD: q's and k's rows sorted by one radix sort (float32), then paired. Other dtypes
+// (and batches past 2^31 values) sort each batch with sorted_quantiles.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in) {
+  const char* op = "rcl_ops::emd_exact";
+  check_rows(q_in, op, "q");
+  check_rows(k_in, op, "k");
+  check_same_rows(q_in, k_in, op);
+  c10::cuda::CUDAGuard device_guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  at::Tensor sorted_q, order_q, sorted_k, order_k;
+  if (radix_sortable(q, q.numel() + k.numel())) {
+    auto [a, b] = sort_rows_float32(q, k);
+    sorted_q = a.sorted, order_q = a.order, sorted_k = b.sorted, order_k = b.order;
+  } else {
+    std::tie(sorted_q, order_q) = sorted_quantiles_cuda(q, q.size(1));
+    std::tie(sorted_k, order_k) = sorted_quantiles_cuda(k, k.size(1));
+  }
+  return {emd_pair_cuda(sorted_q, sorted_k), sorted_q, order_q, sorted_k, order_k};
+}
+
 TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
+  m.impl("emd_exact", &emd_exact_cuda);
   m.impl("sorted_quantiles", &sorted_quantiles_cuda);
   m.impl("sorted_quantiles_backward", &sorted_quantiles_backward_cuda);
   m.impl("emd_pair", &emd_pair_cuda);
