@@ -6,6 +6,10 @@
   moments, MMD as the direct kernel sum on m = 1024 subsampled values per residual;
 - ``reference+compile``: torch.compile of the reference (EMD, BD; the reference MMD's chunk
   loop is not worth compiling);
+- ``rcl_ops[cuda]+graph`` (CUDA only): the same calls replayed from CUDA graphs
+  (torch.cuda.make_graphed_callables, forward and backward captured once per input shape):
+  the step's device time without the host's per-launch cost, which is how a user who
+  graph-captures the training step runs it;
 - peers, when installed (``pip install .[bench]``; never required by the library):
   ``pot`` (ot.wasserstein_1d, torch backend, expanded to all Bq x Bk pairs as its users
   must), ``geomloss`` (SamplesLoss("gaussian"), tensorized, all pairs expanded),
@@ -179,9 +183,29 @@ def _compiled_reference(distance: str) -> Callable:
     return lambda q, k: compiled(q.flatten(1), k.flatten(1), *extra)
 
 
+def cuda_graphed(fn: Callable) -> Callable:
+    """fn(q, k) replayed from CUDA graphs of its forward and backward, captured on the first
+    call for each input shape and dtype (q and k must require grad, as in the benchmarks)."""
+    graphs: dict[tuple, Callable] = {}
+
+    def run(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, k.dtype)
+        if key not in graphs:
+            samples = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in (q, k))
+            graphs[key] = torch.cuda.make_graphed_callables(fn, samples)
+        return graphs[key](q, k)
+
+    return run
+
+
+GRAPHED_BACKEND = "cuda"
+
+
 def providers(distance: str, device: str) -> dict[str, Callable]:
     """Name -> callable for every competitor that runs on ``device``."""
     found = {f"rcl_ops[{b}]": _library(distance, b) for b in library_backends(device)}
+    if device == "cuda" and GRAPHED_BACKEND in found:
+        found[f"rcl_ops[{GRAPHED_BACKEND}]+graph"] = cuda_graphed(_library(distance, GRAPHED_BACKEND))
     found["reference"] = _reference(distance)
     if distance != "mmd":
         found["reference+compile"] = _compiled_reference(distance)
@@ -209,6 +233,8 @@ def loss_providers(distance: str, device: str) -> dict[str, Callable]:
     for backend in [*library_backends(device), "reference"]:
         name = "reference" if backend == "reference" else f"rcl_ops[{backend}]"
         found[name] = rcl_ops.ResidualContrastiveLoss(distance, backend=backend)
+        if device == "cuda" and backend == GRAPHED_BACKEND:
+            found[f"{name}+graph"] = cuda_graphed(rcl_ops.ResidualContrastiveLoss(distance, backend=backend))
     return found
 
 

@@ -331,8 +331,11 @@ def test_autotuning_keeps_first_calls_quick():
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    # The warm-up size must specialise like the timed one: Triton compiles a variant per
+    # integer argument equal to 1 and per divisibility by 16, so with 3x16x16 (768 values, one
+    # 1024-value block per row) blocks_per_row == 1 and the timed call would compile anew.
     for fn in (rcl_ops.pairwise_emd, rcl_ops.pairwise_bd, rcl_ops.pairwise_mmd):
-        cold = step(fn, 16, (3, 16, 16))
+        cold = step(fn, 16, (3, 32, 32))
         first = step(fn, 64, (3, 64, 64))
         assert first < 1.0, f"{fn.__name__}: first call at B=64, 3x64x64 took {first:.2f} s (compile: {cold:.2f} s)"
 
@@ -350,3 +353,49 @@ def test_kernels_compile_for_ampere_and_hopper():
     out = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert "0 failure(s)" in out.stdout
+
+
+def test_launchers_switch_to_the_tensors_gpu(monkeypatch):
+    # Triton launches on the current device: a launcher given tensors on cuda:1 while cuda:0 is
+    # current must switch (and not switch when they already match, or for CPU tensors).
+    entered = []
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    class FakeCudaTensor:
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    launched = _kernels.on_tensor_device(lambda x, y: (x, y))
+    assert launched(FakeCudaTensor(1), 7)[1] == 7 and entered == [torch.device("cuda", 1)]
+    launched(FakeCudaTensor(0), 7)
+    launched(torch.zeros(1), 7)
+    assert entered == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_grid_binning_honours_deterministic_mode(backend):
+    if backend not in rcl_ops.available_backends("cuda"):
+        pytest.skip(f"{backend} backend not loaded")
+    q, k = torch.randn(4, 300, device="cuda"), torch.randn(4, 300, device="cuda")
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="deterministic"):
+            rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="deterministic"):
+            rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(False)

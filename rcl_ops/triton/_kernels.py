@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -46,6 +47,34 @@ def _next_pow2_bucket(n: int) -> int:
 # and per loop step of the one-program-per-row moments.
 _ELEMENT_BLOCK = 4096 if INTERPRET else 1024
 _MOMENTS_BLOCK = 4096 if INTERPRET else 2048
+
+
+def on_tensor_device(launcher):
+    """Launch on the GPU of the launcher's first (tensor) argument: Triton launches on the
+    current device, so tensors on cuda:1 with cuda:0 current would otherwise run on the wrong
+    GPU (the native ops use a device guard for the same reason)."""
+
+    @functools.wraps(launcher)
+    def launch(x: torch.Tensor, *args, **kwargs):
+        if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return launcher(x, *args, **kwargs)
+        return launcher(x, *args, **kwargs)
+
+    return launch
+
+
+def alert_not_deterministic(what: str) -> None:
+    """Honour torch.use_deterministic_algorithms for a kernel whose float atomics make the last
+    bits depend on the order of the additions (as the native CUDA kernels do)."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = (
+            f"rcl_ops (triton): {what} adds with float atomics, so repeated runs can differ in the "
+            "last bits; it does not have a deterministic implementation"
+        )
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message + " (use torch.use_deterministic_algorithms(True, warn_only=True))")
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 @functools.cache
@@ -120,6 +149,7 @@ def _emd_splits(bq: int, bk: int, k: int, device: torch.device) -> tuple[int, in
     return triton.cdiv(k, chunk), chunk
 
 
+@on_tensor_device
 def emd_pair(sq: torch.Tensor, sk: torch.Tensor) -> torch.Tensor:
     bq, n = sq.shape
     bk = sk.shape[0]
@@ -213,6 +243,7 @@ def _emd_side_grad(x, y, grad, stride_gx: int, stride_gy: int) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def emd_pair_backward(grad: torch.Tensor, sq: torch.Tensor, sk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """grad (Bq, Bk) contiguous in sq's dtype -> (grad_sq, grad_sk); deterministic (no atomics)."""
     bk = sk.shape[0]
@@ -249,6 +280,7 @@ def _quantile_interpolate_kernel(sorted_ptr, out_ptr, num_values, num_quantiles,
     tl.store(out_ptr + row * num_quantiles + kk, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def quantile_interpolate(sorted_x: torch.Tensor, num_quantiles: int) -> torch.Tensor:
     rows, count = sorted_x.shape
     out = torch.empty((rows, num_quantiles), dtype=sorted_x.dtype, device=sorted_x.device)
@@ -282,17 +314,20 @@ def _quantile_scatter_kernel(
         dst_lower = tl.load(order_row + lower, mask=mask, other=0)
         dst_upper = tl.load(order_row + upper, mask=mask, other=0)
         g64 = g.to(tl.float64)
-        tl.atomic_add(out_row + dst_lower, (g64 * (1.0 - weight)).to(g.dtype), mask=mask)
-        tl.atomic_add(out_row + dst_upper, (g64 * weight).to(g.dtype), mask=mask)
+        tl.atomic_add(out_row + dst_lower, (g64 * (1.0 - weight)).to(g.dtype), mask=mask, sem="relaxed")
+        tl.atomic_add(out_row + dst_upper, (g64 * weight).to(g.dtype), mask=mask, sem="relaxed")
     else:
         dst = tl.load(order_row + kk, mask=mask, other=0)
         tl.store(out_row + dst, g, mask=mask)
 
 
+@on_tensor_device
 def quantile_scatter(grad: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     rows, num_quantiles = grad.shape
     count = order.shape[1]
     interpolate = num_quantiles != count
+    if interpolate and grad.is_cuda:
+        alert_not_deterministic("the quantile gradient scatter (num_quantiles != values per residual)")
     alloc = torch.zeros if interpolate else torch.empty
     out = alloc((rows, count), dtype=grad.dtype, device=grad.device)
     blocks = triton.cdiv(num_quantiles, _ELEMENT_BLOCK)
@@ -336,6 +371,7 @@ def _moments_kernel(x_ptr, mean_ptr, var_ptr, count, count_minus_one, BLOCK: tl.
     tl.store(var_ptr + row, var)
 
 
+@on_tensor_device
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, count = x.shape
     mean = torch.empty(rows, dtype=x.dtype, device=x.device)
@@ -363,6 +399,7 @@ def _moments_backward_kernel(
     tl.store(out_ptr + row * count + offs, out, mask=mask)
 
 
+@on_tensor_device
 def moments_backward(grad_mean, grad_var, x, mean) -> torch.Tensor:
     rows, count = x.shape
     out = torch.empty_like(x)
@@ -425,6 +462,7 @@ def _eps_tensor(eps: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), eps, dtype=like.dtype, device=like.device)
 
 
+@on_tensor_device
 def bd_pair(mean_q, var_q, mean_k, var_k, eps: float) -> torch.Tensor:
     bq, bk = mean_q.shape[0], mean_k.shape[0]
     out = torch.empty((bq, bk), dtype=mean_q.dtype, device=mean_q.device)
@@ -485,6 +523,7 @@ def _bd_side_grad_kernel(
     tl.store(out_var_ptr + rows_x, acc_var, mask=mask_x)
 
 
+@on_tensor_device
 def bd_pair_backward(grad, mean_q, var_q, mean_k, var_k, eps: float):
     bq, bk = mean_q.shape[0], mean_k.shape[0]
     eps_t = _eps_tensor(eps, mean_q)
@@ -525,12 +564,16 @@ def _grid_bin_kernel(x_ptr, lo_ptr, step_ptr, out_ptr, count, num_bins, blocks_p
     lower, weight = _grid_position(x, tl.load(lo_ptr), tl.load(step_ptr), num_bins)
     mass = 1.0 / (tl.zeros_like(weight) + count)
     out_row = out_ptr + row * num_bins
-    tl.atomic_add(out_row + lower, mass * (1.0 - weight), mask=mask)
-    tl.atomic_add(out_row + lower + 1, mass * weight, mask=mask)
+    # relaxed: only the sums matter, no ordering with other memory (the default is acq_rel)
+    tl.atomic_add(out_row + lower, mass * (1.0 - weight), mask=mask, sem="relaxed")
+    tl.atomic_add(out_row + lower + 1, mass * weight, mask=mask, sem="relaxed")
 
 
+@on_tensor_device
 def grid_bin(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, num_bins: int) -> torch.Tensor:
     rows, count = x.shape
+    if x.is_cuda:
+        alert_not_deterministic("the binned-grid MMD's binning")
     out = torch.zeros((rows, num_bins), dtype=torch.float64, device=x.device)
     blocks = triton.cdiv(count, _ELEMENT_BLOCK)
     _grid_bin_kernel[(rows * blocks,)](x, lo, step, out, count, num_bins, blocks, BLOCK=_ELEMENT_BLOCK)
@@ -554,6 +597,7 @@ def _grid_interpolate_kernel(
     tl.store(out_ptr + row * count + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def grid_interpolate(field: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     rows, count = x.shape
     num_bins = field.shape[1]
