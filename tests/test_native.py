@@ -106,7 +106,7 @@ def test_emd_ties_in_sort(backend):
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("count", [5000, 30000])  # the float32 CPU sort's two- and three-pass rows
+@pytest.mark.parametrize("count", [40, 5000, 30000])  # the float32 CPU sort's insertion, two- and three-pass rows
 def test_sort_order_is_the_stable_sort_permutation(backend, dtype, count):
     # Ties (integers), signed zeros and long rows: the radix sort (float32) and the
     # comparison sort (float64) must both give torch's stable order, as int32.
