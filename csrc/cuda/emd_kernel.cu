@@ -1,11 +1,13 @@
 // Earth mover's distance on CUDA. Sketch: each residual sorted (stable, so ties keep their
 // index order as in the CPU radix sort and torch.sort) and reduced to K mid-level quantiles
 // by one thread per quantile. float32 rows are sorted all at once by one device-wide radix
-// sort of (row, value) keys, which keeps every SM busy; at::sort's segmented sort gives a
-// row to each block (64 rows: 64 of 132 SMs). float64 rows use at::sort; the backward gathers the
-// quantile gradients of each sorted position and scatters them through the sort order in one
-// kernel. Pair: tiled like a GEMM over (i, j) blocks with K staged through shared memory in chunks
-// (split over K when the batch is small); the backward has one kernel per side, so no atomics.
+// sort of (row, value) keys, which keeps every SM busy; at::sort's segmented sort gives a row
+// to each block (64 rows: 64 of 132 SMs). float64 rows use at::sort. The quantile backward
+// gathers the gradients of each sorted position and scatters them through the sort order in
+// one kernel. Pair: tiled like a GEMM over (i, j) blocks with K staged through shared memory
+// in chunks (split over K when the batch is small); the backward has one kernel per side, so
+// no atomics, and for the exact EMD it writes each gradient through the sort order straight
+// to the input's position.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -114,19 +116,22 @@ std::pair<SortedRows, SortedRows> sort_rows_float32(const at::Tensor& a, const a
       a.data_ptr<float>(), total_a, b_ptr, total_b, count, keys_in_p,
       columns_in.data_ptr<order_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Double buffers: cub alternates between the two of each pair, and its temporary storage
+  // is then small (the plain SortPairs would allocate another copy of keys and values).
+  cub::DoubleBuffer<uint64_t> keys(keys_in_p, keys_out_p);
+  cub::DoubleBuffer<order_t> columns(columns_in.data_ptr<order_t>(),
+                                     columns_out.data_ptr<order_t>());
   size_t temp_bytes = 0;
   const int num_items = int(total), end_bit = 32 + row_bits;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      nullptr, temp_bytes, keys_in_p, keys_out_p, columns_in.data_ptr<order_t>(),
-      columns_out.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, columns, num_items, 0,
+                                                 end_bit, stream));
   at::Tensor temp = at::empty({int64_t(temp_bytes)}, a.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      temp.data_ptr(), temp_bytes, keys_in_p, keys_out_p, columns_in.data_ptr<order_t>(),
-      columns_out.data_ptr<order_t>(), num_items, 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, keys, columns,
+                                                 num_items, 0, end_bit, stream));
   SortedRows out_a{at::empty_like(a), at::empty(a.sizes(), int32)}, out_b;
   if (b.defined()) out_b = {at::empty_like(b), at::empty(b.sizes(), int32)};
   gather_sorted_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-      a.data_ptr<float>(), total_a, b_ptr, total_b, count, columns_out.data_ptr<order_t>(),
+      a.data_ptr<float>(), total_a, b_ptr, total_b, count, columns.Current(),
       out_a.sorted.data_ptr<float>(), out_a.order.data_ptr<order_t>(),
       b.defined() ? out_b.sorted.data_ptr<float>() : nullptr,
       b.defined() ? out_b.order.data_ptr<order_t>() : nullptr);
@@ -384,7 +389,7 @@ template <typename T>
 __global__ void __launch_bounds__(kGradThreads)
     emd_pair_grad_kernel(const T* __restrict__ self, const T* __restrict__ other,
                          const T* __restrict__ grad, int64_t rows_self, int64_t rows_other,
-                         int64_t n, T* __restrict__ out) {
+                         int64_t n, const order_t* __restrict__ order, T* __restrict__ out) {
   __shared__ T other_tile[kGradOther][kGradK];
   __shared__ T grad_tile[kGradRows][kGradOther + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -427,15 +432,17 @@ __global__ void __launch_bounds__(kGradThreads)
 #pragma unroll
   for (int r = 0; r < kGradMicro; ++r) {
     const int64_t s = s0 + ty + kGradRowsY * r;
-    if (s < rows_self) out[s * n + k] = T(acc[r] / double(n));
+    // With the sort order, the sorted position's gradient goes straight to its input
+    // position (the exact EMD's backward: no (B, M) gradient of the sorted values, no scatter).
+    if (s < rows_self) out[s * n + (order ? int64_t(order[s * n + k]) : k)] = T(acc[r] / double(n));
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad_in,
-                                                          const at::Tensor& sq_in,
-                                                          const at::Tensor& sk_in) {
-  const char* op = "rcl_ops::emd_pair_backward";
-  check_pair(sq_in, sk_in, op);
+// Both sides of the pair backward; with orders (the exact EMD), each gradient is written
+// through its row's sort order into the input's positions.
+std::tuple<at::Tensor, at::Tensor> pair_backward(const at::Tensor& grad_in, const at::Tensor& sq_in,
+                                                 const at::Tensor& sk_in, const at::Tensor& order_q,
+                                                 const at::Tensor& order_k, const char* op) {
   const int64_t bq = sq_in.size(0), bk = sk_in.size(0), n = sq_in.size(1);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
               ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
@@ -447,6 +454,9 @@ std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad
   // grad in the inputs' dtype (as on CPU); the division by K happens in the kernel.
   const at::Tensor grad = grad_in.to(sq.scalar_type()).contiguous();
   const at::Tensor grad_t = grad.t().contiguous();
+  const bool through_order = order_q.defined();
+  const at::Tensor oq = through_order ? order_q.contiguous() : at::Tensor();
+  const at::Tensor ok = through_order ? order_k.contiguous() : at::Tensor();
   at::Tensor grad_q = at::empty_like(sq), grad_k = at::empty_like(sk);
   const unsigned int k_blocks = static_cast<unsigned int>((n + kGradK - 1) / kGradK);
   const dim3 block(kGradK, kGradRowsY);
@@ -456,17 +466,35 @@ std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad
   AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair_backward", [&] {
     emd_pair_grad_kernel<scalar_t><<<grid_q, block, 0, stream>>>(
         sq.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), bq, bk, n,
-        grad_q.data_ptr<scalar_t>());
+        through_order ? oq.data_ptr<order_t>() : nullptr, grad_q.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     emd_pair_grad_kernel<scalar_t><<<grid_k, block, 0, stream>>>(
         sk.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), bk, bq, n,
-        grad_k.data_ptr<scalar_t>());
+        through_order ? ok.data_ptr<order_t>() : nullptr, grad_k.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_q, grad_k};
 }
 
-}  // namespace
+std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad_in,
+                                                          const at::Tensor& sq_in,
+                                                          const at::Tensor& sk_in) {
+  const char* op = "rcl_ops::emd_pair_backward";
+  check_pair(sq_in, sk_in, op);
+  return pair_backward(grad_in, sq_in, sk_in, at::Tensor(), at::Tensor(), op);
+}
+
+// Exact EMD backward: the pair backward written through the sort orders (two launches; the
+// composite's separate scatter and its (B, M) temporaries are not needed).
+std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cuda(const at::Tensor& grad,
+                                                           const at::Tensor& sorted_q,
+                                                           const at::Tensor& order_q,
+                                                           const at::Tensor& sorted_k,
+                                                           const at::Tensor& order_k) {
+  const char* op = "rcl_ops::emd_exact_backward";
+  check_sorted_pair_and_orders(sorted_q, order_q, sorted_k, order_k, op);
+  return pair_backward(grad, sorted_q, sorted_k, order_q, order_k, op);
+}
 
 // Exact EMD: q's and k's rows sorted by one radix sort (float32), then paired. Other dtypes
 // (and batches past 2^31 values) sort each batch with sorted_quantiles.
@@ -489,8 +517,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> emd_exact
   return {emd_pair_cuda(sorted_q, sorted_k), sorted_q, order_q, sorted_k, order_k};
 }
 
+}  // namespace
+
 TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
   m.impl("emd_exact", &emd_exact_cuda);
+  m.impl("emd_exact_backward", &emd_exact_backward_cuda);
   m.impl("sorted_quantiles", &sorted_quantiles_cuda);
   m.impl("sorted_quantiles_backward", &sorted_quantiles_backward_cuda);
   m.impl("emd_pair", &emd_pair_cuda);
