@@ -204,7 +204,7 @@ GRAPHED_BACKEND = "cuda"
 def providers(distance: str, device: str) -> dict[str, Callable]:
     """Name -> callable for every competitor that runs on ``device``."""
     found = {f"rcl_ops[{b}]": _library(distance, b) for b in library_backends(device)}
-    if device == "cuda" and GRAPHED_BACKEND in found:
+    if device == "cuda" and f"rcl_ops[{GRAPHED_BACKEND}]" in found:
         found[f"rcl_ops[{GRAPHED_BACKEND}]+graph"] = cuda_graphed(_library(distance, GRAPHED_BACKEND))
     found["reference"] = _reference(distance)
     if distance != "mmd":

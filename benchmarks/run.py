@@ -354,6 +354,12 @@ def copy_bandwidth_gbs(device: str, megabytes: int = 1024) -> float | None:
     return 2 * src.numel() * 4 * 20 / seconds / 1e9
 
 
+def device_slug() -> str:
+    """The GPU's name for result file names: "NVIDIA H200" -> "h200"."""
+    name = torch.cuda.get_device_name().lower().removeprefix("nvidia").strip()
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
 def write_json_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=1))
@@ -406,7 +412,8 @@ def main(argv=None) -> Path:
     # Validate and create the output before measuring; the JSON is rewritten (atomically)
     # after every row, so a run that is cut off keeps what it measured.
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"{args.device}-{label}.json"
+    stem = f"{args.device}-{device_slug()}-{label}" if args.device == "cuda" else f"{args.device}-{label}"
+    path = args.output_dir / f"{stem}.json"
     env = environment(args.device)
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(args.device)
     print(f"device: {env['device_name']}; torch {env['torch']}; commit {env['commit']}", flush=True)
@@ -435,9 +442,7 @@ def main(argv=None) -> Path:
         return path
     # The plots' fixed case: the batch of the M sweep and the shape of the B sweep.
     base_batch, base_shape = (4, (2, 8, 8)) if args.smoke else (64, (3, 64, 64))
-    plots = plot_results(
-        rows, args.output_dir, f"{args.device}-{label}", env["device_name"], base_batch, "x".join(map(str, base_shape))
-    )
+    plots = plot_results(rows, args.output_dir, stem, env["device_name"], base_batch, "x".join(map(str, base_shape)))
     for plot in plots:
         print(f"wrote {plot}")
     return path
