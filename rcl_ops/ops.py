@@ -11,6 +11,8 @@ from ._backend import resolve_backend
 from ._checks import check_positive_float, check_positive_int, prepare_pair
 
 MMD_METHODS = ("auto", "grid", "direct")
+# Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
+DIRECT_SUM_COST = 16
 
 
 def pairwise_emd(
@@ -88,8 +90,10 @@ def pairwise_mmd(
     method: "direct" is the exact O(M N) sum; "grid" (native backends) bins the values
     linearly onto ``num_bins`` points spanning the batch's range and applies the kernel as a
     convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins; its
-    error grows with (range / h) / num_bins. "auto" is "grid" on the native backends and
-    "direct" on the reference backend. Computed in float32 for half inputs.
+    error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
+    for residuals so small that the exact sum is cheaper (16 M N <= num_bins: an exp costs
+    ~16 multiply-adds, and the grid pays O(G) per pair whatever M), and "direct" on the
+    reference backend. Computed in float32 for half inputs.
     """
     where = "pairwise_mmd"
     q2, k2 = prepare_pair(q, k, where)
@@ -103,6 +107,8 @@ def pairwise_mmd(
     impl = resolve_backend(backend, q2.device, where)
     if method == "auto":
         method = impl.mmd_methods[0]
+        if "direct" in impl.mmd_methods and DIRECT_SUM_COST * q2.shape[1] * k2.shape[1] <= num_bins:
+            method = "direct"
     elif method not in impl.mmd_methods:
         raise ValueError(f"{where}: backend {impl.name!r} supports methods {impl.mmd_methods}, not {method!r}")
     bandwidths = _bandwidths(bandwidth, q2, k2, where)

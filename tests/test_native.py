@@ -275,3 +275,20 @@ def test_compiled_loss_fullgraph(backend, distance):
     q = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
     k = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
     assert_compiled_loss_matches_eager(loss_fn, q, k)
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_mmd_auto_takes_the_exact_sum_for_tiny_residuals(backend, monkeypatch):
+    # 16 M N <= num_bins: the direct sum is exact and cheaper than a 4096-bin grid.
+    device = backend_device(backend)
+    q, k = torch.randn(8, 1, 4, 4, device=device), torch.randn(8, 1, 4, 4, device=device)
+    direct = rcl_ops.pairwise_mmd(q, k, method="direct", backend=backend)
+    torch.testing.assert_close(rcl_ops.pairwise_mmd(q, k, backend=backend), direct, rtol=0, atol=0)
+    calls = []
+    original = torch.ops.rcl_ops.mmd_grid
+    monkeypatch.setattr(torch.ops.rcl_ops, "mmd_grid", lambda *a: calls.append(1) or original(*a))
+    rcl_ops.pairwise_mmd(q, k, backend=backend, num_bins=255)  # 16 * 16 * 16 > 255: the grid
+    assert calls
+    q, k = torch.randn(4, 300, device=device), torch.randn(4, 300, device=device)
+    rcl_ops.pairwise_mmd(q, k, backend=backend)
+    assert len(calls) == 2
