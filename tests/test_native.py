@@ -292,3 +292,26 @@ def test_mmd_auto_takes_the_exact_sum_for_tiny_residuals(backend, monkeypatch):
     q, k = torch.randn(4, 300, device=device), torch.randn(4, 300, device=device)
     rcl_ops.pairwise_mmd(q, k, backend=backend)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_bd_backward_reads_strided_gradients(backend):
+    # Autograd hands over expanded (sum) and transposed gradients; the CPU kernels read them
+    # through their strides instead of copying.
+    device = backend_device(backend)
+    ops = torch.ops.rcl_ops
+    x = torch.randn(3, 20, device=device, dtype=torch.float64)
+    y = torch.randn(4, 20, device=device, dtype=torch.float64) * 2
+    _, *moments = ops.bd(x, y, 1e-6)
+    for grad in (
+        torch.randn(4, 3, device=device, dtype=torch.float64).t(),
+        torch.ones((), device=device).double().expand(3, 4),
+    ):
+        got = ops.bd_backward(grad, x, y, *moments, 1e-6)
+        want = ops.bd_backward(grad.contiguous(), x, y, *moments, 1e-6)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        pair_got = ops.bd_pair_backward(grad, *moments, 1e-6)
+        pair_want = ops.bd_pair_backward(grad.contiguous(), *moments, 1e-6)
+        for a, b in zip(pair_got, pair_want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../checks.h"
 #include "cpu_utils.h"
 #include "rcl_ops/math.h"
@@ -152,51 +155,150 @@ at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const 
   return out;
 }
 
+// Sums of the pair gradient over the other batch: for row i of q, d_mean_q[i] and d_var_q[i];
+// for column j of k, d_mean_k[j] and d_var_k[j]. grad is read through its strides (autograd
+// hands over expanded gradients); rows and columns are reduced in two passes, so no two
+// threads write the same output. Accumulated in double, stored in T.
+template <typename T>
+void bd_pair_grad_sums(const T* gp, int64_t stride_i, int64_t stride_j, const T* mqp, const T* vqp,
+                       const T* mkp, const T* vkp, int64_t bq, int64_t bk, double eps, T* g_mq,
+                       T* g_vq, T* g_mk, T* g_vk) {
+  at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double d_mean = 0.0, d_var = 0.0;
+      for (int64_t j = 0; j < bk; ++j) {
+        const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
+        const double g = double(gp[i * stride_i + j * stride_j]);
+        d_mean += g * d.d_mean_q;
+        d_var += g * d.d_var_q;
+      }
+      g_mq[i] = T(d_mean);
+      g_vq[i] = T(d_var);
+    }
+  });
+  at::parallel_for(0, bk, grain_for(16 * bq), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      double d_mean = 0.0, d_var = 0.0;
+      for (int64_t i = 0; i < bq; ++i) {
+        const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
+        const double g = double(gp[i * stride_i + j * stride_j]);
+        d_mean -= g * d.d_mean_q;
+        d_var += g * d.d_var_k;
+      }
+      g_mk[j] = T(d_mean);
+      g_vk[j] = T(d_var);
+    }
+  });
+}
+
+void check_pair_grad(const at::Tensor& grad, int64_t bq, int64_t bk, const char* op) {
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == bq && grad.size(1) == bk, op,
+              ": grad must have shape (", bq, ", ", bk, "), got ", grad.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
     const at::Tensor& mean_k, const at::Tensor& var_k, double eps) {
   const char* op = "rcl_ops::bd_pair_backward";
   check_bd_moments(mean_q, var_q, mean_k, var_k, op);
   const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
-              ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
-  const at::Tensor grad = grad_in.to(mean_q.scalar_type()).contiguous();
+  check_pair_grad(grad_in, bq, bk, op);
+  const at::Tensor grad = grad_in.to(mean_q.scalar_type());
   const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
   const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
   at::Tensor g_mq = at::empty_like(mq), g_vq = at::empty_like(vq);
   at::Tensor g_mk = at::empty_like(mk), g_vk = at::empty_like(vk);
   AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
-    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *vqp = vq.data_ptr<scalar_t>();
-    const scalar_t *mkp = mk.data_ptr<scalar_t>(), *vkp = vk.data_ptr<scalar_t>();
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    // Rows of q and columns of k are reduced in two passes so that no two threads write
-    // the same output.
-    at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        double d_mean = 0.0, d_var = 0.0;
-        for (int64_t j = 0; j < bk; ++j) {
-          const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
-          d_mean += double(gp[i * bk + j]) * d.d_mean_q;
-          d_var += double(gp[i * bk + j]) * d.d_var_q;
+    bd_pair_grad_sums<scalar_t>(grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
+                                mq.data_ptr<scalar_t>(), vq.data_ptr<scalar_t>(),
+                                mk.data_ptr<scalar_t>(), vk.data_ptr<scalar_t>(), bq, bk, eps,
+                                g_mq.data_ptr<scalar_t>(), g_vq.data_ptr<scalar_t>(),
+                                g_mk.data_ptr<scalar_t>(), g_vk.data_ptr<scalar_t>());
+  });
+  return {g_mq, g_vq, g_mk, g_vk};
+}
+
+// ---- fused: the whole distance in one op each way ------------------------------------------
+// The same kernels as moments, bd_pair and their backward, without a dispatch, an allocation
+// and a copy per step in between: at training batch sizes a BD step is a few microseconds of
+// arithmetic, so these are what its host time is made of.
+
+void check_bd_inputs(const at::Tensor& q, const at::Tensor& k, const char* op) {
+  check_rows(q, op, "q");
+  check_rows(k, op, "k");
+  check_same(q, k, op, "q", "k");
+  TORCH_CHECK(q.size(1) > 1 && k.size(1) > 1, op,
+              ": the sample variance needs at least 2 values per residual");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, double eps) {
+  check_bd_inputs(q_in, k_in, "rcl_ops::bd");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const int64_t bq = q.size(0), bk = k.size(0), count_q = q.size(1), count_k = k.size(1);
+  at::Tensor mean_q = at::empty({bq}, q.options()), var_q = at::empty({bq}, q.options());
+  at::Tensor mean_k = at::empty({bk}, q.options()), var_k = at::empty({bk}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd", [&] {
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
+    scalar_t *mqp = mean_q.data_ptr<scalar_t>(), *vqp = var_q.data_ptr<scalar_t>();
+    scalar_t *mkp = mean_k.data_ptr<scalar_t>(), *vkp = var_k.data_ptr<scalar_t>();
+    at::parallel_for(0, bq + bk, grain_for(std::max(count_q, count_k)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (r < bq) {
+          row_moments_any(qp + r * count_q, count_q, mqp + r, vqp + r);
+        } else {
+          row_moments_any(kp + (r - bq) * count_k, count_k, mkp + r - bq, vkp + r - bq);
         }
-        g_mq.data_ptr<scalar_t>()[i] = scalar_t(d_mean);
-        g_vq.data_ptr<scalar_t>()[i] = scalar_t(d_var);
-      }
-    });
-    at::parallel_for(0, bk, grain_for(16 * bq), [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        double d_mean = 0.0, d_var = 0.0;
-        for (int64_t i = 0; i < bq; ++i) {
-          const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
-          d_mean -= double(gp[i * bk + j]) * d.d_mean_q;
-          d_var += double(gp[i * bk + j]) * d.d_var_k;
-        }
-        g_mk.data_ptr<scalar_t>()[j] = scalar_t(d_mean);
-        g_vk.data_ptr<scalar_t>()[j] = scalar_t(d_var);
       }
     });
   });
-  return {g_mq, g_vq, g_mk, g_vk};
+  return {bd_pair_cpu(mean_q, var_q, mean_k, var_k, eps), mean_q, var_q, mean_k, var_k};
+}
+
+std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
+                                                   const at::Tensor& q_in, const at::Tensor& k_in,
+                                                   const at::Tensor& mean_q,
+                                                   const at::Tensor& var_q,
+                                                   const at::Tensor& mean_k,
+                                                   const at::Tensor& var_k, double eps) {
+  const char* op = "rcl_ops::bd_backward";
+  check_bd_inputs(q_in, k_in, op);
+  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+  check_vector(mean_q, q_in.size(0), op, "mean_q");
+  check_vector(mean_k, k_in.size(0), op, "mean_k");
+  check_same(mean_q, q_in, op, "mean_q", "q");
+  const int64_t bq = q_in.size(0), bk = k_in.size(0);
+  check_pair_grad(grad_in, bq, bk, op);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
+  const at::Tensor grad = grad_in.to(q.scalar_type());
+  const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
+  const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
+  const int64_t count_q = q.size(1), count_k = k.size(1);
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
+    // Per-row coefficients (bq + bk of them) on the stack or heap, not as tensors.
+    std::vector<scalar_t> coef(2 * (bq + bk));
+    scalar_t *g_mq = coef.data(), *g_vq = g_mq + bq, *g_mk = g_vq + bq, *g_vk = g_mk + bk;
+    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *mkp = mk.data_ptr<scalar_t>();
+    bd_pair_grad_sums<scalar_t>(grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), mqp,
+                                vq.data_ptr<scalar_t>(), mkp, vk.data_ptr<scalar_t>(), bq, bk, eps,
+                                g_mq, g_vq, g_mk, g_vk);
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
+    scalar_t *gqp = grad_q.data_ptr<scalar_t>(), *gkp = grad_k.data_ptr<scalar_t>();
+    at::parallel_for(0, bq + bk, grain_for(std::max(count_q, count_k)), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        if (r < bq) {
+          row_moments_backward_any(qp + r * count_q, count_q, mqp[r], g_mq[r], g_vq[r],
+                                   gqp + r * count_q);
+        } else {
+          const int64_t j = r - bq;
+          row_moments_backward_any(kp + j * count_k, count_k, mkp[j], g_mk[j], g_vk[j],
+                                   gkp + j * count_k);
+        }
+      }
+    });
+  });
+  return {grad_q, grad_k};
 }
 
 }  // namespace
@@ -206,6 +308,8 @@ TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) {
   m.impl("moments_backward", &moments_backward_cpu);
   m.impl("bd_pair", &bd_pair_cpu);
   m.impl("bd_pair_backward", &bd_pair_backward_cpu);
+  m.impl("bd", &bd_cpu);
+  m.impl("bd_backward", &bd_backward_cpu);
 }
 
 }  // namespace rcl_ops
