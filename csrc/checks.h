@@ -99,4 +99,13 @@ inline void check_bd_moments(const at::Tensor& mean_q, const at::Tensor& var_q,
   check_same(mean_q, var_k, op, "mean_q", "var_k");
 }
 
+// The two residual batches of the fused Bhattacharyya op (the sample variance needs M >= 2).
+inline void check_bd_inputs(const at::Tensor& q, const at::Tensor& k, const char* op) {
+  check_rows(q, op, "q");
+  check_rows(k, op, "k");
+  check_same(q, k, op, "q", "k");
+  TORCH_CHECK(q.size(1) > 1 && k.size(1) > 1, op,
+              ": the sample variance needs at least 2 values per residual");
+}
+
 }  // namespace rcl_ops

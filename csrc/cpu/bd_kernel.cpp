@@ -223,14 +223,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
 // and a copy per step in between: at training batch sizes a BD step is a few microseconds of
 // arithmetic, so these are what its host time is made of.
 
-void check_bd_inputs(const at::Tensor& q, const at::Tensor& k, const char* op) {
-  check_rows(q, op, "q");
-  check_rows(k, op, "k");
-  check_same(q, k, op, "q", "k");
-  TORCH_CHECK(q.size(1) > 1 && k.size(1) > 1, op,
-              ": the sample variance needs at least 2 values per residual");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, double eps) {
   check_bd_inputs(q_in, k_in, "rcl_ops::bd");

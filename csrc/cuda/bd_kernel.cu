@@ -26,24 +26,33 @@ using cudautil::kThreads;
 
 // ---- moments ----------------------------------------------------------------------------
 
+constexpr int kMomentThreads = 512;
+
 // Shifted sums S1 = sum (x - c), S2 = sum (x - c)^2 with c = x[row, 0], in double, then
-// var = (S2 - S1^2 / M) / (M - 1) as on CPU. One block per row (grid-stride over rows).
+// var = (S2 - S1^2 / M) / (M - 1) as on CPU. One block per row (grid-stride over rows);
+// rows [0, bq) are q's, rows [bq, bq + bk) k's (bk may be 0: one batch).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    moments_kernel(const T* __restrict__ x, int64_t rows, int64_t count, T* __restrict__ mean,
-                   T* __restrict__ var) {
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* xr = x + row * count;
+__global__ void __launch_bounds__(kMomentThreads)
+    two_batch_moments_kernel(const T* __restrict__ q, int64_t bq, int64_t count_q,
+                             const T* __restrict__ k, int64_t bk, int64_t count_k,
+                             T* __restrict__ mean_q, T* __restrict__ var_q, T* __restrict__ mean_k,
+                             T* __restrict__ var_k) {
+  for (int64_t task = blockIdx.x; task < bq + bk; task += gridDim.x) {
+    const bool is_q = task < bq;
+    const int64_t row = is_q ? task : task - bq, count = is_q ? count_q : count_k;
+    const T* xr = (is_q ? q : k) + row * count;
     const double shift = double(xr[0]);
     double s1 = 0.0, s2 = 0.0;
-    for (int64_t m = threadIdx.x; m < count; m += kThreads) {
+    for (int64_t m = threadIdx.x; m < count; m += kMomentThreads) {
       const double d = double(xr[m]) - shift;
       s1 += d;
       s2 += d * d;
     }
-    s1 = block_sum<kThreads>(s1);
-    s2 = block_sum<kThreads>(s2);
+    s1 = block_sum<kMomentThreads>(s1);  // task is uniform over the block
+    s2 = block_sum<kMomentThreads>(s2);
     if (threadIdx.x == 0) {
+      T* mean = is_q ? mean_q : mean_k;
+      T* var = is_q ? var_q : var_k;
       mean[row] = T(shift + s1 / double(count));
       var[row] = count > 1 ? T((s2 - s1 * s1 / double(count)) / double(count - 1)) : T(NAN);
     }
@@ -60,8 +69,9 @@ std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x_in) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(rows, int64_t(1) << 20));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments", [&] {
-    moments_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), rows, count, mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+    two_batch_moments_kernel<scalar_t><<<blocks, kMomentThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), rows, count, nullptr, 0, 1, mean.data_ptr<scalar_t>(),
+        var.data_ptr<scalar_t>(), nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
@@ -108,37 +118,6 @@ at::Tensor moments_backward_cuda(const at::Tensor& grad_mean_in, const at::Tenso
 
 // ---- fused: both batches per launch --------------------------------------------------------
 
-constexpr int kMomentThreads = 512;
-
-// Rows [0, bq) are q's, rows [bq, bq + bk) k's: the moments kernel's sums, one block a row.
-template <typename T>
-__global__ void __launch_bounds__(kMomentThreads)
-    two_batch_moments_kernel(const T* __restrict__ q, int64_t bq, int64_t count_q,
-                             const T* __restrict__ k, int64_t bk, int64_t count_k,
-                             T* __restrict__ mean_q, T* __restrict__ var_q, T* __restrict__ mean_k,
-                             T* __restrict__ var_k) {
-  for (int64_t task = blockIdx.x; task < bq + bk; task += gridDim.x) {
-    const bool is_q = task < bq;
-    const int64_t row = is_q ? task : task - bq, count = is_q ? count_q : count_k;
-    const T* xr = (is_q ? q : k) + row * count;
-    const double shift = double(xr[0]);
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t m = threadIdx.x; m < count; m += kMomentThreads) {
-      const double d = double(xr[m]) - shift;
-      s1 += d;
-      s2 += d * d;
-    }
-    s1 = block_sum<kMomentThreads>(s1);  // task is uniform over the block
-    s2 = block_sum<kMomentThreads>(s2);
-    if (threadIdx.x == 0) {
-      T* mean = is_q ? mean_q : mean_k;
-      T* var = is_q ? var_q : var_k;
-      mean[row] = T(shift + s1 / double(count));
-      var[row] = count > 1 ? T((s2 - s1 * s1 / double(count)) / double(count - 1)) : T(NAN);
-    }
-  }
-}
-
 // Elements [0, total_q) are q's, the rest k's: the moments backward of both batches.
 template <typename T>
 __global__ void two_batch_moments_backward_kernel(
@@ -156,14 +135,6 @@ __global__ void two_batch_moments_backward_kernel(
       grad_k[e] = moments_input_grad(k[e], mean_k[row], g_mean_k[row], g_var_k[row], count_k);
     }
   }
-}
-
-void check_bd_inputs(const at::Tensor& q, const at::Tensor& k, const char* op) {
-  check_rows(q, op, "q");
-  check_rows(k, op, "k");
-  check_same(q, k, op, "q", "k");
-  TORCH_CHECK(q.size(1) > 1 && k.size(1) > 1, op,
-              ": the sample variance needs at least 2 values per residual");
 }
 
 at::Tensor bd_pair_cuda(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
