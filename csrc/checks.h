@@ -108,4 +108,15 @@ inline void check_bd_inputs(const at::Tensor& q, const at::Tensor& k, const char
               ": the sample variance needs at least 2 values per residual");
 }
 
+// The fused Bhattacharyya backward's saved state: both batches and their moments.
+inline void check_bd_saved(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mean_q,
+                           const at::Tensor& var_q, const at::Tensor& mean_k,
+                           const at::Tensor& var_k, const char* op) {
+  check_bd_inputs(q, k, op);
+  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+  check_vector(mean_q, q.size(0), op, "mean_q");
+  check_vector(mean_k, k.size(0), op, "mean_k");
+  check_same(mean_q, q, op, "mean_q", "q");
+}
+
 }  // namespace rcl_ops

@@ -254,11 +254,7 @@ std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
                                                    const at::Tensor& mean_k,
                                                    const at::Tensor& var_k, double eps) {
   const char* op = "rcl_ops::bd_backward";
-  check_bd_inputs(q_in, k_in, op);
-  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
-  check_vector(mean_q, q_in.size(0), op, "mean_q");
-  check_vector(mean_k, k_in.size(0), op, "mean_k");
-  check_same(mean_q, q_in, op, "mean_q", "q");
+  check_bd_saved(q_in, k_in, mean_q, var_q, mean_k, var_k, op);
   const int64_t bq = q_in.size(0), bk = k_in.size(0);
   check_pair_grad(grad_in, bq, bk, op);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();

@@ -171,10 +171,7 @@ std::tuple<at::Tensor, at::Tensor> bd_backward_cuda(const at::Tensor& grad, cons
                                                     const at::Tensor& mean_k,
                                                     const at::Tensor& var_k, double eps) {
   const char* op = "rcl_ops::bd_backward";
-  check_bd_inputs(q_in, k_in, op);
-  check_vector(mean_q, q_in.size(0), op, "mean_q");
-  check_vector(mean_k, k_in.size(0), op, "mean_k");
-  check_same(mean_q, q_in, op, "mean_q", "q");
+  check_bd_saved(q_in, k_in, mean_q, var_q, mean_k, var_k, op);
   c10::cuda::CUDAGuard device_guard(q_in.device());
   // The pair backward checks grad and the moments (shapes, dtype, device).
   auto [g_mq, g_vq, g_mk, g_vk] = bd_pair_backward_cuda(grad, mean_q, var_q, mean_k, var_k, eps);
