@@ -67,11 +67,11 @@ bench: build
 #      no stop at the first failure, JUnit XML in tests.xml;
 #   3. the headline case (B=64, 3x128x128, every distance and the loss step, CUDA events, peak
 #      memory) and the host-overhead case;
-#   4. the B and M sweep, only with GPU_CHECK_FULL=1.
-# Budget on a 16-core H100/H200 machine, stages 1-3 about 7 minutes: the CUDA build is bounded
-# by its slowest translation unit (~70 s each for sm_80+sm_90 here on 2 cores, one arch there);
-# the gpu tests are compiled-kernel calls plus Triton's JIT and inductor compiles; the headline
-# case is ~30 timed rows plus two torch.compile warm-ups. Pick stages: GPU_CHECK_STAGES="2 3".
+#   4. the B and M sweep, only with GPU_CHECK_FULL=1; 5. torch.profiler tables of the loss steps.
+# Budget: stages 1-3 must fit in ~7 minutes on a 16-core H100/H200 machine. Measured on H200s
+# (2026-11-26): build 30-46 s, 117 gpu tests 41-47 s, headline + overhead 37-44 s, profiles
+# 10-12 s: 2-2.6 min in all, plus ~30 s to start and transfer. Each stage also has a wall limit
+# (GPU_CHECK_TESTS_LIMIT, _BENCH_LIMIT, _PROFILE_LIMIT). Pick stages: GPU_CHECK_STAGES="2 3".
 PYTHON ?= python3
 GPU_RESULTS ?= gpu-check-results
 gpu-check:
