@@ -16,6 +16,8 @@ struct Grid {
   int64_t fft_size;  // >= 2 G - 1, so the circular convolution is a linear one
 };
 
+constexpr int64_t kMaxNumBins = int64_t(1) << 24;  // as rcl_ops.ops.MAX_NUM_BINS
+
 int64_t fft_size_for(int64_t num_bins) {
   int64_t fft_size = 1;
   while (fft_size < 2 * num_bins) fft_size *= 2;
@@ -41,7 +43,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ba
               ": bandwidths must be a non-empty 1-D tensor, got shape ", bandwidths.sizes());
   TORCH_CHECK(bandwidths.device() == q.device(), op, ": bandwidths is on ", bandwidths.device(),
               " but q is on ", q.device());
-  TORCH_CHECK(num_bins >= 2, op, ": num_bins must be at least 2, got ", num_bins);
+  // The bound keeps the FFT size's doubling loop (and the kernels' indices) from overflowing.
+  TORCH_CHECK(num_bins >= 2 && num_bins <= kMaxNumBins, op, ": num_bins must be in [2, ",
+              kMaxNumBins, "], got ", num_bins);
   TORCH_CHECK(!unbiased || (q.size(1) > 1 && k.size(1) > 1), op,
               ": the unbiased estimator needs at least 2 values per residual");
 }

@@ -33,6 +33,17 @@ def residual_contrastive_loss(
     symmetric=True averages the row-wise and the column-wise losses. reduction "none"
     returns the (B,) per-pair losses.
     """
+    where = "residual_contrastive_loss"
+    if not isinstance(distances, torch.Tensor) or not distances.is_floating_point():
+        got = distances.dtype if isinstance(distances, torch.Tensor) else type(distances).__name__
+        raise TypeError(f"{where}: distances must be a floating-point (B, B) tensor, got {got}")
+    if distances.dim() != 2 or distances.shape[0] != distances.shape[1] or distances.shape[0] < 2:
+        raise ValueError(f"{where}: distances must be a (B, B) matrix with B >= 2, got shape {tuple(distances.shape)}")
+    temperature = check_positive_float(temperature, "temperature", where)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{where}: symmetric must be a bool, got {type(symmetric).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
     logits = -distances / temperature
     target = torch.arange(logits.shape[0], device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none")

@@ -13,6 +13,8 @@ from ._checks import check_positive_float, check_positive_int, prepare_pair
 MMD_METHODS = ("auto", "grid", "direct")
 # Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
 DIRECT_SUM_COST = 16
+# Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
+MAX_NUM_BINS = 1 << 24
 
 
 def pairwise_emd(
@@ -100,8 +102,8 @@ def pairwise_mmd(
     if method not in MMD_METHODS:
         raise ValueError(f"{where}: unknown method {method!r}; choose one of {MMD_METHODS}")
     num_bins = check_positive_int(num_bins, "num_bins", where)
-    if num_bins < 2:
-        raise ValueError(f"{where}: num_bins must be at least 2, got {num_bins}")
+    if not 2 <= num_bins <= MAX_NUM_BINS:
+        raise ValueError(f"{where}: num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}")
     if unbiased and min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     impl = resolve_backend(backend, q2.device, where)

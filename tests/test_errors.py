@@ -196,3 +196,31 @@ def test_loss_bad_configuration():
     wrong_shape = rcl_ops.ResidualContrastiveLoss(lambda a, b: a.flatten(1)[:, :1])
     with pytest.raises(ValueError, match=r"must return a \(3, 3\) tensor"):
         wrong_shape(*_pair("reference"))
+
+
+@pytest.mark.parametrize("num_bins", [1, (1 << 24) + 1, 1 << 62, "64", b"64", 64.0, True])
+def test_mmd_num_bins_is_a_bounded_integer(num_bins):
+    q, k = _pair("reference")
+    with pytest.raises(ValueError, match="num_bins must be"):
+        rcl_ops.pairwise_mmd(q, k, num_bins=num_bins)
+
+
+def test_functional_loss_validates_like_the_module():
+    d = torch.rand(4, 4)
+    loss = rcl_ops.residual_contrastive_loss
+    with pytest.raises(ValueError, match="unknown reduction 'Mean'"):
+        loss(d, 0.1, reduction="Mean")
+    for temperature in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be positive and finite"):
+            loss(d, temperature)
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        loss(d, "0.1")
+    with pytest.raises(ValueError, match=r"\(B, B\) matrix"):
+        loss(torch.rand(4, 3), 0.1)
+    with pytest.raises(ValueError, match=r"\(B, B\) matrix"):
+        loss(torch.rand(1, 1), 0.1)
+    with pytest.raises(TypeError, match="floating-point"):
+        loss(torch.ones(4, 4, dtype=torch.long), 0.1)
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        loss(d, 0.1, symmetric="yes")
+    assert loss(d, 0.1, reduction="none").shape == (4,)

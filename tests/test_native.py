@@ -257,8 +257,9 @@ def test_native_ops_reject_bad_arguments(backend):
         ops.emd_exact(x, x.double())
     with pytest.raises(RuntimeError, match="must be 2-D"):
         ops.emd_exact(x[0], x)
-    with pytest.raises(RuntimeError, match="num_bins must be at least 2"):
-        ops.mmd_grid(x, x, torch.ones(1, device=device), 1, False)
+    for num_bins in (1, (1 << 24) + 1, 1 << 62):  # 2^62: the FFT size's doubling would overflow
+        with pytest.raises(RuntimeError, match=r"num_bins must be in \[2, 16777216\]"):
+            ops.mmd_grid(x, x, torch.ones(1, device=device), num_bins, False)
     if device == "cpu":  # CUDA skips this check: it would need a host sync (ops.py validates)
         with pytest.raises(RuntimeError, match="bandwidths must be positive"):
             ops.gaussian_kernel_sums(x, x, -torch.ones(1, device=device), False)

@@ -301,8 +301,9 @@ def test_ops_reject_bad_arguments(device):
         ops.emd_pair(x, x[:, :4])
     with pytest.raises(RuntimeError, match="share dtype"):
         ops.emd_pair(x, x.double())
-    with pytest.raises(RuntimeError, match="num_bins must be at least 2"):
-        ops.mmd_grid(x, x, torch.ones(1, device=device), 1, False)
+    for num_bins in (1, (1 << 24) + 1, 1 << 62):  # 2^62: the FFT size's doubling would overflow
+        with pytest.raises(RuntimeError, match=r"num_bins must be in \[2, 16777216\]"):
+            ops.mmd_grid(x, x, torch.ones(1, device=device), num_bins, False)
     with pytest.raises(RuntimeError, match="grad must have shape"):
         ops.bd_pair_backward(torch.ones(2, 2, device=device), *ops.moments(x), *ops.moments(x), 1e-6)
 

@@ -13,6 +13,7 @@ import torch
 
 from .._autograd import register_sketch_and_pair_autograd
 from .._backend import Backend, register_backend
+from ..ops import MAX_NUM_BINS
 from . import _kernels
 from ._kernels import INTERPRET
 
@@ -300,7 +301,10 @@ def _check_mmd(q, k, bandwidths, num_bins, unbiased, op):
         bandwidths.dim() == 1 and bandwidths.numel() > 0 and bandwidths.device == q.device,
         lambda: f"{NAMESPACE}::{op}: bandwidths must be a non-empty 1-D tensor on {q.device}",
     )
-    torch._check(num_bins >= 2, lambda: f"{NAMESPACE}::{op}: num_bins must be at least 2, got {num_bins}")
+    torch._check(
+        2 <= num_bins <= MAX_NUM_BINS,
+        lambda: f"{NAMESPACE}::{op}: num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}",
+    )
     torch._check(
         not unbiased or (q.shape[1] > 1 and k.shape[1] > 1),
         lambda: f"{NAMESPACE}::{op}: the unbiased estimator needs at least 2 values per residual",
