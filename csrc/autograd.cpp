@@ -159,45 +159,12 @@ BdOutputs bd_autograd(const Tensor& q, const Tensor& k, double eps) {
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
-// The fused Bhattacharyya op, composed of the per-device primitives: moments of both
-// batches, then the pair term; its backward chains the primitives' backward ops.
-BdOutputs bd_composite(const Tensor& q, const Tensor& k, double eps) {
-  static const auto moments = find_op<TensorPair(const Tensor&)>("rcl_ops::moments");
-  static const auto bd_pair =
-      find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>(
-          "rcl_ops::bd_pair");
-  auto [mean_q, var_q] = moments.call(q);
-  auto [mean_k, var_k] = moments.call(k);
-  return {bd_pair.call(mean_q, var_q, mean_k, var_k, eps), mean_q, var_q, mean_k, var_k};
-}
-
-TensorPair bd_backward_composite(const Tensor& grad, const Tensor& q, const Tensor& k,
-                                 const Tensor& mean_q, const Tensor& var_q, const Tensor& mean_k,
-                                 const Tensor& var_k, double eps) {
-  using Four = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-  static const auto pair_backward =
-      find_op<Four(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                   double)>("rcl_ops::bd_pair_backward");
-  static const auto moments_backward =
-      find_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-          "rcl_ops::moments_backward");
-  auto [g_mean_q, g_var_q, g_mean_k, g_var_k] =
-      pair_backward.call(grad, mean_q, var_q, mean_k, var_k, eps);
-  return {moments_backward.call(g_mean_q, g_var_q, q, mean_q),
-          moments_backward.call(g_mean_k, g_var_k, k, mean_k)};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_ops, Autograd, m) {
   m.impl("emd_exact", &emd_exact_autograd);
   m.impl("mmd_grid", &mmd_grid_autograd);
   m.impl("bd", &bd_autograd);
-}
-
-TORCH_LIBRARY_IMPL(rcl_ops, CompositeExplicitAutograd, m) {
-  m.impl("bd", &bd_composite);
-  m.impl("bd_backward", &bd_backward_composite);
 }
 
 }  // namespace rcl_ops

@@ -56,14 +56,14 @@ void check_saved_grid(const at::Tensor& grid, const at::Tensor& w_q, const at::T
   TORCH_CHECK(grid.dim() == 1 && grid.size(0) == 2 && grid.scalar_type() == at::kDouble &&
                   grid.device() == q.device(),
               op, ": grid must be the forward's float64 [lo, step] on ", q.device());
-  for (const auto& [w, x, name] :
-       {std::tuple<const at::Tensor&, const at::Tensor&, const char*>{w_q, q, "w_q"},
-        std::tuple<const at::Tensor&, const at::Tensor&, const char*>{w_k, k, "w_k"}}) {
+  const auto check_weights = [&](const at::Tensor& w, const at::Tensor& x, const char* name) {
     TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(0) && w.size(1) == num_bins &&
                     w.scalar_type() == at::kDouble && w.device() == x.device(),
                 op, ": ", name, " must be the forward's float64 binned weights of shape (",
                 x.size(0), ", ", num_bins, "), got ", w.scalar_type(), " ", w.sizes());
-  }
+  };
+  check_weights(w_q, q, "w_q");
+  check_weights(w_k, k, "w_k");
 }
 
 }  // namespace

@@ -2,16 +2,15 @@
 (``rcl_ops`` native C++/CUDA, ``rcl_ops_triton``; the native fused ops have theirs in C++).
 Each forward op's backward calls the namespace's own ``*_backward`` op, so it dispatches to
 the same device and backend.
-eps, bandwidths and the MMD grid are constants: their gradients are not computed."""
+eps is a constant: its gradient is not computed."""
 
 from __future__ import annotations
 
 import torch
 
 
-def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str, with_mmd_grid: bool = False) -> None:
-    """Attach autograd to ``<namespace>::{quantiles_op, emd_pair, moments, bd_pair}`` (and
-    ``mmd_grid`` (q, k, bandwidths, num_bins, unbiased) -> distances, when asked).
+def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str) -> None:
+    """Attach autograd to ``<namespace>::{quantiles_op, emd_pair, moments, bd_pair}``.
 
     ``quantiles_op`` (x, K) -> (quantiles, order) has the backward op ``<quantiles_op>_backward``.
     """
@@ -51,20 +50,10 @@ def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str, with_mm
     def bd_pair_grad(ctx, grad):
         return (*ops.bd_pair_backward(grad, *ctx.saved_tensors, ctx.eps), None)
 
-    def mmd_grid_setup(ctx, inputs, output):
-        q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
-        ctx.save_for_backward(q, k, bandwidths)
-
-    def mmd_grid_grad(ctx, grad):
-        q, k, bandwidths = ctx.saved_tensors
-        grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, ctx.num_bins, ctx.unbiased)
-        return grad_q, grad_k, None, None, None
-
     for name, backward, setup in (
         (quantiles_op, quantiles_grad, quantiles_setup),
         ("emd_pair", emd_pair_grad, emd_pair_setup),
         ("moments", moments_grad, moments_setup),
         ("bd_pair", bd_pair_grad, bd_pair_setup),
-        *([("mmd_grid", mmd_grid_grad, mmd_grid_setup)] if with_mmd_grid else []),
     ):
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)

@@ -71,9 +71,9 @@ register_backend(
 # Preferred native backend per device type when backend="auto". On CUDA the C++ kernels
 # are faster than the Triton ones for every distance, so "cuda" comes first for all three
 # (H200, B=64 query and key residuals of 3x128x128, forward+backward, CUDA events;
-# benchmarks/results/cuda-h200-headline.json): EMD 1.01 vs 1.67 ms, grid MMD 2.07 vs
-# 3.64 ms, BD 0.33 vs 1.26 ms; and at B=8, M=16 (host overhead) 242 vs 1271, 2284 vs 3401 and
-# 257 vs 1147 us. "triton" is the fallback when the extension was built without CUDA.
+# benchmarks/results/cuda-h200-headline.json): EMD 0.88 vs 1.82 ms, grid MMD 2.59 vs
+# 4.98 ms, BD 0.33 vs 1.49 ms; and at B=8, M=16 (host overhead) 281 vs 1548, 1538 vs 3859 and
+# 200 vs 1495 us. "triton" is the fallback when the extension was built without CUDA.
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 

@@ -25,6 +25,11 @@ def _keyword_names(fn: Callable) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _check_reduction(reduction, where: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+
+
 def residual_contrastive_loss(
     distances: torch.Tensor, temperature: float, symmetric: bool = False, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -42,8 +47,7 @@ def residual_contrastive_loss(
     temperature = check_positive_float(temperature, "temperature", where)
     if not isinstance(symmetric, bool):
         raise TypeError(f"{where}: symmetric must be a bool, got {type(symmetric).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    _check_reduction(reduction, where)
     logits = -distances / temperature
     target = torch.arange(logits.shape[0], device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none")
@@ -96,8 +100,7 @@ class ResidualContrastiveLoss(nn.Module):
         else:
             raise TypeError(f"{where}: distance must be a name or a callable, got {type(distance).__name__}")
         self.temperature = check_positive_float(temperature, "temperature", where)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+        _check_reduction(reduction, where)
         self.symmetric = bool(symmetric)
         self.reduction = reduction
         self.distance_kwargs = distance_kwargs

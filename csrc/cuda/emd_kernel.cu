@@ -484,8 +484,8 @@ std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad
   return pair_backward(grad_in, sq_in, sk_in, at::Tensor(), at::Tensor(), op);
 }
 
-// Exact EMD backward: the pair backward written through the sort orders (two launches; the
-// composite's separate scatter and its (B, M) temporaries are not needed).
+// Exact EMD backward: the pair backward written through the sort orders (two launches, no
+// separate scatter and no (B, M) gradient of the sorted values).
 std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cuda(const at::Tensor& grad,
                                                            const at::Tensor& sorted_q,
                                                            const at::Tensor& order_q,

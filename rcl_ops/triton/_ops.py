@@ -383,9 +383,24 @@ def _(grad, q, k, bandwidths, num_bins, unbiased):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-# ---- autograd (shared with the native ops) ---------------------------------------------------
+# ---- autograd (the sketch and pair ops' is shared with the native ops) -------------------------
 
-register_sketch_and_pair_autograd(NAMESPACE, quantiles_op="quantiles", with_mmd_grid=True)
+register_sketch_and_pair_autograd(NAMESPACE, quantiles_op="quantiles")
+
+
+def _mmd_grid_setup(ctx, inputs, output):
+    q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
+    ctx.save_for_backward(q, k, bandwidths)
+
+
+def _mmd_grid_grad(ctx, grad):
+    # The bandwidths (and the grid) are constants: no gradient, as documented.
+    q, k, bandwidths = ctx.saved_tensors
+    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, ctx.num_bins, ctx.unbiased)
+    return grad_q, grad_k, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::mmd_grid", _mmd_grid_grad, setup_context=_mmd_grid_setup)
 
 # Every op of the namespace, for the tests' opcheck coverage.
 OPS = (
