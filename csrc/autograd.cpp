@@ -7,11 +7,14 @@
 // The primitive ops (moments, bd_pair, sorted_quantiles, emd_pair) keep their Python
 // autograd (rcl_ops/_autograd.py) for direct use.
 //
-// Second derivatives are not implemented: the backward ops have no autograd. A backward
-// with create_graph=True through these ops raises instead of returning a silently zero
-// second derivative.
+// Second derivatives are not implemented. Every backward op (of the fused ops and of the
+// primitives) gets torch's "not implemented" autograd kernel: a backward with
+// create_graph=True records a node that raises "the derivative for 'rcl_ops::..._backward' is
+// not implemented" when a second derivative flows through it, instead of the silently zero
+// second derivative that an op without autograd gives.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -26,15 +29,6 @@ using TensorPair = std::tuple<Tensor, Tensor>;
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-void check_first_order(const char* op, std::initializer_list<Tensor> tensors) {
-  if (!at::GradMode::is_enabled()) return;
-  for (const Tensor& t : tensors) {
-    TORCH_CHECK(!(t.defined() && t.requires_grad()), op,
-                ": double backward (create_graph=True) is not supported: the second derivative "
-                "is not implemented");
-  }
 }
 
 // ---- exact EMD ----------------------------------------------------------------------------
@@ -63,7 +57,6 @@ class EmdExactFunction : public torch::autograd::Function<EmdExactFunction> {
                            const Tensor&)>("rcl_ops::emd_exact_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
-    check_first_order("rcl_ops::emd_exact", {grads[0]});
     auto [grad_q, grad_k] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3]);
     return {grad_q, grad_k};
   }
@@ -105,7 +98,6 @@ class MmdGridFunction : public torch::autograd::Function<MmdGridFunction> {
             "rcl_ops::mmd_grid_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const auto s = ctx->get_saved_variables();
-    check_first_order("rcl_ops::mmd_grid", {grads[0], s[0], s[1]});
     auto [grad_q, grad_k] =
         op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["num_bins"].toInt(),
                 ctx->saved_data["unbiased"].toBool());
@@ -147,7 +139,6 @@ class BdFunction : public torch::autograd::Function<BdFunction> {
             "rcl_ops::bd_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor()};
     const auto s = ctx->get_saved_variables();
-    check_first_order("rcl_ops::bd", {grads[0], s[0], s[1]});
     auto [grad_q, grad_k] =
         op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["eps"].toDouble());
     return {grad_q, grad_k, Tensor()};
@@ -165,6 +156,12 @@ TORCH_LIBRARY_IMPL(rcl_ops, Autograd, m) {
   m.impl("emd_exact", &emd_exact_autograd);
   m.impl("mmd_grid", &mmd_grid_autograd);
   m.impl("bd", &bd_autograd);
+  for (const char* backward_op :
+       {"emd_exact_backward", "mmd_grid_backward", "bd_backward", "moments_backward",
+        "bd_pair_backward", "sorted_quantiles_backward", "emd_pair_backward",
+        "gaussian_kernel_sums_backward"}) {
+    m.impl(backward_op, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 }  // namespace rcl_ops

@@ -1,29 +1,31 @@
 """rcl_ops: fused pairwise statistical distances and the residual contrastive loss (RCL)."""
 
-from ._backend import BACKEND_NAMES, available_backends
+from . import reference  # noqa: F401  registers the "reference" backend (the tests' oracle)
+from ._backend import BACKEND_NAMES, available_backends, mark_unavailable
 from ._checks import check_finite_enabled, set_check_finite
 from .losses import ResidualContrastiveLoss, residual_contrastive_loss
-from .ops import default_bandwidth, pairwise_bd, pairwise_emd, pairwise_mmd
+from .ops import GridAccuracyWarning, default_bandwidth, pairwise_bd, pairwise_emd, pairwise_mmd
 
+# Only a missing or unloadable extension falls back to the reference backend (with a warning
+# on first use); an error in the package's own Python modules propagates.
 try:
-    from . import _native  # noqa: F401  registers the "cpu" (and "cuda") backends
-except ImportError as error:  # the extension was not built
-    from ._backend import mark_unavailable
-
+    from . import _C  # noqa: F401
+except ImportError as error:
     mark_unavailable("cpu", f"the native extension rcl_ops._C did not load: {error}")
     mark_unavailable("cuda", f"the native extension rcl_ops._C did not load: {error}")
+else:
+    from . import _native  # noqa: F401  registers the "cpu" (and "cuda") backends
 
 from . import triton as _triton  # registers the "triton" backend when triton imports
 
 if not _triton.AVAILABLE:
-    from ._backend import mark_unavailable
-
     mark_unavailable("triton", _triton.UNAVAILABLE_REASON)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES",
+    "GridAccuracyWarning",
     "ResidualContrastiveLoss",
     "available_backends",
     "check_finite_enabled",

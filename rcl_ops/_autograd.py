@@ -1,21 +1,22 @@
-"""Autograd of the sketch and pair ops, shared by every op namespace that implements them
-(``rcl_ops`` native C++/CUDA, ``rcl_ops_triton``; the native fused ops have theirs in C++).
-Each forward op's backward calls the namespace's own ``*_backward`` op, so it dispatches to
-the same device and backend.
-eps is a constant: its gradient is not computed."""
+"""Autograd of the ops shared by the native (``rcl_ops``) and Triton (``rcl_ops_triton``)
+libraries (rcl_ops/_fakes.py lists them). Each forward op's backward calls the namespace's
+own ``*_backward`` op, so it dispatches to the same device and backend. The native fused ops
+(emd_exact, bd, mmd_grid) have theirs in C++ (csrc/autograd.cpp).
+
+Second derivatives: not implemented. The ``*_backward`` ops have no derivative of their own:
+the native ones raise "the derivative for ... is not implemented" when a second derivative
+flows through them (torch's not-implemented autograd kernel), the Triton ones (custom ops
+without autograd) raise "Autograd has not been implemented for operator ...". Neither gives a
+silently zero second derivative. eps, the bandwidths and num_bins are constants: no gradient."""
 
 from __future__ import annotations
 
 import torch
 
 
-def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str) -> None:
-    """Attach autograd to ``<namespace>::{quantiles_op, emd_pair, moments, bd_pair}``.
-
-    ``quantiles_op`` (x, K) -> (quantiles, order) has the backward op ``<quantiles_op>_backward``.
-    """
+def register_sketch_and_pair_autograd(namespace: str) -> None:
+    """Attach autograd to ``<namespace>::{sorted_quantiles, emd_pair, moments, bd_pair}``."""
     ops = getattr(torch.ops, namespace)
-    quantiles_backward = getattr(ops, f"{quantiles_op}_backward")
 
     def quantiles_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1])
@@ -26,7 +27,7 @@ def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str) -> None
         if grad_quantiles is None:
             return None, None
         (order,) = ctx.saved_tensors
-        return quantiles_backward(grad_quantiles, order), None
+        return ops.sorted_quantiles_backward(grad_quantiles, order), None
 
     def emd_pair_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -51,9 +52,30 @@ def register_sketch_and_pair_autograd(namespace: str, quantiles_op: str) -> None
         return (*ops.bd_pair_backward(grad, *ctx.saved_tensors, ctx.eps), None)
 
     for name, backward, setup in (
-        (quantiles_op, quantiles_grad, quantiles_setup),
+        ("sorted_quantiles", quantiles_grad, quantiles_setup),
         ("emd_pair", emd_pair_grad, emd_pair_setup),
         ("moments", moments_grad, moments_setup),
         ("bd_pair", bd_pair_grad, bd_pair_setup),
     ):
         torch.library.register_autograd(f"{namespace}::{name}", backward, setup_context=setup)
+
+
+def register_mmd_grid_autograd(namespace: str) -> None:
+    """Attach autograd to ``<namespace>::mmd_grid``: the backward reuses the forward's grid and
+    binned weights (outputs 1-3, not differentiable)."""
+    ops = getattr(torch.ops, namespace)
+
+    def setup(ctx, inputs, output):
+        q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
+        ctx.save_for_backward(q, k, bandwidths, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad, *unused):
+        if grad is None:
+            return None, None, None, None, None
+        q, k, bandwidths, grid, w_q, w_k = ctx.saved_tensors
+        grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, grid, w_q, w_k, ctx.num_bins, ctx.unbiased)
+        return grad_q, grad_k, None, None, None
+
+    torch.library.register_autograd(f"{namespace}::mmd_grid", backward, setup_context=setup)

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-
 BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 
 
@@ -50,23 +48,6 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     device_type = None if device is None else torch.device(device).type
     return [name for name, backend in _registry.items() if device_type is None or device_type in backend.device_types]
 
-
-def _reference_mmd(q, k, bandwidths, unbiased, method, num_bins):
-    if method == "grid":
-        raise ValueError("the reference backend computes MMD only by the exact direct sum; use method='direct'")
-    return reference.pairwise_mmd(q, k, bandwidths, unbiased)
-
-
-register_backend(
-    Backend(
-        name="reference",
-        device_types=("cpu", "cuda", "mps", "xpu", "meta"),
-        emd=reference.pairwise_emd,
-        mmd=_reference_mmd,
-        bd=reference.pairwise_bd,
-        mmd_methods=("direct",),
-    )
-)
 
 # Preferred native backend per device type when backend="auto". On CUDA the C++ kernels
 # are faster than the Triton ones for every distance, so "cuda" comes first for all three

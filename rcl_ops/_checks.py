@@ -92,6 +92,21 @@ def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             )
 
 
+def check_result(distances: torch.Tensor, where: str) -> torch.Tensor:
+    """distances, or OverflowError when they hold NaN or Inf (the inputs were finite) while
+    the check is on for their device type: a distance beyond the dtype's range (e.g. EMD of
+    float32 values near 3e38), or a Bhattacharyya distance of a constant residual with eps=0."""
+    if not check_finite_enabled(distances.device.type) or _is_compiling():
+        return distances
+    if not bool(torch.isfinite(distances).all()):
+        raise OverflowError(
+            f"{where}: the distances are not finite in {distances.dtype} although the inputs are: "
+            "they overflow its range (compute in float64, or rescale the residuals), or, for BD "
+            "with eps=0, a residual has zero variance (use eps > 0)"
+        )
+    return distances
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32 for half/bfloat16 inputs, else the promoted floating dtype."""
     dtype = tensors[0].dtype
@@ -119,7 +134,9 @@ def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_positive_int(value, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1:
         raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
     return int(value)
 

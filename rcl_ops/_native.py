@@ -8,55 +8,15 @@ import torch
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
 from ._autograd import register_sketch_and_pair_autograd
 from ._backend import Backend, mark_unavailable, register_backend
-from .reference import mmd_from_kernel_sums
+from ._fakes import register_fake_kernels
+from ._formulas import mmd_from_kernel_sums
 
 ops = torch.ops.rcl_ops
 
 
-# ---- fake kernels -------------------------------------------------------------------------
+# ---- fake kernels: the ops shared with the Triton library in rcl_ops/_fakes.py -------------
 
-
-@torch.library.register_fake("rcl_ops::moments")
-def _moments_fake(x):
-    torch._check(x.dim() == 2, lambda: "rcl_ops::moments: x must be 2-D")
-    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
-
-
-@torch.library.register_fake("rcl_ops::moments_backward")
-def _moments_backward_fake(grad_mean, grad_var, x, mean):
-    return torch.empty_like(x)
-
-
-@torch.library.register_fake("rcl_ops::bd_pair")
-def _bd_pair_fake(mean_q, var_q, mean_k, var_k, eps):
-    return mean_q.new_empty(mean_q.shape[0], mean_k.shape[0])
-
-
-@torch.library.register_fake("rcl_ops::bd_pair_backward")
-def _bd_pair_backward_fake(grad, mean_q, var_q, mean_k, var_k, eps):
-    return tuple(torch.empty_like(t) for t in (mean_q, var_q, mean_k, var_k))
-
-
-@torch.library.register_fake("rcl_ops::sorted_quantiles")
-def _sorted_quantiles_fake(x, num_quantiles):
-    torch._check(x.dim() == 2, lambda: "rcl_ops::sorted_quantiles: x must be 2-D")
-    return x.new_empty(x.shape[0], num_quantiles), x.new_empty(x.shape, dtype=torch.int32)
-
-
-@torch.library.register_fake("rcl_ops::sorted_quantiles_backward")
-def _sorted_quantiles_backward_fake(grad_quantiles, order):
-    return grad_quantiles.new_empty(order.shape)
-
-
-@torch.library.register_fake("rcl_ops::emd_pair")
-def _emd_pair_fake(sorted_q, sorted_k):
-    torch._check(sorted_q.shape[1] == sorted_k.shape[1], lambda: "rcl_ops::emd_pair: K differs")
-    return sorted_q.new_empty(sorted_q.shape[0], sorted_k.shape[0])
-
-
-@torch.library.register_fake("rcl_ops::emd_pair_backward")
-def _emd_pair_backward_fake(grad, sorted_q, sorted_k):
-    return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
+register_fake_kernels("rcl_ops")
 
 
 @torch.library.register_fake("rcl_ops::emd_exact")
@@ -80,7 +40,8 @@ def _emd_exact_backward_fake(grad, sorted_q, order_q, sorted_k, order_k):
 def _bd_fake(q, k, eps):
     torch._check(q.dim() == 2 and k.dim() == 2, lambda: "rcl_ops::bd: q and k must be 2-D")
     bq, bk = q.shape[0], k.shape[0]
-    return q.new_empty(bq, bk), q.new_empty(bq), q.new_empty(bq), q.new_empty(bk), q.new_empty(bk)
+    moments = [q.new_empty(n, dtype=torch.float64) for n in (bq, bq, bk, bk)]
+    return q.new_empty(bq, bk), *moments
 
 
 @torch.library.register_fake("rcl_ops::bd_backward")
@@ -88,21 +49,10 @@ def _bd_backward_fake(grad, q, k, mean_q, var_q, mean_k, var_k, eps):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@torch.library.register_fake("rcl_ops::mmd_grid")
-def _mmd_grid_fake(q, k, bandwidths, num_bins, unbiased):
-    weights = q.new_empty(q.shape[0], num_bins, dtype=torch.float64)
-    grid = q.new_empty(2, dtype=torch.float64)
-    return q.new_empty(q.shape[0], k.shape[0]), grid, weights, k.new_empty(k.shape[0], num_bins, dtype=torch.float64)
-
-
-@torch.library.register_fake("rcl_ops::mmd_grid_backward")
-def _mmd_grid_backward_fake(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
 @torch.library.register_fake("rcl_ops::gaussian_kernel_sums")
 def _gaussian_kernel_sums_fake(x, y, bandwidths, paired):
-    return x.new_empty(x.shape[0]) if paired else x.new_empty(x.shape[0], y.shape[0])
+    shape = (x.shape[0],) if paired else (x.shape[0], y.shape[0])
+    return x.new_empty(shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("rcl_ops::gaussian_kernel_sums_backward")
@@ -125,7 +75,7 @@ def _kernel_sums_backward(ctx, grad):
     return grad_x, grad_y, None, None
 
 
-register_sketch_and_pair_autograd("rcl_ops", quantiles_op="sorted_quantiles")
+register_sketch_and_pair_autograd("rcl_ops")
 torch.library.register_autograd(
     "rcl_ops::gaussian_kernel_sums", _kernel_sums_backward, setup_context=_kernel_sums_setup
 )
@@ -153,7 +103,7 @@ def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> 
         k.shape[1],
         bandwidths.numel(),
         unbiased,
-    )
+    ).to(q.dtype)
 
 
 def native_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
@@ -161,7 +111,7 @@ def native_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 register_backend(Backend("cpu", ("cpu",), native_emd, native_mmd, native_bd))
-if torch._C._dispatch_has_kernel_for_dispatch_key("rcl_ops::emd_pair", "CUDA"):
+if ops.emd_pair.default.has_kernel_for_dispatch_key("CUDA"):
     register_backend(Backend("cuda", ("cuda",), native_emd, native_mmd, native_bd))
 else:
     mark_unavailable("cuda", "rcl_ops._C was built without CUDA kernels")

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from ._backend import resolve_backend
-from ._checks import check_positive_float, check_positive_int, prepare_pair
+from ._checks import check_finite_enabled, check_positive_float, check_positive_int, check_result, prepare_pair
 
 MMD_METHODS = ("auto", "grid", "direct")
 # Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
 DIRECT_SUM_COST = 16
 # Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
 MAX_NUM_BINS = 1 << 24
+# Largest K: sort orders are int32.
+MAX_NUM_QUANTILES = (1 << 31) - 1
+# The grid MMD's accuracy (1e-3 relative, gradients' cosine >= 0.999; tests/test_mmd_grid.py)
+# is tested up to a grid step of this fraction of the smallest bandwidth (range / h = 100 on
+# the default 4096 bins); beyond it a GridAccuracyWarning says so.
+GRID_STEP_OVER_BANDWIDTH_TESTED = 0.025
+# 1 / (2 h^2) must be finite in float64 (the kernels evaluate exp(-d^2 / (2 h^2)) in float64).
+MIN_BANDWIDTH = 1e-150
+
+
+class GridAccuracyWarning(UserWarning):
+    """The grid MMD runs where its documented accuracy is not tested: see pairwise_mmd."""
 
 
 def pairwise_emd(
@@ -41,16 +55,21 @@ def pairwise_emd(
             )
     else:
         num_quantiles = check_positive_int(num_quantiles, "num_quantiles", where)
-    return resolve_backend(backend, q2.device, where).emd(q2, k2, num_quantiles)
+        if num_quantiles > MAX_NUM_QUANTILES:
+            raise ValueError(f"{where}: num_quantiles must be at most {MAX_NUM_QUANTILES}, got {num_quantiles}")
+    return check_result(resolve_backend(backend, q2.device, where).emd(q2, k2, num_quantiles), where)
 
 
 def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The data-driven MMD bandwidth: the standard deviation of all values of q and k pooled
-    (detached, no host sync), or 1 where that is 0. Shape (1,)."""
+    (detached, no host sync), or 1 where that is 0. Shape (1,), float64: accumulated in
+    float64, so values near 1e20 in float32 (variance 1e40) still give their finite std."""
     with torch.no_grad():
-        var_q, mean_q = torch.var_mean(q, correction=0)
-        var_k, mean_k = torch.var_mean(k, correction=0)
         n_q, n_k = q.numel(), k.numel()
+        mean_q, mean_k = q.mean(dtype=torch.float64), k.mean(dtype=torch.float64)
+        # sum (x - mean)^2 as a float64 norm: no float32 square that could overflow.
+        var_q = torch.linalg.vector_norm(q - mean_q.to(q.dtype), dtype=torch.float64).square() / n_q
+        var_k = torch.linalg.vector_norm(k - mean_k.to(k.dtype), dtype=torch.float64).square() / n_k
         frac_q = n_q / (n_q + n_k)
         pooled = frac_q * var_q + (1 - frac_q) * var_k + frac_q * (1 - frac_q) * (mean_q - mean_k).square()
         std = pooled.sqrt()
@@ -62,12 +81,42 @@ def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torc
         return default_bandwidth(q, k)
     if isinstance(bandwidth, torch.Tensor):
         raise TypeError(f"{where}: pass bandwidth as a float or a sequence of floats, not a tensor")
+    if isinstance(bandwidth, (str, bytes, bytearray)):
+        raise TypeError(f"{where}: bandwidth must be a float or a sequence of floats, got {type(bandwidth).__name__}")
     if isinstance(bandwidth, numbers.Real):
         bandwidth = [bandwidth]
     if not isinstance(bandwidth, Sequence) or len(bandwidth) == 0:
         raise ValueError(f"{where}: bandwidth must be None, a float or a non-empty sequence of floats")
     values = [check_positive_float(h, "bandwidth", where) for h in bandwidth]
-    return torch.tensor(values, dtype=q.dtype, device=q.device)
+    for h in values:
+        if h < MIN_BANDWIDTH:
+            raise ValueError(
+                f"{where}: bandwidth {h!r} is below {MIN_BANDWIDTH}: 1 / (2 h^2) overflows float64; "
+                "rescale the residuals instead"
+            )
+    # float64 whatever the inputs' dtype: every kernel evaluates the Gaussian in float64.
+    return torch.tensor(values, dtype=torch.float64, device=q.device)
+
+
+def _warn_if_grid_inaccurate(q, k, bandwidths, num_bins: int, where: str) -> None:
+    """GridAccuracyWarning when the grid step exceeds the tested fraction of the smallest
+    bandwidth. Reads the value range: done where the NaN/Inf check runs (no GPU sync else)."""
+    if not check_finite_enabled(q.device.type) or torch.compiler.is_compiling():
+        return
+    with torch.no_grad():
+        lo = torch.minimum(q.min(), k.min()).double()
+        hi = torch.maximum(q.max(), k.max()).double()
+        ratio = ((hi - lo) / (num_bins - 1) / bandwidths.min()).item()
+    if ratio > GRID_STEP_OVER_BANDWIDTH_TESTED:
+        warnings.warn(
+            f"{where}: the grid step is {ratio:.3g} of the smallest bandwidth (value range "
+            f"{(hi - lo).item():.3g} over {num_bins} bins), beyond the {GRID_STEP_OVER_BANDWIDTH_TESTED} "
+            "where its 1e-3 accuracy is tested; raise num_bins (to "
+            f"{min(MAX_NUM_BINS, math.ceil(num_bins * ratio / GRID_STEP_OVER_BANDWIDTH_TESTED))}) "
+            "or use method='direct'",
+            GridAccuracyWarning,
+            stacklevel=3,
+        )
 
 
 def pairwise_mmd(
@@ -114,7 +163,9 @@ def pairwise_mmd(
     elif method not in impl.mmd_methods:
         raise ValueError(f"{where}: backend {impl.name!r} supports methods {impl.mmd_methods}, not {method!r}")
     bandwidths = _bandwidths(bandwidth, q2, k2, where)
-    return impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins)
+    if method == "grid":
+        _warn_if_grid_inaccurate(q2, k2, bandwidths, num_bins, where)
+    return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
 
 
 def pairwise_bd(q: torch.Tensor, k: torch.Tensor, *, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
@@ -128,6 +179,8 @@ def pairwise_bd(q: torch.Tensor, k: torch.Tensor, *, eps: float = 1e-6, backend:
     q2, k2 = prepare_pair(q, k, where)
     if min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"{where}: eps must be a non-negative float, got {eps!r}")
-    return resolve_backend(backend, q2.device, where).bd(q2, k2, float(eps))
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{where}: eps must be a real number, got {type(eps).__name__}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"{where}: eps must be a non-negative finite float, got {eps!r}")
+    return check_result(resolve_backend(backend, q2.device, where).bd(q2, k2, float(eps)), where)

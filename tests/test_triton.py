@@ -244,8 +244,9 @@ def _op_samples(device, dtype):
     h = torch.tensor([0.5, 1.5], device=device, dtype=dtype)
     mean, var = ops.moments(x)
     mean_k, var_k = ops.moments(y)
-    sorted_x, order = ops.quantiles(x, 17)
-    sorted_y, _ = ops.quantiles(y, 17)
+    sorted_x, order = ops.sorted_quantiles(x, 17)
+    sorted_y, _ = ops.sorted_quantiles(y, 17)
+    _, grid, w_x, w_y = ops.mmd_grid(x, y, h, 64, False)
     grad = torch.randn(3, 4, device=device, dtype=dtype)
     lo = x.min().double()
     step = (x.max().double() - lo) / 15
@@ -254,22 +255,22 @@ def _op_samples(device, dtype):
         (ops.moments_backward.default, (mean.clone(), var.clone(), x, mean)),
         (ops.bd_pair.default, (mean, var, mean_k, var_k, 1e-6)),
         (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6)),
-        (ops.quantiles.default, (x, 17)),
-        (ops.quantiles.default, (x, 5)),
-        (ops.quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
-        (ops.quantiles_backward.default, (torch.randn(3, 17, device=device, dtype=dtype), order)),
+        (ops.sorted_quantiles.default, (x, 17)),
+        (ops.sorted_quantiles.default, (x, 5)),
+        (ops.sorted_quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
+        (ops.sorted_quantiles_backward.default, (torch.randn(3, 17, device=device, dtype=dtype), order)),
         (ops.emd_pair.default, (sorted_x, sorted_y)),
         (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y)),
         (ops.grid_bin.default, (x, lo, step, 16)),
         (ops.grid_interpolate.default, (torch.randn(3, 16, device=device, dtype=torch.float64), x, lo, step)),
         (ops.mmd_grid.default, (x, y, h, 64, False)),
         (ops.mmd_grid.default, (x, y, h, 64, True)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, 64, False)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, 64, True)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, True)),
     ]
 
 
-DIFFERENTIABLE = {"moments", "bd_pair", "quantiles", "emd_pair", "mmd_grid"}
+DIFFERENTIABLE = {"moments", "bd_pair", "sorted_quantiles", "emd_pair", "mmd_grid"}
 
 
 @pytest.mark.parametrize("device", DEVICES)

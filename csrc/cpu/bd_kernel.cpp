@@ -17,9 +17,11 @@ namespace {
 constexpr int kLanes = 8;
 
 // Shifted sums S1 = sum (x - c), S2 = sum (x - c)^2 with c = x[0], accumulated in double
-// lanes: var = (S2 - S1^2 / M) / (M - 1) does not cancel when |mean| >> std.
+// lanes: var = (S2 - S1^2 / M) / (M - 1) does not cancel when |mean| >> std. The moments are
+// stored in double whatever T is: the variance of float32 values near 1e20 is 1e40, beyond
+// float32's range, while the distance built from it is finite.
 template <typename T>
-RCL_INLINE void row_moments(const T* x, int64_t count, T* mean, T* var) {
+RCL_INLINE void row_moments(const T* x, int64_t count, double* mean, double* var) {
   const double shift = double(x[0]);
   double s1[kLanes] = {}, s2[kLanes] = {};
   int64_t m = 0;
@@ -40,11 +42,11 @@ RCL_INLINE void row_moments(const T* x, int64_t count, T* mean, T* var) {
     sum1 += s1[l];
     sum2 += s2[l];
   }
-  *mean = T(shift + sum1 / double(count));
-  *var = count > 1 ? T((sum2 - sum1 * sum1 / double(count)) / double(count - 1)) : T(NAN);
+  *mean = shift + sum1 / double(count);
+  *var = count > 1 ? (sum2 - sum1 * sum1 / double(count)) / double(count - 1) : NAN;
 }
 
-RCL_MULTIVERSION void row_moments_f32(const float* x, int64_t count, float* mean, float* var) {
+RCL_MULTIVERSION void row_moments_f32(const float* x, int64_t count, double* mean, double* var) {
   row_moments(x, count, mean, var);
 }
 
@@ -52,7 +54,7 @@ RCL_MULTIVERSION void row_moments_f64(const double* x, int64_t count, double* me
   row_moments(x, count, mean, var);
 }
 
-inline void row_moments_any(const float* x, int64_t count, float* mean, float* var) {
+inline void row_moments_any(const float* x, int64_t count, double* mean, double* var) {
   row_moments_f32(x, count, mean, var);
 }
 
@@ -61,15 +63,15 @@ inline void row_moments_any(const double* x, int64_t count, double* mean, double
 }
 
 template <typename T>
-RCL_INLINE void row_moments_backward(const T* x, int64_t count, T mean, T grad_mean, T grad_var,
-                                     T* grad_x) {
+RCL_INLINE void row_moments_backward(const T* x, int64_t count, double mean, double grad_mean,
+                                     double grad_var, T* grad_x) {
   for (int64_t m = 0; m < count; ++m) {
-    grad_x[m] = moments_input_grad(x[m], mean, grad_mean, grad_var, count);
+    grad_x[m] = T(moments_input_grad(double(x[m]), mean, grad_mean, grad_var, count));
   }
 }
 
-RCL_MULTIVERSION void row_moments_backward_f32(const float* x, int64_t count, float mean,
-                                               float grad_mean, float grad_var, float* grad_x) {
+RCL_MULTIVERSION void row_moments_backward_f32(const float* x, int64_t count, double mean,
+                                               double grad_mean, double grad_var, float* grad_x) {
   row_moments_backward(x, count, mean, grad_mean, grad_var, grad_x);
 }
 
@@ -78,8 +80,8 @@ RCL_MULTIVERSION void row_moments_backward_f64(const double* x, int64_t count, d
   row_moments_backward(x, count, mean, grad_mean, grad_var, grad_x);
 }
 
-inline void row_moments_backward_any(const float* x, int64_t count, float mean, float grad_mean,
-                                     float grad_var, float* grad_x) {
+inline void row_moments_backward_any(const float* x, int64_t count, double mean, double grad_mean,
+                                     double grad_var, float* grad_x) {
   row_moments_backward_f32(x, count, mean, grad_mean, grad_var, grad_x);
 }
 
@@ -92,12 +94,12 @@ std::tuple<at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x_in) {
   check_rows(x_in, "rcl_ops::moments", "x");
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), count = x.size(1);
-  at::Tensor mean = at::empty({rows}, x.options());
-  at::Tensor var = at::empty({rows}, x.options());
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kDouble));
+  at::Tensor var = at::empty({rows}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* mp = mean.data_ptr<scalar_t>();
-    scalar_t* vp = var.data_ptr<scalar_t>();
+    double* mp = mean.data_ptr<double>();
+    double* vp = var.data_ptr<double>();
     at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) row_moments_any(xp + i * count, count, mp + i, vp + i);
     });
@@ -114,15 +116,15 @@ at::Tensor moments_backward_cpu(const at::Tensor& grad_mean_in, const at::Tensor
   check_vector(grad_var_in, rows, op, "grad_var");
   check_vector(mean_in, rows, op, "mean");
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad_mean = grad_mean_in.to(x.scalar_type()).contiguous();
-  const at::Tensor grad_var = grad_var_in.to(x.scalar_type()).contiguous();
-  const at::Tensor mean = mean_in.to(x.scalar_type()).contiguous();
+  const at::Tensor grad_mean = grad_mean_in.to(at::kDouble).contiguous();
+  const at::Tensor grad_var = grad_var_in.to(at::kDouble).contiguous();
+  const at::Tensor mean = mean_in.to(at::kDouble).contiguous();
   at::Tensor grad_x = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* gp = grad_x.data_ptr<scalar_t>();
-    const scalar_t *gm = grad_mean.data_ptr<scalar_t>(), *gv = grad_var.data_ptr<scalar_t>();
-    const scalar_t* mp = mean.data_ptr<scalar_t>();
+    const double *gm = grad_mean.data_ptr<double>(), *gv = grad_var.data_ptr<double>();
+    const double* mp = mean.data_ptr<double>();
     at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         row_moments_backward_any(xp + i * count, count, mp[i], gm[i], gv[i], gp + i * count);
@@ -132,22 +134,23 @@ at::Tensor moments_backward_cpu(const at::Tensor& grad_mean_in, const at::Tensor
   return grad_x;
 }
 
-at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
-                       const at::Tensor& var_k, double eps) {
-  const char* op = "rcl_ops::bd_pair";
-  check_bd_moments(mean_q, var_q, mean_k, var_k, op);
+// Computed in double from the double moments, stored in out_type.
+at::Tensor bd_pair_cpu_as(const at::Tensor& mean_q, const at::Tensor& var_q,
+                          const at::Tensor& mean_k, const at::Tensor& var_k, double eps,
+                          at::ScalarType out_type) {
+  check_bd_moments(mean_q, var_q, mean_k, var_k, "rcl_ops::bd_pair");
   const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
-  at::Tensor out = at::empty({bq, bk}, mean_q.options());
+  at::Tensor out = at::empty({bq, bk}, mean_q.options().dtype(out_type));
   const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
   const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair", [&] {
-    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *vqp = vq.data_ptr<scalar_t>();
-    const scalar_t *mkp = mk.data_ptr<scalar_t>(), *vkp = vk.data_ptr<scalar_t>();
+  const double *mqp = mq.data_ptr<double>(), *vqp = vq.data_ptr<double>();
+  const double *mkp = mk.data_ptr<double>(), *vkp = vk.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(out_type, "rcl_ops::bd_pair", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         for (int64_t j = 0; j < bk; ++j) {
-          op_[i * bk + j] = bd_value<scalar_t>(mqp[i], vqp[i], mkp[j], vkp[j], scalar_t(eps));
+          op_[i * bk + j] = scalar_t(bd_value<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps));
         }
       }
     });
@@ -155,14 +158,20 @@ at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const 
   return out;
 }
 
+at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+                       const at::Tensor& var_k, double eps) {
+  return bd_pair_cpu_as(mean_q, var_q, mean_k, var_k, eps, at::kDouble);
+}
+
 // Sums of the pair gradient over the other batch: for row i of q, d_mean_q[i] and d_var_q[i];
-// for column j of k, d_mean_k[j] and d_var_k[j]. grad is read through its strides (autograd
-// hands over expanded gradients); rows and columns are reduced in two passes, so no two
-// threads write the same output. Accumulated in double, stored in T.
-template <typename T>
-void bd_pair_grad_sums(const T* gp, int64_t stride_i, int64_t stride_j, const T* mqp, const T* vqp,
-                       const T* mkp, const T* vkp, int64_t bq, int64_t bk, double eps, T* g_mq,
-                       T* g_vq, T* g_mk, T* g_vk) {
+// for column j of k, d_mean_k[j] and d_var_k[j]. grad (of type G) is read through its
+// strides (autograd hands over expanded gradients); rows and columns are reduced in two
+// passes, so no two threads write the same output. All in double, like the moments.
+template <typename G>
+void bd_pair_grad_sums(const G* gp, int64_t stride_i, int64_t stride_j, const double* mqp,
+                       const double* vqp, const double* mkp, const double* vkp, int64_t bq,
+                       int64_t bk, double eps, double* g_mq, double* g_vq, double* g_mk,
+                       double* g_vk) {
   at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       double d_mean = 0.0, d_var = 0.0;
@@ -172,8 +181,8 @@ void bd_pair_grad_sums(const T* gp, int64_t stride_i, int64_t stride_j, const T*
         d_mean += g * d.d_mean_q;
         d_var += g * d.d_var_q;
       }
-      g_mq[i] = T(d_mean);
-      g_vq[i] = T(d_var);
+      g_mq[i] = d_mean;
+      g_vq[i] = d_var;
     }
   });
   at::parallel_for(0, bk, grain_for(16 * bq), [&](int64_t begin, int64_t end) {
@@ -185,8 +194,8 @@ void bd_pair_grad_sums(const T* gp, int64_t stride_i, int64_t stride_j, const T*
         d_mean -= g * d.d_mean_q;
         d_var += g * d.d_var_k;
       }
-      g_mk[j] = T(d_mean);
-      g_vk[j] = T(d_var);
+      g_mk[j] = d_mean;
+      g_vk[j] = d_var;
     }
   });
 }
@@ -203,17 +212,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
   check_bd_moments(mean_q, var_q, mean_k, var_k, op);
   const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
   check_pair_grad(grad_in, bq, bk, op);
-  const at::Tensor grad = grad_in.to(mean_q.scalar_type());
   const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
   const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
   at::Tensor g_mq = at::empty_like(mq), g_vq = at::empty_like(vq);
   at::Tensor g_mk = at::empty_like(mk), g_vk = at::empty_like(vk);
-  AT_DISPATCH_FLOATING_TYPES(mq.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
-    bd_pair_grad_sums<scalar_t>(grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
-                                mq.data_ptr<scalar_t>(), vq.data_ptr<scalar_t>(),
-                                mk.data_ptr<scalar_t>(), vk.data_ptr<scalar_t>(), bq, bk, eps,
-                                g_mq.data_ptr<scalar_t>(), g_vq.data_ptr<scalar_t>(),
-                                g_mk.data_ptr<scalar_t>(), g_vk.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES(grad_in.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
+    bd_pair_grad_sums<scalar_t>(grad_in.data_ptr<scalar_t>(), grad_in.stride(0), grad_in.stride(1),
+                                mq.data_ptr<double>(), vq.data_ptr<double>(), mk.data_ptr<double>(),
+                                vk.data_ptr<double>(), bq, bk, eps, g_mq.data_ptr<double>(),
+                                g_vq.data_ptr<double>(), g_mk.data_ptr<double>(),
+                                g_vk.data_ptr<double>());
   });
   return {g_mq, g_vq, g_mk, g_vk};
 }
@@ -228,12 +236,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cpu(
   check_bd_inputs(q_in, k_in, "rcl_ops::bd");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const int64_t bq = q.size(0), bk = k.size(0), count_q = q.size(1), count_k = k.size(1);
-  at::Tensor mean_q = at::empty({bq}, q.options()), var_q = at::empty({bq}, q.options());
-  at::Tensor mean_k = at::empty({bk}, q.options()), var_k = at::empty({bk}, q.options());
+  const auto moment_options = q.options().dtype(at::kDouble);
+  at::Tensor mean_q = at::empty({bq}, moment_options), var_q = at::empty({bq}, moment_options);
+  at::Tensor mean_k = at::empty({bk}, moment_options), var_k = at::empty({bk}, moment_options);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd", [&] {
     const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
-    scalar_t *mqp = mean_q.data_ptr<scalar_t>(), *vqp = var_q.data_ptr<scalar_t>();
-    scalar_t *mkp = mean_k.data_ptr<scalar_t>(), *vkp = var_k.data_ptr<scalar_t>();
+    double *mqp = mean_q.data_ptr<double>(), *vqp = var_q.data_ptr<double>();
+    double *mkp = mean_k.data_ptr<double>(), *vkp = var_k.data_ptr<double>();
     at::parallel_for(0, bq + bk, grain_for(std::max(count_q, count_k)), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         if (r < bq) {
@@ -244,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cpu(
       }
     });
   });
-  return {bd_pair_cpu(mean_q, var_q, mean_k, var_k, eps), mean_q, var_q, mean_k, var_k};
+  return {bd_pair_cpu_as(mean_q, var_q, mean_k, var_k, eps, q.scalar_type()), mean_q, var_q, mean_k,
+          var_k};
 }
 
 std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
@@ -258,19 +268,20 @@ std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
   const int64_t bq = q_in.size(0), bk = k_in.size(0);
   check_pair_grad(grad_in, bq, bk, op);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
-  const at::Tensor grad = grad_in.to(q.scalar_type());
   const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
   const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
   const int64_t count_q = q.size(1), count_k = k.size(1);
   at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
-    // Per-row coefficients (bq + bk of them) on the stack or heap, not as tensors.
-    std::vector<scalar_t> coef(2 * (bq + bk));
-    scalar_t *g_mq = coef.data(), *g_vq = g_mq + bq, *g_mk = g_vq + bq, *g_vk = g_mk + bk;
-    const scalar_t *mqp = mq.data_ptr<scalar_t>(), *mkp = mk.data_ptr<scalar_t>();
-    bd_pair_grad_sums<scalar_t>(grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), mqp,
-                                vq.data_ptr<scalar_t>(), mkp, vk.data_ptr<scalar_t>(), bq, bk, eps,
+  // Per-row coefficients (bq + bk of them) on the heap, not as tensors.
+  std::vector<double> coef(2 * (bq + bk));
+  double *g_mq = coef.data(), *g_vq = g_mq + bq, *g_mk = g_vq + bq, *g_vk = g_mk + bk;
+  const double *mqp = mq.data_ptr<double>(), *mkp = mk.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(grad_in.scalar_type(), "rcl_ops::bd_backward", [&] {
+    bd_pair_grad_sums<scalar_t>(grad_in.data_ptr<scalar_t>(), grad_in.stride(0), grad_in.stride(1),
+                                mqp, vq.data_ptr<double>(), mkp, vk.data_ptr<double>(), bq, bk, eps,
                                 g_mq, g_vq, g_mk, g_vk);
+  });
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
     const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
     scalar_t *gqp = grad_q.data_ptr<scalar_t>(), *gkp = grad_k.data_ptr<scalar_t>();
     at::parallel_for(0, bq + bk, grain_for(std::max(count_q, count_k)), [&](int64_t b, int64_t e) {

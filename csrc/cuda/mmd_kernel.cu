@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
     kernel_sums_kernel(const T* __restrict__ x, const T* __restrict__ y,
                        const double* __restrict__ inv_two_h2, int64_t num_h, int64_t rows_y,
                        int64_t count_x, int64_t count_y, bool paired, int64_t pairs,
-                       T* __restrict__ out, double* __restrict__ partial) {
+                       double* __restrict__ out, double* __restrict__ partial) {
   const bool outer_is_x = count_x >= count_y;
   const int64_t count_outer = outer_is_x ? count_x : count_y;
   const int64_t count_inner = outer_is_x ? count_y : count_x;
@@ -244,29 +244,30 @@ __global__ void __launch_bounds__(kThreads)
     double total = 0.0;
     for (int64_t s = first; s < count_outer; s += stride) {
       const double v = double(outer[s]);
+      double row = 0.0;  // one sum per outer value, as on CPU: error ~ M + N, not M N
       for (int64_t t = 0; t < count_inner; ++t) {
         const double diff = outer_is_x ? v - double(inner[t]) : double(inner[t]) - v;
-        total += gaussian_kernel(diff, inv_two_h2, num_h);
+        row += gaussian_kernel(diff, inv_two_h2, num_h);
       }
+      total += row;
     }
     total = block_sum<kThreads>(total);  // p is uniform over the block
     if (threadIdx.x == 0) {
       if (partial != nullptr) {
         partial[int64_t(blockIdx.y) * pairs + p] = total;
       } else {
-        out[p] = T(total);
+        out[p] = total;
       }
     }
   }
 }
 
-template <typename T>
 __global__ void kernel_sums_reduce_kernel(const double* __restrict__ partial, int64_t splits,
-                                          int64_t pairs, T* __restrict__ out) {
+                                          int64_t pairs, double* __restrict__ out) {
   for (int64_t idx = global_thread_index(); idx < pairs; idx += global_thread_stride()) {
     double total = 0.0;
     for (int64_t s = 0; s < splits; ++s) total += partial[s * pairs + idx];
-    out[idx] = T(total);
+    out[idx] = total;
   }
 }
 
@@ -276,8 +277,10 @@ at::Tensor gaussian_kernel_sums_cuda(const at::Tensor& x_in, const at::Tensor& y
   const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
   c10::cuda::CUDAGuard device_guard(a.x.device());
   const int64_t pairs = paired ? a.rows_x : a.rows_x * a.rows_y;
-  at::Tensor out = paired ? at::empty({a.rows_x}, a.x.options())
-                          : at::empty({a.rows_x, a.rows_y}, a.x.options());
+  // float64 sums: the V/U statistic combines them with cancellation (see gaussian_kernel_sums).
+  const auto out_options = a.x.options().dtype(at::kDouble);
+  at::Tensor out =
+      paired ? at::empty({a.rows_x}, out_options) : at::empty({a.rows_x, a.rows_y}, out_options);
   // Split each pair over several blocks when there are fewer pairs than about two blocks
   // per multiprocessor, as far as the longer row has values for the threads.
   const int64_t count_outer = std::max(a.count_x, a.count_y);
@@ -293,12 +296,12 @@ at::Tensor gaussian_kernel_sums_cuda(const at::Tensor& x_in, const at::Tensor& y
     double* partial_ptr = splits > 1 ? partial.data_ptr<double>() : nullptr;
     kernel_sums_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         a.x.data_ptr<scalar_t>(), a.y.data_ptr<scalar_t>(), a.inv_two_h2.data_ptr<double>(),
-        a.inv_two_h2.numel(), a.rows_y, a.count_x, a.count_y, paired, pairs,
-        out.data_ptr<scalar_t>(), partial_ptr);
+        a.inv_two_h2.numel(), a.rows_y, a.count_x, a.count_y, paired, pairs, out.data_ptr<double>(),
+        partial_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
-      kernel_sums_reduce_kernel<scalar_t><<<blocks_for(pairs), kThreads, 0, stream>>>(
-          partial_ptr, splits, pairs, out.data_ptr<scalar_t>());
+      kernel_sums_reduce_kernel<<<blocks_for(pairs), kThreads, 0, stream>>>(
+          partial_ptr, splits, pairs, out.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

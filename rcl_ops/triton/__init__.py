@@ -36,17 +36,31 @@ triton cannot be imported, or the kernels fail to load, nothing is registered an
 
 from __future__ import annotations
 
+import os
+import traceback
+
 AVAILABLE = False
 UNAVAILABLE_REASON: str | None = None
 
+
+def _raised_inside(error: BaseException, package_dir: str) -> bool:
+    """Whether the innermost frame of error's traceback is in package_dir."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(package_dir + os.sep)
+
+
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError as error:
     UNAVAILABLE_REASON = f"triton is not installed ({error})"
 else:
     try:
         from . import _ops  # noqa: F401  defines the ops and registers the backend
-    except Exception as error:  # an incompatible triton: report it, keep rcl_ops importable
+    except Exception as error:
+        # An incompatible triton (the error comes from inside triton) leaves the backend
+        # unavailable and rcl_ops importable; an error of our own code propagates.
+        if not _raised_inside(error, os.path.dirname(os.path.abspath(triton.__file__))):
+            raise
         UNAVAILABLE_REASON = f"the Triton kernels failed to load: {type(error).__name__}: {error}"
     else:
         AVAILABLE = True

@@ -342,26 +342,27 @@ def quantile_scatter(grad: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _moments_kernel(x_ptr, mean_ptr, var_ptr, count, count_minus_one, BLOCK: tl.constexpr):
-    # One program per row, two passes in the input's precision with per-lane accumulators:
-    # mean = c + sum(x - c) / M with c = x[row, 0]; then with d = x - mean,
+    # One program per row, two passes in float64 with per-lane accumulators (the moments are
+    # float64 for every input dtype: the variance of float32 values near 1e20 overflows
+    # float32): mean = c + sum(x - c) / M with c = x[row, 0]; then with d = x - mean,
     # var = (sum d^2 - (sum d)^2 / M) / (M - 1) (the corrected two-pass formula).
     row = tl.program_id(0).to(tl.int64)
     base = x_ptr + row * count
-    shift = tl.load(base)
+    shift = tl.load(base).to(tl.float64)
     lanes = tl.arange(0, BLOCK)
-    s1 = tl.zeros((BLOCK,), dtype=x_ptr.dtype.element_ty)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float64)
     for m0 in range(0, count, BLOCK):
         offs = m0 + lanes
         mask = offs < count
-        x = tl.load(base + offs, mask=mask, other=0.0)
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
         s1 += tl.where(mask, x - shift, 0.0)
     mean = shift + tl.sum(s1, axis=0) / count
-    c1 = tl.zeros((BLOCK,), dtype=x_ptr.dtype.element_ty)
-    c2 = tl.zeros((BLOCK,), dtype=x_ptr.dtype.element_ty)
+    c1 = tl.zeros((BLOCK,), dtype=tl.float64)
+    c2 = tl.zeros((BLOCK,), dtype=tl.float64)
     for m0 in range(0, count, BLOCK):
         offs = m0 + lanes
         mask = offs < count
-        x = tl.load(base + offs, mask=mask, other=0.0)
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float64)
         d = tl.where(mask, x - mean, 0.0)
         c1 += d
         c2 += d * d
@@ -374,8 +375,8 @@ def _moments_kernel(x_ptr, mean_ptr, var_ptr, count, count_minus_one, BLOCK: tl.
 @on_tensor_device
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, count = x.shape
-    mean = torch.empty(rows, dtype=x.dtype, device=x.device)
-    var = torch.empty(rows, dtype=x.dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float64, device=x.device)
+    var = torch.empty(rows, dtype=torch.float64, device=x.device)
     _moments_kernel[(rows,)](x, mean, var, count, max(count - 1, 1), BLOCK=_MOMENTS_BLOCK, num_warps=8)
     if count < 2:  # the native kernel's convention: no sample variance of one value
         var.fill_(float("nan"))
@@ -386,17 +387,18 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _moments_backward_kernel(
     grad_mean_ptr, grad_var_ptr, x_ptr, mean_ptr, out_ptr, count, count_minus_one, blocks_per_row, BLOCK: tl.constexpr
 ):
-    # moments_input_grad of math.h: grad_mean / M + grad_var * 2 (x - mean) / (M - 1).
+    # moments_input_grad of math.h: grad_mean / M + grad_var * 2 (x - mean) / (M - 1), in
+    # float64 (mean and the moment gradients are float64), stored in x's dtype.
     pid = tl.program_id(0)
     row = (pid // blocks_per_row).to(tl.int64)
     offs = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < count
-    x = tl.load(x_ptr + row * count + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + row * count + offs, mask=mask, other=0.0).to(tl.float64)
     mean = tl.load(mean_ptr + row)
     grad_mean = tl.load(grad_mean_ptr + row)
     grad_var = tl.load(grad_var_ptr + row)
     out = grad_mean / count + grad_var * 2.0 * (x - mean) / count_minus_one
-    tl.store(out_ptr + row * count + offs, out, mask=mask)
+    tl.store(out_ptr + row * count + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @on_tensor_device
@@ -438,7 +440,8 @@ def _bd_pair_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # bd_value of math.h over a (BLOCK_Q, BLOCK_K) tile, with the log1p form.
+    # bd_value of math.h over a (BLOCK_Q, BLOCK_K) tile: the log1p form, squares as products
+    # of ratios (no overflow where the result is finite).
     rows_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rows_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_q = rows_q < Bq
@@ -450,8 +453,9 @@ def _bd_pair_kernel(
     b = tl.load(var_k_ptr + rows_k, mask=mask_k, other=1.0) + eps
     mean_diff = mean_q[:, None] - mean_k[None, :]
     var_diff = a[:, None] - b[None, :]
-    value = 0.25 * _log1p(var_diff * var_diff / (4.0 * a[:, None] * b[None, :])) + 0.25 * mean_diff * mean_diff / (
-        a[:, None] + b[None, :]
+    value = (
+        0.25 * _log1p((var_diff / a[:, None]) * (var_diff / b[None, :]) * 0.25)
+        + 0.25 * (mean_diff / (a[:, None] + b[None, :])) * mean_diff
     )
     offsets = rows_q.to(tl.int64)[:, None] * Bk + rows_k[None, :]
     tl.store(out_ptr + offsets, value, mask=mask_q[:, None] & mask_k[None, :])
@@ -514,9 +518,10 @@ def _bd_side_grad_kernel(
         bb = b[None, :]
         total = aa + bb
         mean_diff = mean_x[:, None] - mean_y[None, :]
-        mean_term = 0.25 * mean_diff * mean_diff / (total * total)
-        d_mean = 0.5 * mean_diff / total
-        d_var = 0.25 * (aa - bb) / (aa * total) - mean_term
+        mean_ratio = mean_diff / total
+        mean_term = 0.25 * mean_ratio * mean_ratio
+        d_mean = 0.5 * mean_ratio
+        d_var = 0.25 * ((aa - bb) / aa) / total - mean_term
         acc_mean += tl.sum(g * d_mean, axis=1)
         acc_var += tl.sum(g * d_var, axis=1)
     tl.store(out_mean_ptr + rows_x, acc_mean, mask=mask_x)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import register_sketch_and_pair_autograd
+from .._autograd import register_mmd_grid_autograd, register_sketch_and_pair_autograd
 from .._backend import Backend, register_backend
+from .._fakes import register_fake_kernels
 from ..ops import MAX_NUM_BINS
 from . import _kernels
 from ._kernels import INTERPRET
@@ -62,39 +63,30 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # ---- EMD: quantile sketch and pair term ---------------------------------------------------------
 
 
-@_op("quantiles")
-def quantiles(x: torch.Tensor, num_quantiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+@_op("sorted_quantiles")
+def sorted_quantiles(x: torch.Tensor, num_quantiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, M) -> (B, K) mid-level quantiles of each row (the sorted row when K == M) and the
-    (B, M) sort order. Sorted by torch.sort; the interpolation is a Triton kernel."""
-    _check_rows(x, "quantiles", "x")
-    torch._check(num_quantiles >= 1, lambda: f"{NAMESPACE}::quantiles: num_quantiles must be positive")
-    values, order = torch.sort(x, dim=1)
+    (B, M) int32 sort order. Sorted by torch.sort (stable); the interpolation is a Triton kernel."""
+    _check_rows(x, "sorted_quantiles", "x")
+    torch._check(num_quantiles >= 1, lambda: f"{NAMESPACE}::sorted_quantiles: num_quantiles must be positive")
+    torch._check(x.shape[1] < 2**31, lambda: f"{NAMESPACE}::sorted_quantiles: at most 2^31 - 1 values per row")
+    values, order = torch.sort(x, dim=1, stable=True)
+    order = order.to(torch.int32)
     if num_quantiles == x.shape[1]:
         return values, order
     return _kernels.quantile_interpolate(values, num_quantiles), order
 
 
-@quantiles.register_fake
-def _(x, num_quantiles):
-    _check_rows(x, "quantiles", "x")
-    return x.new_empty(x.shape[0], num_quantiles), x.new_empty(x.shape, dtype=torch.long)
-
-
-@_op("quantiles_backward")
-def quantiles_backward(grad_quantiles: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+@_op("sorted_quantiles_backward")
+def sorted_quantiles_backward(grad_quantiles: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """(B, K) gradient of the quantiles -> (B, M) gradient of the values: split onto the two
     order statistics of each quantile and scattered through the sort order in one kernel."""
-    _check_rows(grad_quantiles, "quantiles_backward", "grad_quantiles")
+    _check_rows(grad_quantiles, "sorted_quantiles_backward", "grad_quantiles")
     torch._check(
-        order.dim() == 2 and order.shape[0] == grad_quantiles.shape[0] and order.dtype == torch.long,
-        lambda: f"{NAMESPACE}::quantiles_backward: order must be int64 of shape ({grad_quantiles.shape[0]}, M)",
+        order.dim() == 2 and order.shape[0] == grad_quantiles.shape[0] and order.dtype == torch.int32,
+        lambda: f"{NAMESPACE}::sorted_quantiles_backward: order must be int32 of shape ({grad_quantiles.shape[0]}, M)",
     )
     return _kernels.quantile_scatter(grad_quantiles.contiguous(), order.contiguous())
-
-
-@quantiles_backward.register_fake
-def _(grad_quantiles, order):
-    return grad_quantiles.new_empty(order.shape)
 
 
 def _check_pair(sorted_q, sorted_k, op):
@@ -117,12 +109,6 @@ def emd_pair(sorted_q: torch.Tensor, sorted_k: torch.Tensor) -> torch.Tensor:
     return _kernels.emd_pair(sorted_q.contiguous(), sorted_k.contiguous())
 
 
-@emd_pair.register_fake
-def _(sorted_q, sorted_k):
-    _check_pair(sorted_q, sorted_k, "emd_pair")
-    return sorted_q.new_empty(sorted_q.shape[0], sorted_k.shape[0])
-
-
 @_op("emd_pair_backward")
 def emd_pair_backward(
     grad: torch.Tensor, sorted_q: torch.Tensor, sorted_k: torch.Tensor
@@ -132,25 +118,14 @@ def emd_pair_backward(
     return _kernels.emd_pair_backward(_like(grad, sorted_q), sorted_q.contiguous(), sorted_k.contiguous())
 
 
-@emd_pair_backward.register_fake
-def _(grad, sorted_q, sorted_k):
-    return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
-
-
 # ---- BD: moments and pair term -------------------------------------------------------------------
 
 
 @_op("moments")
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M) -> mean (B,), unbiased variance (B,): one program per row."""
+    """(B, M) -> float64 mean (B,), unbiased variance (B,): one program per row."""
     _check_rows(x, "moments", "x")
     return _kernels.moments(x.contiguous())
-
-
-@moments.register_fake
-def _(x):
-    _check_rows(x, "moments", "x")
-    return x.new_empty(x.shape[0]), x.new_empty(x.shape[0])
 
 
 @_op("moments_backward")
@@ -160,17 +135,13 @@ def moments_backward(
     _check_rows(x, "moments_backward", "x")
     for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var), ("mean", mean)):
         _check_vector(t, x.shape[0], "moments_backward", name)
-    return _kernels.moments_backward(_like(grad_mean, x), _like(grad_var, x), x.contiguous(), _like(mean, x))
-
-
-@moments_backward.register_fake
-def _(grad_mean, grad_var, x, mean):
-    return torch.empty_like(x)
+    as64 = [t.to(torch.float64).contiguous() for t in (grad_mean, grad_var, mean)]
+    return _kernels.moments_backward(as64[0], as64[1], x.contiguous(), as64[2])
 
 
 def _check_bd(mean_q, var_q, mean_k, var_k, op):
     torch._check(mean_q.dim() == 1 and mean_k.dim() == 1, lambda: f"{NAMESPACE}::{op}: means must be 1-D")
-    torch._check(mean_q.dtype in _FLOATS, lambda: f"{NAMESPACE}::{op}: mean_q must be float32 or float64")
+    torch._check(mean_q.dtype == torch.float64, lambda: f"{NAMESPACE}::{op}: the moments must be float64")
     _check_vector(var_q, mean_q.shape[0], op, "var_q")
     _check_vector(var_k, mean_k.shape[0], op, "var_k")
     for name, t in (("mean_k", mean_k), ("var_q", var_q), ("var_k", var_k)):
@@ -181,16 +152,10 @@ def _check_bd(mean_q, var_q, mean_k, var_k, op):
 def bd_pair(
     mean_q: torch.Tensor, var_q: torch.Tensor, mean_k: torch.Tensor, var_k: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """Eq. 6 between N(mean_q[i], var_q[i]) and N(mean_k[j], var_k[j]), (Bq, Bk) tiles."""
+    """Eq. 6 between N(mean_q[i], var_q[i]) and N(mean_k[j], var_k[j]), (Bq, Bk) float64 tiles."""
     _check_bd(mean_q, var_q, mean_k, var_k, "bd_pair")
     args = [t.contiguous() for t in (mean_q, var_q, mean_k, var_k)]
     return _kernels.bd_pair(*args, eps)
-
-
-@bd_pair.register_fake
-def _(mean_q, var_q, mean_k, var_k, eps):
-    _check_bd(mean_q, var_q, mean_k, var_k, "bd_pair")
-    return mean_q.new_empty(mean_q.shape[0], mean_k.shape[0])
 
 
 @_op("bd_pair_backward")
@@ -200,12 +165,7 @@ def bd_pair_backward(
     _check_bd(mean_q, var_q, mean_k, var_k, "bd_pair_backward")
     _check_grad(grad, mean_q.shape[0], mean_k.shape[0], "bd_pair_backward")
     args = [t.contiguous() for t in (mean_q, var_q, mean_k, var_k)]
-    return _kernels.bd_pair_backward(_like(grad, mean_q), *args, eps)
-
-
-@bd_pair_backward.register_fake
-def _(grad, mean_q, var_q, mean_k, var_k, eps):
-    return tuple(torch.empty_like(t) for t in (mean_q, var_q, mean_k, var_k))
+    return _kernels.bd_pair_backward(grad.contiguous(), *args, eps)
 
 
 # ---- MMD: the binned grid ------------------------------------------------------------------------
@@ -263,10 +223,12 @@ def _make_grid(q, k, bandwidths, num_bins):
     lo = torch.minimum(q.min(), k.min()).to(torch.float64)
     hi = torch.maximum(q.max(), k.max()).to(torch.float64)
     span = torch.maximum(hi - lo, 1e-3 * bandwidths.min().to(torch.float64))
-    fft_size = 1
-    while fft_size < 2 * num_bins:
-        fft_size *= 2
-    return lo, span / float(num_bins - 1), fft_size
+    return lo, span / float(num_bins - 1), _fft_size(num_bins)
+
+
+def _fft_size(num_bins: int) -> int:
+    """The FFT size: the power of two >= 2 G (a linear, not circular, convolution)."""
+    return 1 << (2 * num_bins - 1).bit_length()
 
 
 def _kernel_spectrum(step, fft_size, bandwidths, derivative):
@@ -284,13 +246,6 @@ def _kernel_spectrum(step, fft_size, bandwidths, derivative):
 def _convolve(w, spectrum, fft_size, num_bins):
     product = torch.fft.rfft(w, fft_size, dim=-1) * spectrum
     return torch.fft.irfft(product, fft_size, dim=-1)[..., :num_bins]
-
-
-def _centred_weights(q, k, lo, step, num_bins):
-    w_q = _kernels.grid_bin(q, lo, step, num_bins)
-    w_k = _kernels.grid_bin(k, lo, step, num_bins)
-    w_mean = (w_q.sum(0) + w_k.sum(0)) / float(q.shape[0] + k.shape[0])
-    return w_q, w_k, w_mean, w_q - w_mean, w_k - w_mean
 
 
 def _check_mmd(q, k, bandwidths, num_bins, unbiased, op):
@@ -311,11 +266,21 @@ def _check_mmd(q, k, bandwidths, num_bins, unbiased, op):
     )
 
 
-def mmd_grid_forward(q, k, bandwidths, num_bins: int, unbiased: bool) -> torch.Tensor:
-    """Binned-grid squared MMD (Bq, Bk), exactly the algorithm of csrc/mmd_grid.cpp."""
+def _grid_state(w_q, w_k):
+    """Centred weights: w_mean over both batches, u = w - w_mean (the MMD is unchanged by a
+    common shift of the weights, and the GEMMs lose less to cancellation)."""
+    w_mean = (w_q.sum(0) + w_k.sum(0)) / float(w_q.shape[0] + w_k.shape[0])
+    return w_mean, w_q - w_mean, w_k - w_mean
+
+
+def mmd_grid_forward(q, k, bandwidths, num_bins: int, unbiased: bool):
+    """Binned-grid squared MMD (Bq, Bk), exactly the algorithm of csrc/mmd_grid.cpp, with its
+    grid [lo, step] and the float64 binned weights of q and k (for the backward)."""
     q, k = q.contiguous(), k.contiguous()
     lo, step, fft_size = _make_grid(q, k, bandwidths, num_bins)
-    w_q, w_k, w_mean, u_q, u_k = _centred_weights(q, k, lo, step, num_bins)
+    w_q = _kernels.grid_bin(q, lo, step, num_bins)
+    w_k = _kernels.grid_bin(k, lo, step, num_bins)
+    w_mean, u_q, u_k = _grid_state(w_q, w_k)
     spectrum = _kernel_spectrum(step, fft_size, bandwidths, derivative=False)
     v_q = _convolve(u_q, spectrum, fft_size, num_bins)
     v_k = _convolve(u_k, spectrum, fft_size, num_bins)
@@ -333,13 +298,14 @@ def mmd_grid_forward(q, k, bandwidths, num_bins: int, unbiased: bool) -> torch.T
             + ((full_q - num_h) / float(q.shape[1] - 1)).unsqueeze(1)
             + ((full_k - num_h) / float(k.shape[1] - 1)).unsqueeze(0)
         )
-    return out.to(q.dtype)
+    return out.to(q.dtype), torch.stack([lo, step]), w_q, w_k
 
 
-def mmd_grid_backward_impl(grad, q, k, bandwidths, num_bins: int, unbiased: bool):
+def mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins: int, unbiased: bool):
     q, k = q.contiguous(), k.contiguous()
-    lo, step, fft_size = _make_grid(q, k, bandwidths, num_bins)
-    w_q, w_k, _, u_q, u_k = _centred_weights(q, k, lo, step, num_bins)
+    lo, step = grid[0], grid[1]
+    fft_size = _fft_size(num_bins)
+    _, u_q, u_k = _grid_state(w_q, w_k)
     g = grad.to(torch.float64)
     row_sums, col_sums = g.sum(1), g.sum(0)
     # The field of q[i] is K' * (rowsum_i w_i - (grad w_k)_i) times 2 / M (centring cancels).
@@ -358,54 +324,55 @@ def mmd_grid_backward_impl(grad, q, k, bandwidths, num_bins: int, unbiased: bool
 
 
 @_op("mmd_grid")
-def mmd_grid(q: torch.Tensor, k: torch.Tensor, bandwidths: torch.Tensor, num_bins: int, unbiased: bool) -> torch.Tensor:
+def mmd_grid(
+    q: torch.Tensor, k: torch.Tensor, bandwidths: torch.Tensor, num_bins: int, unbiased: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_mmd(q, k, bandwidths, num_bins, unbiased, "mmd_grid")
     return mmd_grid_forward(q, k, bandwidths, num_bins, unbiased)
 
 
-@mmd_grid.register_fake
-def _(q, k, bandwidths, num_bins, unbiased):
-    _check_mmd(q, k, bandwidths, num_bins, unbiased, "mmd_grid")
-    return q.new_empty(q.shape[0], k.shape[0])
+def _check_grid_state(grid, w_q, w_k, q, k, num_bins, op):
+    torch._check(
+        grid.shape == (2,) and grid.dtype == torch.float64,
+        lambda: f"{NAMESPACE}::{op}: grid must be a float64 tensor of shape (2,)",
+    )
+    for name, w, rows in (("w_q", w_q, q.shape[0]), ("w_k", w_k, k.shape[0])):
+        torch._check(
+            w.shape == (rows, num_bins) and w.dtype == torch.float64,
+            lambda name=name, rows=rows: f"{NAMESPACE}::{op}: {name} must be float64 of shape ({rows}, {num_bins})",
+        )
 
 
 @_op("mmd_grid_backward")
 def mmd_grid_backward(
-    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, bandwidths: torch.Tensor, num_bins: int, unbiased: bool
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bandwidths: torch.Tensor,
+    grid: torch.Tensor,
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    num_bins: int,
+    unbiased: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_mmd(q, k, bandwidths, num_bins, unbiased, "mmd_grid_backward")
     _check_grad(grad, q.shape[0], k.shape[0], "mmd_grid_backward")
-    return mmd_grid_backward_impl(grad, q, k, bandwidths, num_bins, unbiased)
+    _check_grid_state(grid, w_q, w_k, q, k, num_bins, "mmd_grid_backward")
+    return mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased)
 
 
-@mmd_grid_backward.register_fake
-def _(grad, q, k, bandwidths, num_bins, unbiased):
-    return torch.empty_like(q), torch.empty_like(k)
+# ---- fake kernels and autograd, shared with the native ops ----------------------------------------
 
-
-# ---- autograd (the sketch and pair ops' is shared with the native ops) -------------------------
-
-register_sketch_and_pair_autograd(NAMESPACE, quantiles_op="quantiles")
-
-
-def _mmd_grid_setup(ctx, inputs, output):
-    q, k, bandwidths, ctx.num_bins, ctx.unbiased = inputs
-    ctx.save_for_backward(q, k, bandwidths)
-
-
-def _mmd_grid_grad(ctx, grad):
-    # The bandwidths (and the grid) are constants: no gradient, as documented.
-    q, k, bandwidths = ctx.saved_tensors
-    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, ctx.num_bins, ctx.unbiased)
-    return grad_q, grad_k, None, None, None
-
-
-torch.library.register_autograd(f"{NAMESPACE}::mmd_grid", _mmd_grid_grad, setup_context=_mmd_grid_setup)
+register_fake_kernels(NAMESPACE)
+register_sketch_and_pair_autograd(NAMESPACE)
+# The native library registers the same rule for rcl_ops::mmd_grid in C++ (csrc/autograd.cpp),
+# where it costs no Python on the host per step.
+register_mmd_grid_autograd(NAMESPACE)
 
 # Every op of the namespace, for the tests' opcheck coverage.
 OPS = (
-    quantiles,
-    quantiles_backward,
+    sorted_quantiles,
+    sorted_quantiles_backward,
     emd_pair,
     emd_pair_backward,
     moments,
@@ -424,19 +391,19 @@ OPS = (
 
 def triton_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> torch.Tensor:
     num_quantiles = q.shape[1] if num_quantiles is None else num_quantiles
-    sorted_q, _ = ops.quantiles(q, num_quantiles)
-    sorted_k, _ = ops.quantiles(k, num_quantiles)
+    sorted_q, _ = ops.sorted_quantiles(q, num_quantiles)
+    sorted_k, _ = ops.sorted_quantiles(k, num_quantiles)
     return ops.emd_pair(sorted_q, sorted_k)
 
 
 def triton_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> torch.Tensor:
     if method != "grid":
         raise ValueError(f"the triton backend computes MMD only by the binned grid, not {method!r}")
-    return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
+    return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)[0]
 
 
 def triton_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
-    return ops.bd_pair(*ops.moments(q), *ops.moments(k), eps)
+    return ops.bd_pair(*ops.moments(q), *ops.moments(k), eps).to(q.dtype)
 
 
 # CUDA tensors normally; CPU tensors too when kernels run in the interpreter (the tests).

@@ -16,13 +16,14 @@ namespace rcl_ops {
 
 // Bhattacharyya distance between N(mean_q, var_q) and N(mean_k, var_k) (Eq. 6), with
 // a = var_q + eps, b = var_k + eps. 1/4 ln(1/4 (a/b + b/a + 2)) is written as
-// 1/4 log1p((a - b)^2 / (4ab)) so that it stays accurate when a ~ b.
+// 1/4 log1p((a - b)/a (a - b)/b / 4) so that it stays accurate when a ~ b, and each square
+// as a product of ratios so that no intermediate overflows where the result does not.
 template <typename T>
 RCL_HOST_DEVICE T bd_value(T mean_q, T var_q, T mean_k, T var_k, T eps) {
   const T a = var_q + eps, b = var_k + eps, mean_diff = mean_q - mean_k;
   const T var_diff = a - b;
-  return T(0.25) * log1p(var_diff * var_diff / (T(4) * a * b)) +
-         T(0.25) * mean_diff * mean_diff / (a + b);
+  return T(0.25) * log1p((var_diff / a) * (var_diff / b) * T(0.25)) +
+         T(0.25) * (mean_diff / (a + b)) * mean_diff;
 }
 
 // Partial derivatives of bd_value. d/d(mean_k) = -d_mean_q.
@@ -34,9 +35,10 @@ struct BdGrad {
 template <typename T>
 RCL_HOST_DEVICE BdGrad<T> bd_grad(T mean_q, T var_q, T mean_k, T var_k, T eps) {
   const T a = var_q + eps, b = var_k + eps, sum = a + b, mean_diff = mean_q - mean_k;
-  const T mean_term = T(0.25) * mean_diff * mean_diff / (sum * sum);
-  return {T(0.5) * mean_diff / sum, T(0.25) * (a - b) / (a * sum) - mean_term,
-          T(0.25) * (b - a) / (b * sum) - mean_term};
+  const T mean_ratio = mean_diff / sum;
+  const T mean_term = T(0.25) * mean_ratio * mean_ratio;
+  return {T(0.5) * mean_ratio, T(0.25) * ((a - b) / a) / sum - mean_term,
+          T(0.25) * ((b - a) / b) / sum - mean_term};
 }
 
 // d(mean, unbiased var)/dx pulled back: grad_mean / M + grad_var * 2 (x - mean) / (M - 1).
