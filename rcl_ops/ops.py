@@ -24,7 +24,7 @@ MAX_NUM_QUANTILES = (1 << 31) - 1
 # the default 4096 bins); beyond it a GridAccuracyWarning says so.
 GRID_STEP_OVER_BANDWIDTH_TESTED = 0.025
 # 1 / (2 h^2) must be finite in float64 (the kernels evaluate exp(-d^2 / (2 h^2)) in float64).
-MIN_BANDWIDTH = 1e-150
+MIN_BANDWIDTH = 1e-154
 
 
 class GridAccuracyWarning(UserWarning):

@@ -9,29 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import rcl_ops  # noqa: E402
-
-NATIVE_BACKENDS = [name for name in ("cpu", "cuda") if name in rcl_ops.available_backends()]
-
-
-def backend_device(backend: str) -> str:
-    """The device of the tensors a backend runs on in the tests."""
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"):
-    """torch.compile(fullgraph=True) of the loss gives the eager value and input gradients."""
-    torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
-    eager = loss_fn(q, k)
-    eager_grads = torch.autograd.grad(eager, (q, k))
-    got = compiled(q, k)
-    got_grads = torch.autograd.grad(got, (q, k))
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(got_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+# Shared helpers live in tests/utils.py.
 
 
 def pytest_configure(config):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import NATIVE_BACKENDS, backend_device
+from utils import NATIVE_BACKENDS, backend_device
 
 import rcl_ops
 

@@ -6,7 +6,7 @@ from 0.1 to 100, on Gaussian and heavy-tailed residuals.
 
 import pytest
 import torch
-from conftest import NATIVE_BACKENDS, backend_device
+from utils import NATIVE_BACKENDS, backend_device
 
 import rcl_ops
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import NATIVE_BACKENDS, assert_compiled_loss_matches_eager, backend_device
+from utils import NATIVE_BACKENDS, TOLERANCE, assert_compiled_loss_matches_eager, backend_device
 
 import rcl_ops
 
@@ -17,7 +17,6 @@ DISTANCES = [
     ("mmd_direct_unbiased", rcl_ops.pairwise_mmd, {"method": "direct", "bandwidth": [0.4, 2.0], "unbiased": True}),
     ("bd", rcl_ops.pairwise_bd, {}),
 ]
-TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
 
 
 def _reference_options(options):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_compiled_loss_matches_eager
+from utils import TOLERANCE, assert_compiled_loss_matches_eager
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -47,7 +47,6 @@ if _kernels.INTERPRET:
 # triton 3.6's interpreter warns on every loop with a runtime bound (numpy >= 1.25); harmless
 # with the numpy < 2.4 of requirements-test.txt.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
 DISTANCES = [
     ("emd", rcl_ops.pairwise_emd, {}),
     ("emd_k_below_m", rcl_ops.pairwise_emd, {"num_quantiles": 37}),
