@@ -523,3 +523,18 @@ def test_config_file_values_are_checked(tmp_path):
     path.write_text(json.dumps({"batch-size": "8"}))
     with pytest.raises(ValueError, match="--batch-size must be of type int"):
         build_config(config_file=str(path))
+
+
+def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from rcl_ops.train.files import DamagedFileError, atomic_path, read_json, write_json_atomically
+
+    path = tmp_path / "result.json"
+    write_json_atomically(path, {"psnr": 30.0})
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as temporary:
+        temporary.write_text('{"psnr": 3')  # killed half-way
+        raise KeyboardInterrupt
+    assert read_json(path) == {"psnr": 30.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind
+    path.write_text('{"psnr": 3')
+    with pytest.raises(DamagedFileError, match=r"result.json is damaged \(not valid JSON"):
+        read_json(path)
