@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,13 @@ from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import CleanImage, CropSampler, load_embedded_images, make_records
 from rcl_ops.train.models import ResNet50Encoder, build_model
-from rcl_ops.train.trainer import load_checkpoint, make_objective, pretrain, save_checkpoint, seeded_generator
+from rcl_ops.train.trainer import (
+    load_checkpoint,
+    make_objective,
+    pretrain,
+    save_checkpoint,
+    seeded_generator,
+)
 
 
 def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -110,26 +117,28 @@ def tiny_records(num_images: int = 4, size: int = 24):
     return make_records(images, "rgb", 0, 20, 0, second_draw=True)
 
 
+def fresh_pretraining(records, seed: int = 0):
+    """A freshly initialised network and crop sampler, as a new process would build them."""
+    torch.manual_seed(seed)
+    return build_model("unet", 4, 1), CropSampler(records, 12, seeded_generator(seed, "pretrain"), raw=False)
+
+
 def test_pretraining_resumes_exactly(tmp_path):
     config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=2, log_every=1)
     records = tiny_records()
     encoder = ResNet50Encoder(1, seed=0)
     objective = make_objective("rcl-emd", config, encoder)
 
-    def fresh():
-        torch.manual_seed(0)
-        return build_model("unet", 4, 1), CropSampler(records, 12, seeded_generator(0, "pretrain"), raw=False)
-
-    model, sampler = fresh()
-    pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / "a.safetensors",
+    model, sampler = fresh_pretraining(records)
+    pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / "a",
              lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
 
     interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2)
-    model_b, sampler_b = fresh()
-    pretrain(model_b, objective, sampler_b, interrupted, torch.device("cpu"), tmp_path / "b.safetensors",
+    model_b, sampler_b = fresh_pretraining(records)
+    pretrain(model_b, objective, sampler_b, interrupted, torch.device("cpu"), tmp_path / "b",
              lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
-    model_c, sampler_c = fresh()  # a new process: fresh model and generator, state from the checkpoint
-    summary = pretrain(model_c, objective, sampler_c, config, torch.device("cpu"), tmp_path / "b.safetensors",
+    model_c, sampler_c = fresh_pretraining(records)  # a new process: state from the checkpoint
+    summary = pretrain(model_c, objective, sampler_c, config, torch.device("cpu"), tmp_path / "b",
                        lambda *_: None, lambda it, **_: it, resume=True)  # fmt: skip
     assert summary["resumed_from"] == 2
     for key, value in model.state_dict().items():
@@ -206,3 +215,73 @@ def test_module_entry_point_help():
     )
     assert done.returncode == 0
     assert "usage: rcl-train" in done.stdout and "--preset" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: refused runs leave nothing, damaged runs resume or name the damaged file
+
+
+def tiny_run(image_folder, output, name: str, *extra: str) -> list[str]:
+    """Arguments of a one-method, one-seed, one-task tiny run."""
+    return [
+        "--data-dir", str(image_folder), "--output-dir", str(output), "--run-name", name, "--methods", "n2n",
+        "--tasks", "denoise", "--seeds", "0", "--no-plots", *TINY, *extra,
+    ]  # fmt: skip
+
+
+def metric_rows(run_dir) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a state dict")
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--device", "cpu", "--distance-backend", "cuda", "--methods", "rcl"], "--distance-backend: backend 'cuda'"),
+        (["--device", "cuda:99"], "--device cuda:99"),
+        (["--threads", "100000"], "--threads 100000 exceeds"),
+        (["--encoder-weights", str(tmp_path / "notes.pth"), "--methods", "rcl"], "--encoder-weights: cannot read"),
+        (["--encoder-weights", str(tmp_path), "--methods", "rcl"], "is not a file"),
+        (["--width", "64", "--depth", "10"], r"needs about [\d,]+ GiB.*padded to 1024x1024.*lower --width or --depth"),
+        (
+            ["--lr", "1e12", "--pretrain-steps", "3"],
+            r"pre-training loss became (nan|inf).*try a lower --lr\. The run folder",
+        ),
+    ]
+    output = tmp_path / "runs"
+    for extra, message in cases:
+        assert main(tiny_run(image_folder, output, "r", *extra)) == 2, extra
+        error = capsys.readouterr().err
+        assert re.search(message, error), (extra, error)
+        assert "Traceback" not in error
+        if "--lr" not in extra:  # a run that diverges keeps what it did; the others never started
+            assert not (output / "r").exists(), extra
+    assert main(tiny_run(image_folder, tmp_path / "a_file", "r")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(tiny_run(image_folder, output, "fine")) == 0  # and a good run still goes through
+
+
+def test_too_small_test_image_advice(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", [36, 36, 36, 36]), ("test", [36, 6])):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for index, size in enumerate(sizes):
+            io.imsave(tmp_path / "data" / split / f"{index}.png", smooth_image(rng, size), check_contrast=False)
+    assert main(tiny_run(tmp_path / "data", tmp_path / "runs", "r")) == 2
+    error = capsys.readouterr().err
+    assert "test/1.png (6x6)" in error and "minimum size of a test image" in error
+    assert "--crop-size" not in error and "remove them from the test images" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_keeps_the_thread_count(image_folder, tmp_path, capsys):
+    assert main(tiny_run(image_folder, tmp_path, "default")) == 0
+    recorded = json.loads((tmp_path / "default" / "config.json").read_text())["threads"]
+    assert recorded == torch.get_num_threads()  # torch's choice, recorded
+    assert main(tiny_run(image_folder, tmp_path, "one", "--threads", "1")) == 0
+    assert main(tiny_run(image_folder, tmp_path, "one", "--resume")) == 0  # the recorded count is used
+    capsys.readouterr()
+    assert main(tiny_run(image_folder, tmp_path, "one", "--threads", "2", "--resume")) == 2
+    error = capsys.readouterr().err
+    assert "--threads 1 -> 2" in error and "summation order" in error

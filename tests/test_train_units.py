@@ -525,6 +525,20 @@ def test_config_file_values_are_checked(tmp_path):
         build_config(config_file=str(path))
 
 
+def test_memory_estimate_counts_without_building():
+    from rcl_ops.train.preflight import estimate_memory
+
+    config = build_config(model="unet", width=4, depth=2, crop_size=12, methods=["n2n"])
+    estimate = estimate_memory(config)
+    assert estimate.parameters == sum(p.numel() for p in build_model("unet", 4, 2).parameters())
+    assert estimate.padded_size == 12 and estimate.crops == 2 * config.batch_size
+    huge = build_config("quick", depth=10)  # the case: a U-Net of ~8e9 parameters
+    estimate = estimate_memory(huge)
+    assert 7e9 < estimate.parameters < 9e9 and estimate.padded_size == 1024
+    assert estimate.total_bytes > 8 * 4 * estimate.parameters
+    assert "padded to 1024x1024" in estimate.describe(huge)
+
+
 def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
     from rcl_ops.train.files import DamagedFileError, atomic_path, read_json, write_json_atomically
 

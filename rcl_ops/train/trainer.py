@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -33,9 +34,10 @@ from torch import nn
 
 import rcl_ops
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
 from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
+from .files import DamagedFileError, read_json, write_json_atomically
 from .losses import (
     FeatureConsistencyLoss,
     Noise2NoiseObjective,
@@ -49,8 +51,10 @@ from .losses import (
     residual_distance_gaps,
 )
 from .models import ResNet50Encoder, build_model, load_encoder_weights
+from .preflight import RunError, check_machine, resolve_device
 
-# Options that do not change any number a run produces: they may differ when resuming.
+# Options that change no number a run produces: they may differ when resuming. (--threads is not one:
+# the thread count changes the summation order of CPU kernels and, through training, the results.)
 RUN_MANAGEMENT_OPTIONS = {
     "resume",
     "progress",
@@ -59,37 +63,12 @@ RUN_MANAGEMENT_OPTIONS = {
     "run_name",
     "preset",
     "config",
-    "threads",
     "checkpoint_every",
     "log_every",
     "plots",
     "grid_images",
     "device",
 }
-
-
-class RunError(RuntimeError):
-    """A run that cannot start: an existing run folder without --resume, nothing to resume, changed
-    options on resume, or a missing optional package."""
-
-
-def require_packages(config: TrainConfig) -> None:
-    """Fail before any training if a package this run needs is missing (RunError naming them)."""
-    import importlib.util
-
-    needed = {"skimage": "scikit-image", "safetensors": "safetensors"}
-    if config.progress:
-        needed["tqdm"] = "tqdm"
-    if config.plots:
-        needed.update({"matplotlib": "matplotlib", "scipy": "scipy"})
-    if config.tensorboard:
-        needed["tensorboard"] = "tensorboard"
-    missing = sorted(pip for module, pip in needed.items() if importlib.util.find_spec(module) is None)
-    if missing:
-        raise RunError(
-            f"this run needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)} "
-            "(or pass --no-progress / --no-plots where they are optional)"
-        )
 
 
 def derive_seed(seed: int, *tags: str) -> int:
@@ -101,18 +80,6 @@ def derive_seed(seed: int, *tags: str) -> int:
 def seeded_generator(seed: int, *tags: str) -> torch.Generator:
     """A CPU torch.Generator seeded by ``derive_seed(seed, *tags)``."""
     return torch.Generator().manual_seed(derive_seed(seed, *tags))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; a clear error for CUDA on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
 
 
 def progress_bar(enabled: bool, description: str) -> Callable:
@@ -265,9 +232,8 @@ def pretrain(
         batch = sampler.sample(config.batch_size).to(device)
         loss, parts = objective(model, batch, sampler.generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"pre-training loss became {float(loss)} at step {step + 1}; try a lower --lr or a larger --temperature"
-            )
+            advice = "a lower --lr or a larger --temperature" if isinstance(objective, RCLObjective) else "a lower --lr"
+            raise FloatingPointError(f"pre-training loss became {float(loss)} at step {step + 1}; try {advice}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -328,9 +294,12 @@ def _scores_dict(scores: TestScores) -> dict:
     }
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Create (or, with --resume, find and check) the run folder."""
+def locate_run(config: TrainConfig) -> tuple[Path, dict | None]:
+    """The run folder of ``config`` and, with --resume, the configuration saved there; creates nothing.
+    RunError when there is nothing to resume or a new run's folder already holds a run."""
     output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise RunError(f"--output-dir {output} is a file, not a folder")
     if config.resume:
         if config.run_name is not None:
             run_dir = output / config.run_name
@@ -346,22 +315,46 @@ def prepare_run_dir(config: TrainConfig) -> Path:
         saved_path = run_dir / "config.json"
         if not saved_path.exists():
             raise RunError(f"--resume: {saved_path} does not exist, so there is no run to resume there")
-        saved = json.loads(saved_path.read_text())
-        current = config_to_dict(config)
-        changed = sorted(k for k in current if k not in RUN_MANAGEMENT_OPTIONS and saved.get(k) != current[k])
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise RunError(f"--resume: the options differ from the run in {run_dir} ({details})")
-        return run_dir
+        try:
+            saved = read_json(saved_path)
+        except DamagedFileError as error:
+            raise RunError(f"--resume: {error}; without its configuration the run cannot be resumed") from error
+        if not isinstance(saved, dict):
+            raise RunError(f"--resume: {saved_path} is damaged (not a JSON object of options)")
+        return run_dir, saved
     name = config.run_name or f"{config.preset or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = output / name
     if (run_dir / "config.json").exists():
         raise RunError(
             f"run folder {run_dir} already holds a run; pass --resume to continue it or choose another --run-name"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    return run_dir
+    return run_dir, None
+
+
+def check_resumable(config: TrainConfig, saved: dict, run_dir: Path) -> None:
+    """RunError naming every option that changes results and differs from the run's saved configuration."""
+    if saved.get("threads") is None:  # a run made before the thread count was recorded: nothing to compare
+        saved = {**saved, "threads": config.threads}
+    current = config_to_dict(config)
+    changed = sorted(k for k in current if k not in RUN_MANAGEMENT_OPTIONS and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{flag(k)} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        why = (
+            " (the thread count changes the float summation order, and so the results)" if "threads" in changed else ""
+        )
+        raise RunError(
+            f"--resume: these options differ from the run in {run_dir}: {details}{why}; resume with the run's "
+            "values (see its config.json) or start a new run with another --run-name"
+        )
+
+
+def create_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Make the run folder and write its config.json (RunError when the folder cannot be made)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create the run folder {run_dir}: {error}") from error
+    write_json_atomically(run_dir / "config.json", config_to_dict(config))
 
 
 @contextlib.contextmanager
@@ -391,25 +384,39 @@ def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = pri
     ``echo`` receives one progress line per finished stage (None: silent).
     """
     config.validate()
-    require_packages(config)
     device = resolve_device(config.device)
+    run_dir, saved = locate_run(config)
+    # The thread count changes CPU results: a run records the count it used, and a resume keeps it.
+    threads = config.threads or (saved or {}).get("threads") or torch.get_num_threads()
+    config = dataclasses.replace(config, threads=threads)
+    if saved is not None:
+        check_resumable(config, saved, run_dir)
+    check_machine(config, device)
     with torch_settings(config.threads, config.deterministic, device):
-        return Experiment(config, device, echo or (lambda message: None)).run()
+        return Experiment(config, device, run_dir, echo or (lambda message: None)).run()
 
 
 class Experiment:
     """One run of the protocol: data and noise are prepared once, then for every seed and method the
-    network is pre-trained from the seed's shared initialisation and proxy-evaluated on every task."""
+    network is pre-trained from the seed's shared initialisation and proxy-evaluated on every task.
 
-    def __init__(self, config: TrainConfig, device: torch.device, say: Callable[[str], None]):
-        self.config, self.device, self.say = config, device, say
+    Everything that can fail on the options or the data (images, encoder weights, objectives) is set up
+    before the run folder is created, so a run that cannot start leaves nothing behind."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, run_dir: Path, say: Callable[[str], None]):
+        self.config, self.device, self.run_dir, self.say = config, device, run_dir, say
         self.started = time.perf_counter()
         self.raw = config.modality == "raw"
         train_images, test_images = load_split(
             config.data_dir, config.test_fraction, config.split_seed, config.max_images
         )
         check_image_sizes(train_images, config.crop_size, "training crop")
-        check_image_sizes(test_images, 8, "minimum test image size (SSIM window)")
+        check_image_sizes(
+            test_images,
+            8,
+            "minimum size of a test image (the 7x7 SSIM window on an image cropped to even size)",
+            "remove them from the test images or replace them by larger ones",
+        )
         if config.batch_size > len(train_images):
             raise DataError(
                 f"--batch-size {config.batch_size} needs at least that many distinct training images (the other "
@@ -417,12 +424,10 @@ class Experiment:
                 "or pass a larger --data-dir (--preset quick fits the bundled sample images)"
             )
         if config.num_labelled is not None and config.num_labelled > len(train_images):
-            raise DataError(f"--num-labelled {config.num_labelled} exceeds the {len(train_images)} training images")
-        self.run_dir = prepare_run_dir(config)
-        say(
-            f"rcl-train: run folder {self.run_dir}; {len(train_images)} training / {len(test_images)} test images; "
-            f"device {device}; torch {torch.__version__}"
-        )
+            raise DataError(
+                f"--num-labelled {config.num_labelled} exceeds the {len(train_images)} training images; "
+                "lower --num-labelled"
+            )
         noise = (config.modality, config.sigma_min, config.sigma_max, config.noise_seed)
         self.train = make_records(train_images, *noise, second_draw="n2n" in config.methods)
         self.test = make_records(test_images, *noise, second_draw=False)
@@ -434,8 +439,12 @@ class Experiment:
         if any(m.startswith("rcl-") for m in config.methods) and not self.raw:
             encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
             if config.encoder_weights is not None:
-                load_encoder_weights(encoder, config.encoder_weights)
+                try:
+                    load_encoder_weights(encoder, config.encoder_weights)
+                except (OSError, ValueError) as error:
+                    raise RunError(f"--encoder-weights: {error}") from error
             self.encoder = encoder.to(device)
+        self.objectives = {m: make_objective(m, config, self.encoder) for m in config.methods if m != "random"}
         self.naive = {
             task: evaluate_naive(self.test, task, config.modality, config.eval_crop, config.grid_images)
             for task in config.tasks
@@ -453,7 +462,13 @@ class Experiment:
             (config.adam_beta1, config.adam_beta2),
             config.adam_eps,
         )
-        self.logger = RunLogger(self.run_dir, config.tensorboard)
+        if not config.resume:
+            create_run_dir(run_dir, config)
+        self.logger = RunLogger(run_dir, config.tensorboard)
+        say(
+            f"rcl-train: run folder {run_dir}; {len(self.train)} training / {len(self.test)} test images; "
+            f"device {device}; torch {torch.__version__}"
+        )
 
     def run(self) -> dict:
         """Every (seed, method), then the summary, table and figures."""
@@ -470,7 +485,14 @@ class Experiment:
                     self.densities["init"] = self._gaps(initial)
                     self.densities["noise"] = self._gaps(None)
                 for method in config.methods:
-                    results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
+                    try:
+                        results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
+                    except FloatingPointError as error:
+                        raise RunError(
+                            f"{method}/seed{seed}: {error}. The run folder {self.run_dir} keeps what finished, but "
+                            "a --resume would diverge again at the same step: start a new run (another --run-name) "
+                            "with the changed option"
+                        ) from error
         finally:
             self.logger.close()
         summary = report.summarise(config, results, self.naive, self._environment())
@@ -505,7 +527,7 @@ class Experiment:
             sampler = CropSampler(self.train, config.crop_size, seeded_generator(seed, "pretrain"), self.raw)
             result["pretrain"] = pretrain(
                 model,
-                make_objective(method, config, self.encoder).to(self.device),
+                self.objectives[method].to(self.device),
                 sampler,
                 config,
                 self.device,
