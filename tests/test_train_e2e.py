@@ -17,6 +17,7 @@ from rcl_ops.train.config import build_config
 from rcl_ops.train.data import CleanImage, CropSampler, load_embedded_images, make_records
 from rcl_ops.train.models import ResNet50Encoder, build_model
 from rcl_ops.train.trainer import (
+    RunError,
     load_checkpoint,
     make_objective,
     pretrain,
@@ -123,6 +124,12 @@ def fresh_pretraining(records, seed: int = 0):
     return build_model("unet", 4, 1), CropSampler(records, 12, seeded_generator(seed, "pretrain"), raw=False)
 
 
+def run_pretraining(model, sampler, config, checkpoint_dir, resume, say=print) -> dict:
+    objective = make_objective("n2n", config, None)
+    return pretrain(model, objective, sampler, config, torch.device("cpu"), checkpoint_dir,
+                    lambda *_: None, lambda it, **_: it, resume, say)  # fmt: skip
+
+
 def test_pretraining_resumes_exactly(tmp_path):
     config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=2, log_every=1)
     records = tiny_records()
@@ -143,6 +150,32 @@ def test_pretraining_resumes_exactly(tmp_path):
     assert summary["resumed_from"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(model_c.state_dict()[key], value), key
+
+
+def test_pretraining_falls_back_to_the_previous_checkpoint(tmp_path):
+    config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=1)
+    records = tiny_records()
+    model, sampler = fresh_pretraining(records)
+    run_pretraining(model, sampler, config, tmp_path / "whole", resume=False)
+
+    interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=3, checkpoint_every=1)
+    run_pretraining(*fresh_pretraining(records), interrupted, tmp_path / "killed", resume=False)
+    last = tmp_path / "killed" / "pretrain_last.safetensors"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a kill during a non-atomic write
+    notes = []
+    model_c, sampler_c = fresh_pretraining(records)
+    summary = run_pretraining(model_c, sampler_c, config, tmp_path / "killed", resume=True, say=notes.append)
+    assert summary["resumed_from"] == 2
+    assert "pretrain_last.safetensors is damaged" in notes[0] and "pretrain_previous" in notes[0]
+    assert (tmp_path / "killed" / "pretrain_last.damaged").exists()
+    for key, value in model.state_dict().items():
+        assert torch.equal(model_c.state_dict()[key], value), key
+
+    # no readable checkpoint left: an error naming both files, not a silent restart
+    for name in ("pretrain_last.safetensors", "pretrain_previous.safetensors"):
+        (tmp_path / "killed" / name).write_bytes(b"\0" * 5)
+    with pytest.raises(RunError, match="pretrain_last.safetensors is damaged.*pretrain_previous.safetensors"):
+        run_pretraining(*fresh_pretraining(records), config, tmp_path / "killed", resume=True)
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -234,6 +267,12 @@ def metric_rows(run_dir) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def assert_no_duplicate_rows(run_dir) -> None:
+    keys = [(r["method"], r["seed"], r["phase"], r["step"], r["metric"]) for r in metric_rows(run_dir)]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert all(None not in row.values() for row in metric_rows(run_dir))  # no torn rows
+
+
 def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, capsys):
     (tmp_path / "notes.pth").write_text("not a state dict")
     (tmp_path / "a_file").write_text("")
@@ -273,6 +312,65 @@ def test_too_small_test_image_advice(tmp_path, capsys):
     assert "test/1.png (6x6)" in error and "minimum size of a test image" in error
     assert "--crop-size" not in error and "remove them from the test images" in error
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, monkeypatch, capsys):
+    from rcl_ops.train import trainer
+
+    steps = ["--pretrain-steps", "4", "--checkpoint-every", "1", "--log-every", "1"]
+    assert main(tiny_run(image_folder, tmp_path, "whole", *steps)) == 0
+    real_save = trainer.save_checkpoint
+
+    def killed_while_saving_step_4(path, model, optimizer=None, generator=None, metadata=None):
+        real_save(path, model, optimizer, generator, metadata)
+        if (metadata or {}).get("step") == 4:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a non-atomic write leaves
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_while_saving_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_run(image_folder, tmp_path, "killed", *steps))
+    monkeypatch.undo()
+    with (tmp_path / "killed" / "metrics.csv").open("a") as handle:
+        handle.write("1700000000.000,n2n,0,pretr")  # a row torn by the kill
+    capsys.readouterr()
+
+    assert main(tiny_run(image_folder, tmp_path, "killed", *steps, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "pretrain_last.safetensors is damaged" in out and "resuming from pretrain_previous.safetensors" in out
+    whole, killed = (json.loads((tmp_path / n / "results" / "n2n_seed0.json").read_text()) for n in ("whole", "killed"))
+    assert killed["pretrain"]["resumed_from"] == 3
+    assert killed["tasks"]["denoise"]["psnr"] == whole["tasks"]["denoise"]["psnr"]  # bit-identical
+    assert_no_duplicate_rows(tmp_path / "killed")
+    pretrain_steps = [int(r["step"]) for r in metric_rows(tmp_path / "killed") if r["metric"] == "loss"]
+    assert pretrain_steps == [1, 2, 3, 4]
+
+
+def test_damaged_run_files_are_named_on_resume(image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "r")
+    assert main(args) == 0
+    run = tmp_path / "r"
+    result_path, samples_path = (
+        run / "results" / "n2n_seed0.json",
+        run / "checkpoints" / "n2n" / "seed0" / "samples.npz",
+    )
+    finished = json.loads(result_path.read_text())
+    for damaged in (result_path, samples_path):
+        damaged.write_bytes(damaged.read_bytes()[:40])
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 0
+        out = capsys.readouterr().out
+        assert f"{damaged} is damaged" in out and "computing this result again" in out
+        scores = json.loads(result_path.read_text())["tasks"]["denoise"]
+        assert (scores["psnr"], scores["ssim"]) == (
+            finished["tasks"]["denoise"]["psnr"],
+            finished["tasks"]["denoise"]["ssim"],
+        )
+    assert_no_duplicate_rows(run)
+
+    (run / "config.json").write_text('{"crop_size": 1')
+    assert main([*args, "--resume"]) == 2
+    assert f"{run / 'config.json'} is damaged" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_thread_count(image_folder, tmp_path, capsys):

@@ -552,3 +552,32 @@ def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
     path.write_text('{"psnr": 3')
     with pytest.raises(DamagedFileError, match=r"result.json is damaged \(not valid JSON"):
         read_json(path)
+
+
+def test_metrics_csv_has_no_duplicate_steps_across_resumes(tmp_path):
+    import csv
+
+    from rcl_ops.train.trainer import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):  # the last checkpoint was at step 20; the kill came after step 30 was logged
+        logger.log("n2n", 0, "pretrain", step, {"loss": 1.0 / step})
+    logger.log("n2n", 0, "finetune-denoise", 10, {"l1": 0.5})
+    logger.close()
+    with (tmp_path / "metrics.csv").open("a") as handle:
+        handle.write("1700000000.000,n2n,0,finetune-denoise,20,l1,0.4")  # torn: no line break
+
+    resumed = RunLogger(tmp_path, tensorboard=False, resume=True)
+    for step in (30, 40):
+        resumed.log("n2n", 0, "pretrain", step, {"loss": 2.0 / step})
+    resumed.log("n2n", 0, "finetune-denoise", 10, {"l1": 0.25})
+    resumed.close()
+    with (tmp_path / "metrics.csv").open(newline="") as handle:
+        rows = [(r["phase"], int(r["step"]), float(r["value"])) for r in csv.DictReader(handle)]
+    assert rows == [
+        ("pretrain", 10, 0.1),
+        ("pretrain", 20, 0.05),
+        ("pretrain", 30, pytest.approx(2 / 30, rel=1e-5)),
+        ("pretrain", 40, 0.05),
+        ("finetune-denoise", 10, 0.25),
+    ]

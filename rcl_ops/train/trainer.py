@@ -5,11 +5,16 @@ Run folder layout (``<output_dir>/<run_name>/``)::
     config.json                  resolved configuration
     metrics.csv                  every logged loss (long format); tensorboard/ when enabled
     checkpoints/<method>/seed<s>/pretrain_last.safetensors   resumable pre-training state
+    checkpoints/<method>/seed<s>/pretrain_previous.safetensors  the one before, if the last is damaged
     checkpoints/<method>/seed<s>/pretrained.safetensors      pre-trained weights
     checkpoints/<method>/seed<s>/finetuned_<task>.safetensors  proxy-evaluated weights
     results/<method>_seed<s>.json  per-run scores (reused by --resume)
     results.json, results.md     the table (Table 1 shape) and every number behind it
     figures/                     residual_distance_density.png (Fig. 2), samples_<task>.png
+
+Every file but the append-only metrics.csv is written to a temporary file and renamed, so a kill never
+leaves a truncated one; on --resume a damaged file is named, and a damaged checkpoint falls back to the
+previous one.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import os
 import platform
 import sys
 import time
+import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -37,7 +43,7 @@ import rcl_ops
 from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
 from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
-from .files import DamagedFileError, read_json, write_json_atomically
+from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
     FeatureConsistencyLoss,
     Noise2NoiseObjective,
@@ -93,17 +99,33 @@ def progress_bar(enabled: bool, description: str) -> Callable:
 
 class RunLogger:
     """Appends (time, method, seed, phase, step, metric, value) rows to metrics.csv, and to TensorBoard
-    when ``tensorboard`` is True."""
+    when ``tensorboard`` is True.
+
+    With ``resume`` the existing file is kept, less a torn last row (a kill during a write); the first row
+    this process logs for a (method, seed, phase) replaces the file's rows of that phase from its step
+    on, which the interrupted process logged after its last checkpoint, so no step is logged twice.
+    """
 
     COLUMNS = ("wall_time", "method", "seed", "phase", "step", "metric", "value")
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        path = run_dir / "metrics.csv"
-        new = not path.exists()
-        self._file = path.open("a", newline="")
+    def __init__(self, run_dir: Path, tensorboard: bool, resume: bool = False):
+        self.path = run_dir / "metrics.csv"
+        # (method, seed, phase) -> the largest step logged before this process, until it logs that phase
+        self._logged_before: dict[tuple[str, str, str], int] = {}
+        if resume and self.path.exists():
+            complete = 0
+            for row in self._rows():
+                key, step = (row[1], row[2], row[3]), int(row[4])
+                self._logged_before[key] = max(step, self._logged_before.get(key, step))
+                complete += 1
+            with self.path.open(newline="") as handle:
+                lines = sum(1 for _ in handle)
+            if lines != complete + 1:  # a torn or garbled row, or a missing header
+                self._rewrite(lambda row: True)
+        else:
+            self._rewrite(lambda row: False)
+        self._file = self.path.open("a", newline="")
         self._csv = csv.writer(self._file)
-        if new:
-            self._csv.writerow(self.COLUMNS)
         self._writer = None
         if tensorboard:
             try:
@@ -112,7 +134,34 @@ class RunLogger:
                 raise RunError("--tensorboard needs the tensorboard package (pip install tensorboard)") from error
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def _rows(self) -> Iterator[list[str]]:
+        """The file's complete, well-formed data rows (none when it is missing or lacks its header); a
+        last line without its line break is torn, whatever it holds."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as handle:
+            if handle.readline().rstrip("\r\n") != ",".join(self.COLUMNS):
+                return
+            for line in handle:
+                row = next(csv.reader([line]), [])
+                if line.endswith("\n") and len(row) == len(self.COLUMNS) and row[4].isdigit() and _is_number(row[6]):
+                    yield row
+
+    def _rewrite(self, keep: Callable[[list[str]], bool]) -> None:
+        """Replace the file by its header and the complete rows that ``keep`` accepts."""
+        rows = [row for row in self._rows() if keep(row)]
+        with atomic_path(self.path) as temporary, temporary.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.COLUMNS)
+            writer.writerows(rows)
+
     def log(self, method: str, seed: int, phase: str, step: int, values: dict[str, float]) -> None:
+        key = (method, str(seed), phase)
+        if self._logged_before.pop(key, -1) >= step:
+            self._file.close()
+            self._rewrite(lambda row: (row[1], row[2], row[3]) != key or int(row[4]) < step)
+            self._file = self.path.open("a", newline="")
+            self._csv = csv.writer(self._file)
         now = time.time()
         for metric, value in values.items():
             self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
@@ -126,9 +175,20 @@ class RunLogger:
             self._writer.close()
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints (safetensors): model tensors, optimizer tensors, the sampling generator's state;
 # step and optimizer hyper-parameters in the metadata.
+
+PRETRAIN_LAST = "pretrain_last.safetensors"
+PRETRAIN_PREVIOUS = "pretrain_previous.safetensors"
 
 
 def save_checkpoint(
@@ -152,10 +212,8 @@ def save_checkpoint(
         meta["optimizer_param_groups"] = json.dumps(state["param_groups"])
     if generator is not None:
         tensors["generator_state"] = generator.get_state()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary), metadata=meta)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=meta)
 
 
 def load_checkpoint(
@@ -164,27 +222,77 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Restore what ``save_checkpoint`` wrote; returns the decoded metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Restore what ``save_checkpoint`` wrote; returns the decoded metadata. DamagedFileError naming the
+    file when it cannot be read or does not fit ``model``/``optimizer``/``generator``."""
+    from safetensors import SafetensorError, safe_open
 
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-    model.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("model.")})
-    if optimizer is not None:
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta.pop("optimizer_param_groups")})
-    if generator is not None:
-        generator.set_state(tensors["generator_state"])
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DamagedFileError(path, f"{type(error).__name__}: {error}") from error
+    try:
+        model.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("model.")})
+        if optimizer is not None:
+            state: dict = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            optimizer.load_state_dict({"state": state, "param_groups": meta.pop("optimizer_param_groups")})
+        if generator is not None:
+            generator.set_state(tensors["generator_state"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise DamagedFileError(path, f"its contents do not fit this run: {type(error).__name__}: {error}") from error
     return meta
 
 
-# ---------------------------------------------------------------------------------------------
+def save_pretraining_checkpoint(
+    checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, meta: dict
+) -> None:
+    """Save the pre-training state as pretrain_last, keeping the one it replaces as pretrain_previous."""
+    last = checkpoint_dir / PRETRAIN_LAST
+    if last.exists():
+        os.replace(last, checkpoint_dir / PRETRAIN_PREVIOUS)
+    save_checkpoint(last, model, optimizer, generator, meta)
+
+
+def restore_pretraining(
+    checkpoint_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    say: Callable[[str], None],
+) -> dict | None:
+    """Load the newest readable pre-training checkpoint; returns its metadata, or None if there is none.
+
+    A damaged pretrain_last is named through ``say``, renamed to ``*.damaged`` (so the next save does
+    not keep it as the fallback) and pretrain_previous loaded instead; RunError naming the damaged files
+    when no checkpoint is readable.
+    """
+    damaged: list[DamagedFileError] = []
+    for path in (checkpoint_dir / PRETRAIN_LAST, checkpoint_dir / PRETRAIN_PREVIOUS):
+        if not path.exists():
+            continue
+        try:
+            meta = load_checkpoint(path, model, optimizer, generator)
+            if not isinstance(meta.get("step"), int):
+                raise DamagedFileError(path, "its metadata holds no step")
+        except DamagedFileError as error:
+            damaged.append(error)
+            continue
+        for error in damaged:
+            error.path.replace(error.path.with_suffix(".damaged"))
+            say(f"{error}; moved aside as {error.path.with_suffix('.damaged').name}, resuming from {path.name}")
+        return meta
+    if damaged:
+        names = " and ".join(str(error.path) for error in damaged)
+        raise RunError(
+            f"{'; '.join(map(str, damaged))}. No readable pre-training checkpoint is left: delete {names} "
+            "to restart this pre-training from step 0"
+        )
+    return None
 
 
 def make_objective(method: str, config: TrainConfig, encoder: nn.Module | None) -> nn.Module:
@@ -211,20 +319,22 @@ def pretrain(
     sampler: CropSampler,
     config: TrainConfig,
     device: torch.device,
-    checkpoint_path: Path,
+    checkpoint_dir: Path,
     log: Callable[[int, dict[str, float]], None],
     progress: Callable,
     resume: bool,
+    say: Callable[[str], None] = print,
 ) -> dict:
-    """Optimise ``objective`` for ``config.pretrain_steps`` steps with Adam; checkpoint every
-    ``config.checkpoint_every`` steps. Returns {"steps", "seconds", "final_loss", "resumed_from"}."""
+    """Optimise ``objective`` for ``config.pretrain_steps`` steps with Adam; checkpoint into
+    ``checkpoint_dir`` every ``config.checkpoint_every`` steps and at the end, and with ``resume`` start
+    from the newest readable checkpoint there. Returns {"steps", "seconds", "final_loss", "resumed_from"}."""
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
     )
     start, last_loss = 0, math.nan
-    if resume and checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path, model, optimizer, sampler.generator)
-        start, last_loss = int(saved["step"]), float(saved.get("loss", math.nan))
+    saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if resume else None
+    if saved is not None:
+        start, last_loss = saved["step"], float(saved.get("loss", math.nan))
     model.train()
     started = time.perf_counter()
     steps = progress(range(start, config.pretrain_steps), initial=start, total=config.pretrain_steps)
@@ -244,7 +354,9 @@ def pretrain(
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{last_loss:.4g}")
         if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
-            save_checkpoint(checkpoint_path, model, optimizer, sampler.generator, {"step": done, "loss": last_loss})
+            save_pretraining_checkpoint(
+                checkpoint_dir, model, optimizer, sampler.generator, {"step": done, "loss": last_loss}
+            )
     return {
         "steps": config.pretrain_steps,
         "seconds": time.perf_counter() - started,
@@ -464,7 +576,7 @@ class Experiment:
         )
         if not config.resume:
             create_run_dir(run_dir, config)
-        self.logger = RunLogger(run_dir, config.tensorboard)
+        self.logger = RunLogger(run_dir, config.tensorboard, resume=config.resume)
         say(
             f"rcl-train: run folder {run_dir}; {len(self.train)} training / {len(self.test)} test images; "
             f"device {device}; torch {torch.__version__}"
@@ -514,10 +626,10 @@ class Experiment:
         checkpoint_dir = self.run_dir / "checkpoints" / method / f"seed{seed}"
         samples_path = checkpoint_dir / "samples.npz"
         if config.resume and result_path.exists() and (not first_seed or samples_path.exists()):
-            if first_seed:
-                _load_samples(samples_path, method, self.examples, self.densities)
-            self.say(f"  {tag}: reused finished result")
-            return json.loads(result_path.read_text())
+            try:
+                return self._reuse_result(method, result_path, samples_path if first_seed else None, tag)
+            except DamagedFileError as error:
+                self.say(f"  {tag}: {error}; computing this result again")
 
         model = build_model(config.model, config.width, config.depth, self.raw)
         model.load_state_dict(initial_state)
@@ -531,10 +643,11 @@ class Experiment:
                 sampler,
                 config,
                 self.device,
-                checkpoint_dir / "pretrain_last.safetensors",
+                checkpoint_dir,
                 lambda step, values: self.logger.log(method, seed, "pretrain", step, values),
                 progress_bar(config.progress, f"pre-train {tag}"),
                 config.resume,
+                lambda message: self.say(f"  {tag}: {message}"),
             )
             self.say(
                 f"  {tag}: pre-trained {config.pretrain_steps} steps in {result['pretrain']['seconds']:.1f} s, "
@@ -588,12 +701,22 @@ class Experiment:
                 f"(fine-tuned head in {seconds:.1f} s)"
             )
         if first_seed:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(samples_path, **samples)
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        result_path.write_text(json.dumps(result, indent=2))
+            with atomic_path(samples_path) as temporary:
+                np.savez_compressed(temporary, **samples)
         scores_row = {f"{t}_{k}": v[k] for t, v in result["tasks"].items() for k in ("psnr", "ssim")}
         self.logger.log(method, seed, "proxy", 0, scores_row)
+        write_json_atomically(result_path, result)  # last: its presence marks the (method, seed) finished
+        return result
+
+    def _reuse_result(self, method: str, result_path: Path, samples_path: Path | None, tag: str) -> dict:
+        """A finished (method, seed)'s saved result, and for the first seed its figure data from
+        ``samples_path``; DamagedFileError naming a file that cannot be read."""
+        result = read_json(result_path)
+        if not isinstance(result, dict) or not set(self.config.tasks) <= set(result.get("tasks", {})):
+            raise DamagedFileError(result_path, f"it lacks the scores of the tasks {self.config.tasks}")
+        if samples_path is not None:
+            _load_samples(samples_path, method, self.examples, self.densities)
+        self.say(f"  {tag}: reused finished result")
         return result
 
     def _environment(self) -> dict:
@@ -616,16 +739,21 @@ class Experiment:
 
 
 def _load_samples(path: Path, method: str, examples: dict, densities: dict) -> None:
-    """Restore a finished run's Fig. 2 gaps and sample outputs (for --resume)."""
-    with np.load(path) as stored:
-        if "density" in stored:
-            densities[method] = stored["density"]
-        for task, task_examples in examples.items():
-            reference = task_examples.get("Input", [])
-            outputs = []
-            for index, (inputs, _, target) in enumerate(reference):
-                key = f"{task}.{index}"
-                if key in stored:
-                    outputs.append((inputs, torch.from_numpy(stored[key]), target))
-            if outputs:
-                task_examples[method] = outputs
+    """Restore a finished run's Fig. 2 gaps and sample outputs (for --resume); DamagedFileError naming
+    ``path`` (and nothing restored) when it cannot be read."""
+    try:
+        with np.load(path) as archive:
+            stored = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DamagedFileError(path, f"{type(error).__name__}: {error}") from error
+    if "density" in stored:
+        densities[method] = stored["density"]
+    for task, task_examples in examples.items():
+        reference = task_examples.get("Input", [])
+        outputs = []
+        for index, (inputs, _, target) in enumerate(reference):
+            key = f"{task}.{index}"
+            if key in stored:
+                outputs.append((inputs, torch.from_numpy(stored[key]), target))
+        if outputs:
+            task_examples[method] = outputs
