@@ -275,6 +275,7 @@ class TrainConfig:
 
 MAX_SEED = 2**63 - 1
 MAX_SIGMA = 255.0  # 8-bit units: a noise std as large as the whole intensity range
+MIN_TEMPERATURE = 1e-6  # 1e-300 made the logits -D / temperature infinite and the first loss NaN
 
 # Smallest and largest value of every integer option (None-able ones are checked when set); the
 # combinations (n2s grid vs crop, DnCNN depth, rcl batch) are checked in TrainConfig.validate.
@@ -309,7 +310,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "test_fraction": (0.0, 1.0, "()"),
     "sigma_min": (0.0, MAX_SIGMA, "[]"),
     "sigma_max": (0.0, MAX_SIGMA, "[]"),
-    "temperature": (0.0, math.inf, "()"),
+    "temperature": (MIN_TEMPERATURE, math.inf, "[)"),
     "alpha": (0.0, math.inf, "[)"),
     "consistency_weight": (0.0, math.inf, "[)"),
     "raw_max_shift": (0.0, 1.0, "[]"),
