@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,14 @@ from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import CleanImage, CropSampler, load_embedded_images, make_records
 from rcl_ops.train.models import ResNet50Encoder, build_model
-from rcl_ops.train.trainer import load_checkpoint, make_objective, pretrain, save_checkpoint, seeded_generator
+from rcl_ops.train.trainer import (
+    RunError,
+    load_checkpoint,
+    make_objective,
+    pretrain,
+    save_checkpoint,
+    seeded_generator,
+)
 
 
 def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -110,30 +118,64 @@ def tiny_records(num_images: int = 4, size: int = 24):
     return make_records(images, "rgb", 0, 20, 0, second_draw=True)
 
 
+def fresh_pretraining(records, seed: int = 0):
+    """A freshly initialised network and crop sampler, as a new process would build them."""
+    torch.manual_seed(seed)
+    return build_model("unet", 4, 1), CropSampler(records, 12, seeded_generator(seed, "pretrain"), raw=False)
+
+
+def run_pretraining(model, sampler, config, checkpoint_dir, resume, say=print) -> dict:
+    objective = make_objective("n2n", config, None)
+    return pretrain(model, objective, sampler, config, torch.device("cpu"), checkpoint_dir,
+                    lambda *_: None, lambda it, **_: it, resume, say)  # fmt: skip
+
+
 def test_pretraining_resumes_exactly(tmp_path):
     config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=2, log_every=1)
     records = tiny_records()
     encoder = ResNet50Encoder(1, seed=0)
     objective = make_objective("rcl-emd", config, encoder)
 
-    def fresh():
-        torch.manual_seed(0)
-        return build_model("unet", 4, 1), CropSampler(records, 12, seeded_generator(0, "pretrain"), raw=False)
-
-    model, sampler = fresh()
-    pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / "a.safetensors",
+    model, sampler = fresh_pretraining(records)
+    pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / "a",
              lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
 
     interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2)
-    model_b, sampler_b = fresh()
-    pretrain(model_b, objective, sampler_b, interrupted, torch.device("cpu"), tmp_path / "b.safetensors",
+    model_b, sampler_b = fresh_pretraining(records)
+    pretrain(model_b, objective, sampler_b, interrupted, torch.device("cpu"), tmp_path / "b",
              lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
-    model_c, sampler_c = fresh()  # a new process: fresh model and generator, state from the checkpoint
-    summary = pretrain(model_c, objective, sampler_c, config, torch.device("cpu"), tmp_path / "b.safetensors",
+    model_c, sampler_c = fresh_pretraining(records)  # a new process: state from the checkpoint
+    summary = pretrain(model_c, objective, sampler_c, config, torch.device("cpu"), tmp_path / "b",
                        lambda *_: None, lambda it, **_: it, resume=True)  # fmt: skip
     assert summary["resumed_from"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(model_c.state_dict()[key], value), key
+
+
+def test_pretraining_falls_back_to_the_previous_checkpoint(tmp_path):
+    config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=1)
+    records = tiny_records()
+    model, sampler = fresh_pretraining(records)
+    run_pretraining(model, sampler, config, tmp_path / "whole", resume=False)
+
+    interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=3, checkpoint_every=1)
+    run_pretraining(*fresh_pretraining(records), interrupted, tmp_path / "killed", resume=False)
+    last = tmp_path / "killed" / "pretrain_last.safetensors"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a kill during a non-atomic write
+    notes = []
+    model_c, sampler_c = fresh_pretraining(records)
+    summary = run_pretraining(model_c, sampler_c, config, tmp_path / "killed", resume=True, say=notes.append)
+    assert summary["resumed_from"] == 2
+    assert "pretrain_last.safetensors is damaged" in notes[0] and "pretrain_previous" in notes[0]
+    assert (tmp_path / "killed" / "pretrain_last.damaged").exists()
+    for key, value in model.state_dict().items():
+        assert torch.equal(model_c.state_dict()[key], value), key
+
+    # no readable checkpoint left: an error naming both files, not a silent restart
+    for name in ("pretrain_last.safetensors", "pretrain_previous.safetensors"):
+        (tmp_path / "killed" / name).write_bytes(b"\0" * 5)
+    with pytest.raises(RunError, match="pretrain_last.safetensors is damaged.*pretrain_previous.safetensors"):
+        run_pretraining(*fresh_pretraining(records), config, tmp_path / "killed", resume=True)
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -206,3 +248,138 @@ def test_module_entry_point_help():
     )
     assert done.returncode == 0
     assert "usage: rcl-train" in done.stdout and "--preset" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: refused runs leave nothing, damaged runs resume or name the damaged file
+
+
+def tiny_run(image_folder, output, name: str, *extra: str) -> list[str]:
+    """Arguments of a one-method, one-seed, one-task tiny run."""
+    return [
+        "--data-dir", str(image_folder), "--output-dir", str(output), "--run-name", name, "--methods", "n2n",
+        "--tasks", "denoise", "--seeds", "0", "--no-plots", *TINY, *extra,
+    ]  # fmt: skip
+
+
+def metric_rows(run_dir) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_no_duplicate_rows(run_dir) -> None:
+    keys = [(r["method"], r["seed"], r["phase"], r["step"], r["metric"]) for r in metric_rows(run_dir)]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    assert all(None not in row.values() for row in metric_rows(run_dir))  # no torn rows
+
+
+def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, capsys):
+    (tmp_path / "notes.pth").write_text("not a state dict")
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--device", "cpu", "--distance-backend", "cuda", "--methods", "rcl"], "--distance-backend: backend 'cuda'"),
+        (["--device", "cuda:99"], "--device cuda:99"),
+        (["--threads", "100000"], "--threads 100000 exceeds"),
+        (["--encoder-weights", str(tmp_path / "notes.pth"), "--methods", "rcl"], "--encoder-weights: cannot read"),
+        (["--encoder-weights", str(tmp_path), "--methods", "rcl"], "is not a file"),
+        (["--width", "64", "--depth", "10"], r"needs about [\d,]+ GiB.*padded to 1024x1024.*lower --width or --depth"),
+        (
+            ["--lr", "1e12", "--pretrain-steps", "3"],
+            r"pre-training loss became (nan|inf).*try a lower --lr\. The run folder",
+        ),
+    ]
+    output = tmp_path / "runs"
+    for extra, message in cases:
+        assert main(tiny_run(image_folder, output, "r", *extra)) == 2, extra
+        error = capsys.readouterr().err
+        assert re.search(message, error), (extra, error)
+        assert "Traceback" not in error
+        if "--lr" not in extra:  # a run that diverges keeps what it did; the others never started
+            assert not (output / "r").exists(), extra
+    assert main(tiny_run(image_folder, tmp_path / "a_file", "r")) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(tiny_run(image_folder, output, "fine")) == 0  # and a good run still goes through
+
+
+def test_too_small_test_image_advice(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", [36, 36, 36, 36]), ("test", [36, 6])):
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for index, size in enumerate(sizes):
+            io.imsave(tmp_path / "data" / split / f"{index}.png", smooth_image(rng, size), check_contrast=False)
+    assert main(tiny_run(tmp_path / "data", tmp_path / "runs", "r")) == 2
+    error = capsys.readouterr().err
+    assert "test/1.png (6x6)" in error and "minimum size of a test image" in error
+    assert "--crop-size" not in error and "remove them from the test images" in error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, monkeypatch, capsys):
+    from rcl_ops.train import trainer
+
+    steps = ["--pretrain-steps", "4", "--checkpoint-every", "1", "--log-every", "1"]
+    assert main(tiny_run(image_folder, tmp_path, "whole", *steps)) == 0
+    real_save = trainer.save_checkpoint
+
+    def killed_while_saving_step_4(path, model, optimizer=None, generator=None, metadata=None):
+        real_save(path, model, optimizer, generator, metadata)
+        if (metadata or {}).get("step") == 4:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a non-atomic write leaves
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_while_saving_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_run(image_folder, tmp_path, "killed", *steps))
+    monkeypatch.undo()
+    with (tmp_path / "killed" / "metrics.csv").open("a") as handle:
+        handle.write("1700000000.000,n2n,0,pretr")  # a row torn by the kill
+    capsys.readouterr()
+
+    assert main(tiny_run(image_folder, tmp_path, "killed", *steps, "--resume")) == 0
+    out = capsys.readouterr().out
+    assert "pretrain_last.safetensors is damaged" in out and "resuming from pretrain_previous.safetensors" in out
+    whole, killed = (json.loads((tmp_path / n / "results" / "n2n_seed0.json").read_text()) for n in ("whole", "killed"))
+    assert killed["pretrain"]["resumed_from"] == 3
+    assert killed["tasks"]["denoise"]["psnr"] == whole["tasks"]["denoise"]["psnr"]  # bit-identical
+    assert_no_duplicate_rows(tmp_path / "killed")
+    pretrain_steps = [int(r["step"]) for r in metric_rows(tmp_path / "killed") if r["metric"] == "loss"]
+    assert pretrain_steps == [1, 2, 3, 4]
+
+
+def test_damaged_run_files_are_named_on_resume(image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "r")
+    assert main(args) == 0
+    run = tmp_path / "r"
+    result_path, samples_path = (
+        run / "results" / "n2n_seed0.json",
+        run / "checkpoints" / "n2n" / "seed0" / "samples.npz",
+    )
+    finished = json.loads(result_path.read_text())
+    for damaged in (result_path, samples_path):
+        damaged.write_bytes(damaged.read_bytes()[:40])
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 0
+        out = capsys.readouterr().out
+        assert f"{damaged} is damaged" in out and "computing this result again" in out
+        scores = json.loads(result_path.read_text())["tasks"]["denoise"]
+        assert (scores["psnr"], scores["ssim"]) == (
+            finished["tasks"]["denoise"]["psnr"],
+            finished["tasks"]["denoise"]["ssim"],
+        )
+    assert_no_duplicate_rows(run)
+
+    (run / "config.json").write_text('{"crop_size": 1')
+    assert main([*args, "--resume"]) == 2
+    assert f"{run / 'config.json'} is damaged" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_thread_count(image_folder, tmp_path, capsys):
+    assert main(tiny_run(image_folder, tmp_path, "default")) == 0
+    recorded = json.loads((tmp_path / "default" / "config.json").read_text())["threads"]
+    assert recorded == torch.get_num_threads()  # torch's choice, recorded
+    assert main(tiny_run(image_folder, tmp_path, "one", "--threads", "1")) == 0
+    assert main(tiny_run(image_folder, tmp_path, "one", "--resume")) == 0  # the recorded count is used
+    capsys.readouterr()
+    assert main(tiny_run(image_folder, tmp_path, "one", "--threads", "2", "--resume")) == 2
+    error = capsys.readouterr().err
+    assert "--threads 1 -> 2" in error and "summation order" in error

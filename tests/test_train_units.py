@@ -456,3 +456,129 @@ def test_printed_config_is_a_valid_config_file(tmp_path, capsys):
     path.write_text(capsys.readouterr().out)
     config = build_config(config_file=str(path))
     assert config.seeds == [3] and config.crop_size == 48
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: option checks, memory estimate, atomic files, metrics.csv on resume
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"test_fraction": 1.5}, r"--test-fraction must be in \(0, 1\), got 1.5"),
+        ({"test_fraction": NAN}, "--test-fraction must be in"),
+        ({"crop_size": 1}, "--crop-size must be >= 2"),
+        ({"sigma_max": INF}, r"--sigma-max must be in \[0, 255\]"),
+        ({"sigma_min": NAN}, "--sigma-min must be in"),
+        ({"sigma_min": 5, "sigma_max": 2}, "--sigma-min <= --sigma-max"),
+        ({"model": "dncnn", "depth": 1}, "--depth of a dncnn must be >= 2"),
+        ({"temperature": INF}, "--temperature must be a finite number >= 1e-06"),
+        ({"temperature": 1e-300}, "--temperature must be a finite number >= 1e-06"),
+        ({"lr": INF}, "--lr must be a finite number > 0"),
+        ({"finetune_lr": 0.0}, "--finetune-lr must be a finite number > 0"),
+        ({"alpha": NAN}, "--alpha must be a finite number >= 0"),
+        ({"consistency_weight": -1.0}, "--consistency-weight must be a finite number >= 0"),
+        ({"adam_beta1": 1.0}, r"--adam-beta1 must be in \[0, 1\)"),
+        ({"adam_beta2": -0.1}, r"--adam-beta2 must be in \[0, 1\)"),
+        ({"adam_eps": INF}, "--adam-eps must be a finite number > 0"),
+        ({"raw_max_shift": 2.0}, r"--raw-max-shift must be in \[0, 1\]"),
+        ({"encoder_stages": 5}, r"--encoder-stages must be in \[1, 4\]"),
+        ({"seeds": [-1]}, "--seeds must be in"),
+        ({"split_seed": -1}, "--split-seed must be in"),
+        ({"noise_seed": 2**64}, "--noise-seed must be in"),
+        ({"encoder_seed": -1}, "--encoder-seed must be in"),
+        ({"methods": ["rcl"], "batch_size": 1}, "--batch-size must be >= 2 for the rcl methods"),
+        ({"methods": ["n2s"], "n2s_grid": 1}, "--n2s-grid must be >= 2"),
+        ({"methods": ["n2s"], "crop_size": 8, "n2s_grid": 9}, r"--n2s-grid must be in \[2, --crop-size 8\]"),
+        ({"methods": ["n2s"], "modality": "raw", "tasks": ["denoise"], "n2s_grid": 2}, "--n2s-grid must be in \\[3"),
+        ({"emd_quantiles": 10**6, "crop_size": 8}, "--emd-quantiles must be at most the 192 values"),
+        ({"eval_crop": 6}, "--eval-crop must be >= 7 .the SSIM window"),
+        ({"grid_images": -1}, "--grid-images must be >= 0"),
+        ({"threads": 0}, "--threads must be >= 1"),
+        ({"device": "tpu"}, "--device must be auto, cpu, cuda or cuda:N"),
+        ({"distance_backend": "fast"}, "--distance-backend must be one of"),
+        ({"modality": "RAW"}, "--modality must be one of rgb, raw"),
+        ({"run_name": "../elsewhere"}, "--run-name must be a folder name"),
+        ({"output_dir": ""}, "--output-dir must not be empty"),
+        ({"batch_size": "8"}, "--batch-size must be of type int, got '8'"),
+        ({"lr": True}, "--lr must be of type float"),
+        ({"seeds": 3}, "--seeds must be a list of int"),
+    ],
+)
+def test_invalid_options_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(**overrides)
+
+
+def test_option_checks_keep_valid_values():
+    config = build_config(lr=1, seeds=[2, 2, 0], tasks=["denoise", "denoise"], methods=["n2s"], n2s_grid=48)
+    assert config.lr == 1.0 and isinstance(config.lr, float)  # TOML `lr = 1` is a float option
+    assert config.seeds == [2, 0] and config.tasks == ["denoise"]
+    assert build_config(noise_seed=2**63 - 1, adam_beta1=0.0, sigma_min=0, sigma_max=255).noise_seed == 2**63 - 1
+
+
+def test_config_file_values_are_checked(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"batch-size": "8"}))
+    with pytest.raises(ValueError, match="--batch-size must be of type int"):
+        build_config(config_file=str(path))
+
+
+def test_memory_estimate_counts_without_building():
+    from rcl_ops.train.preflight import estimate_memory
+
+    config = build_config(model="unet", width=4, depth=2, crop_size=12, methods=["n2n"])
+    estimate = estimate_memory(config)
+    assert estimate.parameters == sum(p.numel() for p in build_model("unet", 4, 2).parameters())
+    assert estimate.padded_size == 12 and estimate.crops == 2 * config.batch_size
+    huge = build_config("quick", depth=10)  # the case: a U-Net of ~8e9 parameters
+    estimate = estimate_memory(huge)
+    assert 7e9 < estimate.parameters < 9e9 and estimate.padded_size == 1024
+    assert estimate.total_bytes > 8 * 4 * estimate.parameters
+    assert "padded to 1024x1024" in estimate.describe(huge)
+
+
+def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
+    from rcl_ops.train.files import DamagedFileError, atomic_path, read_json, write_json_atomically
+
+    path = tmp_path / "result.json"
+    write_json_atomically(path, {"psnr": 30.0})
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as temporary:
+        temporary.write_text('{"psnr": 3')  # killed half-way
+        raise KeyboardInterrupt
+    assert read_json(path) == {"psnr": 30.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind
+    path.write_text('{"psnr": 3')
+    with pytest.raises(DamagedFileError, match=r"result.json is damaged \(not valid JSON"):
+        read_json(path)
+
+
+def test_metrics_csv_has_no_duplicate_steps_across_resumes(tmp_path):
+    import csv
+
+    from rcl_ops.train.trainer import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for step in (10, 20, 30):  # the last checkpoint was at step 20; the kill came after step 30 was logged
+        logger.log("n2n", 0, "pretrain", step, {"loss": 1.0 / step})
+    logger.log("n2n", 0, "finetune-denoise", 10, {"l1": 0.5})
+    logger.close()
+    with (tmp_path / "metrics.csv").open("a") as handle:
+        handle.write("1700000000.000,n2n,0,finetune-denoise,20,l1,0.4")  # torn: no line break
+
+    resumed = RunLogger(tmp_path, tensorboard=False, resume=True)
+    for step in (30, 40):
+        resumed.log("n2n", 0, "pretrain", step, {"loss": 2.0 / step})
+    resumed.log("n2n", 0, "finetune-denoise", 10, {"l1": 0.25})
+    resumed.close()
+    with (tmp_path / "metrics.csv").open(newline="") as handle:
+        rows = [(r["phase"], int(r["step"]), float(r["value"])) for r in csv.DictReader(handle)]
+    assert rows == [
+        ("pretrain", 10, 0.1),
+        ("pretrain", 20, 0.05),
+        ("pretrain", 30, pytest.approx(2 / 30, rel=1e-5)),
+        ("pretrain", 40, 0.05),
+        ("finetune-denoise", 10, 0.25),
+    ]

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .config import PRESETS, TrainConfig, build_config, config_fields, config_to_dict, field_type
+from .config import PRESETS, TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
 from .data import DataError
 
 DESCRIPTION = """\
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         group_name = f.metadata["group"]
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         scalar, is_list, optional = field_type(f)
-        flag = "--" + f.name.replace("_", "-")
+        option = flag(f.name)
         default = getattr(defaults, f.name)
         shown = " ".join(map(str, default)) if is_list else default
         help_text = f.metadata["help"] + ("" if default is None else f" (default: {shown})")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if scalar is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(option, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         kwargs["type"] = _none_or(scalar) if optional else scalar
         if is_list:
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs["metavar"] = f.name.upper() if "choices" not in f.metadata else None
         if kwargs["metavar"] is None:
             del kwargs["metavar"]
-        group.add_argument(flag, **kwargs)
+        group.add_argument(option, **kwargs)
     parser.add_argument(
         "--print-config", action="store_true", default=False, help="print the resolved configuration as JSON and exit"
     )
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_experiment(config)
-    except (DataError, RunError, FileNotFoundError) as error:
+    except (DataError, RunError, OSError) as error:
         print(f"rcl-train: error: {error}", file=sys.stderr)
         return 2
     print()

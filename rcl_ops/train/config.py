@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from .. import BACKEND_NAMES
 from .data import MODALITIES, TASKS
 from .losses import canonical_method
 from .models import MODELS
@@ -104,7 +108,10 @@ class TrainConfig:
     consistency_weight: float = _option(1.0, "weight of the consistency loss (Eq. 9 / Eq. 11)", "pre-training")
     symmetric: bool = _option(False, "symmetric contrastive loss (rows and columns)", "pre-training")
     distance_backend: str = _option(
-        "auto", "rcl_ops backend of the distances: auto, reference, cpu, cuda, triton", "pre-training"
+        "auto",
+        "rcl_ops backend of the distances (auto: the fastest available on --device)",
+        "pre-training",
+        choices=BACKEND_NAMES,
     )
     emd_quantiles: int | None = _option(
         None, "compare K quantiles per residual in EMD (default: all values, exact)", "pre-training"
@@ -167,11 +174,16 @@ class TrainConfig:
         False,
         "continue the run --run-name (default: the newest run in --output-dir): "
         "finished (method, seed) results are reused and pre-training resumes from its "
-        "last checkpoint",
+        "last readable checkpoint; options that change results must be the run's",
         "run",
     )
     device: str = _option("auto", "auto (cuda when available), cpu, cuda or cuda:N", "run")
-    threads: int | None = _option(None, "CPU threads for torch (default: torch's choice)", "run")
+    threads: int | None = _option(
+        None,
+        "CPU threads for torch (default: torch's choice). The count changes the float summation order and so "
+        "the results: the run records it, --resume keeps it and refuses a different one",
+        "run",
+    )
     deterministic: bool = _option(True, "torch.use_deterministic_algorithms (bit-reproducible runs)", "run")
     checkpoint_every: int = _option(500, "save a pre-training checkpoint every N steps (and at the end)", "run")
     log_every: int = _option(10, "log losses every N steps", "run")
@@ -191,46 +203,162 @@ class TrainConfig:
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
     def validate(self) -> TrainConfig:
-        """Check ranges and names; return self (ValueError naming the option otherwise)."""
-        positive = (
-            "crop_size",
-            "pretrain_steps",
-            "batch_size",
-            "finetune_steps",
-            "finetune_batch_size",
-            "checkpoint_every",
-            "log_every",
-            "density_batches",
-        )
-        for name in positive:
-            if getattr(self, name) < 1 and not (name == "pretrain_steps" and getattr(self, name) == 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("temperature", "lr", "finetune_lr", "adam_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.alpha < 0 or self.consistency_weight < 0:
-            raise ValueError("--alpha and --consistency-weight must be >= 0")
-        if not 0 <= self.sigma_min <= self.sigma_max:
-            raise ValueError(f"need 0 <= --sigma-min <= --sigma-max, got {self.sigma_min}, {self.sigma_max}")
-        for name in ("num_labelled", "eval_crop", "max_images", "width", "depth", "threads", "emd_quantiles"):
+        """Check every option's type and range; return self (ValueError naming the option and what it
+        allows otherwise). Methods, tasks and seeds are de-duplicated, 'rcl' made 'rcl-<distance>'.
+        What depends on the machine (device, backend, memory, files) is checked by
+        ``preflight.check_machine`` before a run starts."""
+        _check_types(self)
+        for name, (low, high) in INTEGER_RANGES.items():
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.eval_crop is not None and self.eval_crop < 7:
-            raise ValueError("--eval-crop must be at least 7 (the SSIM window)")
+            if value is not None and not low <= value <= high:
+                allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+                why = f" ({RANGE_REASONS[name]})" if name in RANGE_REASONS else ""
+                raise ValueError(f"{flag(name)} must be {allowed}{why}, got {value}")
+        for seed in self.seeds:
+            if not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"--seeds must be in [0, {MAX_SEED}], got {seed}")
+        for name, (low, high, closed) in FLOAT_RANGES.items():
+            _check_float(name, getattr(self, name), low, high, closed)
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"need --sigma-min <= --sigma-max, got {self.sigma_min} > {self.sigma_max}")
+        if self.device != "auto":
+            try:
+                device_type = torch.device(self.device).type
+            except RuntimeError:
+                device_type = None
+            if device_type not in ("cpu", "cuda"):
+                raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.run_name is not None and (
+            Path(self.run_name).name != self.run_name or self.run_name in ("", ".", "..")
+        ):
+            raise ValueError(f"--run-name must be a folder name (no path separators), got {self.run_name!r}")
+        if not self.output_dir:
+            raise ValueError("--output-dir must not be empty")
+
         self.methods = list(dict.fromkeys(canonical_method(m, self.distance) for m in self.methods))
+        self.tasks = list(dict.fromkeys(self.tasks))
+        self.seeds = list(dict.fromkeys(self.seeds))
         if not self.methods:
             raise ValueError("--methods needs at least one method")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"unknown --tasks {unknown}; choose from {TASKS}")
-        if self.modality == "raw" and "sr2" in self.tasks:
-            raise ValueError("the sr2 task is defined for --modality rgb only; use --tasks denoise with raw data")
-        if ("sr2" in self.tasks or self.modality == "raw") and self.crop_size % 2:
-            raise ValueError(f"--crop-size must be even for sr2 and raw data, got {self.crop_size}")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
+        raw = self.modality == "raw"
+        if raw and "sr2" in self.tasks:
+            raise ValueError("the sr2 task is defined for --modality rgb only; use --tasks denoise with raw data")
+        if ("sr2" in self.tasks or raw) and self.crop_size % 2:
+            raise ValueError(f"--crop-size must be even for sr2 and raw data, got {self.crop_size}")
+        if self.model == "dncnn" and self.depth is not None and self.depth < 2:
+            raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {self.depth}")
+        if any(m.startswith("rcl-") for m in self.methods) and self.batch_size < 2:
+            raise ValueError(
+                f"--batch-size must be >= 2 for the rcl methods (the other images of a batch are the "
+                f"negatives of the contrastive loss), got {self.batch_size}"
+            )
+        if "n2s" in self.methods:
+            low = 3 if raw else 2  # RAW masks same-colour neighbours two pixels away
+            if not low <= self.n2s_grid <= self.crop_size:
+                raise ValueError(
+                    f"--n2s-grid must be in [{low}, --crop-size {self.crop_size}] for {self.modality} data "
+                    f"(every lattice phase must fall inside a crop), got {self.n2s_grid}"
+                )
+        values_per_residual = (1 if raw else 3) * self.crop_size**2
+        if self.emd_quantiles is not None and self.emd_quantiles > values_per_residual:
+            raise ValueError(
+                f"--emd-quantiles must be at most the {values_per_residual} values of a residual "
+                f"(channels x --crop-size^2), got {self.emd_quantiles}"
+            )
         return self
+
+
+MAX_SEED = 2**63 - 1
+MAX_SIGMA = 255.0  # 8-bit units: a noise std as large as the whole intensity range
+MIN_TEMPERATURE = 1e-6  # 1e-300 made the logits -D / temperature infinite and the first loss NaN
+
+# Smallest and largest value of every integer option (None-able ones are checked when set); the
+# combinations (n2s grid vs crop, DnCNN depth, rcl batch) are checked in TrainConfig.validate.
+INTEGER_RANGES: dict[str, tuple[int, float]] = {
+    "crop_size": (2, math.inf),
+    "split_seed": (0, MAX_SEED),
+    "max_images": (1, math.inf),
+    "noise_seed": (0, MAX_SEED),
+    "width": (1, math.inf),
+    "depth": (1, math.inf),
+    "emd_quantiles": (1, math.inf),
+    "encoder_stages": (1, 4),
+    "encoder_seed": (0, MAX_SEED),
+    "n2s_grid": (2, math.inf),
+    "pretrain_steps": (0, math.inf),
+    "batch_size": (1, math.inf),
+    "num_labelled": (1, math.inf),
+    "finetune_steps": (1, math.inf),
+    "finetune_batch_size": (1, math.inf),
+    "eval_crop": (7, math.inf),
+    "threads": (1, math.inf),
+    "checkpoint_every": (1, math.inf),
+    "log_every": (1, math.inf),
+    "density_batches": (1, math.inf),
+    "grid_images": (0, math.inf),
+}
+
+RANGE_REASONS = {"eval_crop": "the SSIM window is 7x7"}
+
+# (low, high, closed): closed says which ends are allowed, e.g. "[)" for Adam's betas.
+FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
+    "test_fraction": (0.0, 1.0, "()"),
+    "sigma_min": (0.0, MAX_SIGMA, "[]"),
+    "sigma_max": (0.0, MAX_SIGMA, "[]"),
+    "temperature": (MIN_TEMPERATURE, math.inf, "[)"),
+    "alpha": (0.0, math.inf, "[)"),
+    "consistency_weight": (0.0, math.inf, "[)"),
+    "raw_max_shift": (0.0, 1.0, "[]"),
+    "lr": (0.0, math.inf, "()"),
+    "adam_beta1": (0.0, 1.0, "[)"),
+    "adam_beta2": (0.0, 1.0, "[)"),
+    "adam_eps": (0.0, math.inf, "()"),
+    "finetune_lr": (0.0, math.inf, "()"),
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def _check_float(name: str, value: float, low: float, high: float, closed: str) -> None:
+    above = value >= low if closed[0] == "[" else value > low
+    below = value <= high if closed[1] == "]" else value < high
+    if math.isfinite(value) and above and below:
+        return
+    if high == math.inf:
+        allowed = f"a finite number {'>=' if closed[0] == '[' else '>'} {low:g}"
+    else:
+        allowed = f"in {closed[0]}{low:g}, {high:g}{closed[1]}"
+    raise ValueError(f"{flag(name)} must be {allowed}, got {value}")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each option holds its declared type (config files are not parsed by argparse) and one of its
+    choices; ints are accepted for floats (TOML ``lr = 1``) and converted."""
+    for f in config_fields():
+        scalar, is_list, optional = field_type(f)
+        value = getattr(config, f.name)
+        if value is None and optional:
+            continue
+        if is_list and not isinstance(value, list):
+            raise ValueError(f"{flag(f.name)} must be a list of {scalar.__name__}, got {value!r}")
+        items = value if is_list else [value]
+        for item in items:
+            exact = isinstance(item, scalar) and (scalar is bool or not isinstance(item, bool))
+            widened = scalar is float and isinstance(item, int) and not isinstance(item, bool)
+            if not (exact or widened):
+                raise ValueError(f"{flag(f.name)} must be of type {scalar.__name__}, got {item!r}")
+            if "choices" in f.metadata and item not in f.metadata["choices"]:
+                raise ValueError(f"{flag(f.name)} must be one of {', '.join(f.metadata['choices'])}, got {item!r}")
+        if scalar is float and not is_list:
+            setattr(config, f.name, float(value))
 
 
 def config_fields() -> list[dataclasses.Field]:

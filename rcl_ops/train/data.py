@@ -142,8 +142,10 @@ def load_split(
     return split_images(images, test_fraction, split_seed)
 
 
-def check_image_sizes(images: list[CleanImage], min_size: int, purpose: str) -> None:
-    """DataError naming every image whose height or width is below ``min_size``."""
+def check_image_sizes(
+    images: list[CleanImage], min_size: int, purpose: str, advice: str = "pass a smaller --crop-size or remove them"
+) -> None:
+    """DataError naming every image whose height or width is below ``min_size``, with ``advice``."""
     small = [
         f"{img.name} ({img.pixels.shape[1]}x{img.pixels.shape[2]})"
         for img in images
@@ -152,7 +154,7 @@ def check_image_sizes(images: list[CleanImage], min_size: int, purpose: str) -> 
     if small:
         raise DataError(
             f"{len(small)} image(s) are smaller than the {min_size}x{min_size} {purpose}: {', '.join(small[:10])}"
-            f"{' ...' if len(small) > 10 else ''}; pass a smaller --crop-size or remove them"
+            f"{' ...' if len(small) > 10 else ''}; {advice}"
         )
 
 

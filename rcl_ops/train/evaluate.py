@@ -179,6 +179,10 @@ def proxy_evaluate(
             features = model.features(inputs)
         prediction = model.from_features(inputs, features)
         loss = F.l1_loss(prediction, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"fine-tuning loss became {float(loss)} at step {step + 1} of {task}; try a lower --finetune-lr"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

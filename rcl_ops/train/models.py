@@ -126,6 +126,26 @@ def build_model(name: str, width: int | None = None, depth: int | None = None, r
     return (UNet if name == "unet" else DnCNN)(width=width, depth=depth, raw=raw)
 
 
+def layer_output_count(model: nn.Module, inputs: torch.Tensor) -> int:
+    """How many values the layers of ``model(inputs)`` write: a rough count of the activations autograd
+    keeps for the backward pass (in-place layers reuse their input and are not counted). Meant for meta
+    tensors, where nothing is computed."""
+    total = 0
+
+    def count(module: nn.Module, args, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel()
+
+    leaves = [m for m in model.modules() if not any(m.children()) and not getattr(m, "inplace", False)]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
 def replace_head(model: nn.Module, generator: torch.Generator) -> None:
     """Replace ``model.head`` by a freshly initialised layer of the same shape (PyTorch's default
     conv initialisation, drawn from ``generator``)."""
@@ -248,8 +268,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     weights_only=True); a checkpoint's "state_dict"/"model" entry is used when present and a
     "module." prefix (DataParallel) is removed."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"encoder weights file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"encoder weights {path} is not a file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

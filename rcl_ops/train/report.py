@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from .config import TrainConfig, config_to_dict
 from .data import TASK_TITLES
 from .evaluate import TestScores
+from .files import atomic_path, write_json_atomically, write_text_atomically
 from .losses import method_title
 
 INPUT_TITLES = {("denoise", "rgb"): "noisy", ("denoise", "raw"): "bilinear demosaic", ("sr2", "rgb"): "bicubic"}
@@ -140,8 +140,8 @@ def format_table(summary: dict) -> str:
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """results.json (every number) and results.md (the table)."""
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=2, default=float))
-    (run_dir / "results.md").write_text(format_table(summary) + "\n")
+    write_json_atomically(run_dir / "results.json", summary)
+    write_text_atomically(run_dir / "results.md", format_table(summary) + "\n")
 
 
 def _pyplot():
@@ -196,8 +196,8 @@ def plot_densities(path: Path, densities: dict[str, np.ndarray], distance: str) 
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
 
 
@@ -235,6 +235,6 @@ def plot_samples(path: Path, examples: dict[str, list], task: str) -> None:
                     ax.set_title(method_title(title) if title not in ("Input", "Clean") else title, fontsize=9)
     fig.suptitle(TASK_TITLES[task], fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=100)
     plt.close(fig)

@@ -5,25 +5,32 @@ Run folder layout (``<output_dir>/<run_name>/``)::
     config.json                  resolved configuration
     metrics.csv                  every logged loss (long format); tensorboard/ when enabled
     checkpoints/<method>/seed<s>/pretrain_last.safetensors   resumable pre-training state
+    checkpoints/<method>/seed<s>/pretrain_previous.safetensors  the one before, if the last is damaged
     checkpoints/<method>/seed<s>/pretrained.safetensors      pre-trained weights
     checkpoints/<method>/seed<s>/finetuned_<task>.safetensors  proxy-evaluated weights
     results/<method>_seed<s>.json  per-run scores (reused by --resume)
     results.json, results.md     the table (Table 1 shape) and every number behind it
     figures/                     residual_distance_density.png (Fig. 2), samples_<task>.png
+
+Every file but the append-only metrics.csv is written to a temporary file and renamed, so a kill never
+leaves a truncated one; on --resume a damaged file is named, and a damaged checkpoint falls back to the
+previous one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
 import platform
 import sys
 import time
+import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -33,9 +40,10 @@ from torch import nn
 
 import rcl_ops
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
 from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
+from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
     FeatureConsistencyLoss,
     Noise2NoiseObjective,
@@ -49,8 +57,10 @@ from .losses import (
     residual_distance_gaps,
 )
 from .models import ResNet50Encoder, build_model, load_encoder_weights
+from .preflight import RunError, check_machine, resolve_device
 
-# Options that do not change any number a run produces: they may differ when resuming.
+# Options that change no number a run produces: they may differ when resuming. (--threads is not one:
+# the thread count changes the summation order of CPU kernels and, through training, the results.)
 RUN_MANAGEMENT_OPTIONS = {
     "resume",
     "progress",
@@ -59,37 +69,12 @@ RUN_MANAGEMENT_OPTIONS = {
     "run_name",
     "preset",
     "config",
-    "threads",
     "checkpoint_every",
     "log_every",
     "plots",
     "grid_images",
     "device",
 }
-
-
-class RunError(RuntimeError):
-    """A run that cannot start: an existing run folder without --resume, nothing to resume, changed
-    options on resume, or a missing optional package."""
-
-
-def require_packages(config: TrainConfig) -> None:
-    """Fail before any training if a package this run needs is missing (RunError naming them)."""
-    import importlib.util
-
-    needed = {"skimage": "scikit-image", "safetensors": "safetensors"}
-    if config.progress:
-        needed["tqdm"] = "tqdm"
-    if config.plots:
-        needed.update({"matplotlib": "matplotlib", "scipy": "scipy"})
-    if config.tensorboard:
-        needed["tensorboard"] = "tensorboard"
-    missing = sorted(pip for module, pip in needed.items() if importlib.util.find_spec(module) is None)
-    if missing:
-        raise RunError(
-            f"this run needs the package(s) {', '.join(missing)}: pip install {' '.join(missing)} "
-            "(or pass --no-progress / --no-plots where they are optional)"
-        )
 
 
 def derive_seed(seed: int, *tags: str) -> int:
@@ -103,18 +88,6 @@ def seeded_generator(seed: int, *tags: str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *tags))
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; a clear error for CUDA on a machine without it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
-
-
 def progress_bar(enabled: bool, description: str) -> Callable:
     """A function wrapping an iterable in a tqdm bar (or returning it unchanged when disabled)."""
     if not enabled:
@@ -126,17 +99,33 @@ def progress_bar(enabled: bool, description: str) -> Callable:
 
 class RunLogger:
     """Appends (time, method, seed, phase, step, metric, value) rows to metrics.csv, and to TensorBoard
-    when ``tensorboard`` is True."""
+    when ``tensorboard`` is True.
+
+    With ``resume`` the existing file is kept, less a torn last row (a kill during a write); the first row
+    this process logs for a (method, seed, phase) replaces the file's rows of that phase from its step
+    on, which the interrupted process logged after its last checkpoint, so no step is logged twice.
+    """
 
     COLUMNS = ("wall_time", "method", "seed", "phase", "step", "metric", "value")
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        path = run_dir / "metrics.csv"
-        new = not path.exists()
-        self._file = path.open("a", newline="")
+    def __init__(self, run_dir: Path, tensorboard: bool, resume: bool = False):
+        self.path = run_dir / "metrics.csv"
+        # (method, seed, phase) -> the largest step logged before this process, until it logs that phase
+        self._logged_before: dict[tuple[str, str, str], int] = {}
+        if resume and self.path.exists():
+            complete = 0
+            for row in self._rows():
+                key, step = (row[1], row[2], row[3]), int(row[4])
+                self._logged_before[key] = max(step, self._logged_before.get(key, step))
+                complete += 1
+            with self.path.open(newline="") as handle:
+                lines = sum(1 for _ in handle)
+            if lines != complete + 1:  # a torn or garbled row, or a missing header
+                self._rewrite(lambda row: True)
+        else:
+            self._rewrite(lambda row: False)
+        self._file = self.path.open("a", newline="")
         self._csv = csv.writer(self._file)
-        if new:
-            self._csv.writerow(self.COLUMNS)
         self._writer = None
         if tensorboard:
             try:
@@ -145,7 +134,34 @@ class RunLogger:
                 raise RunError("--tensorboard needs the tensorboard package (pip install tensorboard)") from error
             self._writer = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def _rows(self) -> Iterator[list[str]]:
+        """The file's complete, well-formed data rows (none when it is missing or lacks its header); a
+        last line without its line break is torn, whatever it holds."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as handle:
+            if handle.readline().rstrip("\r\n") != ",".join(self.COLUMNS):
+                return
+            for line in handle:
+                row = next(csv.reader([line]), [])
+                if line.endswith("\n") and len(row) == len(self.COLUMNS) and row[4].isdigit() and _is_number(row[6]):
+                    yield row
+
+    def _rewrite(self, keep: Callable[[list[str]], bool]) -> None:
+        """Replace the file by its header and the complete rows that ``keep`` accepts."""
+        rows = [row for row in self._rows() if keep(row)]
+        with atomic_path(self.path) as temporary, temporary.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(self.COLUMNS)
+            writer.writerows(rows)
+
     def log(self, method: str, seed: int, phase: str, step: int, values: dict[str, float]) -> None:
+        key = (method, str(seed), phase)
+        if self._logged_before.pop(key, -1) >= step:
+            self._file.close()
+            self._rewrite(lambda row: (row[1], row[2], row[3]) != key or int(row[4]) < step)
+            self._file = self.path.open("a", newline="")
+            self._csv = csv.writer(self._file)
         now = time.time()
         for metric, value in values.items():
             self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
@@ -159,9 +175,20 @@ class RunLogger:
             self._writer.close()
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints (safetensors): model tensors, optimizer tensors, the sampling generator's state;
 # step and optimizer hyper-parameters in the metadata.
+
+PRETRAIN_LAST = "pretrain_last.safetensors"
+PRETRAIN_PREVIOUS = "pretrain_previous.safetensors"
 
 
 def save_checkpoint(
@@ -185,10 +212,8 @@ def save_checkpoint(
         meta["optimizer_param_groups"] = json.dumps(state["param_groups"])
     if generator is not None:
         tensors["generator_state"] = generator.get_state()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    save_file(tensors, str(temporary), metadata=meta)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=meta)
 
 
 def load_checkpoint(
@@ -197,27 +222,77 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """Restore what ``save_checkpoint`` wrote; returns the decoded metadata."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    """Restore what ``save_checkpoint`` wrote; returns the decoded metadata. DamagedFileError naming the
+    file when it cannot be read or does not fit ``model``/``optimizer``/``generator``."""
+    from safetensors import SafetensorError, safe_open
 
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as handle:
-        meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
-    model.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("model.")})
-    if optimizer is not None:
-        state: dict = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta.pop("optimizer_param_groups")})
-    if generator is not None:
-        generator.set_state(tensors["generator_state"])
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DamagedFileError(path, f"{type(error).__name__}: {error}") from error
+    try:
+        model.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("model.")})
+        if optimizer is not None:
+            state: dict = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            optimizer.load_state_dict({"state": state, "param_groups": meta.pop("optimizer_param_groups")})
+        if generator is not None:
+            generator.set_state(tensors["generator_state"])
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise DamagedFileError(path, f"its contents do not fit this run: {type(error).__name__}: {error}") from error
     return meta
 
 
-# ---------------------------------------------------------------------------------------------
+def save_pretraining_checkpoint(
+    checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, meta: dict
+) -> None:
+    """Save the pre-training state as pretrain_last, keeping the one it replaces as pretrain_previous."""
+    last = checkpoint_dir / PRETRAIN_LAST
+    if last.exists():
+        os.replace(last, checkpoint_dir / PRETRAIN_PREVIOUS)
+    save_checkpoint(last, model, optimizer, generator, meta)
+
+
+def restore_pretraining(
+    checkpoint_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    say: Callable[[str], None],
+) -> dict | None:
+    """Load the newest readable pre-training checkpoint; returns its metadata, or None if there is none.
+
+    A damaged pretrain_last is named through ``say``, renamed to ``*.damaged`` (so the next save does
+    not keep it as the fallback) and pretrain_previous loaded instead; RunError naming the damaged files
+    when no checkpoint is readable.
+    """
+    damaged: list[DamagedFileError] = []
+    for path in (checkpoint_dir / PRETRAIN_LAST, checkpoint_dir / PRETRAIN_PREVIOUS):
+        if not path.exists():
+            continue
+        try:
+            meta = load_checkpoint(path, model, optimizer, generator)
+            if not isinstance(meta.get("step"), int):
+                raise DamagedFileError(path, "its metadata holds no step")
+        except DamagedFileError as error:
+            damaged.append(error)
+            continue
+        for error in damaged:
+            error.path.replace(error.path.with_suffix(".damaged"))
+            say(f"{error}; moved aside as {error.path.with_suffix('.damaged').name}, resuming from {path.name}")
+        return meta
+    if damaged:
+        names = " and ".join(str(error.path) for error in damaged)
+        raise RunError(
+            f"{'; '.join(map(str, damaged))}. No readable pre-training checkpoint is left: delete {names} "
+            "to restart this pre-training from step 0"
+        )
+    return None
 
 
 def make_objective(method: str, config: TrainConfig, encoder: nn.Module | None) -> nn.Module:
@@ -244,20 +319,22 @@ def pretrain(
     sampler: CropSampler,
     config: TrainConfig,
     device: torch.device,
-    checkpoint_path: Path,
+    checkpoint_dir: Path,
     log: Callable[[int, dict[str, float]], None],
     progress: Callable,
     resume: bool,
+    say: Callable[[str], None] = print,
 ) -> dict:
-    """Optimise ``objective`` for ``config.pretrain_steps`` steps with Adam; checkpoint every
-    ``config.checkpoint_every`` steps. Returns {"steps", "seconds", "final_loss", "resumed_from"}."""
+    """Optimise ``objective`` for ``config.pretrain_steps`` steps with Adam; checkpoint into
+    ``checkpoint_dir`` every ``config.checkpoint_every`` steps and at the end, and with ``resume`` start
+    from the newest readable checkpoint there. Returns {"steps", "seconds", "final_loss", "resumed_from"}."""
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
     )
     start, last_loss = 0, math.nan
-    if resume and checkpoint_path.exists():
-        saved = load_checkpoint(checkpoint_path, model, optimizer, sampler.generator)
-        start, last_loss = int(saved["step"]), float(saved.get("loss", math.nan))
+    saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if resume else None
+    if saved is not None:
+        start, last_loss = saved["step"], float(saved.get("loss", math.nan))
     model.train()
     started = time.perf_counter()
     steps = progress(range(start, config.pretrain_steps), initial=start, total=config.pretrain_steps)
@@ -265,9 +342,8 @@ def pretrain(
         batch = sampler.sample(config.batch_size).to(device)
         loss, parts = objective(model, batch, sampler.generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"pre-training loss became {float(loss)} at step {step + 1}; try a lower --lr or a larger --temperature"
-            )
+            advice = "a lower --lr or a larger --temperature" if isinstance(objective, RCLObjective) else "a lower --lr"
+            raise FloatingPointError(f"pre-training loss became {float(loss)} at step {step + 1}; try {advice}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -278,7 +354,9 @@ def pretrain(
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{last_loss:.4g}")
         if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
-            save_checkpoint(checkpoint_path, model, optimizer, sampler.generator, {"step": done, "loss": last_loss})
+            save_pretraining_checkpoint(
+                checkpoint_dir, model, optimizer, sampler.generator, {"step": done, "loss": last_loss}
+            )
     return {
         "steps": config.pretrain_steps,
         "seconds": time.perf_counter() - started,
@@ -328,9 +406,12 @@ def _scores_dict(scores: TestScores) -> dict:
     }
 
 
-def prepare_run_dir(config: TrainConfig) -> Path:
-    """Create (or, with --resume, find and check) the run folder."""
+def locate_run(config: TrainConfig) -> tuple[Path, dict | None]:
+    """The run folder of ``config`` and, with --resume, the configuration saved there; creates nothing.
+    RunError when there is nothing to resume or a new run's folder already holds a run."""
     output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise RunError(f"--output-dir {output} is a file, not a folder")
     if config.resume:
         if config.run_name is not None:
             run_dir = output / config.run_name
@@ -346,22 +427,46 @@ def prepare_run_dir(config: TrainConfig) -> Path:
         saved_path = run_dir / "config.json"
         if not saved_path.exists():
             raise RunError(f"--resume: {saved_path} does not exist, so there is no run to resume there")
-        saved = json.loads(saved_path.read_text())
-        current = config_to_dict(config)
-        changed = sorted(k for k in current if k not in RUN_MANAGEMENT_OPTIONS and saved.get(k) != current[k])
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise RunError(f"--resume: the options differ from the run in {run_dir} ({details})")
-        return run_dir
+        try:
+            saved = read_json(saved_path)
+        except DamagedFileError as error:
+            raise RunError(f"--resume: {error}; without its configuration the run cannot be resumed") from error
+        if not isinstance(saved, dict):
+            raise RunError(f"--resume: {saved_path} is damaged (not a JSON object of options)")
+        return run_dir, saved
     name = config.run_name or f"{config.preset or 'run'}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = output / name
     if (run_dir / "config.json").exists():
         raise RunError(
             f"run folder {run_dir} already holds a run; pass --resume to continue it or choose another --run-name"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    return run_dir
+    return run_dir, None
+
+
+def check_resumable(config: TrainConfig, saved: dict, run_dir: Path) -> None:
+    """RunError naming every option that changes results and differs from the run's saved configuration."""
+    if saved.get("threads") is None:  # a run made before the thread count was recorded: nothing to compare
+        saved = {**saved, "threads": config.threads}
+    current = config_to_dict(config)
+    changed = sorted(k for k in current if k not in RUN_MANAGEMENT_OPTIONS and saved.get(k) != current[k])
+    if changed:
+        details = ", ".join(f"{flag(k)} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        why = (
+            " (the thread count changes the float summation order, and so the results)" if "threads" in changed else ""
+        )
+        raise RunError(
+            f"--resume: these options differ from the run in {run_dir}: {details}{why}; resume with the run's "
+            "values (see its config.json) or start a new run with another --run-name"
+        )
+
+
+def create_run_dir(run_dir: Path, config: TrainConfig) -> None:
+    """Make the run folder and write its config.json (RunError when the folder cannot be made)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create the run folder {run_dir}: {error}") from error
+    write_json_atomically(run_dir / "config.json", config_to_dict(config))
 
 
 @contextlib.contextmanager
@@ -391,25 +496,39 @@ def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = pri
     ``echo`` receives one progress line per finished stage (None: silent).
     """
     config.validate()
-    require_packages(config)
     device = resolve_device(config.device)
+    run_dir, saved = locate_run(config)
+    # The thread count changes CPU results: a run records the count it used, and a resume keeps it.
+    threads = config.threads or (saved or {}).get("threads") or torch.get_num_threads()
+    config = dataclasses.replace(config, threads=threads)
+    if saved is not None:
+        check_resumable(config, saved, run_dir)
+    check_machine(config, device)
     with torch_settings(config.threads, config.deterministic, device):
-        return Experiment(config, device, echo or (lambda message: None)).run()
+        return Experiment(config, device, run_dir, echo or (lambda message: None)).run()
 
 
 class Experiment:
     """One run of the protocol: data and noise are prepared once, then for every seed and method the
-    network is pre-trained from the seed's shared initialisation and proxy-evaluated on every task."""
+    network is pre-trained from the seed's shared initialisation and proxy-evaluated on every task.
 
-    def __init__(self, config: TrainConfig, device: torch.device, say: Callable[[str], None]):
-        self.config, self.device, self.say = config, device, say
+    Everything that can fail on the options or the data (images, encoder weights, objectives) is set up
+    before the run folder is created, so a run that cannot start leaves nothing behind."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, run_dir: Path, say: Callable[[str], None]):
+        self.config, self.device, self.run_dir, self.say = config, device, run_dir, say
         self.started = time.perf_counter()
         self.raw = config.modality == "raw"
         train_images, test_images = load_split(
             config.data_dir, config.test_fraction, config.split_seed, config.max_images
         )
         check_image_sizes(train_images, config.crop_size, "training crop")
-        check_image_sizes(test_images, 8, "minimum test image size (SSIM window)")
+        check_image_sizes(
+            test_images,
+            8,
+            "minimum size of a test image (the 7x7 SSIM window on an image cropped to even size)",
+            "remove them from the test images or replace them by larger ones",
+        )
         if config.batch_size > len(train_images):
             raise DataError(
                 f"--batch-size {config.batch_size} needs at least that many distinct training images (the other "
@@ -417,12 +536,10 @@ class Experiment:
                 "or pass a larger --data-dir (--preset quick fits the bundled sample images)"
             )
         if config.num_labelled is not None and config.num_labelled > len(train_images):
-            raise DataError(f"--num-labelled {config.num_labelled} exceeds the {len(train_images)} training images")
-        self.run_dir = prepare_run_dir(config)
-        say(
-            f"rcl-train: run folder {self.run_dir}; {len(train_images)} training / {len(test_images)} test images; "
-            f"device {device}; torch {torch.__version__}"
-        )
+            raise DataError(
+                f"--num-labelled {config.num_labelled} exceeds the {len(train_images)} training images; "
+                "lower --num-labelled"
+            )
         noise = (config.modality, config.sigma_min, config.sigma_max, config.noise_seed)
         self.train = make_records(train_images, *noise, second_draw="n2n" in config.methods)
         self.test = make_records(test_images, *noise, second_draw=False)
@@ -434,8 +551,12 @@ class Experiment:
         if any(m.startswith("rcl-") for m in config.methods) and not self.raw:
             encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
             if config.encoder_weights is not None:
-                load_encoder_weights(encoder, config.encoder_weights)
+                try:
+                    load_encoder_weights(encoder, config.encoder_weights)
+                except (OSError, ValueError) as error:
+                    raise RunError(f"--encoder-weights: {error}") from error
             self.encoder = encoder.to(device)
+        self.objectives = {m: make_objective(m, config, self.encoder) for m in config.methods if m != "random"}
         self.naive = {
             task: evaluate_naive(self.test, task, config.modality, config.eval_crop, config.grid_images)
             for task in config.tasks
@@ -453,7 +574,13 @@ class Experiment:
             (config.adam_beta1, config.adam_beta2),
             config.adam_eps,
         )
-        self.logger = RunLogger(self.run_dir, config.tensorboard)
+        if not config.resume:
+            create_run_dir(run_dir, config)
+        self.logger = RunLogger(run_dir, config.tensorboard, resume=config.resume)
+        say(
+            f"rcl-train: run folder {run_dir}; {len(self.train)} training / {len(self.test)} test images; "
+            f"device {device}; torch {torch.__version__}"
+        )
 
     def run(self) -> dict:
         """Every (seed, method), then the summary, table and figures."""
@@ -470,7 +597,14 @@ class Experiment:
                     self.densities["init"] = self._gaps(initial)
                     self.densities["noise"] = self._gaps(None)
                 for method in config.methods:
-                    results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
+                    try:
+                        results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
+                    except FloatingPointError as error:
+                        raise RunError(
+                            f"{method}/seed{seed}: {error}. The run folder {self.run_dir} keeps what finished, but "
+                            "a --resume would diverge again at the same step: start a new run (another --run-name) "
+                            "with the changed option"
+                        ) from error
         finally:
             self.logger.close()
         summary = report.summarise(config, results, self.naive, self._environment())
@@ -492,10 +626,10 @@ class Experiment:
         checkpoint_dir = self.run_dir / "checkpoints" / method / f"seed{seed}"
         samples_path = checkpoint_dir / "samples.npz"
         if config.resume and result_path.exists() and (not first_seed or samples_path.exists()):
-            if first_seed:
-                _load_samples(samples_path, method, self.examples, self.densities)
-            self.say(f"  {tag}: reused finished result")
-            return json.loads(result_path.read_text())
+            try:
+                return self._reuse_result(method, result_path, samples_path if first_seed else None, tag)
+            except DamagedFileError as error:
+                self.say(f"  {tag}: {error}; computing this result again")
 
         model = build_model(config.model, config.width, config.depth, self.raw)
         model.load_state_dict(initial_state)
@@ -505,14 +639,15 @@ class Experiment:
             sampler = CropSampler(self.train, config.crop_size, seeded_generator(seed, "pretrain"), self.raw)
             result["pretrain"] = pretrain(
                 model,
-                make_objective(method, config, self.encoder).to(self.device),
+                self.objectives[method].to(self.device),
                 sampler,
                 config,
                 self.device,
-                checkpoint_dir / "pretrain_last.safetensors",
+                checkpoint_dir,
                 lambda step, values: self.logger.log(method, seed, "pretrain", step, values),
                 progress_bar(config.progress, f"pre-train {tag}"),
                 config.resume,
+                lambda message: self.say(f"  {tag}: {message}"),
             )
             self.say(
                 f"  {tag}: pre-trained {config.pretrain_steps} steps in {result['pretrain']['seconds']:.1f} s, "
@@ -566,12 +701,22 @@ class Experiment:
                 f"(fine-tuned head in {seconds:.1f} s)"
             )
         if first_seed:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(samples_path, **samples)
-        result_path.parent.mkdir(parents=True, exist_ok=True)
-        result_path.write_text(json.dumps(result, indent=2))
+            with atomic_path(samples_path) as temporary:
+                np.savez_compressed(temporary, **samples)
         scores_row = {f"{t}_{k}": v[k] for t, v in result["tasks"].items() for k in ("psnr", "ssim")}
         self.logger.log(method, seed, "proxy", 0, scores_row)
+        write_json_atomically(result_path, result)  # last: its presence marks the (method, seed) finished
+        return result
+
+    def _reuse_result(self, method: str, result_path: Path, samples_path: Path | None, tag: str) -> dict:
+        """A finished (method, seed)'s saved result, and for the first seed its figure data from
+        ``samples_path``; DamagedFileError naming a file that cannot be read."""
+        result = read_json(result_path)
+        if not isinstance(result, dict) or not set(self.config.tasks) <= set(result.get("tasks", {})):
+            raise DamagedFileError(result_path, f"it lacks the scores of the tasks {self.config.tasks}")
+        if samples_path is not None:
+            _load_samples(samples_path, method, self.examples, self.densities)
+        self.say(f"  {tag}: reused finished result")
         return result
 
     def _environment(self) -> dict:
@@ -594,16 +739,21 @@ class Experiment:
 
 
 def _load_samples(path: Path, method: str, examples: dict, densities: dict) -> None:
-    """Restore a finished run's Fig. 2 gaps and sample outputs (for --resume)."""
-    with np.load(path) as stored:
-        if "density" in stored:
-            densities[method] = stored["density"]
-        for task, task_examples in examples.items():
-            reference = task_examples.get("Input", [])
-            outputs = []
-            for index, (inputs, _, target) in enumerate(reference):
-                key = f"{task}.{index}"
-                if key in stored:
-                    outputs.append((inputs, torch.from_numpy(stored[key]), target))
-            if outputs:
-                task_examples[method] = outputs
+    """Restore a finished run's Fig. 2 gaps and sample outputs (for --resume); DamagedFileError naming
+    ``path`` (and nothing restored) when it cannot be read."""
+    try:
+        with np.load(path) as archive:
+            stored = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DamagedFileError(path, f"{type(error).__name__}: {error}") from error
+    if "density" in stored:
+        densities[method] = stored["density"]
+    for task, task_examples in examples.items():
+        reference = task_examples.get("Input", [])
+        outputs = []
+        for index, (inputs, _, target) in enumerate(reference):
+            key = f"{task}.{index}"
+            if key in stored:
+                outputs.append((inputs, torch.from_numpy(stored[key]), target))
+        if outputs:
+            task_examples[method] = outputs
