@@ -17,10 +17,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark as "gpu" every test parametrised with a "cuda" backend or device."""
+    """Mark as "gpu" every test parametrised with a "cuda" backend or device, or with the
+    "triton" backend (compiled kernels on a GPU machine, the interpreter elsewhere)."""
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and "cuda" in [v for v in callspec.params.values() if isinstance(v, str)]:
+        values = [v for v in callspec.params.values() if isinstance(v, str)] if callspec is not None else []
+        if "cuda" in values or "triton" in values:
             item.add_marker(pytest.mark.gpu)
 
 
