@@ -18,6 +18,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <array>
+
 namespace rcl_ops {
 namespace {
 
@@ -25,6 +27,15 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 using TensorPair = std::tuple<Tensor, Tensor>;
+using Mask = std::array<bool, 2>;
+
+// Which of the first two inputs (q, k) need a gradient: the backward ops skip the others.
+Mask input_grad_mask(AutogradContext* ctx) {
+  return {ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+}
+
+// The op's gradient where it was asked for, undefined (no gradient) where it was not.
+Tensor if_needed(const Tensor& grad, bool needed) { return needed ? grad : Tensor(); }
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
@@ -54,11 +65,12 @@ class EmdExactFunction : public torch::autograd::Function<EmdExactFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         find_op<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&)>("rcl_ops::emd_exact_backward");
+                           const Tensor&, Mask)>("rcl_ops::emd_exact_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
-    auto [grad_q, grad_k] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3]);
-    return {grad_q, grad_k};
+    const Mask mask = input_grad_mask(ctx);
+    auto [grad_q, grad_k] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], mask);
+    return {if_needed(grad_q, mask[0]), if_needed(grad_k, mask[1])};
   }
 };
 
@@ -94,15 +106,16 @@ class MmdGridFunction : public torch::autograd::Function<MmdGridFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         find_op<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>(
+                           const Tensor&, const Tensor&, const Tensor&, int64_t, bool, Mask)>(
             "rcl_ops::mmd_grid_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const auto s = ctx->get_saved_variables();
+    const Mask mask = input_grad_mask(ctx);
     auto [grad_q, grad_k] =
         op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["num_bins"].toInt(),
-                ctx->saved_data["unbiased"].toBool());
+                ctx->saved_data["unbiased"].toBool(), mask);
     // The bandwidths (and the grid) are constants: no gradient, as documented.
-    return {grad_q, grad_k, Tensor(), Tensor(), Tensor()};
+    return {if_needed(grad_q, mask[0]), if_needed(grad_k, mask[1]), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -135,13 +148,14 @@ class BdFunction : public torch::autograd::Function<BdFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         find_op<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, const Tensor&, double)>(
+                           const Tensor&, const Tensor&, const Tensor&, double, Mask)>(
             "rcl_ops::bd_backward");
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor()};
     const auto s = ctx->get_saved_variables();
-    auto [grad_q, grad_k] =
-        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["eps"].toDouble());
-    return {grad_q, grad_k, Tensor()};
+    const Mask mask = input_grad_mask(ctx);
+    auto [grad_q, grad_k] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5],
+                                    ctx->saved_data["eps"].toDouble(), mask);
+    return {if_needed(grad_q, mask[0]), if_needed(grad_k, mask[1]), Tensor()};
   }
 };
 

@@ -3,7 +3,17 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+
 namespace rcl_ops {
+
+// Which input sides of a backward op need their gradient (the schema's bool[2] output_mask).
+using OutputMask = std::array<bool, 2>;
+
+// The placeholder a backward op returns for a side nobody needs: 0 elements, like's options.
+inline at::Tensor skipped_gradient(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
 
 inline void check_rows(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (B, M), got shape ", x.sizes());

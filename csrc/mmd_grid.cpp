@@ -121,7 +121,7 @@ MmdGridOutputs mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q,
 std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(
     const GridKernels& kernels, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& bandwidths, const at::Tensor& grid_tensor, const at::Tensor& w_q,
-    const at::Tensor& w_k, int64_t num_bins, bool unbiased) {
+    const at::Tensor& w_k, int64_t num_bins, bool unbiased, OutputMask output_mask) {
   const char* op = "rcl_ops::mmd_grid_backward";
   check_inputs(q, k, bandwidths, num_bins, unbiased, op);
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == q.size(0) && grad.size(1) == k.size(0), op,
@@ -135,18 +135,20 @@ std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(
   // dD[i, j]/dx = (2 / M) (K' * (w_i - w_j))(x) for x in q[i]; summed over j with weights
   // grad[i, j], the field of q[i] is K' * (rowsum_i w_i - (grad w_k)_i). Centring is free:
   // the w_mean terms cancel.
-  at::Tensor coef_q = row_sums.unsqueeze(1) * u_q - at::mm(g, u_k);
-  at::Tensor coef_k = col_sums.unsqueeze(1) * u_k - at::mm(g.t(), u_q);
-  if (unbiased) {
-    coef_q = coef_q + (row_sums / double(q.size(1) - 1)).unsqueeze(1) * w_q;
-    coef_k = coef_k + (col_sums / double(k.size(1) - 1)).unsqueeze(1) * w_k;
-  }
   const at::Tensor spectrum =
       kernels.spectrum(grid_tensor, bandwidths, grid.fft_size, /*derivative=*/true);
-  const at::Tensor field_q = convolve(coef_q, spectrum, grid) * (2.0 / double(q.size(1)));
-  const at::Tensor field_k = convolve(coef_k, spectrum, grid) * (2.0 / double(k.size(1)));
-  return {kernels.interpolate(field_q, q, grid.lo, grid.step),
-          kernels.interpolate(field_k, k, grid.lo, grid.step)};
+  // One side: its coefficients (sums of grad against both batches' weights), convolved with
+  // the kernel derivative into a field, interpolated at its values.
+  const auto side_gradient = [&](const at::Tensor& x, const at::Tensor& w_x, const at::Tensor& u_x,
+                                 const at::Tensor& u_other, const at::Tensor& g_x,
+                                 const at::Tensor& sums) {
+    at::Tensor coef = sums.unsqueeze(1) * u_x - at::mm(g_x, u_other);
+    if (unbiased) coef = coef + (sums / double(x.size(1) - 1)).unsqueeze(1) * w_x;
+    const at::Tensor field = convolve(coef, spectrum, grid) * (2.0 / double(x.size(1)));
+    return kernels.interpolate(field, x, grid.lo, grid.step);
+  };
+  return {output_mask[0] ? side_gradient(q, w_q, u_q, u_k, g, row_sums) : skipped_gradient(q),
+          output_mask[1] ? side_gradient(k, w_k, u_k, u_q, g.t(), col_sums) : skipped_gradient(k)};
 }
 
 }  // namespace rcl_ops

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "checks.h"
+
 namespace rcl_ops {
 
 struct GridKernels {
@@ -41,10 +43,11 @@ MmdGridOutputs mmd_grid_forward(const GridKernels& kernels, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& bandwidths, int64_t num_bins,
                                 bool unbiased);
 
-// Gradients of sum(grad * distances) for q and k, from the forward's grid and weights.
+// Gradients of sum(grad * distances) for q and k (each side only where output_mask asks),
+// from the forward's grid and weights.
 std::tuple<at::Tensor, at::Tensor> mmd_grid_backward(
     const GridKernels& kernels, const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& bandwidths, const at::Tensor& grid, const at::Tensor& w_q,
-    const at::Tensor& w_k, int64_t num_bins, bool unbiased);
+    const at::Tensor& w_k, int64_t num_bins, bool unbiased, OutputMask output_mask);
 
 }  // namespace rcl_ops

@@ -12,6 +12,9 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// Backward ops take output_mask: which of the two input sides (q, k; or x, y) need a
+// gradient. A side that does not is skipped where that saves work and returned as a
+// 0-element tensor (autograd passes None/undefined for it).
 TORCH_LIBRARY(rcl_ops, m) {
   // Bhattacharyya: per-row mean and unbiased variance, then the closed-form pair term.
   m.def("moments(Tensor x) -> (Tensor mean, Tensor var)");
@@ -19,27 +22,29 @@ TORCH_LIBRARY(rcl_ops, m) {
   m.def("bd_pair(Tensor mean_q, Tensor var_q, Tensor mean_k, Tensor var_k, float eps) -> Tensor");
   m.def(
       "bd_pair_backward(Tensor grad, Tensor mean_q, Tensor var_q, Tensor mean_k, Tensor var_k, "
-      "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "float eps, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // The whole Bhattacharyya distance as one node (one autograd hop per loss step).
   m.def(
       "bd(Tensor q, Tensor k, float eps) -> (Tensor distances, Tensor mean_q, Tensor var_q, "
       "Tensor mean_k, Tensor var_k)");
   m.def(
       "bd_backward(Tensor grad, Tensor q, Tensor k, Tensor mean_q, Tensor var_q, Tensor mean_k, "
-      "Tensor var_k, float eps) -> (Tensor, Tensor)");
+      "Tensor var_k, float eps, bool[2] output_mask) -> (Tensor, Tensor)");
   // EMD: per-row sorted values or K mid-level quantiles (with the sort order), then the
   // pairwise mean absolute difference.
   m.def("sorted_quantiles(Tensor x, int num_quantiles) -> (Tensor quantiles, Tensor order)");
   m.def("sorted_quantiles_backward(Tensor grad_quantiles, Tensor order) -> Tensor");
   m.def("emd_pair(Tensor sorted_q, Tensor sorted_k) -> Tensor");
-  m.def("emd_pair_backward(Tensor grad, Tensor sorted_q, Tensor sorted_k) -> (Tensor, Tensor)");
+  m.def(
+      "emd_pair_backward(Tensor grad, Tensor sorted_q, Tensor sorted_k, bool[2] output_mask) -> "
+      "(Tensor, Tensor)");
   // Exact EMD (K == M) as one node, so that its backward can fuse the scatter back.
   m.def(
       "emd_exact(Tensor q, Tensor k) -> (Tensor distances, Tensor sorted_q, Tensor order_q, "
       "Tensor sorted_k, Tensor order_k)");
   m.def(
       "emd_exact_backward(Tensor grad, Tensor sorted_q, Tensor order_q, Tensor sorted_k, "
-      "Tensor order_k) -> (Tensor, Tensor)");
+      "Tensor order_k, bool[2] output_mask) -> (Tensor, Tensor)");
   // MMD: binned-grid method (linear in M) and the exact direct kernel sums.
   // The forward also returns its grid (lo, step as a float64 (2,) tensor) and the float64
   // (B, num_bins) binned weights of q and k, which the backward reuses instead of binning again.
@@ -48,9 +53,10 @@ TORCH_LIBRARY(rcl_ops, m) {
       "(Tensor distances, Tensor grid, Tensor w_q, Tensor w_k)");
   m.def(
       "mmd_grid_backward(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, Tensor grid, "
-      "Tensor w_q, Tensor w_k, int num_bins, bool unbiased) -> (Tensor, Tensor)");
+      "Tensor w_q, Tensor w_k, int num_bins, bool unbiased, bool[2] output_mask) -> (Tensor, "
+      "Tensor)");
   m.def("gaussian_kernel_sums(Tensor x, Tensor y, Tensor bandwidths, bool paired) -> Tensor");
   m.def(
       "gaussian_kernel_sums_backward(Tensor grad, Tensor x, Tensor y, Tensor bandwidths, "
-      "bool paired) -> (Tensor, Tensor)");
+      "bool paired, bool[2] output_mask) -> (Tensor, Tensor)");
 }

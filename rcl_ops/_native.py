@@ -8,7 +8,7 @@ import torch
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
 from ._autograd import register_sketch_and_pair_autograd
 from ._backend import Backend, mark_unavailable, register_backend
-from ._fakes import register_fake_kernels
+from ._fakes import masked_gradients, register_fake_kernels
 from ._formulas import mmd_from_kernel_sums
 
 ops = torch.ops.rcl_ops
@@ -32,8 +32,8 @@ def _emd_exact_fake(q, k):
 
 
 @torch.library.register_fake("rcl_ops::emd_exact_backward")
-def _emd_exact_backward_fake(grad, sorted_q, order_q, sorted_k, order_k):
-    return torch.empty_like(sorted_q), torch.empty_like(sorted_k)
+def _emd_exact_backward_fake(grad, sorted_q, order_q, sorted_k, order_k, output_mask):
+    return masked_gradients((sorted_q, sorted_k), output_mask)
 
 
 @torch.library.register_fake("rcl_ops::bd")
@@ -45,8 +45,8 @@ def _bd_fake(q, k, eps):
 
 
 @torch.library.register_fake("rcl_ops::bd_backward")
-def _bd_backward_fake(grad, q, k, mean_q, var_q, mean_k, var_k, eps):
-    return torch.empty_like(q), torch.empty_like(k)
+def _bd_backward_fake(grad, q, k, mean_q, var_q, mean_k, var_k, eps, output_mask):
+    return masked_gradients((q, k), output_mask)
 
 
 @torch.library.register_fake("rcl_ops::gaussian_kernel_sums")
@@ -56,8 +56,8 @@ def _gaussian_kernel_sums_fake(x, y, bandwidths, paired):
 
 
 @torch.library.register_fake("rcl_ops::gaussian_kernel_sums_backward")
-def _gaussian_kernel_sums_backward_fake(grad, x, y, bandwidths, paired):
-    return torch.empty_like(x), torch.empty_like(y)
+def _gaussian_kernel_sums_backward_fake(grad, x, y, bandwidths, paired, output_mask):
+    return masked_gradients((x, y), output_mask)
 
 
 # ---- autograd -----------------------------------------------------------------------------
@@ -71,8 +71,9 @@ def _kernel_sums_setup(ctx, inputs, output):
 
 def _kernel_sums_backward(ctx, grad):
     x, y, bandwidths = ctx.saved_tensors
-    grad_x, grad_y = ops.gaussian_kernel_sums_backward(grad, x, y, bandwidths, ctx.paired)
-    return grad_x, grad_y, None, None
+    mask = list(ctx.needs_input_grad[:2])
+    grad_x, grad_y = ops.gaussian_kernel_sums_backward(grad, x, y, bandwidths, ctx.paired, mask)
+    return (grad_x if mask[0] else None), (grad_y if mask[1] else None), None, None
 
 
 register_sketch_and_pair_autograd("rcl_ops")

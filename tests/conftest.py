@@ -1,6 +1,11 @@
 import os
+import tempfile
 
 import torch
+
+# A fresh torch.compile cache per test session: a cache left by an earlier build of the
+# extension can replay a backward graph that calls an op with its old schema.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="rcl_ops-inductor-"))
 
 # Without a GPU, Triton kernels run on CPU tensors through the interpreter; this must be
 # set before any @triton.jit function is defined (rcl_ops.triton defines them at import).

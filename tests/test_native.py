@@ -132,7 +132,9 @@ def test_int64_sort_order_is_rejected(backend):
     device = backend_device(backend)
     sorted_x, order = torch.ops.rcl_ops.sorted_quantiles(torch.randn(2, 9, device=device), 9)
     with pytest.raises(RuntimeError, match="order_q must be int32"):
-        torch.ops.rcl_ops.emd_exact_backward(torch.ones(2, 2, device=device), sorted_x, order.long(), sorted_x, order)
+        torch.ops.rcl_ops.emd_exact_backward(
+            torch.ones(2, 2, device=device), sorted_x, order.long(), sorted_x, order, [True, True]
+        )
     with pytest.raises(RuntimeError, match="order must be int32"):
         torch.ops.rcl_ops.sorted_quantiles_backward(sorted_x, order.long())
 
@@ -194,23 +196,29 @@ def _op_samples(device, dtype):
         (ops.moments.default, (x,)),
         (ops.moments_backward.default, (mean.clone(), var.clone(), x, mean)),
         (ops.bd_pair.default, (mean, var, mean_k, var_k, 1e-6)),
-        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6)),
+        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6, [True, True])),
+        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6, [False, True])),
         (ops.bd.default, (x, y, 1e-6)),
-        (ops.bd_backward.default, (grad, x, y, mean, var, mean_k, var_k, 1e-6)),
+        (ops.bd_backward.default, (grad, x, y, mean, var, mean_k, var_k, 1e-6, [True, True])),
+        (ops.bd_backward.default, (grad, x, y, mean, var, mean_k, var_k, 1e-6, [True, False])),
         (ops.sorted_quantiles.default, (x, 17)),
         (ops.sorted_quantiles.default, (x, 5)),
         (ops.sorted_quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
         (ops.emd_pair.default, (sorted_x, sorted_y)),
-        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y)),
+        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y, [True, True])),
+        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y, [False, True])),
         (ops.emd_exact.default, (x, y)),
-        (ops.emd_exact_backward.default, (grad, sorted_x, order, sorted_y, order_y)),
+        (ops.emd_exact_backward.default, (grad, sorted_x, order, sorted_y, order_y, [True, True])),
+        (ops.emd_exact_backward.default, (grad, sorted_x, order, sorted_y, order_y, [True, False])),
         (ops.mmd_grid.default, (x, y, h, 64, False)),
         (ops.mmd_grid.default, (x, y, h, 64, True)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, True)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False, [True, True])),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False, [False, True])),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, True, [True, True])),
         (ops.gaussian_kernel_sums.default, (x, y, h, False)),
         (ops.gaussian_kernel_sums.default, (x, x, h, True)),
-        (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False)),
+        (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False, [True, True])),
+        (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False, [True, False])),
     ]
 
 
@@ -307,11 +315,11 @@ def test_bd_backward_reads_strided_gradients(backend):
         torch.randn(4, 3, device=device, dtype=torch.float64).t(),
         torch.ones((), device=device).double().expand(3, 4),
     ):
-        got = ops.bd_backward(grad, x, y, *moments, 1e-6)
-        want = ops.bd_backward(grad.contiguous(), x, y, *moments, 1e-6)
+        got = ops.bd_backward(grad, x, y, *moments, 1e-6, [True, True])
+        want = ops.bd_backward(grad.contiguous(), x, y, *moments, 1e-6, [True, True])
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-        pair_got = ops.bd_pair_backward(grad, *moments, 1e-6)
-        pair_want = ops.bd_pair_backward(grad.contiguous(), *moments, 1e-6)
+        pair_got = ops.bd_pair_backward(grad, *moments, 1e-6, [True, True])
+        pair_want = ops.bd_pair_backward(grad.contiguous(), *moments, 1e-6, [True, True])
         for a, b in zip(pair_got, pair_want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

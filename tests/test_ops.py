@@ -330,3 +330,53 @@ def test_native_and_triton_ops_agree_on_dtypes_and_values(dtype):
     for native, triton in zip(outputs["rcl_ops"], outputs["rcl_ops_triton"]):
         assert native.dtype == triton.dtype and native.shape == triton.shape
         torch.testing.assert_close(triton.cpu(), native.cpu(), rtol=1e-4, atol=1e-6)
+
+
+# ---- backward ops skip the gradients nobody needs --------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("side", ["q", "k"])
+def test_gradient_of_one_side_only(backend, distance, side):
+    # One side held fixed (e.g. keys from a momentum encoder): the other's gradient is the one
+    # computed with both sides differentiable.
+    fn, options = DISTANCES[distance]
+    if distance == "mmd":
+        options = {**options, "method": _mmd_method(backend)}
+    device = backend_device(backend)
+    q, k = (t.to(device) for t in _pair(torch.float64, bq=3, bk=4, m=10))
+    weights = torch.randn(3, 4, dtype=torch.float64, device=device)
+
+    def grads(requires_q, requires_k):
+        a, b = q.clone().requires_grad_(requires_q), k.clone().requires_grad_(requires_k)
+        wanted = [t for t in (a, b) if t.requires_grad]
+        return torch.autograd.grad((fn(a, b, backend=backend, **options) * weights).sum(), wanted)
+
+    both = grads(True, True)
+    (only,) = grads(side == "q", side == "k")
+    torch.testing.assert_close(only, both[0 if side == "q" else 1])
+
+
+@pytest.mark.parametrize("namespace", ["rcl_ops", "rcl_ops_triton"])
+def test_backward_ops_return_placeholders_for_masked_sides(namespace):
+    if namespace == "rcl_ops" and not NATIVE_BACKENDS or namespace == "rcl_ops_triton" and "triton" not in ALL_BACKENDS:
+        pytest.skip(f"{namespace} is not loaded")
+    device = backend_device("triton" if namespace == "rcl_ops_triton" else NATIVE_BACKENDS[0])
+    ops = getattr(torch.ops, namespace)
+    q, k = (t.to(device) for t in _pair(torch.float32))
+    grad = torch.randn(3, 4, device=device)
+    sq, sk = ops.sorted_quantiles(q, 24)[0], ops.sorted_quantiles(k, 24)[0]
+    full_q, full_k = ops.emd_pair_backward(grad, sq, sk, [True, True])
+    only_q, skipped_k = ops.emd_pair_backward(grad, sq, sk, [True, False])
+    skipped_q, only_k = ops.emd_pair_backward(grad, sq, sk, [False, True])
+    assert skipped_k.numel() == 0 and skipped_q.numel() == 0
+    torch.testing.assert_close(only_q, full_q)
+    torch.testing.assert_close(only_k, full_k)
+    moments = (*ops.moments(q), *ops.moments(k))
+    grads = ops.bd_pair_backward(grad, *moments, 1e-6, [False, True])
+    assert [g.numel() for g in grads] == [0, 0, 4, 4]
+    h = torch.tensor([0.8], dtype=torch.float64, device=device)
+    _, grid, w_q, w_k = ops.mmd_grid(q, k, h, 64, False)
+    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, h, grid, w_q, w_k, 64, False, [True, False])
+    assert grad_q.shape == q.shape and grad_k.numel() == 0

@@ -253,19 +253,22 @@ def _op_samples(device, dtype):
         (ops.moments.default, (x,)),
         (ops.moments_backward.default, (mean.clone(), var.clone(), x, mean)),
         (ops.bd_pair.default, (mean, var, mean_k, var_k, 1e-6)),
-        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6)),
+        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6, [True, True])),
+        (ops.bd_pair_backward.default, (grad, mean, var, mean_k, var_k, 1e-6, [False, True])),
         (ops.sorted_quantiles.default, (x, 17)),
         (ops.sorted_quantiles.default, (x, 5)),
         (ops.sorted_quantiles_backward.default, (torch.randn(3, 5, device=device, dtype=dtype), order)),
         (ops.sorted_quantiles_backward.default, (torch.randn(3, 17, device=device, dtype=dtype), order)),
         (ops.emd_pair.default, (sorted_x, sorted_y)),
-        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y)),
+        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y, [True, True])),
+        (ops.emd_pair_backward.default, (grad, sorted_x, sorted_y, [True, False])),
         (ops.grid_bin.default, (x, lo, step, 16)),
         (ops.grid_interpolate.default, (torch.randn(3, 16, device=device, dtype=torch.float64), x, lo, step)),
         (ops.mmd_grid.default, (x, y, h, 64, False)),
         (ops.mmd_grid.default, (x, y, h, 64, True)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False)),
-        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, True)),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False, [True, True])),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, False, [False, True])),
+        (ops.mmd_grid_backward.default, (grad, x, y, h, grid, w_x, w_y, 64, True, [True, True])),
     ]
 
 
@@ -305,7 +308,7 @@ def test_ops_reject_bad_arguments(device):
         with pytest.raises(RuntimeError, match=r"num_bins must be in \[2, 16777216\]"):
             ops.mmd_grid(x, x, torch.ones(1, device=device), num_bins, False)
     with pytest.raises(RuntimeError, match="grad must have shape"):
-        ops.bd_pair_backward(torch.ones(2, 2, device=device), *ops.moments(x), *ops.moments(x), 1e-6)
+        ops.bd_pair_backward(torch.ones(2, 2, device=device), *ops.moments(x), *ops.moments(x), 1e-6, [True, True])
 
 
 @pytest.mark.parametrize("device", DEVICES)

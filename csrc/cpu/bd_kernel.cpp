@@ -166,38 +166,41 @@ at::Tensor bd_pair_cpu(const at::Tensor& mean_q, const at::Tensor& var_q, const 
 // Sums of the pair gradient over the other batch: for row i of q, d_mean_q[i] and d_var_q[i];
 // for column j of k, d_mean_k[j] and d_var_k[j]. grad (of type G) is read through its
 // strides (autograd hands over expanded gradients); rows and columns are reduced in two
-// passes, so no two threads write the same output. All in double, like the moments.
+// passes (each only where the mask asks), so no two threads write the same output. All in
+// double, like the moments.
 template <typename G>
 void bd_pair_grad_sums(const G* gp, int64_t stride_i, int64_t stride_j, const double* mqp,
                        const double* vqp, const double* mkp, const double* vkp, int64_t bq,
-                       int64_t bk, double eps, double* g_mq, double* g_vq, double* g_mk,
-                       double* g_vk) {
-  at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      double d_mean = 0.0, d_var = 0.0;
-      for (int64_t j = 0; j < bk; ++j) {
-        const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
-        const double g = double(gp[i * stride_i + j * stride_j]);
-        d_mean += g * d.d_mean_q;
-        d_var += g * d.d_var_q;
+                       int64_t bk, double eps, OutputMask mask, double* g_mq, double* g_vq,
+                       double* g_mk, double* g_vk) {
+  if (mask[0])
+    at::parallel_for(0, bq, grain_for(16 * bk), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double d_mean = 0.0, d_var = 0.0;
+        for (int64_t j = 0; j < bk; ++j) {
+          const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
+          const double g = double(gp[i * stride_i + j * stride_j]);
+          d_mean += g * d.d_mean_q;
+          d_var += g * d.d_var_q;
+        }
+        g_mq[i] = d_mean;
+        g_vq[i] = d_var;
       }
-      g_mq[i] = d_mean;
-      g_vq[i] = d_var;
-    }
-  });
-  at::parallel_for(0, bk, grain_for(16 * bq), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      double d_mean = 0.0, d_var = 0.0;
-      for (int64_t i = 0; i < bq; ++i) {
-        const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
-        const double g = double(gp[i * stride_i + j * stride_j]);
-        d_mean -= g * d.d_mean_q;
-        d_var += g * d.d_var_k;
+    });
+  if (mask[1])
+    at::parallel_for(0, bk, grain_for(16 * bq), [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        double d_mean = 0.0, d_var = 0.0;
+        for (int64_t i = 0; i < bq; ++i) {
+          const auto d = bd_grad<double>(mqp[i], vqp[i], mkp[j], vkp[j], eps);
+          const double g = double(gp[i * stride_i + j * stride_j]);
+          d_mean -= g * d.d_mean_q;
+          d_var += g * d.d_var_k;
+        }
+        g_mk[j] = d_mean;
+        g_vk[j] = d_var;
       }
-      g_mk[j] = d_mean;
-      g_vk[j] = d_var;
-    }
-  });
+    });
 }
 
 void check_pair_grad(const at::Tensor& grad, int64_t bq, int64_t bk, const char* op) {
@@ -207,7 +210,7 @@ void check_pair_grad(const at::Tensor& grad, int64_t bq, int64_t bk, const char*
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
-    const at::Tensor& mean_k, const at::Tensor& var_k, double eps) {
+    const at::Tensor& mean_k, const at::Tensor& var_k, double eps, OutputMask output_mask) {
   const char* op = "rcl_ops::bd_pair_backward";
   check_bd_moments(mean_q, var_q, mean_k, var_k, op);
   const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
@@ -219,10 +222,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(grad_in.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
     bd_pair_grad_sums<scalar_t>(grad_in.data_ptr<scalar_t>(), grad_in.stride(0), grad_in.stride(1),
                                 mq.data_ptr<double>(), vq.data_ptr<double>(), mk.data_ptr<double>(),
-                                vk.data_ptr<double>(), bq, bk, eps, g_mq.data_ptr<double>(),
-                                g_vq.data_ptr<double>(), g_mk.data_ptr<double>(),
-                                g_vk.data_ptr<double>());
+                                vk.data_ptr<double>(), bq, bk, eps, output_mask,
+                                g_mq.data_ptr<double>(), g_vq.data_ptr<double>(),
+                                g_mk.data_ptr<double>(), g_vk.data_ptr<double>());
   });
+  if (!output_mask[0]) g_mq = skipped_gradient(mq), g_vq = skipped_gradient(vq);
+  if (!output_mask[1]) g_mk = skipped_gradient(mk), g_vk = skipped_gradient(vk);
   return {g_mq, g_vq, g_mk, g_vk};
 }
 
@@ -257,12 +262,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cpu(
           var_k};
 }
 
-std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
-                                                   const at::Tensor& q_in, const at::Tensor& k_in,
-                                                   const at::Tensor& mean_q,
-                                                   const at::Tensor& var_q,
-                                                   const at::Tensor& mean_k,
-                                                   const at::Tensor& var_k, double eps) {
+std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+    const at::Tensor& var_k, double eps, OutputMask output_mask) {
   const char* op = "rcl_ops::bd_backward";
   check_bd_saved(q_in, k_in, mean_q, var_q, mean_k, var_k, op);
   const int64_t bq = q_in.size(0), bk = k_in.size(0);
@@ -271,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
   const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
   const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
   const int64_t count_q = q.size(1), count_k = k.size(1);
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k);
+  at::Tensor grad_q = output_mask[0] ? at::empty_like(q) : skipped_gradient(q);
+  at::Tensor grad_k = output_mask[1] ? at::empty_like(k) : skipped_gradient(k);
   // Per-row coefficients (bq + bk of them) on the heap, not as tensors.
   std::vector<double> coef(2 * (bq + bk));
   double *g_mq = coef.data(), *g_vq = g_mq + bq, *g_mk = g_vq + bq, *g_vk = g_mk + bk;
@@ -279,23 +283,26 @@ std::tuple<at::Tensor, at::Tensor> bd_backward_cpu(const at::Tensor& grad_in,
   AT_DISPATCH_FLOATING_TYPES(grad_in.scalar_type(), "rcl_ops::bd_backward", [&] {
     bd_pair_grad_sums<scalar_t>(grad_in.data_ptr<scalar_t>(), grad_in.stride(0), grad_in.stride(1),
                                 mqp, vq.data_ptr<double>(), mkp, vk.data_ptr<double>(), bq, bk, eps,
-                                g_mq, g_vq, g_mk, g_vk);
+                                output_mask, g_mq, g_vq, g_mk, g_vk);
   });
+  // Rows [0, bq) are q's, [bq, bq + bk) k's; a masked side's rows are left out.
+  const int64_t first_row = output_mask[0] ? 0 : bq, end_row = output_mask[1] ? bq + bk : bq;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
     const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
     scalar_t *gqp = grad_q.data_ptr<scalar_t>(), *gkp = grad_k.data_ptr<scalar_t>();
-    at::parallel_for(0, bq + bk, grain_for(std::max(count_q, count_k)), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        if (r < bq) {
-          row_moments_backward_any(qp + r * count_q, count_q, mqp[r], g_mq[r], g_vq[r],
-                                   gqp + r * count_q);
-        } else {
-          const int64_t j = r - bq;
-          row_moments_backward_any(kp + j * count_k, count_k, mkp[j], g_mk[j], g_vk[j],
-                                   gkp + j * count_k);
-        }
-      }
-    });
+    at::parallel_for(first_row, end_row, grain_for(std::max(count_q, count_k)),
+                     [&](int64_t b, int64_t e) {
+                       for (int64_t r = b; r < e; ++r) {
+                         if (r < bq) {
+                           row_moments_backward_any(qp + r * count_q, count_q, mqp[r], g_mq[r],
+                                                    g_vq[r], gqp + r * count_q);
+                         } else {
+                           const int64_t j = r - bq;
+                           row_moments_backward_any(kp + j * count_k, count_k, mkp[j], g_mk[j],
+                                                    g_vk[j], gkp + j * count_k);
+                         }
+                       }
+                     });
   });
   return {grad_q, grad_k};
 }

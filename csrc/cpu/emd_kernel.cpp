@@ -319,10 +319,12 @@ void permute_rows_in_place(at::Tensor& values, const at::Tensor& order) {
 }
 
 // Shared by emd_pair_backward (sorted positions) and emd_exact_backward (scattered back
-// through the orders when they are given).
+// through the orders when they are given). Both sides come out of one fused loop (the sign
+// of each difference serves both), so a masked side saves only its scatter pass.
 std::tuple<at::Tensor, at::Tensor> run_emd_backward(const at::Tensor& grad_in, const at::Tensor& sq,
                                                     const at::Tensor& sk, const at::Tensor* order_q,
-                                                    const at::Tensor* order_k, const char* op) {
+                                                    const at::Tensor* order_k, OutputMask mask,
+                                                    const char* op) {
   const int64_t bq = sq.size(0), bk = sk.size(0), n = sq.size(1);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
               ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
@@ -344,29 +346,30 @@ std::tuple<at::Tensor, at::Tensor> run_emd_backward(const at::Tensor& grad_in, c
                                std::min(kGradChunk, n - c));
       }
     });
-    if (order_q) permute_rows_in_place<scalar_t>(grad_q, *order_q);
-    if (order_k) permute_rows_in_place<scalar_t>(grad_k, *order_k);
+    if (order_q && mask[0]) permute_rows_in_place<scalar_t>(grad_q, *order_q);
+    if (order_k && mask[1]) permute_rows_in_place<scalar_t>(grad_k, *order_k);
   });
-  return {grad_q, grad_k};
+  return {mask[0] ? grad_q : skipped_gradient(sq), mask[1] ? grad_k : skipped_gradient(sk)};
 }
 
 std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cpu(const at::Tensor& grad,
                                                          const at::Tensor& sq_in,
-                                                         const at::Tensor& sk_in) {
+                                                         const at::Tensor& sk_in,
+                                                         OutputMask output_mask) {
   const char* op = "rcl_ops::emd_pair_backward";
   check_pair(sq_in, sk_in, op);
-  return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), nullptr, nullptr, op);
+  return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), nullptr, nullptr,
+                          output_mask, op);
 }
 
-std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cpu(const at::Tensor& grad,
-                                                          const at::Tensor& sq_in,
-                                                          const at::Tensor& order_q_in,
-                                                          const at::Tensor& sk_in,
-                                                          const at::Tensor& order_k_in) {
+std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& sq_in, const at::Tensor& order_q_in,
+    const at::Tensor& sk_in, const at::Tensor& order_k_in, OutputMask output_mask) {
   const char* op = "rcl_ops::emd_exact_backward";
   check_sorted_pair_and_orders(sq_in, order_q_in, sk_in, order_k_in, op);
   const at::Tensor order_q = order_q_in.contiguous(), order_k = order_k_in.contiguous();
-  return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), &order_q, &order_k, op);
+  return run_emd_backward(grad, sq_in.contiguous(), sk_in.contiguous(), &order_q, &order_k,
+                          output_mask, op);
 }
 
 }  // namespace

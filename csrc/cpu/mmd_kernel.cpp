@@ -73,9 +73,9 @@ MmdGridOutputs mmd_grid_cpu(const at::Tensor& q, const at::Tensor& k, const at::
 std::tuple<at::Tensor, at::Tensor> mmd_grid_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
     const at::Tensor& grid, const at::Tensor& w_q, const at::Tensor& w_k, int64_t num_bins,
-    bool unbiased) {
+    bool unbiased, OutputMask output_mask) {
   return mmd_grid_backward(kCpuGridKernels, grad, q, k, bandwidths, grid, w_q, w_k, num_bins,
-                           unbiased);
+                           unbiased, output_mask);
 }
 
 // ---- exact direct sums ------------------------------------------------------------------
@@ -160,11 +160,9 @@ void kernel_sums_side_grad(const T* a, int64_t rows_a, int64_t count_a, const T*
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(const at::Tensor& grad_in,
-                                                                     const at::Tensor& x_in,
-                                                                     const at::Tensor& y_in,
-                                                                     const at::Tensor& bandwidths,
-                                                                     bool paired) {
+std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in,
+    const at::Tensor& bandwidths, bool paired, OutputMask output_mask) {
   const char* op = "rcl_ops::gaussian_kernel_sums_backward";
   const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
   if (paired) {
@@ -176,21 +174,26 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cpu(const at::T
                 grad_in.sizes());
   }
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
-  at::Tensor grad_x = at::empty_like(a.x), grad_y = at::empty_like(a.y);
+  at::Tensor grad_x = output_mask[0] ? at::empty_like(a.x) : skipped_gradient(a.x);
+  at::Tensor grad_y = output_mask[1] ? at::empty_like(a.y) : skipped_gradient(a.y);
   const double* ih = a.inv_two_h2.data();
   const int64_t num_h = int64_t(a.inv_two_h2.size());
   const double* gp = grad.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums_backward", [&] {
     const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
     // d/dx_s sum k(x_s - y_t) = sum_t k'(x_s - y_t); for y the roles swap (k' is odd).
-    kernel_sums_side_grad(
-        xp, a.rows_x, a.count_x, yp, a.rows_y, a.count_y, paired, ih, num_h,
-        [&](int64_t i, int64_t j) { return paired ? gp[i] : gp[i * a.rows_y + j]; },
-        grad_x.data_ptr<scalar_t>());
-    kernel_sums_side_grad(
-        yp, a.rows_y, a.count_y, xp, a.rows_x, a.count_x, paired, ih, num_h,
-        [&](int64_t j, int64_t i) { return paired ? gp[j] : gp[i * a.rows_y + j]; },
-        grad_y.data_ptr<scalar_t>());
+    if (output_mask[0]) {
+      kernel_sums_side_grad(
+          xp, a.rows_x, a.count_x, yp, a.rows_y, a.count_y, paired, ih, num_h,
+          [&](int64_t i, int64_t j) { return paired ? gp[i] : gp[i * a.rows_y + j]; },
+          grad_x.data_ptr<scalar_t>());
+    }
+    if (output_mask[1]) {
+      kernel_sums_side_grad(
+          yp, a.rows_y, a.count_y, xp, a.rows_x, a.count_x, paired, ih, num_h,
+          [&](int64_t j, int64_t i) { return paired ? gp[j] : gp[i * a.rows_y + j]; },
+          grad_y.data_ptr<scalar_t>());
+    }
   });
   return {grad_x, grad_y};
 }

@@ -169,23 +169,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
-    const at::Tensor& mean_k, const at::Tensor& var_k, double eps);
+    const at::Tensor& mean_k, const at::Tensor& var_k, double eps, OutputMask output_mask);
 
-std::tuple<at::Tensor, at::Tensor> bd_backward_cuda(const at::Tensor& grad, const at::Tensor& q_in,
-                                                    const at::Tensor& k_in,
-                                                    const at::Tensor& mean_q,
-                                                    const at::Tensor& var_q,
-                                                    const at::Tensor& mean_k,
-                                                    const at::Tensor& var_k, double eps) {
+std::tuple<at::Tensor, at::Tensor> bd_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& mean_q, const at::Tensor& var_q, const at::Tensor& mean_k,
+    const at::Tensor& var_k, double eps, OutputMask output_mask) {
   const char* op = "rcl_ops::bd_backward";
   check_bd_saved(q_in, k_in, mean_q, var_q, mean_k, var_k, op);
   c10::cuda::CUDAGuard device_guard(q_in.device());
   // The pair backward checks grad and the moments (shapes, dtype, device).
-  auto [g_mq, g_vq, g_mk, g_vk] = bd_pair_backward_cuda(grad, mean_q, var_q, mean_k, var_k, eps);
+  auto [g_mq, g_vq, g_mk, g_vk] =
+      bd_pair_backward_cuda(grad, mean_q, var_q, mean_k, var_k, eps, output_mask);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();
   const at::Tensor mq = mean_q.contiguous(), mk = mean_k.contiguous();
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k);
-  const int64_t total_q = q.numel(), total_k = k.numel();
+  at::Tensor grad_q = output_mask[0] ? at::empty_like(q) : skipped_gradient(q);
+  at::Tensor grad_k = output_mask[1] ? at::empty_like(k) : skipped_gradient(k);
+  // A masked side contributes no elements to the launch.
+  const int64_t total_q = output_mask[0] ? q.numel() : 0, total_k = output_mask[1] ? k.numel() : 0;
+  if (total_q + total_k == 0) return {grad_q, grad_k};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
     two_batch_moments_backward_kernel<scalar_t>
@@ -238,16 +240,18 @@ at::Tensor bd_pair_cuda(const at::Tensor& mean_q, const at::Tensor& var_q, const
   return bd_pair_cuda_as(mean_q, var_q, mean_k, var_k, eps, at::kDouble);
 }
 
-// Blocks [0, Bq) reduce row i of grad over j (the q side); blocks [Bq, Bq + Bk) reduce
-// column j over i (the k side). No two blocks write the same output; double accumulation.
+// Tasks [0, Bq) reduce row i of grad over j (the q side); tasks [Bq, Bq + Bk) reduce column
+// j over i (the k side); a launch covers tasks [task_begin, task_end) (a masked side is left
+// out). No two blocks write the same output; double accumulation.
 template <typename G>
 __global__ void __launch_bounds__(kThreads)
     bd_pair_backward_kernel(const G* __restrict__ grad, const double* __restrict__ mq,
                             const double* __restrict__ vq, const double* __restrict__ mk,
                             const double* __restrict__ vk, double eps, int64_t bq, int64_t bk,
-                            double* __restrict__ g_mq, double* __restrict__ g_vq,
-                            double* __restrict__ g_mk, double* __restrict__ g_vk) {
-  for (int64_t task = blockIdx.x; task < bq + bk; task += gridDim.x) {
+                            int64_t task_begin, int64_t task_end, double* __restrict__ g_mq,
+                            double* __restrict__ g_vq, double* __restrict__ g_mk,
+                            double* __restrict__ g_vk) {
+  for (int64_t task = task_begin + blockIdx.x; task < task_end; task += gridDim.x) {
     double d_mean = 0.0, d_var = 0.0;
     if (task < bq) {
       const int64_t i = task;
@@ -282,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& mean_q, const at::Tensor& var_q,
-    const at::Tensor& mean_k, const at::Tensor& var_k, double eps) {
+    const at::Tensor& mean_k, const at::Tensor& var_k, double eps, OutputMask output_mask) {
   const char* op = "rcl_ops::bd_pair_backward";
   check_bd_moments(mean_q, var_q, mean_k, var_k, op);
   const int64_t bq = mean_q.size(0), bk = mean_k.size(0);
@@ -293,17 +297,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bd_pair_backward_cuda
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor mq = mean_q.contiguous(), vq = var_q.contiguous();
   const at::Tensor mk = mean_k.contiguous(), vk = var_k.contiguous();
-  at::Tensor g_mq = at::empty_like(mq), g_vq = at::empty_like(vq);
-  at::Tensor g_mk = at::empty_like(mk), g_vk = at::empty_like(vk);
-  const int64_t tasks = bq + bk;
-  if (tasks == 0) return {g_mq, g_vq, g_mk, g_vk};
+  at::Tensor g_mq = output_mask[0] ? at::empty_like(mq) : skipped_gradient(mq);
+  at::Tensor g_vq = output_mask[0] ? at::empty_like(vq) : skipped_gradient(vq);
+  at::Tensor g_mk = output_mask[1] ? at::empty_like(mk) : skipped_gradient(mk);
+  at::Tensor g_vk = output_mask[1] ? at::empty_like(vk) : skipped_gradient(vk);
+  const int64_t task_begin = output_mask[0] ? 0 : bq, task_end = output_mask[1] ? bq + bk : bq;
+  const int64_t tasks = task_end - task_begin;
+  if (tasks <= 0) return {g_mq, g_vq, g_mk, g_vk};
   const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(tasks, int64_t(1) << 20));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rcl_ops::bd_pair_backward", [&] {
     bd_pair_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         grad.data_ptr<scalar_t>(), mq.data_ptr<double>(), vq.data_ptr<double>(),
-        mk.data_ptr<double>(), vk.data_ptr<double>(), eps, bq, bk, g_mq.data_ptr<double>(),
-        g_vq.data_ptr<double>(), g_mk.data_ptr<double>(), g_vk.data_ptr<double>());
+        mk.data_ptr<double>(), vk.data_ptr<double>(), eps, bq, bk, task_begin, task_end,
+        g_mq.data_ptr<double>(), g_vq.data_ptr<double>(), g_mk.data_ptr<double>(),
+        g_vk.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {g_mq, g_vq, g_mk, g_vk};

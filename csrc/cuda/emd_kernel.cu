@@ -438,11 +438,12 @@ __global__ void __launch_bounds__(kGradThreads)
   }
 }
 
-// Both sides of the pair backward; with orders (the exact EMD), each gradient is written
-// through its row's sort order into the input's positions.
+// The pair backward, one launch per side that the mask asks for; with orders (the exact EMD),
+// each gradient is written through its row's sort order into the input's positions.
 std::tuple<at::Tensor, at::Tensor> pair_backward(const at::Tensor& grad_in, const at::Tensor& sq_in,
                                                  const at::Tensor& sk_in, const at::Tensor& order_q,
-                                                 const at::Tensor& order_k, const char* op) {
+                                                 const at::Tensor& order_k, OutputMask mask,
+                                                 const char* op) {
   const int64_t bq = sq_in.size(0), bk = sk_in.size(0), n = sq_in.size(1);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == bq && grad_in.size(1) == bk, op,
               ": grad must have shape (", bq, ", ", bk, "), got ", grad_in.sizes());
@@ -453,47 +454,51 @@ std::tuple<at::Tensor, at::Tensor> pair_backward(const at::Tensor& grad_in, cons
   const at::Tensor sq = sq_in.contiguous(), sk = sk_in.contiguous();
   // grad in the inputs' dtype (as on CPU); the division by K happens in the kernel.
   const at::Tensor grad = grad_in.to(sq.scalar_type()).contiguous();
-  const at::Tensor grad_t = grad.t().contiguous();
+  const at::Tensor grad_t = mask[1] ? grad.t().contiguous() : at::Tensor();
   const bool through_order = order_q.defined();
   const at::Tensor oq = through_order ? order_q.contiguous() : at::Tensor();
   const at::Tensor ok = through_order ? order_k.contiguous() : at::Tensor();
-  at::Tensor grad_q = at::empty_like(sq), grad_k = at::empty_like(sk);
+  at::Tensor grad_q = mask[0] ? at::empty_like(sq) : skipped_gradient(sq);
+  at::Tensor grad_k = mask[1] ? at::empty_like(sk) : skipped_gradient(sk);
   const unsigned int k_blocks = static_cast<unsigned int>((n + kGradK - 1) / kGradK);
   const dim3 block(kGradK, kGradRowsY);
   const dim3 grid_q(k_blocks, static_cast<unsigned int>((bq + kGradRows - 1) / kGradRows));
   const dim3 grid_k(k_blocks, static_cast<unsigned int>((bk + kGradRows - 1) / kGradRows));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(sq.scalar_type(), "rcl_ops::emd_pair_backward", [&] {
-    emd_pair_grad_kernel<scalar_t><<<grid_q, block, 0, stream>>>(
-        sq.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), bq, bk, n,
-        through_order ? oq.data_ptr<order_t>() : nullptr, grad_q.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    emd_pair_grad_kernel<scalar_t><<<grid_k, block, 0, stream>>>(
-        sk.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), bk, bq, n,
-        through_order ? ok.data_ptr<order_t>() : nullptr, grad_k.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (mask[0]) {
+      emd_pair_grad_kernel<scalar_t><<<grid_q, block, 0, stream>>>(
+          sq.data_ptr<scalar_t>(), sk.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), bq, bk, n,
+          through_order ? oq.data_ptr<order_t>() : nullptr, grad_q.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (mask[1]) {
+      emd_pair_grad_kernel<scalar_t><<<grid_k, block, 0, stream>>>(
+          sk.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(), bk, bq, n,
+          through_order ? ok.data_ptr<order_t>() : nullptr, grad_k.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {grad_q, grad_k};
 }
 
 std::tuple<at::Tensor, at::Tensor> emd_pair_backward_cuda(const at::Tensor& grad_in,
                                                           const at::Tensor& sq_in,
-                                                          const at::Tensor& sk_in) {
+                                                          const at::Tensor& sk_in,
+                                                          OutputMask output_mask) {
   const char* op = "rcl_ops::emd_pair_backward";
   check_pair(sq_in, sk_in, op);
-  return pair_backward(grad_in, sq_in, sk_in, at::Tensor(), at::Tensor(), op);
+  return pair_backward(grad_in, sq_in, sk_in, at::Tensor(), at::Tensor(), output_mask, op);
 }
 
 // Exact EMD backward: the pair backward written through the sort orders (two launches, no
 // separate scatter and no (B, M) gradient of the sorted values).
-std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cuda(const at::Tensor& grad,
-                                                           const at::Tensor& sorted_q,
-                                                           const at::Tensor& order_q,
-                                                           const at::Tensor& sorted_k,
-                                                           const at::Tensor& order_k) {
+std::tuple<at::Tensor, at::Tensor> emd_exact_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& sorted_q, const at::Tensor& order_q,
+    const at::Tensor& sorted_k, const at::Tensor& order_k, OutputMask output_mask) {
   const char* op = "rcl_ops::emd_exact_backward";
   check_sorted_pair_and_orders(sorted_q, order_q, sorted_k, order_k, op);
-  return pair_backward(grad, sorted_q, sorted_k, order_q, order_k, op);
+  return pair_backward(grad, sorted_q, sorted_k, order_q, order_k, output_mask, op);
 }
 
 // Exact EMD: q's and k's rows sorted by one radix sort (float32), then paired. Other dtypes

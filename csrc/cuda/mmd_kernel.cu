@@ -188,9 +188,9 @@ MmdGridOutputs mmd_grid_cuda(const at::Tensor& q, const at::Tensor& k, const at:
 std::tuple<at::Tensor, at::Tensor> mmd_grid_backward_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& bandwidths,
     const at::Tensor& grid, const at::Tensor& w_q, const at::Tensor& w_k, int64_t num_bins,
-    bool unbiased) {
+    bool unbiased, OutputMask output_mask) {
   return mmd_grid_backward(kCudaGridKernels, grad, q, k, bandwidths, grid, w_q, w_k, num_bins,
-                           unbiased);
+                           unbiased, output_mask);
 }
 
 // ---- exact direct sums ------------------------------------------------------------------
@@ -344,11 +344,9 @@ __global__ void kernel_sums_grad_kernel(const T* __restrict__ self, const T* __r
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cuda(const at::Tensor& grad_in,
-                                                                      const at::Tensor& x_in,
-                                                                      const at::Tensor& y_in,
-                                                                      const at::Tensor& bandwidths,
-                                                                      bool paired) {
+std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in,
+    const at::Tensor& bandwidths, bool paired, OutputMask output_mask) {
   const char* op = "rcl_ops::gaussian_kernel_sums_backward";
   const KernelSumArgs a = kernel_sum_args(x_in, y_in, bandwidths, paired, op);
   if (paired) {
@@ -362,23 +360,28 @@ std::tuple<at::Tensor, at::Tensor> gaussian_kernel_sums_backward_cuda(const at::
   check_device(grad_in, x_in, op, "grad", "x");
   c10::cuda::CUDAGuard device_guard(a.x.device());
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
-  at::Tensor grad_x = at::empty_like(a.x), grad_y = at::empty_like(a.y);
+  at::Tensor grad_x = output_mask[0] ? at::empty_like(a.x) : skipped_gradient(a.x);
+  at::Tensor grad_y = output_mask[1] ? at::empty_like(a.y) : skipped_gradient(a.y);
   const double* gp = grad.data_ptr<double>();
   const double* ih = a.inv_two_h2.data_ptr<double>();
   const int64_t num_h = a.inv_two_h2.numel();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "rcl_ops::gaussian_kernel_sums_backward", [&] {
     const scalar_t *xp = a.x.data_ptr<scalar_t>(), *yp = a.y.data_ptr<scalar_t>();
-    kernel_sums_grad_kernel<scalar_t, true>
-        <<<blocks_for(a.rows_x * a.count_x), kThreads, 0, stream>>>(
-            xp, yp, gp, ih, num_h, a.rows_x, a.count_x, a.rows_y, a.count_y, a.rows_y, paired,
-            grad_x.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    kernel_sums_grad_kernel<scalar_t, false>
-        <<<blocks_for(a.rows_y * a.count_y), kThreads, 0, stream>>>(
-            yp, xp, gp, ih, num_h, a.rows_y, a.count_y, a.rows_x, a.count_x, a.rows_y, paired,
-            grad_y.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (output_mask[0]) {
+      kernel_sums_grad_kernel<scalar_t, true>
+          <<<blocks_for(a.rows_x * a.count_x), kThreads, 0, stream>>>(
+              xp, yp, gp, ih, num_h, a.rows_x, a.count_x, a.rows_y, a.count_y, a.rows_y, paired,
+              grad_x.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (output_mask[1]) {
+      kernel_sums_grad_kernel<scalar_t, false>
+          <<<blocks_for(a.rows_y * a.count_y), kThreads, 0, stream>>>(
+              yp, xp, gp, ih, num_h, a.rows_y, a.count_y, a.rows_x, a.count_x, a.rows_y, paired,
+              grad_y.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {grad_x, grad_y};
 }

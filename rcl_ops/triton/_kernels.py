@@ -244,11 +244,15 @@ def _emd_side_grad(x, y, grad, stride_gx: int, stride_gy: int) -> torch.Tensor:
 
 
 @on_tensor_device
-def emd_pair_backward(grad: torch.Tensor, sq: torch.Tensor, sk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad (Bq, Bk) contiguous in sq's dtype -> (grad_sq, grad_sk); deterministic (no atomics)."""
+def emd_pair_backward(
+    grad: torch.Tensor, sq: torch.Tensor, sk: torch.Tensor, output_mask: tuple[bool, bool]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad (Bq, Bk) contiguous in sq's dtype -> (grad_sq, grad_sk), each side only where
+    output_mask asks (a 0-element placeholder otherwise); deterministic (no atomics)."""
     bk = sk.shape[0]
-    grad_q = _emd_side_grad(sq, sk, grad, bk, 1)
-    grad_k = _emd_side_grad(sk, sq, grad, 1, bk)  # sign(k - q): the k side's own sign
+    grad_q = _emd_side_grad(sq, sk, grad, bk, 1) if output_mask[0] else sq.new_empty(0)
+    # sign(k - q): the k side's own sign
+    grad_k = _emd_side_grad(sk, sq, grad, 1, bk) if output_mask[1] else sk.new_empty(0)
     return grad_q, grad_k
 
 
@@ -529,15 +533,23 @@ def _bd_side_grad_kernel(
 
 
 @on_tensor_device
-def bd_pair_backward(grad, mean_q, var_q, mean_k, var_k, eps: float):
+def bd_pair_backward(grad, mean_q, var_q, mean_k, var_k, eps: float, output_mask: tuple[bool, bool]):
     bq, bk = mean_q.shape[0], mean_k.shape[0]
     eps_t = _eps_tensor(eps, mean_q)
-    outs = [torch.empty_like(t) for t in (mean_q, var_q, mean_k, var_k)]
+    outs = [
+        torch.empty_like(t) if output_mask[i // 2] else t.new_empty(0)
+        for i, t in enumerate((mean_q, var_q, mean_k, var_k))
+    ]
     block_x, block_y = (64, 64) if INTERPRET else (32, 64)
-    for mx, vx, my, vy, om, ov, bx, by, sx, sy in (
-        (mean_q, var_q, mean_k, var_k, outs[0], outs[1], bq, bk, bk, 1),
-        (mean_k, var_k, mean_q, var_q, outs[2], outs[3], bk, bq, 1, bk),
+    for needed, (mx, vx, my, vy, om, ov, bx, by, sx, sy) in zip(
+        output_mask,
+        (
+            (mean_q, var_q, mean_k, var_k, outs[0], outs[1], bq, bk, bk, 1),
+            (mean_k, var_k, mean_q, var_q, outs[2], outs[3], bk, bq, 1, bk),
+        ),
     ):
+        if not needed:
+            continue
         _bd_side_grad_kernel[(triton.cdiv(bx, block_x),)](
             mx, vx, my, vy, eps_t, grad, om, ov, bx, by, sx, sy, BLOCK_X=block_x, BLOCK_Y=block_y
         )

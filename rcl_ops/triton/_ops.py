@@ -23,8 +23,10 @@ ops = torch.ops.rcl_ops_triton  # the dispatcher's view of the ops below (used o
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _op(name: str):
-    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+def _op(name: str, schema: str | None = None):
+    """A custom op of the namespace; ``schema`` where the native op's types cannot be inferred
+    from annotations (bool[2])."""
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), schema=schema)
 
 
 def _check_rows(x: torch.Tensor, op: str, name: str) -> None:
@@ -109,13 +111,16 @@ def emd_pair(sorted_q: torch.Tensor, sorted_k: torch.Tensor) -> torch.Tensor:
     return _kernels.emd_pair(sorted_q.contiguous(), sorted_k.contiguous())
 
 
-@_op("emd_pair_backward")
-def emd_pair_backward(
-    grad: torch.Tensor, sorted_q: torch.Tensor, sorted_k: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+@_op(
+    "emd_pair_backward",
+    schema="(Tensor grad, Tensor sorted_q, Tensor sorted_k, bool[2] output_mask) -> (Tensor, Tensor)",
+)
+def emd_pair_backward(grad, sorted_q, sorted_k, output_mask):
     _check_pair(sorted_q, sorted_k, "emd_pair_backward")
     _check_grad(grad, sorted_q.shape[0], sorted_k.shape[0], "emd_pair_backward")
-    return _kernels.emd_pair_backward(_like(grad, sorted_q), sorted_q.contiguous(), sorted_k.contiguous())
+    return _kernels.emd_pair_backward(
+        _like(grad, sorted_q), sorted_q.contiguous(), sorted_k.contiguous(), tuple(output_mask)
+    )
 
 
 # ---- BD: moments and pair term -------------------------------------------------------------------
@@ -158,14 +163,16 @@ def bd_pair(
     return _kernels.bd_pair(*args, eps)
 
 
-@_op("bd_pair_backward")
-def bd_pair_backward(
-    grad: torch.Tensor, mean_q: torch.Tensor, var_q: torch.Tensor, mean_k: torch.Tensor, var_k: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@_op(
+    "bd_pair_backward",
+    schema="(Tensor grad, Tensor mean_q, Tensor var_q, Tensor mean_k, Tensor var_k, float eps, "
+    "bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def bd_pair_backward(grad, mean_q, var_q, mean_k, var_k, eps, output_mask):
     _check_bd(mean_q, var_q, mean_k, var_k, "bd_pair_backward")
     _check_grad(grad, mean_q.shape[0], mean_k.shape[0], "bd_pair_backward")
     args = [t.contiguous() for t in (mean_q, var_q, mean_k, var_k)]
-    return _kernels.bd_pair_backward(grad.contiguous(), *args, eps)
+    return _kernels.bd_pair_backward(grad.contiguous(), *args, eps, tuple(output_mask))
 
 
 # ---- MMD: the binned grid ------------------------------------------------------------------------
@@ -301,25 +308,28 @@ def mmd_grid_forward(q, k, bandwidths, num_bins: int, unbiased: bool):
     return out.to(q.dtype), torch.stack([lo, step]), w_q, w_k
 
 
-def mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins: int, unbiased: bool):
-    q, k = q.contiguous(), k.contiguous()
+def mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins: int, unbiased: bool, output_mask):
+    """Gradients of sum(grad * D) for q and k (each only where output_mask asks), as in
+    csrc/mmd_grid.cpp: per side, the coefficients against both batches' weights, convolved
+    with the kernel derivative into a field, interpolated at its values."""
     lo, step = grid[0], grid[1]
     fft_size = _fft_size(num_bins)
     _, u_q, u_k = _grid_state(w_q, w_k)
     g = grad.to(torch.float64)
-    row_sums, col_sums = g.sum(1), g.sum(0)
-    # The field of q[i] is K' * (rowsum_i w_i - (grad w_k)_i) times 2 / M (centring cancels).
-    coef_q = row_sums.unsqueeze(1) * u_q - torch.mm(g, u_k)
-    coef_k = col_sums.unsqueeze(1) * u_k - torch.mm(g.t(), u_q)
-    if unbiased:
-        coef_q = coef_q + (row_sums / float(q.shape[1] - 1)).unsqueeze(1) * w_q
-        coef_k = coef_k + (col_sums / float(k.shape[1] - 1)).unsqueeze(1) * w_k
     spectrum = _kernel_spectrum(step, fft_size, bandwidths, derivative=True)
-    field_q = _convolve(coef_q, spectrum, fft_size, num_bins) * (2.0 / float(q.shape[1]))
-    field_k = _convolve(coef_k, spectrum, fft_size, num_bins) * (2.0 / float(k.shape[1]))
+
+    def side_gradient(x, w_x, u_x, u_other, g_x):
+        # The field of x[i] is K' * (rowsum_i w_i - (g w_other)_i) times 2 / M (centring cancels).
+        sums = g_x.sum(1)
+        coef = sums.unsqueeze(1) * u_x - torch.mm(g_x, u_other)
+        if unbiased:
+            coef = coef + (sums / float(x.shape[1] - 1)).unsqueeze(1) * w_x
+        field = _convolve(coef, spectrum, fft_size, num_bins) * (2.0 / float(x.shape[1]))
+        return _kernels.grid_interpolate(field.contiguous(), x.contiguous(), lo, step)
+
     return (
-        _kernels.grid_interpolate(field_q.contiguous(), q, lo, step),
-        _kernels.grid_interpolate(field_k.contiguous(), k, lo, step),
+        side_gradient(q, w_q, u_q, u_k, g) if output_mask[0] else q.new_empty(0),
+        side_gradient(k, w_k, u_k, u_q, g.t()) if output_mask[1] else k.new_empty(0),
     )
 
 
@@ -343,22 +353,16 @@ def _check_grid_state(grid, w_q, w_k, q, k, num_bins, op):
         )
 
 
-@_op("mmd_grid_backward")
-def mmd_grid_backward(
-    grad: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    bandwidths: torch.Tensor,
-    grid: torch.Tensor,
-    w_q: torch.Tensor,
-    w_k: torch.Tensor,
-    num_bins: int,
-    unbiased: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@_op(
+    "mmd_grid_backward",
+    schema="(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, Tensor grid, Tensor w_q, Tensor w_k, "
+    "int num_bins, bool unbiased, bool[2] output_mask) -> (Tensor, Tensor)",
+)
+def mmd_grid_backward(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased, output_mask):
     _check_mmd(q, k, bandwidths, num_bins, unbiased, "mmd_grid_backward")
     _check_grad(grad, q.shape[0], k.shape[0], "mmd_grid_backward")
     _check_grid_state(grid, w_q, w_k, q, k, num_bins, "mmd_grid_backward")
-    return mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased)
+    return mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased, tuple(output_mask))
 
 
 # ---- fake kernels and autograd, shared with the native ops ----------------------------------------
