@@ -28,7 +28,8 @@ $(INSTALL_STAMP): $(DEPS_STAMP) pyproject.toml setup.py
 	RCL_OPS_BUILD_EXTENSION=0 $(PIP) install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
-$(EXT_STAMP): $(INSTALL_STAMP) $(CSRC)
+$(EXT_STAMP): $(INSTALL_STAMP) $(CSRC) setup.py
+	rm -f rcl_ops/_C.cpython-*.so  # a per-version binary of an older build would shadow the abi3 one
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 

@@ -5,6 +5,10 @@ toolkit is found. RCL_OPS_WITH_CUDA=1 makes a missing CUDA setup an error instea
 CPU-only build, RCL_OPS_WITH_CUDA=0 skips CUDA. Target architectures come from
 TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0"). Install with `pip install -e . --no-build-isolation`
 so the extension is built against the torch already installed.
+
+The extension uses only CPython's limited API (its module is an empty PyModuleDef; the ops
+register through torch's dispatcher, not pybind11), so it is built as one abi3 binary
+(rcl_ops/_C.abi3.so) for every CPython >= 3.10, as the official custom-op example does.
 """
 
 import glob
@@ -13,6 +17,9 @@ import os
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest CPython the binary supports (pyproject.toml's requires-python).
+LIMITED_API = "0x030A0000"
+LIMITED_API_TAG = "cp310"
 CPU_SOURCE_PATTERNS = ("csrc/*.cpp", "csrc/cpu/*.cpp")
 CUDA_SOURCE_PATTERNS = ("csrc/cuda/*.cu",)
 
@@ -35,7 +42,7 @@ def extensions():
             f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
         )
     with_cuda = cuda_ready and wanted != "0"
-    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden", f"-DPy_LIMITED_API={LIMITED_API}"]
     extra_compile_args = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
@@ -52,9 +59,14 @@ def extensions():
             include_dirs=include_dirs,
             extra_compile_args=extra_compile_args,
             extra_link_args=["-fopenmp"],
+            py_limited_api=True,
         )
     ], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": LIMITED_API_TAG}} if ext_modules else {},
+)
