@@ -562,8 +562,8 @@ class Experiment:
         )
         if config.batch_size * run.world_size > len(train_images):
             raise DataError(
-                f"--batch-size {config.batch_size} x {run.world_size} rank(s) needs at least that many distinct "
-                "training images (the other "
+                f"--batch-size {config.batch_size}{f' x {run.world_size} ranks' if run.active else ''} needs at "
+                "least that many distinct training images (the other "
                 f"images of a batch are a crop's negatives), but there are {len(train_images)}; lower --batch-size "
                 "or pass a larger --data-dir (--preset quick fits the bundled sample images)"
             )
