@@ -5,6 +5,7 @@ from ._backend import BACKEND_NAMES, available_backends, mark_unavailable
 from ._checks import check_finite_enabled, set_check_finite
 from .losses import ResidualContrastiveLoss, residual_contrastive_loss
 from .ops import GridAccuracyWarning, default_bandwidth, pairwise_bd, pairwise_emd, pairwise_mmd
+from .sketch import Sketch, bd_sketch, emd_sketch, mmd_sketch
 
 # Only a missing or unloadable extension falls back to the reference backend (with a warning
 # on first use); an error in the package's own Python modules propagates.
@@ -27,9 +28,13 @@ __all__ = [
     "BACKEND_NAMES",
     "GridAccuracyWarning",
     "ResidualContrastiveLoss",
+    "Sketch",
     "available_backends",
+    "bd_sketch",
     "check_finite_enabled",
     "default_bandwidth",
+    "emd_sketch",
+    "mmd_sketch",
     "pairwise_bd",
     "pairwise_emd",
     "pairwise_mmd",

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_positive_float
+from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
 from .ops import pairwise_bd, pairwise_emd, pairwise_mmd
+from .sketch import Sketch, bd_sketch, check_same_layout, emd_sketch, mmd_sketch
 
 DISTANCES: dict[str, Callable[..., torch.Tensor]] = {
     "emd": pairwise_emd,
@@ -25,31 +27,47 @@ def _keyword_names(fn: Callable) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def _as_list(bandwidth) -> list[float]:
+    return [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
+
+
 def _check_reduction(reduction, where: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
 
 
 def residual_contrastive_loss(
-    distances: torch.Tensor, temperature: float, symmetric: bool = False, reduction: str = "mean"
+    distances: torch.Tensor,
+    temperature: float,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    first_positive: int = 0,
 ) -> torch.Tensor:
-    """InfoNCE over a (B, B) distance matrix: logits -D / temperature, row i's target is column i.
+    """InfoNCE over a (Bq, Bk) distance matrix: logits -D / temperature, row i's target is
+    column first_positive + i; every other column is a negative (Bk > Bq: extra negatives).
 
-    symmetric=True averages the row-wise and the column-wise losses. reduction "none"
-    returns the (B,) per-pair losses.
+    symmetric=True (square D, first_positive 0) averages the row-wise and the column-wise
+    losses. reduction "none" returns the (Bq,) per-row losses.
     """
     where = "residual_contrastive_loss"
     if not isinstance(distances, torch.Tensor) or not distances.is_floating_point():
         got = distances.dtype if isinstance(distances, torch.Tensor) else type(distances).__name__
         raise TypeError(f"{where}: distances must be a floating-point (B, B) tensor, got {got}")
-    if distances.dim() != 2 or distances.shape[0] != distances.shape[1] or distances.shape[0] < 2:
-        raise ValueError(f"{where}: distances must be a (B, B) matrix with B >= 2, got shape {tuple(distances.shape)}")
+    if isinstance(first_positive, bool) or not isinstance(first_positive, int) or first_positive < 0:
+        raise ValueError(f"{where}: first_positive must be a non-negative int, got {first_positive!r}")
+    if distances.dim() != 2 or distances.shape[1] < max(2, first_positive + distances.shape[0]):
+        raise ValueError(
+            f"{where}: distances must be a (B, B) matrix with B >= 2, or (Bq, Bk) with Bk >= first_positive + Bq "
+            f"(extra columns are negatives), got shape {tuple(distances.shape)}"
+        )
     temperature = check_positive_float(temperature, "temperature", where)
     if not isinstance(symmetric, bool):
         raise TypeError(f"{where}: symmetric must be a bool, got {type(symmetric).__name__}")
+    if symmetric and (distances.shape[0] != distances.shape[1] or first_positive):
+        raise ValueError(f"{where}: symmetric=True needs a square (B, B) matrix, got shape {tuple(distances.shape)}")
     _check_reduction(reduction, where)
     logits = -distances / temperature
-    target = torch.arange(logits.shape[0], device=logits.device)
+    target = torch.arange(first_positive, first_positive + logits.shape[0], device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none")
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
@@ -60,17 +78,37 @@ def residual_contrastive_loss(
     return loss
 
 
+SKETCHES = {"emd": emd_sketch, "mmd": mmd_sketch, "bd": bd_sketch}
+# The distance options that shape the sketch; the others (eps, bandwidth, unbiased) apply when pairing.
+SKETCH_OPTIONS = {"emd": ("num_quantiles", "backend"), "mmd": ("value_range", "num_bins"), "bd": ("backend",)}
+
+
 class ResidualContrastiveLoss(nn.Module):
     """Residual contrastive loss of RCL (Eq. 5): InfoNCE with a negative statistical distance.
 
-    forward(q, k): q and k are (B, ...) residual batches (first and second crops of the same
-    B images, B >= 2). D = distance(q, k) is (B, B); the loss is the cross entropy of the
-    logits -D / temperature with row i's target at column i (k[i] is q[i]'s positive, the
-    other k[j] its negatives), reduced by ``reduction`` ("mean", "sum" or "none" for (B,)).
+    forward(q, k): q (Bq, ...) and k (Bk, ...) residual batches, Bk >= Bq >= 1, Bk >= 2: k[i]
+    is q[i]'s positive (the other crop of image i), every other key a negative (keys beyond Bq
+    are extra negatives). D = distance(q, k) is (Bq, Bk); the loss is the cross entropy of the
+    logits -D / temperature, row i's target column i, reduced by ``reduction`` ("mean", "sum"
+    or "none" for (Bq,)).
 
-    distance: "emd", "mmd", "bd" or a callable (q, k) -> (B, B); ``distance_kwargs`` go to
-    the distance function (e.g. num_quantiles=, bandwidth=, eps=, backend=).
-    symmetric: also use each column as a query (k[j] against all q), and average.
+    distance: "emd", "mmd", "bd" or a callable (q, k) -> (Bq, Bk); ``distance_kwargs`` go to
+    the distance function (e.g. num_quantiles=, bandwidth=, eps=, backend=, value_range=).
+    symmetric: also use each column as a query (k[j] against all q), and average (Bq = Bk).
+
+    gather_distributed: under torch.distributed, the keys of every rank are negatives of every
+    query: key sketches are all-gathered (K floats per residual, not M), with a backward that
+    sums the gathered gradient over ranks; rank r's targets are offset by r Bk. With the default
+    reduction "mean" (over this rank's queries) and DDP's gradient averaging, W ranks with batch
+    B give the loss (mean over ranks) and gradients of one process with batch W B. MMD without
+    value_range: the grid spans the min/max over all ranks (an all-reduce) and the default
+    bandwidth is the pooled std over all ranks, as one process would compute them.
+
+    queue_size=Q: the sketches of the last Q keys (after this rank's, or with
+    gather_distributed all ranks', keys of each training-mode forward) are extra negatives,
+    detached, FIFO; kept in ``state_dict`` (``queue`` returns them). Needs a fixed sketch
+    layout: EMD with num_quantiles=K (or exact with a constant M), MMD with value_range.
+    With gather_distributed, reduction "sum" gives 1/W of one process's gradients under DDP.
     """
 
     def __init__(
@@ -79,6 +117,8 @@ class ResidualContrastiveLoss(nn.Module):
         temperature: float = 0.1,
         symmetric: bool = False,
         reduction: str = "mean",
+        gather_distributed: bool = False,
+        queue_size: int = 0,
         **distance_kwargs,
     ):
         super().__init__()
@@ -101,15 +141,41 @@ class ResidualContrastiveLoss(nn.Module):
             raise TypeError(f"{where}: distance must be a name or a callable, got {type(distance).__name__}")
         self.temperature = check_positive_float(temperature, "temperature", where)
         _check_reduction(reduction, where)
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"{where}: gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"{where}: queue_size must be a non-negative int (0: no queue), got {queue_size!r}")
+        if (gather_distributed or queue_size) and not isinstance(distance, str):
+            raise ValueError(f"{where}: gather_distributed and queue_size need a named distance (emd, mmd, bd)")
+        if (gather_distributed or queue_size) and symmetric:
+            raise ValueError(
+                f"{where}: symmetric=True is not supported with gather_distributed or queue_size "
+                "(the columns would need every rank's queries)"
+            )
+        if distance == "mmd" and (gather_distributed or queue_size) and distance_kwargs.get("method") == "direct":
+            raise ValueError(
+                f"{where}: gather_distributed and queue_size pair MMD sketches: use method='grid' or 'auto'"
+            )
+        if distance == "mmd" and queue_size and distance_kwargs.get("value_range") is None:
+            raise ValueError(
+                f"{where}: queue_size with distance 'mmd' needs value_range=(lo, hi): queued binned weights pair "
+                "only on one fixed grid, and the batch's own range changes every step"
+            )
         self.symmetric = bool(symmetric)
         self.reduction = reduction
+        self.gather_distributed = gather_distributed
+        self.queue_size = queue_size
         self.distance_kwargs = distance_kwargs
+        self._queue: Sketch | None = None  # (Q, S) ring of detached key sketches once full
+        self._queue_next = 0  # the ring slot the next key goes to
+        self._queue_filled = 0
 
     def extra_repr(self) -> str:
         options = "".join(f", {key}={value!r}" for key, value in self.distance_kwargs.items())
         return (
             f"distance={self.distance_name!r}, temperature={self.temperature}, "
-            f"symmetric={self.symmetric}, reduction={self.reduction!r}{options}"
+            f"symmetric={self.symmetric}, reduction={self.reduction!r}, "
+            f"gather_distributed={self.gather_distributed}, queue_size={self.queue_size}{options}"
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -117,16 +183,92 @@ class ResidualContrastiveLoss(nn.Module):
         for name, x in (("q", q), ("k", k)):
             if not isinstance(x, torch.Tensor) or x.dim() == 0:
                 raise TypeError(f"{where}: {name} must be a (B, ...) tensor")
-        if q.shape[0] != k.shape[0]:
+        if k.shape[0] < q.shape[0]:
             raise ValueError(
                 f"{where}: q has batch size {q.shape[0]} but k has {k.shape[0]}; "
-                "row i of q and row i of k must be two crops of the same image"
+                "row i of q and row i of k must be two crops of the same image (extra keys are negatives)"
             )
-        if q.shape[0] < 2:
+        if k.shape[0] < 2 or q.shape[0] < 1:
             raise ValueError(f"{where}: a batch of {q.shape[0]} has no negatives; use a batch of at least 2")
+        if self.gather_distributed or self.queue_size:
+            distances, first_positive = self._sketch_distances(q, k)
+            return residual_contrastive_loss(distances, self.temperature, False, self.reduction, first_positive)
         distances = self.distance_fn(q, k, **self.distance_kwargs)
-        batch = q.shape[0]
-        if not isinstance(distances, torch.Tensor) or distances.shape != (batch, batch):
+        if not isinstance(distances, torch.Tensor) or distances.shape != (q.shape[0], k.shape[0]):
             got = tuple(distances.shape) if isinstance(distances, torch.Tensor) else type(distances).__name__
-            raise ValueError(f"{where}: the distance must return a ({batch}, {batch}) tensor, got {got}")
+            raise ValueError(f"{where}: the distance must return a ({q.shape[0]}, {k.shape[0]}) tensor, got {got}")
         return residual_contrastive_loss(distances, self.temperature, self.symmetric, self.reduction)
+
+    def _sketch_distances(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(Bq, W Bk + queued) distances from sketches, and the column of q[0]'s positive."""
+        options = dict(self.distance_kwargs)
+        pair_options = {
+            key: v for key, v in options.items() if key == "backend" or key not in SKETCH_OPTIONS[self.distance_name]
+        }
+        sketch_options = {key: options[key] for key in SKETCH_OPTIONS[self.distance_name] if key in options}
+        if self.distance_name == "mmd":
+            pair_options.pop("num_bins", None)
+            if pair_options.get("bandwidth") is None:
+                bandwidths = global_pooled_std(q, k)
+                pair_options["bandwidth"] = bandwidths.tolist()
+            if options.get("value_range") is None:
+                lo, hi = global_value_range(q, k)
+                # The span the fused grid op uses: at least 1e-3 of the smallest bandwidth.
+                smallest = min(_as_list(pair_options["bandwidth"]))
+                sketch_options["value_range"] = (lo, lo + max(hi - lo, 1e-3 * smallest))
+        sketch = SKETCHES[self.distance_name]
+        sketch_q, sketch_k = sketch(q, **sketch_options), sketch(k, **sketch_options)
+        rank, _ = world()
+        if self.gather_distributed:
+            sketch_k = sketch_k.with_values(all_gather_rows(sketch_k.values))
+        first_positive = rank * k.shape[0] if self.gather_distributed else 0
+        keys = sketch_k
+        if self._queue is not None and self._queue_filled:
+            queued = self._queue.with_values(self._queue.values[: self._queue_filled].to(sketch_k.values.device))
+            check_same_layout(queued, sketch_k, "ResidualContrastiveLoss (queue_size)")
+            keys = Sketch.cat([sketch_k, queued])
+        distances = self.distance_fn(sketch_q, keys, **pair_options)
+        if self.queue_size and self.training:
+            self._enqueue(sketch_k.detach())
+        return distances, first_positive
+
+    def _enqueue(self, keys: Sketch) -> None:
+        """Write the key sketches into the ring of the last queue_size ones, oldest overwritten first."""
+        values = keys.values[-self.queue_size :]
+        if self._queue is None:
+            self._queue = keys.with_values(values.new_zeros((self.queue_size, values.shape[1])))
+        check_same_layout(self._queue, keys, "ResidualContrastiveLoss (queue_size)")
+        slots = (self._queue_next + torch.arange(values.shape[0])) % self.queue_size
+        self._queue.values[slots.to(values.device)] = values.to(self._queue.values.dtype)
+        self._queue_next = (self._queue_next + values.shape[0]) % self.queue_size
+        self._queue_filled = min(self.queue_size, self._queue_filled + values.shape[0])
+
+    @property
+    def queue(self) -> Sketch | None:
+        """The queued key sketches, oldest first (None before the first enqueue)."""
+        if self._queue is None:
+            return None
+        values = self._queue.values
+        if self._queue_filled == self.queue_size:
+            values = torch.roll(values, -self._queue_next, dims=0)
+        return self._queue.with_values(values[: self._queue_filled])
+
+    def get_extra_state(self) -> dict:
+        queue = self.queue
+        if queue is None:
+            return {}
+        layout = {f: getattr(queue, f) for f in ("distance", "num_values", "dtype", "num_quantiles", "value_range")}
+        return {"queue_values": queue.values.detach().cpu(), "queue_layout": layout}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._queue, self._queue_next, self._queue_filled = None, 0, 0
+        if not state:
+            return
+        if not self.queue_size or state["queue_layout"]["distance"] != self.distance_name:
+            raise ValueError(
+                f"ResidualContrastiveLoss: the state holds a queue of {state['queue_layout']['distance']} sketches, "
+                f"but this loss has distance {self.distance_name!r} and queue_size {self.queue_size}"
+            )
+        saved = Sketch(values=state["queue_values"], **state["queue_layout"])
+        if len(saved):
+            self._enqueue(saved)

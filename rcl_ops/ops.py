@@ -11,6 +11,17 @@ import torch
 
 from ._backend import resolve_backend
 from ._checks import check_finite_enabled, check_positive_float, check_positive_int, check_result, prepare_pair
+from .sketch import (
+    Sketch,
+    bd_sketch,
+    check_value_range,
+    emd_sketch,
+    mmd_sketch,
+    pair_bd,
+    pair_emd,
+    pair_mmd,
+    sketch_bandwidth,
+)
 
 MMD_METHODS = ("auto", "grid", "direct")
 # Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
@@ -31,8 +42,23 @@ class GridAccuracyWarning(UserWarning):
     """The grid MMD runs where its documented accuracy is not tested: see pairwise_mmd."""
 
 
+def _sketch_pair(q, k, distance: str, where: str, sketch_fn) -> tuple[Sketch, Sketch] | None:
+    """(sketch_q, sketch_k) when q or k is a Sketch (a residual batch beside it is sketched by
+    ``sketch_fn(x, like_sketch)``), None when both are residual batches."""
+    if not isinstance(q, Sketch) and not isinstance(k, Sketch):
+        return None
+    for name, s in (("q", q), ("k", k)):
+        if isinstance(s, Sketch) and s.distance != distance:
+            raise ValueError(
+                f"{where}: {name} is a {s.distance} sketch; pass {distance} sketches (rcl_ops.{distance}_sketch)"
+            )
+    q = q if isinstance(q, Sketch) else sketch_fn(q, k)
+    k = k if isinstance(k, Sketch) else sketch_fn(k, q)
+    return q, k
+
+
 def pairwise_emd(
-    q: torch.Tensor, k: torch.Tensor, *, num_quantiles: int | None = None, backend: str = "auto"
+    q: torch.Tensor | Sketch, k: torch.Tensor | Sketch, *, num_quantiles: int | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """Earth mover's (1-D Wasserstein-1) distance between residual value distributions.
 
@@ -44,8 +70,17 @@ def pairwise_emd(
     summarised by its quantiles at the mid-levels t = (m + 0.5) / K (linear interpolation
     between order statistics) and D[i, j] = mean_m |Q_i(t_m) - Q_j(t_m)|; K = M is exact.
     float16/bfloat16 inputs are computed (and returned) in float32.
+
+    q and k may also be EMD sketches (``emd_sketch``), or one a sketch and the other residuals
+    (sketched with the sketch's K): pairwise_emd(q, k) == pairwise_emd(emd_sketch(q),
+    emd_sketch(k)). On residuals the native exact EMD runs both stages as one fused op.
     """
     where = "pairwise_emd"
+    sketches = _sketch_pair(
+        q, k, "emd", where, lambda x, s: emd_sketch(x, num_quantiles=s.num_quantiles, backend=backend)
+    )
+    if sketches is not None:
+        return check_result(pair_emd(*sketches, backend=backend), where)
     q2, k2 = prepare_pair(q, k, where)
     if num_quantiles is None:
         if q2.shape[1] != k2.shape[1]:
@@ -127,6 +162,7 @@ def pairwise_mmd(
     unbiased: bool = False,
     method: str = "auto",
     num_bins: int = 4096,
+    value_range: tuple[float, float] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Squared Gaussian-kernel MMD between residual value distributions.
@@ -145,11 +181,34 @@ def pairwise_mmd(
     for residuals so small that the exact sum is cheaper (16 M N <= num_bins: an exp costs
     ~16 multiply-adds, and the grid pays O(G) per pair whatever M), and "direct" on the
     reference backend. Computed in float32 for half inputs.
+
+    value_range=(lo, hi): the grid spans this fixed range instead of the batch's (values
+    outside count at its ends), computed through MMD sketches (torch ops, any device). q and k
+    may be MMD sketches (``mmd_sketch``; one of them may be residuals, binned on the other's
+    grid); with bandwidth=None the bandwidth is then the pooled std of the binned values.
     """
     where = "pairwise_mmd"
-    q2, k2 = prepare_pair(q, k, where)
     if method not in MMD_METHODS:
         raise ValueError(f"{where}: unknown method {method!r}; choose one of {MMD_METHODS}")
+    if value_range is not None:
+        value_range = check_value_range(value_range, where)
+        if not isinstance(q, Sketch):
+            q = mmd_sketch(q, value_range=value_range, num_bins=num_bins)
+    sketches = _sketch_pair(
+        q, k, "mmd", where, lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1])
+    )
+    if sketches is not None:
+        if method == "direct":
+            raise ValueError(f"{where}: sketches and value_range pair on the grid; use method='grid' or 'auto'")
+        sketch_q, sketch_k = sketches
+        if unbiased and min(sketch_q.num_values, sketch_k.num_values) < 2:
+            raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
+        if bandwidth is None:
+            bandwidths = sketch_bandwidth(sketch_q, sketch_k)
+        else:
+            bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
+        return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, bool(unbiased)), where)
+    q2, k2 = prepare_pair(q, k, where)
     num_bins = check_positive_int(num_bins, "num_bins", where)
     if not 2 <= num_bins <= MAX_NUM_BINS:
         raise ValueError(f"{where}: num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}")
@@ -168,19 +227,25 @@ def pairwise_mmd(
     return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
 
 
-def pairwise_bd(q: torch.Tensor, k: torch.Tensor, *, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+def pairwise_bd(
+    q: torch.Tensor | Sketch, k: torch.Tensor | Sketch, *, eps: float = 1e-6, backend: str = "auto"
+) -> torch.Tensor:
     """Bhattacharyya distance between the Gaussians fitted to each residual (Eq. 6).
 
     q: (Bq, ...), k: (Bk, ...), at least 2 values each. With mean mu and unbiased variance
     v (plus ``eps``) of each residual's values, a = v_i + eps, b = v_j + eps:
     D[i, j] = 1/4 ln(1/4 (a/b + b/a + 2)) + 1/4 (mu_i - mu_j)^2 / (a + b). Returns (Bq, Bk).
+    q and k may also be BD sketches (``bd_sketch``: the float64 moments), or one of each.
     """
     where = "pairwise_bd"
-    q2, k2 = prepare_pair(q, k, where)
-    if min(q2.shape[1], k2.shape[1]) < 2:
-        raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{where}: eps must be a real number, got {type(eps).__name__}")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"{where}: eps must be a non-negative finite float, got {eps!r}")
+    sketches = _sketch_pair(q, k, "bd", where, lambda x, s: bd_sketch(x, backend=backend))
+    if sketches is not None:
+        return check_result(pair_bd(*sketches, float(eps), backend=backend), where)
+    q2, k2 = prepare_pair(q, k, where)
+    if min(q2.shape[1], k2.shape[1]) < 2:
+        raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
     return check_result(resolve_backend(backend, q2.device, where).bd(q2, k2, float(eps)), where)

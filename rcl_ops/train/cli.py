@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, RunError, OSError) as error:
         print(f"rcl-train: error: {error}", file=sys.stderr)
         return 2
+    if not summary:  # a rank > 0 of a torchrun launch: rank 0 reports
+        return 0
     print()
     print(report.format_table(summary))
     print(f"\nresults: {summary['environment']['run_dir']}/results.md (and results.json, figures/)")

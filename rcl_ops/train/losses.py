@@ -196,13 +196,25 @@ class SupervisedObjective(nn.Module):
 
 
 def contrastive_loss(
-    distance: str, temperature: float, symmetric: bool, backend: str, emd_quantiles: int | None
+    distance: str,
+    temperature: float,
+    symmetric: bool,
+    backend: str,
+    emd_quantiles: int | None,
+    gather_distributed: bool = False,
 ) -> ResidualContrastiveLoss:
-    """The library's residual contrastive loss with the trainer's options."""
+    """The library's residual contrastive loss with the trainer's options (gather_distributed:
+    negatives from every rank, under torchrun)."""
     options: dict = {"backend": backend}
     if distance == "emd" and emd_quantiles is not None:
         options["num_quantiles"] = emd_quantiles
-    return ResidualContrastiveLoss(distance=distance, temperature=temperature, symmetric=symmetric, **options)
+    return ResidualContrastiveLoss(
+        distance=distance,
+        temperature=temperature,
+        symmetric=symmetric,
+        gather_distributed=gather_distributed,
+        **options,
+    )
 
 
 def residual_distance_gaps(distances: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from torch import nn
 
 import rcl_ops
 
+from . import distributed
 from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
 from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
@@ -295,12 +296,20 @@ def restore_pretraining(
     return None
 
 
-def make_objective(method: str, config: TrainConfig, encoder: nn.Module | None) -> nn.Module:
-    """The pre-training objective of ``method`` (a canonical name, e.g. 'rcl-emd', 'n2s')."""
+def make_objective(
+    method: str, config: TrainConfig, encoder: nn.Module | None, gather_distributed: bool = False
+) -> nn.Module:
+    """The pre-training objective of ``method`` (a canonical name, e.g. 'rcl-emd', 'n2s');
+    ``gather_distributed``: the contrastive loss takes its negatives from every rank."""
     raw = config.modality == "raw"
     if method.startswith("rcl-"):
         contrastive = contrastive_loss(
-            method[4:], config.temperature, config.symmetric, config.distance_backend, config.emd_quantiles
+            method[4:],
+            config.temperature,
+            config.symmetric,
+            config.distance_backend,
+            config.emd_quantiles,
+            gather_distributed,
         )
         consistency = RawConsistencyLoss(config.raw_max_shift) if raw else FeatureConsistencyLoss(encoder)
         return RCLObjective(contrastive, consistency, config.alpha, config.consistency_weight, raw)
@@ -324,31 +333,40 @@ def pretrain(
     progress: Callable,
     resume: bool,
     say: Callable[[str], None] = print,
+    run: distributed.DistributedRun = distributed.SINGLE,
 ) -> dict:
     """Optimise ``objective`` for ``config.pretrain_steps`` steps with Adam; checkpoint into
     ``checkpoint_dir`` every ``config.checkpoint_every`` steps and at the end, and with ``resume`` start
-    from the newest readable checkpoint there. Returns {"steps", "seconds", "final_loss", "resumed_from"}."""
+    from the newest readable checkpoint there. Returns {"steps", "seconds", "final_loss", "resumed_from"}.
+    Under torchrun (``run``): DDP, each rank its shard of the global batch, rank 0 reads and writes
+    the checkpoints (rcl_ops/train/distributed.py)."""
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
     )
     start, last_loss = 0, math.nan
-    saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if resume else None
+    restore = resume and run.is_main
+    saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if restore else None
+    saved = distributed.share_training_state(model, optimizer, sampler.generator, saved, run)
+    trained = distributed.wrap(model, run)
     if saved is not None:
         start, last_loss = saved["step"], float(saved.get("loss", math.nan))
     model.train()
     started = time.perf_counter()
     steps = progress(range(start, config.pretrain_steps), initial=start, total=config.pretrain_steps)
     for step in steps:
-        batch = sampler.sample(config.batch_size).to(device)
-        loss, parts = objective(model, batch, sampler.generator)
-        if not torch.isfinite(loss):
+        batch = distributed.shard(sampler.sample(config.batch_size * run.world_size), run).to(device)
+        loss, parts = objective(trained, batch, sampler.generator)
+        global_loss = distributed.mean_over_ranks(loss, run)  # the loss of the global batch
+        if not torch.isfinite(global_loss):
             advice = "a lower --lr or a larger --temperature" if isinstance(objective, RCLObjective) else "a lower --lr"
             raise FloatingPointError(f"pre-training loss became {float(loss)} at step {step + 1}; try {advice}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        last_loss = float(loss.detach())
         done = step + 1
+        if not run.is_main:
+            continue
+        last_loss = float(global_loss)
         if done % config.log_every == 0 or done == config.pretrain_steps:
             log(done, {"loss": last_loss, **{name: float(value) for name, value in parts.items()}})
             if hasattr(steps, "set_postfix"):
@@ -496,16 +514,22 @@ def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = pri
     ``echo`` receives one progress line per finished stage (None: silent).
     """
     config.validate()
-    device = resolve_device(config.device)
-    run_dir, saved = locate_run(config)
-    # The thread count changes CPU results: a run records the count it used, and a resume keeps it.
-    threads = config.threads or (saved or {}).get("threads") or torch.get_num_threads()
-    config = dataclasses.replace(config, threads=threads)
-    if saved is not None:
-        check_resumable(config, saved, run_dir)
-    check_machine(config, device)
-    with torch_settings(config.threads, config.deterministic, device):
-        return Experiment(config, device, run_dir, echo or (lambda message: None)).run()
+    run, device = distributed.start(resolve_device(config.device))
+    try:
+        if run.is_main:
+            run_dir, saved = locate_run(config)
+            # The thread count changes CPU results: a run records the count it used, and a resume keeps it.
+            threads = config.threads or (saved or {}).get("threads") or torch.get_num_threads()
+            config = dataclasses.replace(config, threads=threads)
+            if saved is not None:
+                check_resumable(config, saved, run_dir)
+        run_dir, config = distributed.broadcast((run_dir, config) if run.is_main else None, run)
+        check_machine(config, device)
+        say = (echo or (lambda message: None)) if run.is_main else (lambda message: None)
+        with torch_settings(config.threads, config.deterministic, device):
+            return Experiment(config, device, run_dir, say, run).run()
+    finally:
+        distributed.stop(run)
 
 
 class Experiment:
@@ -515,8 +539,15 @@ class Experiment:
     Everything that can fail on the options or the data (images, encoder weights, objectives) is set up
     before the run folder is created, so a run that cannot start leaves nothing behind."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, run_dir: Path, say: Callable[[str], None]):
-        self.config, self.device, self.run_dir, self.say = config, device, run_dir, say
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        run_dir: Path,
+        say: Callable[[str], None],
+        run: distributed.DistributedRun = distributed.SINGLE,
+    ):
+        self.config, self.device, self.run_dir, self.say, self.dist = config, device, run_dir, say, run
         self.started = time.perf_counter()
         self.raw = config.modality == "raw"
         train_images, test_images = load_split(
@@ -529,9 +560,10 @@ class Experiment:
             "minimum size of a test image (the 7x7 SSIM window on an image cropped to even size)",
             "remove them from the test images or replace them by larger ones",
         )
-        if config.batch_size > len(train_images):
+        if config.batch_size * run.world_size > len(train_images):
             raise DataError(
-                f"--batch-size {config.batch_size} needs at least that many distinct training images (the other "
+                f"--batch-size {config.batch_size}{f' x {run.world_size} ranks' if run.active else ''} needs at "
+                "least that many distinct training images (the other "
                 f"images of a batch are a crop's negatives), but there are {len(train_images)}; lower --batch-size "
                 "or pass a larger --data-dir (--preset quick fits the bundled sample images)"
             )
@@ -556,14 +588,14 @@ class Experiment:
                 except (OSError, ValueError) as error:
                     raise RunError(f"--encoder-weights: {error}") from error
             self.encoder = encoder.to(device)
-        self.objectives = {m: make_objective(m, config, self.encoder) for m in config.methods if m != "random"}
-        self.naive = {
+        self.objectives = {
+            m: make_objective(m, config, self.encoder, run.active) for m in config.methods if m != "random"
+        }
+        self.naive = {  # the evaluation is rank 0's
             task: evaluate_naive(self.test, task, config.modality, config.eval_crop, config.grid_images)
-            for task in config.tasks
+            for task in (config.tasks if run.is_main else [])
         }
-        self.examples: dict[str, dict[str, list]] = {
-            task: {"Input": self.naive[task].examples} for task in config.tasks
-        }
+        self.examples: dict[str, dict[str, list]] = {task: {"Input": self.naive[task].examples} for task in self.naive}
         self.density_distance = next((m[4:] for m in config.methods if m.startswith("rcl-")), config.distance)
         self.densities: dict[str, np.ndarray] = {}
         self.proxy_settings = ProxySettings(
@@ -574,9 +606,9 @@ class Experiment:
             (config.adam_beta1, config.adam_beta2),
             config.adam_eps,
         )
-        if not config.resume:
+        if not config.resume and run.is_main:
             create_run_dir(run_dir, config)
-        self.logger = RunLogger(run_dir, config.tensorboard, resume=config.resume)
+        self.logger = RunLogger(run_dir, config.tensorboard, resume=config.resume) if run.is_main else None
         say(
             f"rcl-train: run folder {run_dir}; {len(self.train)} training / {len(self.test)} test images; "
             f"device {device}; torch {torch.__version__}"
@@ -592,7 +624,7 @@ class Experiment:
                 torch.manual_seed(derive_seed(seed, "init"))
                 initial = build_model(config.model, config.width, config.depth, self.raw)
                 initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
-                if seed_index == 0 and config.plots:
+                if seed_index == 0 and config.plots and self.dist.is_main:
                     initial.to(self.device)
                     self.densities["init"] = self._gaps(initial)
                     self.densities["noise"] = self._gaps(None)
@@ -606,7 +638,10 @@ class Experiment:
                             "with the changed option"
                         ) from error
         finally:
-            self.logger.close()
+            if self.logger is not None:
+                self.logger.close()
+        if not self.dist.is_main:
+            return {}
         summary = report.summarise(config, results, self.naive, self._environment())
         report.write_summary(self.run_dir, summary)
         if config.plots:
@@ -625,11 +660,14 @@ class Experiment:
         result_path = self.run_dir / "results" / f"{method}_seed{seed}.json"
         checkpoint_dir = self.run_dir / "checkpoints" / method / f"seed{seed}"
         samples_path = checkpoint_dir / "samples.npz"
-        if config.resume and result_path.exists() and (not first_seed or samples_path.exists()):
+        reused = None
+        if self.dist.is_main and config.resume and result_path.exists() and (not first_seed or samples_path.exists()):
             try:
-                return self._reuse_result(method, result_path, samples_path if first_seed else None, tag)
+                reused = self._reuse_result(method, result_path, samples_path if first_seed else None, tag)
             except DamagedFileError as error:
                 self.say(f"  {tag}: {error}; computing this result again")
+        if distributed.broadcast(reused is not None, self.dist):
+            return reused
 
         model = build_model(config.model, config.width, config.depth, self.raw)
         model.load_state_dict(initial_state)
@@ -648,7 +686,10 @@ class Experiment:
                 progress_bar(config.progress, f"pre-train {tag}"),
                 config.resume,
                 lambda message: self.say(f"  {tag}: {message}"),
+                self.dist,
             )
+        if not self.dist.is_main:
+            return result  # the run folder and the proxy evaluation are rank 0's
             self.say(
                 f"  {tag}: pre-trained {config.pretrain_steps} steps in {result['pretrain']['seconds']:.1f} s, "
                 f"final loss {result['pretrain']['final_loss']:.4g}"

@@ -1,0 +1,305 @@
+"""Sketches: the per-residual summaries that every distance pairs (sketch, then pair).
+
+Each distance reduces a residual of M values to a short sketch, and its (Bq, Bk) matrix
+needs only the sketches, so sketches can be cached, gathered across ranks and queued:
+
+- EMD: the K mid-level quantiles (K = M: the sorted values, exact EMD), x's dtype, (B, K).
+- BD: float64 [mean, unbiased variance], (B, 2).
+- MMD: float64 linear-binning weights on a fixed grid of G points spanning ``value_range``
+  (each row sums to 1), (B, G). The kernel (and so the bandwidth) is applied when pairing.
+
+Sketches are differentiable: gradients flow from the pair back to the residual values (for
+MMD through the binning, see ``mmd_sketch``). ``pairwise_emd``/``pairwise_mmd``/``pairwise_bd``
+pair two Sketch objects (or a sketch and a residual batch, which is sketched alike).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import reference
+from ._backend import resolve_backend
+from ._checks import _check_tensor, _rows, check_all_finite, check_positive_int, compute_dtype
+from ._formulas import bd_from_moments
+
+SKETCH_DISTANCES = ("emd", "mmd", "bd")
+# Op namespaces of the backends sharing the sketch-and-pair contract of rcl_ops/_fakes.py.
+_NAMESPACES = {"cpu": "rcl_ops", "cuda": "rcl_ops", "triton": "rcl_ops_triton"}
+
+
+@dataclass(frozen=True, eq=False)
+class Sketch:
+    """A batch of B residual sketches: ``values`` (B, S) and the layout needed to pair them.
+
+    distance: "emd", "mmd" or "bd"; num_values: M, the values per residual sketched;
+    num_quantiles: K for EMD (None: the M sorted values); value_range: the MMD grid's (lo, hi);
+    dtype: the residuals' compute dtype, in which pairs return their distances.
+    """
+
+    distance: str
+    values: torch.Tensor
+    num_values: int
+    dtype: torch.dtype
+    num_quantiles: int | None = None
+    value_range: tuple[float, float] | None = None
+
+    @property
+    def layout(self) -> tuple:
+        """What two sketches must share to be paired, concatenated or queued together: the distance
+        and the sketch size, plus M for exact EMD (size = M) and MMD (its U-statistic needs M),
+        the grid for MMD."""
+        if self.distance == "emd":
+            return ("emd", self.values.shape[1], self.values.dtype)
+        if self.distance == "mmd":
+            return ("mmd", self.values.shape[1], self.value_range, self.num_values)
+        return ("bd",)
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def with_values(self, values: torch.Tensor) -> Sketch:
+        """The same layout holding other rows (e.g. gathered or queued ones)."""
+        return replace(self, values=values)
+
+    def detach(self) -> Sketch:
+        return self.with_values(self.values.detach())
+
+    @staticmethod
+    def cat(sketches: list[Sketch]) -> Sketch:
+        """Rows of several sketches of one layout, in order (ValueError naming a mismatch)."""
+        first = sketches[0]
+        for other in sketches[1:]:
+            check_same_layout(first, other, "Sketch.cat")
+        if len(sketches) == 1:
+            return first
+        return first.with_values(torch.cat([s.values for s in sketches]))
+
+
+def describe_layout(sketch: Sketch) -> str:
+    if sketch.distance == "emd":
+        size = "exact, M" if sketch.num_quantiles is None else "K"
+        return f"EMD sketch of {sketch.values.shape[1]} quantiles ({size}, {sketch.values.dtype})"
+    if sketch.distance == "mmd":
+        return (
+            f"MMD sketch of {sketch.values.shape[1]} bins on value_range {sketch.value_range} (M = {sketch.num_values})"
+        )
+    return "BD sketch (mean, variance)"
+
+
+def check_same_layout(a: Sketch, b: Sketch, where: str) -> None:
+    """ValueError naming both layouts when a and b cannot be paired or concatenated."""
+    if a.layout != b.layout:
+        hint = ""
+        if a.distance == b.distance == "emd" and (a.num_quantiles is None or b.num_quantiles is None):
+            hint = "; exact EMD sketches hold all M sorted values: pass num_quantiles=K for a fixed size"
+        elif a.distance == b.distance == "mmd":
+            hint = "; MMD sketches pair only on one grid: sketch both with the same value_range and num_bins"
+        raise ValueError(f"{where}: cannot combine a {describe_layout(a)} with a {describe_layout(b)}{hint}")
+
+
+def _prepare_rows(x: torch.Tensor, where: str) -> torch.Tensor:
+    """Validate a residual batch and flatten it to (B, M) in the compute dtype."""
+    _check_tensor(x, "x", where)
+    check_all_finite({"x": x}, where)
+    return _rows(x, compute_dtype(x))
+
+
+def _ops(backend_name: str):
+    return getattr(torch.ops, _NAMESPACES[backend_name])
+
+
+# ---- EMD -----------------------------------------------------------------------------------
+
+
+def emd_sketch(x: torch.Tensor, *, num_quantiles: int | None = None, backend: str = "auto") -> Sketch:
+    """EMD sketch of (B, ...) residuals: the K mid-level quantiles Q(t_m), t_m = (m + 0.5) / K,
+    of each residual's M values, (B, K) (K = None: the M sorted values, for exact EMD).
+    Differentiable (the gradient returns through the sort order)."""
+    where = "emd_sketch"
+    x2 = _prepare_rows(x, where)
+    if num_quantiles is not None:
+        num_quantiles = check_positive_int(num_quantiles, "num_quantiles", where)
+    size = x2.shape[1] if num_quantiles is None else num_quantiles
+    impl = resolve_backend(backend, x2.device, where)
+    if impl.name == "reference":
+        values = reference.sorted_quantiles(x2.double(), size)
+    else:
+        values = _ops(impl.name).sorted_quantiles(x2, size)[0]
+    return Sketch("emd", values, x2.shape[1], x2.dtype, num_quantiles=num_quantiles)
+
+
+def pair_emd(sketch_q: Sketch, sketch_k: Sketch, backend: str = "auto") -> torch.Tensor:
+    """D[i, j] = mean_m |Q_i(t_m) - Q_j(t_m)|, (Bq, Bk), from two EMD sketches of one layout."""
+    where = "pairwise_emd"
+    check_same_layout(sketch_q, sketch_k, where)
+    dtype = torch.promote_types(sketch_q.dtype, sketch_k.dtype)
+    impl = resolve_backend(backend, sketch_q.values.device, where)
+    if impl.name == "reference":
+        a, b = sketch_q.values.double(), sketch_k.values.double()
+        return reference._MeanAbsoluteDifference.apply(a, b).to(dtype)
+    values_dtype = torch.promote_types(sketch_q.values.dtype, sketch_k.values.dtype)
+    a, b = sketch_q.values.to(values_dtype), sketch_k.values.to(values_dtype)
+    return _ops(impl.name).emd_pair(a, b).to(dtype)
+
+
+# ---- BD ------------------------------------------------------------------------------------
+
+
+def bd_sketch(x: torch.Tensor, *, backend: str = "auto") -> Sketch:
+    """BD sketch of (B, ...) residuals: float64 [mean, unbiased variance] per residual, (B, 2)."""
+    where = "bd_sketch"
+    x2 = _prepare_rows(x, where)
+    if x2.shape[1] < 2:
+        raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
+    impl = resolve_backend(backend, x2.device, where)
+    mean, var = reference.moments(x2) if impl.name == "reference" else _ops(impl.name).moments(x2)
+    return Sketch("bd", torch.stack((mean, var), dim=1), x2.shape[1], x2.dtype)
+
+
+def pair_bd(sketch_q: Sketch, sketch_k: Sketch, eps: float, backend: str = "auto") -> torch.Tensor:
+    """Eq. 6 between the Gaussians of two BD sketches, (Bq, Bk)."""
+    where = "pairwise_bd"
+    check_same_layout(sketch_q, sketch_k, where)
+    dtype = torch.promote_types(sketch_q.dtype, sketch_k.dtype)
+    mean_q, var_q = sketch_q.values.unbind(1)
+    mean_k, var_k = sketch_k.values.unbind(1)
+    impl = resolve_backend(backend, sketch_q.values.device, where)
+    if impl.name == "reference":
+        return bd_from_moments(mean_q, var_q, mean_k, var_k, eps).to(dtype)
+    moments = [t.contiguous() for t in (mean_q, var_q, mean_k, var_k)]
+    return _ops(impl.name).bd_pair(*moments, eps).to(dtype)
+
+
+# ---- MMD -----------------------------------------------------------------------------------
+
+
+def check_value_range(value_range, where: str) -> tuple[float, float]:
+    """(lo, hi) as two finite floats with lo < hi (TypeError/ValueError naming value_range)."""
+    if isinstance(value_range, (str, bytes)) or not hasattr(value_range, "__len__") or len(value_range) != 2:
+        raise TypeError(f"{where}: value_range must be a pair (lo, hi) of floats, got {value_range!r}")
+    lo, hi = value_range
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{where}: value_range must hold two finite floats, got {value_range!r}")
+    if not lo < hi:
+        raise ValueError(f"{where}: value_range must satisfy lo < hi, got {value_range!r}")
+    return float(lo), float(hi)
+
+
+def grid_positions(x: torch.Tensor, lo: float, step: float, num_bins: int):
+    """Lower bin index (B, M) int64 and the weight of the upper bin, float64, of each value on the
+    grid lo + g * step, g < num_bins (values beyond it are clamped onto its ends)."""
+    position = ((x.double() - lo) / step).clamp(0.0, num_bins - 1.0)
+    lower = position.floor().clamp(max=num_bins - 2)
+    return lower.long(), position - lower
+
+
+class _BinValues(torch.autograd.Function):
+    """Linear binning of each row onto the grid (mass 1/M per value). The backward treats the
+    incoming gradient F (B, G) as samples of a smooth field and returns dF/dx / M at each value:
+    the central difference of F, interpolated linearly (the gradient of a binned estimate is
+    piecewise constant; its smooth limit is what the grid MMD's own backward uses too)."""
+
+    @staticmethod
+    def forward(ctx, x, lo: float, step: float, num_bins: int):
+        lower, upper_weight = grid_positions(x, lo, step, num_bins)
+        rows, count = x.shape
+        flat = lower + torch.arange(rows, device=x.device).unsqueeze(1) * num_bins
+        mass = 1.0 / count
+        weights = torch.bincount(flat.flatten(), ((1.0 - upper_weight) * mass).flatten(), rows * num_bins)
+        weights += torch.bincount((flat + 1).flatten(), (upper_weight * mass).flatten(), rows * num_bins)
+        ctx.save_for_backward(x)
+        ctx.grid = (lo, step, num_bins)
+        return weights.view(rows, num_bins)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        lo, step, num_bins = ctx.grid
+        slope = torch.gradient(grad.double(), spacing=step, dim=1)[0]
+        lower, upper_weight = grid_positions(x, lo, step, num_bins)
+        at_lower = slope.gather(1, lower)
+        at_upper = slope.gather(1, lower + 1)
+        grad_x = (at_lower + (at_upper - at_lower) * upper_weight) / x.shape[1]
+        return grad_x.to(x.dtype), None, None, None
+
+
+def mmd_sketch(x: torch.Tensor, *, value_range, num_bins: int = 4096) -> Sketch:
+    """MMD sketch of (B, ...) residuals: float64 linear-binning weights (B, G) of each residual's
+    values on the G = ``num_bins`` points lo + g (hi - lo) / (G - 1) of ``value_range`` = (lo, hi)
+    (values outside it count at its ends). A fixed range is what lets sketches of other
+    batches, ranks and steps be paired; the grid MMD's accuracy needs a step of at most ~0.025
+    of the bandwidth (pairwise_mmd). Torch ops on any device (no backend choice)."""
+    where = "mmd_sketch"
+    x2 = _prepare_rows(x, where)
+    lo, hi = check_value_range(value_range, where)
+    num_bins = check_positive_int(num_bins, "num_bins", where)
+    if num_bins < 2:
+        raise ValueError(f"{where}: num_bins must be at least 2, got {num_bins}")
+    weights = _BinValues.apply(x2, lo, (hi - lo) / (num_bins - 1), num_bins)
+    return Sketch("mmd", weights, x2.shape[1], x2.dtype, value_range=(lo, hi))
+
+
+def _fft_size(num_bins: int) -> int:
+    """A power of two >= 2 G: the convolution is linear, not circular."""
+    return 1 << (2 * num_bins - 1).bit_length()
+
+
+def _kernel_spectrum(step: float, fft_size: int, bandwidths: torch.Tensor) -> torch.Tensor:
+    """rfft of sum_h exp(-d^2 / (2 h^2)) at the signed grid offsets d = n step."""
+    n = torch.arange(fft_size, dtype=torch.float64, device=bandwidths.device)
+    offsets = torch.where(n < fft_size // 2, n, n - fft_size) * step
+    kernel = torch.exp(-offsets.unsqueeze(1).square() * (0.5 / bandwidths.double().square())).sum(1)
+    return torch.fft.rfft(kernel)
+
+
+def _convolve(w: torch.Tensor, spectrum: torch.Tensor, fft_size: int) -> torch.Tensor:
+    return torch.fft.irfft(torch.fft.rfft(w, fft_size, dim=-1) * spectrum, fft_size, dim=-1)[..., : w.shape[-1]]
+
+
+def sketch_bandwidth(sketch_q: Sketch, sketch_k: Sketch) -> torch.Tensor:
+    """The default bandwidth from MMD sketches: the pooled std of the binned values (the grid
+    points weighted by w; linear binning keeps the mean and adds at most step^2 / 4 to the
+    variance), float64 (1,), detached, 1 where it is 0."""
+    with torch.no_grad():
+        lo, hi = sketch_q.value_range
+        points = torch.linspace(lo, hi, sketch_q.values.shape[1], dtype=torch.float64, device=sketch_q.values.device)
+        weights = torch.cat([sketch_q.values * sketch_q.num_values, sketch_k.values * sketch_k.num_values]).sum(0)
+        weights = weights / weights.sum()
+        mean = (weights * points).sum()
+        std = (weights * (points - mean).square()).sum().sqrt()
+        return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+
+
+def pair_mmd(sketch_q: Sketch, sketch_k: Sketch, bandwidths: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """Squared MMD (Bq, Bk) from two MMD sketches on one grid: with u = w - (mean of all rows),
+    v = K * u (the kernel as a convolution on the grid), D[i, j] = u_i.v_i + u_j.v_j - 2 u_i.v_j
+    (centring leaves the differences w_i - w_j unchanged and spares float64 GEMMs their
+    cancellation). unbiased: plus (w_i^T K w_i - H) / (M - 1) per side (H bandwidths)."""
+    check_same_layout(sketch_q, sketch_k, "pairwise_mmd")
+    w_q, w_k = sketch_q.values, sketch_k.values
+    num_bins = w_q.shape[1]
+    lo, hi = sketch_q.value_range
+    fft_size = _fft_size(num_bins)
+    spectrum = _kernel_spectrum((hi - lo) / (num_bins - 1), fft_size, bandwidths.to(w_q.device))
+    w_mean = torch.cat([w_q, w_k]).mean(0).detach()
+    u_q, u_k = w_q - w_mean, w_k - w_mean
+    v_q, v_k = _convolve(u_q, spectrum, fft_size), _convolve(u_k, spectrum, fft_size)
+    self_q, self_k = (u_q * v_q).sum(1), (u_k * v_k).sum(1)
+    out = self_q.unsqueeze(1) + self_k.unsqueeze(0) - 2.0 * u_q @ v_k.t()
+    if unbiased:
+        v_mean = _convolve(w_mean.unsqueeze(0), spectrum, fft_size).squeeze(0)
+        mean_self = (w_mean * v_mean).sum()
+        num_h = float(bandwidths.numel())
+        full_q = self_q + 2.0 * (u_q * v_mean).sum(1) + mean_self
+        full_k = self_k + 2.0 * (u_k * v_mean).sum(1) + mean_self
+        out = (
+            out
+            + ((full_q - num_h) / (sketch_q.num_values - 1)).unsqueeze(1)
+            + ((full_k - num_h) / (sketch_k.num_values - 1)).unsqueeze(0)
+        )
+    return out.to(torch.promote_types(sketch_q.dtype, sketch_k.dtype))
