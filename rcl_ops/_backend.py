@@ -16,7 +16,10 @@ class Backend:
     """A named implementation of the three pairwise distances on (B, M) inputs.
 
     ``emd(q, k, num_quantiles)``, ``mmd(q, k, bandwidths, unbiased, method, num_bins)``,
-    ``bd(q, k, eps)``; ``device_types`` lists the tensor device types it runs on.
+    ``bd(q, k, eps)``; ``device_types`` lists the tensor device types it runs on. The sketch
+    and pair stages (rcl_ops.sketch), all differentiable: ``sorted_quantiles(x, K)`` (B, K),
+    ``emd_pair(a, b)`` (Bq, Bk) mean absolute differences, ``moments(x)`` float64 (mean, var),
+    ``bd_pair(mean_q, var_q, mean_k, var_k, eps)`` float64 (Bq, Bk).
     """
 
     name: str
@@ -25,6 +28,21 @@ class Backend:
     mmd: Callable
     bd: Callable
     mmd_methods: tuple[str, ...] = ("grid", "direct")
+    sorted_quantiles: Callable | None = None
+    emd_pair: Callable | None = None
+    moments: Callable | None = None
+    bd_pair: Callable | None = None
+
+
+def op_library_stages(ops) -> dict[str, Callable]:
+    """The sketch and pair stages of an op library that implements the shared contract of
+    rcl_ops/_fakes.py (torch.ops.rcl_ops, torch.ops.rcl_ops_triton)."""
+    return {
+        "sorted_quantiles": lambda x, num_quantiles: ops.sorted_quantiles(x, num_quantiles)[0],
+        "emd_pair": ops.emd_pair,
+        "moments": ops.moments,
+        "bd_pair": ops.bd_pair,
+    }
 
 
 _registry: dict[str, Backend] = {}

@@ -45,7 +45,7 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_tensor(x: torch.Tensor, name: str, where: str) -> None:
+def check_residuals(x: torch.Tensor, name: str, where: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -117,16 +117,16 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def prepare_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate two residual batches and flatten them to (Bq, Mq), (Bk, Mk) in the compute dtype."""
-    _check_tensor(q, "q", where)
-    _check_tensor(k, "k", where)
+    check_residuals(q, "q", where)
+    check_residuals(k, "k", where)
     if q.device != k.device:
         raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}; put both on one device")
     check_all_finite({"q": q, "k": k}, where)
     dtype = compute_dtype(q, k)
-    return _rows(q, dtype), _rows(k, dtype)
+    return as_rows(q, dtype), as_rows(k, dtype)
 
 
-def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x as (B, M) in ``dtype``, without a call where nothing changes (host time per step)."""
     if x.dim() != 2:
         x = x.reshape(x.shape[0], -1)

@@ -7,7 +7,7 @@ import torch
 
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
 from ._autograd import register_sketch_and_pair_autograd
-from ._backend import Backend, mark_unavailable, register_backend
+from ._backend import Backend, mark_unavailable, op_library_stages, register_backend
 from ._fakes import masked_gradients, register_fake_kernels
 from ._formulas import mmd_from_kernel_sums
 
@@ -111,8 +111,8 @@ def native_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
     return ops.bd(q, k, eps)[0]
 
 
-register_backend(Backend("cpu", ("cpu",), native_emd, native_mmd, native_bd))
+register_backend(Backend("cpu", ("cpu",), native_emd, native_mmd, native_bd, **op_library_stages(ops)))
 if ops.emd_pair.default.has_kernel_for_dispatch_key("CUDA"):
-    register_backend(Backend("cuda", ("cuda",), native_emd, native_mmd, native_bd))
+    register_backend(Backend("cuda", ("cuda",), native_emd, native_mmd, native_bd, **op_library_stages(ops)))
 else:
     mark_unavailable("cuda", "rcl_ops._C was built without CUDA kernels")

@@ -171,5 +171,9 @@ register_backend(
         mmd=_reference_mmd,
         bd=pairwise_bd,
         mmd_methods=("direct",),
+        sorted_quantiles=lambda x, num_quantiles: sorted_quantiles(x.double(), num_quantiles),
+        emd_pair=lambda a, b: _MeanAbsoluteDifference.apply(a.double(), b.double()),
+        moments=moments,
+        bd_pair=bd_from_moments,
     )
 )

@@ -21,14 +21,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import reference
+from . import _grid
 from ._backend import resolve_backend
-from ._checks import _check_tensor, _rows, check_all_finite, check_positive_int, compute_dtype
-from ._formulas import bd_from_moments
+from ._checks import as_rows, check_all_finite, check_positive_int, check_residuals, compute_dtype
 
 SKETCH_DISTANCES = ("emd", "mmd", "bd")
-# Op namespaces of the backends sharing the sketch-and-pair contract of rcl_ops/_fakes.py.
-_NAMESPACES = {"cpu": "rcl_ops", "cuda": "rcl_ops", "triton": "rcl_ops_triton"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,13 +100,9 @@ def check_same_layout(a: Sketch, b: Sketch, where: str) -> None:
 
 def _prepare_rows(x: torch.Tensor, where: str) -> torch.Tensor:
     """Validate a residual batch and flatten it to (B, M) in the compute dtype."""
-    _check_tensor(x, "x", where)
+    check_residuals(x, "x", where)
     check_all_finite({"x": x}, where)
-    return _rows(x, compute_dtype(x))
-
-
-def _ops(backend_name: str):
-    return getattr(torch.ops, _NAMESPACES[backend_name])
+    return as_rows(x, compute_dtype(x))
 
 
 # ---- EMD -----------------------------------------------------------------------------------
@@ -124,11 +117,7 @@ def emd_sketch(x: torch.Tensor, *, num_quantiles: int | None = None, backend: st
     if num_quantiles is not None:
         num_quantiles = check_positive_int(num_quantiles, "num_quantiles", where)
     size = x2.shape[1] if num_quantiles is None else num_quantiles
-    impl = resolve_backend(backend, x2.device, where)
-    if impl.name == "reference":
-        values = reference.sorted_quantiles(x2.double(), size)
-    else:
-        values = _ops(impl.name).sorted_quantiles(x2, size)[0]
+    values = resolve_backend(backend, x2.device, where).sorted_quantiles(x2, size)
     return Sketch("emd", values, x2.shape[1], x2.dtype, num_quantiles=num_quantiles)
 
 
@@ -137,13 +126,9 @@ def pair_emd(sketch_q: Sketch, sketch_k: Sketch, backend: str = "auto") -> torch
     where = "pairwise_emd"
     check_same_layout(sketch_q, sketch_k, where)
     dtype = torch.promote_types(sketch_q.dtype, sketch_k.dtype)
-    impl = resolve_backend(backend, sketch_q.values.device, where)
-    if impl.name == "reference":
-        a, b = sketch_q.values.double(), sketch_k.values.double()
-        return reference._MeanAbsoluteDifference.apply(a, b).to(dtype)
     values_dtype = torch.promote_types(sketch_q.values.dtype, sketch_k.values.dtype)
     a, b = sketch_q.values.to(values_dtype), sketch_k.values.to(values_dtype)
-    return _ops(impl.name).emd_pair(a, b).to(dtype)
+    return resolve_backend(backend, sketch_q.values.device, where).emd_pair(a, b).to(dtype)
 
 
 # ---- BD ------------------------------------------------------------------------------------
@@ -155,8 +140,7 @@ def bd_sketch(x: torch.Tensor, *, backend: str = "auto") -> Sketch:
     x2 = _prepare_rows(x, where)
     if x2.shape[1] < 2:
         raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
-    impl = resolve_backend(backend, x2.device, where)
-    mean, var = reference.moments(x2) if impl.name == "reference" else _ops(impl.name).moments(x2)
+    mean, var = resolve_backend(backend, x2.device, where).moments(x2)
     return Sketch("bd", torch.stack((mean, var), dim=1), x2.shape[1], x2.dtype)
 
 
@@ -167,11 +151,8 @@ def pair_bd(sketch_q: Sketch, sketch_k: Sketch, eps: float, backend: str = "auto
     dtype = torch.promote_types(sketch_q.dtype, sketch_k.dtype)
     mean_q, var_q = sketch_q.values.unbind(1)
     mean_k, var_k = sketch_k.values.unbind(1)
-    impl = resolve_backend(backend, sketch_q.values.device, where)
-    if impl.name == "reference":
-        return bd_from_moments(mean_q, var_q, mean_k, var_k, eps).to(dtype)
     moments = [t.contiguous() for t in (mean_q, var_q, mean_k, var_k)]
-    return _ops(impl.name).bd_pair(*moments, eps).to(dtype)
+    return resolve_backend(backend, sketch_q.values.device, where).bd_pair(*moments, eps).to(dtype)
 
 
 # ---- MMD -----------------------------------------------------------------------------------
@@ -244,23 +225,6 @@ def mmd_sketch(x: torch.Tensor, *, value_range, num_bins: int = 4096) -> Sketch:
     return Sketch("mmd", weights, x2.shape[1], x2.dtype, value_range=(lo, hi))
 
 
-def _fft_size(num_bins: int) -> int:
-    """A power of two >= 2 G: the convolution is linear, not circular."""
-    return 1 << (2 * num_bins - 1).bit_length()
-
-
-def _kernel_spectrum(step: float, fft_size: int, bandwidths: torch.Tensor) -> torch.Tensor:
-    """rfft of sum_h exp(-d^2 / (2 h^2)) at the signed grid offsets d = n step."""
-    n = torch.arange(fft_size, dtype=torch.float64, device=bandwidths.device)
-    offsets = torch.where(n < fft_size // 2, n, n - fft_size) * step
-    kernel = torch.exp(-offsets.unsqueeze(1).square() * (0.5 / bandwidths.double().square())).sum(1)
-    return torch.fft.rfft(kernel)
-
-
-def _convolve(w: torch.Tensor, spectrum: torch.Tensor, fft_size: int) -> torch.Tensor:
-    return torch.fft.irfft(torch.fft.rfft(w, fft_size, dim=-1) * spectrum, fft_size, dim=-1)[..., : w.shape[-1]]
-
-
 def sketch_bandwidth(sketch_q: Sketch, sketch_k: Sketch) -> torch.Tensor:
     """The default bandwidth from MMD sketches: the pooled std of the binned values (the grid
     points weighted by w; linear binning keeps the mean and adds at most step^2 / 4 to the
@@ -276,30 +240,14 @@ def sketch_bandwidth(sketch_q: Sketch, sketch_k: Sketch) -> torch.Tensor:
 
 
 def pair_mmd(sketch_q: Sketch, sketch_k: Sketch, bandwidths: torch.Tensor, unbiased: bool) -> torch.Tensor:
-    """Squared MMD (Bq, Bk) from two MMD sketches on one grid: with u = w - (mean of all rows),
-    v = K * u (the kernel as a convolution on the grid), D[i, j] = u_i.v_i + u_j.v_j - 2 u_i.v_j
-    (centring leaves the differences w_i - w_j unchanged and spares float64 GEMMs their
-    cancellation). unbiased: plus (w_i^T K w_i - H) / (M - 1) per side (H bandwidths)."""
+    """Squared MMD (Bq, Bk) from two MMD sketches on one grid (rcl_ops._grid.grid_mmd: the
+    kernel as a convolution on the grid, centred float64 GEMMs; V- or U-statistic)."""
     check_same_layout(sketch_q, sketch_k, "pairwise_mmd")
     w_q, w_k = sketch_q.values, sketch_k.values
     num_bins = w_q.shape[1]
     lo, hi = sketch_q.value_range
-    fft_size = _fft_size(num_bins)
-    spectrum = _kernel_spectrum((hi - lo) / (num_bins - 1), fft_size, bandwidths.to(w_q.device))
-    w_mean = torch.cat([w_q, w_k]).mean(0).detach()
-    u_q, u_k = w_q - w_mean, w_k - w_mean
-    v_q, v_k = _convolve(u_q, spectrum, fft_size), _convolve(u_k, spectrum, fft_size)
-    self_q, self_k = (u_q * v_q).sum(1), (u_k * v_k).sum(1)
-    out = self_q.unsqueeze(1) + self_k.unsqueeze(0) - 2.0 * u_q @ v_k.t()
-    if unbiased:
-        v_mean = _convolve(w_mean.unsqueeze(0), spectrum, fft_size).squeeze(0)
-        mean_self = (w_mean * v_mean).sum()
-        num_h = float(bandwidths.numel())
-        full_q = self_q + 2.0 * (u_q * v_mean).sum(1) + mean_self
-        full_k = self_k + 2.0 * (u_k * v_mean).sum(1) + mean_self
-        out = (
-            out
-            + ((full_q - num_h) / (sketch_q.num_values - 1)).unsqueeze(1)
-            + ((full_k - num_h) / (sketch_k.num_values - 1)).unsqueeze(0)
-        )
+    size = _grid.fft_size(num_bins)
+    spectrum = _grid.kernel_spectrum((hi - lo) / (num_bins - 1), size, bandwidths.to(w_q.device))
+    counts = (sketch_q.num_values, sketch_k.num_values)
+    out = _grid.grid_mmd(w_q, w_k, spectrum, size, counts, bandwidths.numel(), unbiased)
     return out.to(torch.promote_types(sketch_q.dtype, sketch_k.dtype))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import _grid
 from .._autograd import register_mmd_grid_autograd, register_sketch_and_pair_autograd
-from .._backend import Backend, register_backend
+from .._backend import Backend, op_library_stages, register_backend
 from .._fakes import register_fake_kernels
 from ..ops import MAX_NUM_BINS
 from . import _kernels
@@ -230,29 +231,7 @@ def _make_grid(q, k, bandwidths, num_bins):
     lo = torch.minimum(q.min(), k.min()).to(torch.float64)
     hi = torch.maximum(q.max(), k.max()).to(torch.float64)
     span = torch.maximum(hi - lo, 1e-3 * bandwidths.min().to(torch.float64))
-    return lo, span / float(num_bins - 1), _fft_size(num_bins)
-
-
-def _fft_size(num_bins: int) -> int:
-    """The FFT size: the power of two >= 2 G (a linear, not circular, convolution)."""
-    return 1 << (2 * num_bins - 1).bit_length()
-
-
-def _kernel_spectrum(step, fft_size, bandwidths, derivative):
-    """rfft of sum_h exp(-d^2 / (2 h^2)) (or its derivative in d) at the signed offsets d = n step."""
-    n = torch.arange(fft_size, dtype=torch.float64, device=step.device)
-    n = torch.where(n < float(fft_size // 2), n, n - float(fft_size))
-    diff = (n * step).unsqueeze(1)
-    inv_two_h2 = 0.5 / bandwidths.to(torch.float64).square()
-    values = torch.exp(-diff.square() * inv_two_h2)
-    if derivative:
-        values = values * (-2.0 * diff * inv_two_h2)
-    return torch.fft.rfft(values.sum(1), fft_size)
-
-
-def _convolve(w, spectrum, fft_size, num_bins):
-    product = torch.fft.rfft(w, fft_size, dim=-1) * spectrum
-    return torch.fft.irfft(product, fft_size, dim=-1)[..., :num_bins]
+    return lo, span / float(num_bins - 1), _grid.fft_size(num_bins)
 
 
 def _check_mmd(q, k, bandwidths, num_bins, unbiased, op):
@@ -273,38 +252,15 @@ def _check_mmd(q, k, bandwidths, num_bins, unbiased, op):
     )
 
 
-def _grid_state(w_q, w_k):
-    """Centred weights: w_mean over both batches, u = w - w_mean (the MMD is unchanged by a
-    common shift of the weights, and the GEMMs lose less to cancellation)."""
-    w_mean = (w_q.sum(0) + w_k.sum(0)) / float(w_q.shape[0] + w_k.shape[0])
-    return w_mean, w_q - w_mean, w_k - w_mean
-
-
 def mmd_grid_forward(q, k, bandwidths, num_bins: int, unbiased: bool):
     """Binned-grid squared MMD (Bq, Bk), exactly the algorithm of csrc/mmd_grid.cpp, with its
     grid [lo, step] and the float64 binned weights of q and k (for the backward)."""
     q, k = q.contiguous(), k.contiguous()
-    lo, step, fft_size = _make_grid(q, k, bandwidths, num_bins)
+    lo, step, size = _make_grid(q, k, bandwidths, num_bins)
     w_q = _kernels.grid_bin(q, lo, step, num_bins)
     w_k = _kernels.grid_bin(k, lo, step, num_bins)
-    w_mean, u_q, u_k = _grid_state(w_q, w_k)
-    spectrum = _kernel_spectrum(step, fft_size, bandwidths, derivative=False)
-    v_q = _convolve(u_q, spectrum, fft_size, num_bins)
-    v_k = _convolve(u_k, spectrum, fft_size, num_bins)
-    self_q, self_k = (u_q * v_q).sum(1), (u_k * v_k).sum(1)
-    out = self_q.unsqueeze(1) + self_k.unsqueeze(0) - 2.0 * torch.mm(u_q, v_k.t())
-    if unbiased:
-        # U-statistic: drop the diagonal k(x, x) = H of each self sum, w^T K w (uncentred).
-        v_mean = _convolve(w_mean.unsqueeze(0), spectrum, fft_size, num_bins).squeeze(0)
-        mean_self = (w_mean * v_mean).sum()
-        num_h = float(bandwidths.numel())
-        full_q = self_q + 2.0 * (u_q * v_mean).sum(1) + mean_self
-        full_k = self_k + 2.0 * (u_k * v_mean).sum(1) + mean_self
-        out = (
-            out
-            + ((full_q - num_h) / float(q.shape[1] - 1)).unsqueeze(1)
-            + ((full_k - num_h) / float(k.shape[1] - 1)).unsqueeze(0)
-        )
+    spectrum = _grid.kernel_spectrum(step, size, bandwidths)
+    out = _grid.grid_mmd(w_q, w_k, spectrum, size, (q.shape[1], k.shape[1]), bandwidths.numel(), unbiased)
     return out.to(q.dtype), torch.stack([lo, step]), w_q, w_k
 
 
@@ -313,10 +269,10 @@ def mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins: int
     csrc/mmd_grid.cpp: per side, the coefficients against both batches' weights, convolved
     with the kernel derivative into a field, interpolated at its values."""
     lo, step = grid[0], grid[1]
-    fft_size = _fft_size(num_bins)
-    _, u_q, u_k = _grid_state(w_q, w_k)
+    size = _grid.fft_size(num_bins)
+    _, u_q, u_k = _grid.centred_weights(w_q, w_k)
     g = grad.to(torch.float64)
-    spectrum = _kernel_spectrum(step, fft_size, bandwidths, derivative=True)
+    spectrum = _grid.kernel_spectrum(step, size, bandwidths, derivative=True)
 
     def side_gradient(x, w_x, u_x, u_other, g_x):
         # The field of x[i] is K' * (rowsum_i w_i - (g w_other)_i) times 2 / M (centring cancels).
@@ -324,7 +280,7 @@ def mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins: int
         coef = sums.unsqueeze(1) * u_x - torch.mm(g_x, u_other)
         if unbiased:
             coef = coef + (sums / float(x.shape[1] - 1)).unsqueeze(1) * w_x
-        field = _convolve(coef, spectrum, fft_size, num_bins) * (2.0 / float(x.shape[1]))
+        field = _grid.convolve(coef, spectrum, size) * (2.0 / float(x.shape[1]))
         return _kernels.grid_interpolate(field.contiguous(), x.contiguous(), lo, step)
 
     return (
@@ -413,4 +369,6 @@ def triton_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
 # CUDA tensors normally; CPU tensors too when kernels run in the interpreter (the tests).
 DEVICE_TYPES = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
-register_backend(Backend("triton", DEVICE_TYPES, triton_emd, triton_mmd, triton_bd, mmd_methods=("grid",)))
+register_backend(
+    Backend("triton", DEVICE_TYPES, triton_emd, triton_mmd, triton_bd, mmd_methods=("grid",), **op_library_stages(ops))
+)
