@@ -52,10 +52,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def read_table_rows(text: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in text.splitlines():
-        if line.startswith("| ") and not line.startswith("| Method"):
+def read_table_rows(text: str, title: str = "Proxy evaluation") -> dict[str, list[str]]:
+    """The rows of the first markdown table after the line starting with ``title``."""
+    rows: dict[str, list[str]] = {}
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith(("| Method", "|---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
@@ -89,6 +94,15 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     with (run / "metrics.csv").open() as handle:
         logged = list(csv.DictReader(handle))
     assert {"contrast", "consistency", "n2n", "n2s", "l1", "loss"} <= {row["metric"] for row in logged}
+    # issue 14: every RCL pre-training logs its diagnostics, and every network is also scored as is
+    assert {"contrast_per_query", "contrast_chance", "retrieval_top1", "grad_norm_ratio"} <= {
+        row["metric"] for row in logged if row["method"] == "rcl-emd"
+    }
+    assert {row["phase"] for row in logged} >= {"as-is", "proxy"}
+    diagnostics = summary["diagnostics"][0]
+    assert diagnostics["method"] == "rcl-emd" and diagnostics["contrast_chance_last"] == pytest.approx(math.log(3))
+    assert set(read_table_rows(out, "As pre-trained")) == set(rows)
+    assert "RCL pre-training diagnostics" in out and "grad-norm ratio" in out
 
     # --resume reuses every finished (method, seed) and reproduces the same table
     assert main([*args, "--resume"]) == 0
@@ -383,3 +397,17 @@ def test_resume_keeps_the_thread_count(image_folder, tmp_path, capsys):
     assert main(tiny_run(image_folder, tmp_path, "one", "--threads", "2", "--resume")) == 2
     error = capsys.readouterr().err
     assert "--threads 1 -> 2" in error and "summation order" in error
+
+
+def test_zero_finetune_steps_reports_the_networks_as_is(image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "as-is", "--finetune-steps", "0")
+    args[args.index("n2n")] = "rcl-emd"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Proxy evaluation" not in out
+    assert set(read_table_rows(out, "As pre-trained")) == {"Input (noisy)", "RCL-EMD"}
+    result = json.loads((tmp_path / "as-is" / "results" / "rcl-emd_seed0.json").read_text())
+    assert result["tasks"] == {} and math.isfinite(result["as_is"]["denoise"]["psnr"])
+    assert "at_chance" in result["pretrain"]["diagnostics"]
+    assert main([*args, "--resume"]) == 0  # a finished as-is result is reused
+    assert "reused finished result" in capsys.readouterr().out

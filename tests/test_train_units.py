@@ -582,3 +582,85 @@ def test_metrics_csv_has_no_duplicate_steps_across_resumes(tmp_path):
         ("pretrain", 40, 0.05),
         ("finetune-denoise", 10, 0.25),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-training diagnostics (issue 14)
+
+
+def test_retrieval_accuracy_on_a_hand_made_distance_matrix():
+    from rcl_ops.train.diagnostics import retrieval_accuracy
+
+    distances = torch.tensor(
+        [
+            [0.1, 0.5, 0.9],  # positive nearest: hit
+            [0.2, 0.3, 0.4],  # a negative (0.2) nearer: miss
+            [0.7, 0.8, 0.7],  # a tie with a negative counts as a miss
+        ]
+    )
+    assert retrieval_accuracy(distances) == pytest.approx(1 / 3)
+    assert retrieval_accuracy(torch.eye(4)) == 0.0  # positives farthest
+    assert retrieval_accuracy(1 - torch.eye(4)) == 1.0
+    with pytest.raises(ValueError, match=r"\(B, B\)"):
+        retrieval_accuracy(torch.zeros(2, 3))
+
+
+def test_gradient_norm_ratio_matches_direct_autograd():
+    from rcl_ops.train.diagnostics import gradient_norm_ratio
+
+    torch.manual_seed(0)
+    layer, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+    x = torch.rand(5, 3)
+    a = 3.0 * layer(x).square().sum() + other(x).sum()  # `other` reaches only a: not a shared parameter
+    b = layer(x).abs().mean()
+    found = gradient_norm_ratio(a, b, [*layer.parameters(), *other.parameters()])
+    grads_a = torch.autograd.grad(a, list(layer.parameters()), retain_graph=True)
+    grads_b = torch.autograd.grad(b, list(layer.parameters()), retain_graph=True)
+    norm_a = torch.cat([g.flatten() for g in grads_a]).norm().item()
+    norm_b = torch.cat([g.flatten() for g in grads_b]).norm().item()
+    assert found["grad_norm_contrast"] == pytest.approx(norm_a, rel=1e-6)
+    assert found["grad_norm_consistency"] == pytest.approx(norm_b, rel=1e-6)
+    assert found["grad_norm_ratio"] == pytest.approx(norm_a / norm_b, rel=1e-6)
+    (a + b).backward()  # the graph is kept for the training step
+    assert layer.weight.grad is not None
+
+
+def test_rcl_parts_report_chance_and_retrieval():
+    from rcl_ops.train.data import CropBatch
+    from rcl_ops.train.losses import FeatureConsistencyLoss, RCLObjective, contrastive_loss
+
+    objective = RCLObjective(
+        contrastive_loss("emd", 0.1, False, "auto", None), FeatureConsistencyLoss(ResNet50Encoder(1)), 1e-3, 1.0, False
+    )
+    observed = torch.rand(4, 3, 16, 16)
+    batch = CropBatch(observed, observed.clone(), None, None, observed, observed)
+    identity = torch.nn.Identity()
+    terms = objective.compute(identity, batch, torch.Generator())
+    # the identity map has zero residuals: every distance is 0, the loss is exactly chance, no retrieval
+    assert float(terms.parts["contrast_per_query"]) == pytest.approx(math.log(4))
+    assert terms.parts["contrast_chance"] == pytest.approx(math.log(4))
+    assert terms.parts["retrieval_top1"] == 0.0
+    assert float(terms.consistency) == 0.0
+    assert torch.equal(terms.loss, terms.contrast + terms.consistency)
+
+
+def test_history_summary_flags_a_contrastive_loss_at_chance():
+    from rcl_ops.train.diagnostics import summarise_history
+
+    chance = math.log(8)
+    stuck = [
+        {
+            "step": s,
+            "contrast_per_query": v,
+            "contrast_chance": chance,
+            "retrieval_top1": 0.125,
+            "grad_norm_ratio": 0.001,
+        }
+        for s, v in ((1, 2.0), (2, 1.0), (3, 2.05), (4, 2.07))
+    ]
+    summary = summarise_history(stuck)
+    assert summary["at_chance"] and summary["contrast_per_query_end"] == pytest.approx(2.07)
+    assert summary["grad_norm_ratio_first"] == 1e-3 and summary["logged_steps"] == 4
+    learning = [{**row, "contrast_per_query": 0.3} for row in stuck]
+    assert not summarise_history(learning)["at_chance"]
+    assert summarise_history([]) == {}

@@ -154,7 +154,12 @@ class TrainConfig:
         "labelled training images for fine-tuning the new last layer (default: all training images)",
         "proxy evaluation",
     )
-    finetune_steps: int = _option(2000, "fine-tuning steps of the new last layer (L1 loss)", "proxy evaluation")
+    finetune_steps: int = _option(
+        2000,
+        "fine-tuning steps of the new last layer (L1 loss); 0 skips the proxy evaluation and reports only the "
+        "pre-trained networks as they are (the '0 labels' row, always reported)",
+        "proxy evaluation",
+    )
     finetune_batch_size: int = _option(32, "crops per fine-tuning batch", "proxy evaluation")
     finetune_lr: float = _option(1e-3, "Adam learning rate of fine-tuning", "proxy evaluation")
     eval_crop: int | None = _option(
@@ -293,7 +298,7 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "pretrain_steps": (0, math.inf),
     "batch_size": (1, math.inf),
     "num_labelled": (1, math.inf),
-    "finetune_steps": (1, math.inf),
+    "finetune_steps": (0, math.inf),
     "finetune_batch_size": (1, math.inf),
     "eval_crop": (7, math.inf),
     "threads": (1, math.inf),

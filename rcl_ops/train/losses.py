@@ -9,13 +9,15 @@ model returns RGB images (B, 3, h, w).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ResidualContrastiveLoss
+from .. import ResidualContrastiveLoss, residual_contrastive_loss
 from .data import CropBatch
+from .diagnostics import contrastive_chance, retrieval_accuracy
 from .models import ResNet50Encoder
 from .noise import keys_translate, mosaic
 
@@ -89,6 +91,21 @@ class RawConsistencyLoss(nn.Module):
         return (observed - mosaic(keys_translate(restored, shift_y, shift_x))).abs().mean()
 
 
+@dataclass
+class RCLTerms:
+    """One RCL step's terms: the weighted ``contrast`` and ``consistency`` (their sum is ``loss``), the
+    (B, B) residual ``distances`` and the logged ``parts`` (detached numbers, diagnostics included)."""
+
+    contrast: torch.Tensor
+    consistency: torch.Tensor
+    distances: torch.Tensor
+    parts: dict[str, torch.Tensor | float]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.contrast + self.consistency
+
+
 class RCLObjective(nn.Module):
     """L_total = alpha * L_contrast + consistency_weight * L_consistency (Eq. 10).
 
@@ -109,18 +126,32 @@ class RCLObjective(nn.Module):
         self.contrastive, self.consistency = contrastive, consistency
         self.alpha, self.consistency_weight, self.raw = alpha, consistency_weight, raw
 
-    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+    def compute(self, model: nn.Module, batch: CropBatch, generator: torch.Generator) -> RCLTerms:
+        """The step's terms, with the diagnostics of the distance matrix in ``parts``."""
         observed = torch.cat([batch.observed_q, batch.observed_k])
         restored = model(observed)
         residuals = residual(observed, restored, self.raw)
         half = batch.observed_q.shape[0]
-        contrast = self.contrastive(residuals[:half], residuals[half:])
+        c = self.contrastive
+        distances = c.distance_fn(residuals[:half], residuals[half:], **c.distance_kwargs)
+        contrast = residual_contrastive_loss(distances, c.temperature, c.symmetric, c.reduction)
         if self.raw:
             consistency = self.consistency(observed, restored, generator)
         else:
             consistency = self.consistency(observed, restored)
-        loss = self.alpha * contrast + self.consistency_weight * consistency
-        return loss, {"contrast": contrast.detach(), "consistency": consistency.detach()}
+        detached = distances.detach()
+        parts = {
+            "contrast": contrast.detach(),
+            "consistency": consistency.detach(),
+            "contrast_per_query": residual_contrastive_loss(detached, c.temperature, c.symmetric, "mean"),
+            "contrast_chance": contrastive_chance(half),
+            "retrieval_top1": retrieval_accuracy(detached),
+        }
+        return RCLTerms(self.alpha * contrast, self.consistency_weight * consistency, distances, parts)
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        terms = self.compute(model, batch, generator)
+        return terms.loss, terms.parts
 
 
 class Noise2NoiseObjective(nn.Module):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -26,21 +27,22 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores], environment: dict) -> dict:
-    """Aggregate per-(method, seed) results into table rows (mean and std over seeds) and plain-words
-    comparisons of every RCL variant with every baseline, as measured."""
-    rows = [
-        {
-            "method": "input",
-            "title": "Input (" + ", ".join(INPUT_TITLES[(t, config.modality)] for t in config.tasks) + ")",
-            "tasks": {
-                t: {"psnr": _mean_std([naive[t].mean_psnr]), "ssim": _mean_std([naive[t].mean_ssim])}
-                for t in config.tasks
-            },
-        }
-    ]
+def _input_row(config: TrainConfig, naive: dict[str, TestScores]) -> dict:
+    return {
+        "method": "input",
+        "title": "Input (" + ", ".join(INPUT_TITLES[(t, config.modality)] for t in config.tasks) + ")",
+        "tasks": {
+            t: {"psnr": _mean_std([naive[t].mean_psnr]), "ssim": _mean_std([naive[t].mean_ssim])} for t in config.tasks
+        },
+    }
+
+
+def _method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
+    """One row per method: mean and std over seeds of the scores under ``key`` ("tasks": proxy
+    evaluation, "as_is": the pre-trained network itself)."""
+    rows = []
     for method in config.methods:
-        mine = [r for r in runs if r["method"] == method]
+        mine = [r for r in runs if r["method"] == method and r.get(key)]
         if not mine:
             continue
         rows.append(
@@ -50,20 +52,59 @@ def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores
                 "seeds": [r["seed"] for r in mine],
                 "tasks": {
                     t: {
-                        "psnr": _mean_std([r["tasks"][t]["psnr"] for r in mine]),
-                        "ssim": _mean_std([r["tasks"][t]["ssim"] for r in mine]),
+                        "psnr": _mean_std([r[key][t]["psnr"] for r in mine]),
+                        "ssim": _mean_std([r[key][t]["ssim"] for r in mine]),
                     }
                     for t in config.tasks
                 },
                 "pretrain_seconds": statistics.fmean(r.get("pretrain", {}).get("seconds", 0.0) for r in mine),
             }
         )
+    return rows
+
+
+def _diagnostic_rows(config: TrainConfig, runs: list[dict]) -> list[dict]:
+    """Per RCL method, the pre-training diagnostics averaged over seeds, and whether any seed's
+    contrastive loss ended at chance."""
+    rows = []
+    for method in config.methods:
+        summaries = [r["pretrain"]["diagnostics"] for r in runs if r["method"] == method and "pretrain" in r]
+        summaries = [d for d in summaries if "at_chance" in d]
+        if not summaries:
+            continue
+        row = {"method": method, "title": method_title(method), "seeds_at_chance": 0, "n": len(summaries)}
+        for key in (
+            "contrast_per_query_first",
+            "contrast_per_query_end",
+            "contrast_chance_last",
+            "retrieval_top1_first",
+            "retrieval_top1_end",
+            "grad_norm_ratio_first",
+            "grad_norm_ratio_last",
+        ):
+            values = [d[key] for d in summaries if key in d]
+            row[key] = statistics.fmean(values) if values else math.nan
+        row["seeds_at_chance"] = sum(bool(d["at_chance"]) for d in summaries)
+        rows.append(row)
+    return rows
+
+
+def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores], environment: dict) -> dict:
+    """Aggregate per-(method, seed) results into table rows (mean and std over seeds) for the proxy
+    evaluation and for the pre-trained networks as they are, the pre-training diagnostics, and plain-words
+    comparisons of every RCL variant with every baseline, as measured."""
+    input_row = _input_row(config, naive)
+    rows = [input_row, *_method_rows(config, runs, "tasks")] if config.finetune_steps > 0 else []
+    as_is_rows = [input_row, *_method_rows(config, runs, "as_is")]
     return {
         "config": config_to_dict(config),
         "environment": environment,
         "tasks": list(config.tasks),
         "rows": rows,
+        "as_is_rows": as_is_rows,
+        "diagnostics": _diagnostic_rows(config, runs),
         "comparisons": compare(rows, config.tasks),
+        "as_is_comparisons": compare(as_is_rows, config.tasks),
         "runs": runs,
     }
 
@@ -101,36 +142,65 @@ def _cell(stats: dict, digits: int) -> str:
     return text
 
 
+def _score_table(rows: list[dict], tasks: list[str]) -> list[str]:
+    header = ["Method"]
+    for task in tasks:
+        header += [f"{TASK_TITLES[task]} PSNR", f"{TASK_TITLES[task]} SSIM"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["title"]]
+        for task in tasks:
+            cells += [_cell(row["tasks"][task]["psnr"], 2), _cell(row["tasks"][task]["ssim"], 4)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _diagnostics_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| Method | L_contrast per query: start -> end (chance ln B) | top-1 retrieval: start -> end "
+        "(chance 1/B) | grad-norm ratio alpha*L_contrast / L_consistency: start -> end | at chance |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        chance = row["contrast_chance_last"]
+        flag = f"**AT CHANCE** ({row['seeds_at_chance']}/{row['n']} seeds)" if row["seeds_at_chance"] else "no"
+        lines.append(
+            f"| {row['title']} | {row['contrast_per_query_first']:.3f} -> {row['contrast_per_query_end']:.3f} "
+            f"({chance:.3f}) | {row['retrieval_top1_first']:.2f} -> {row['retrieval_top1_end']:.2f} "
+            f"({math.exp(-chance):.2f}) | {row['grad_norm_ratio_first']:.2e} -> {row['grad_norm_ratio_last']:.2e} "
+            f"| {flag} |"
+        )
+    return lines
+
+
 def format_table(summary: dict) -> str:
-    """The markdown results table (rows: methods; columns: PSNR/SSIM per downstream task), a header
-    describing the run, and the measured comparisons."""
+    """The markdown results: a header describing the run, the proxy-evaluation table (rows: methods;
+    columns: PSNR/SSIM per downstream task), the as-is ("0 labels") table, the pre-training diagnostics,
+    and the measured comparisons."""
     config, env, tasks = summary["config"], summary["environment"], summary["tasks"]
     data = config["data_dir"] or "scikit-image sample images"
     seeds = config["seeds"]
     lines = [
-        f"Proxy evaluation (last layer re-initialised and fine-tuned with L1, rest frozen) - data: {data}, "
-        f"{env['num_train_images']} train / {env['num_test_images']} test images "
+        f"Data: {data}, {env['num_train_images']} train / {env['num_test_images']} test images "
         f"({env['num_labelled']} labelled), {config['modality'].upper()}, noise sigma in "
         f"[{config['sigma_min']:g}, {config['sigma_max']:g}]/255; {config['model']} "
         f"(width {config['width'] or 'default'}, depth {config['depth'] or 'default'}), crops {config['crop_size']}, "
         f"{config['pretrain_steps']} pre-training + {config['finetune_steps']} fine-tuning steps, "
         f"mean{' ± std' if len(seeds) > 1 else ''} over {len(seeds)} seed(s); device {env['device']}, "
         f"{env['wall_seconds']:.0f} s.",
-        "",
     ]
-    header = ["Method"]
-    for task in tasks:
-        header += [f"{TASK_TITLES[task]} PSNR", f"{TASK_TITLES[task]} SSIM"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for row in summary["rows"]:
-        cells = [row["title"]]
-        for task in tasks:
-            cells += [_cell(row["tasks"][task]["psnr"], 2), _cell(row["tasks"][task]["ssim"], 4)]
-        lines.append("| " + " | ".join(cells) + " |")
-    if summary["comparisons"]:
+    if summary["rows"]:
+        lines += ["", "Proxy evaluation (last layer re-initialised and fine-tuned with L1, rest frozen):", ""]
+        lines += _score_table(summary["rows"], tasks)
+    lines += ["", "As pre-trained, no layer replaced (0 labels):", ""]
+    lines += _score_table(summary["as_is_rows"], tasks)
+    if summary["diagnostics"]:
+        lines += ["", "RCL pre-training diagnostics (mean over seeds; end = mean of the last quarter of logged steps):"]
+        lines += ["", *_diagnostics_table(summary["diagnostics"])]
+    comparisons = [*summary["comparisons"], *(f"as is: {s}" for s in summary["as_is_comparisons"])]
+    if comparisons:
         lines += ["", "Measured on this run:"]
-        lines += [f"- {sentence}" for sentence in summary["comparisons"]]
+        lines += [f"- {sentence}" for sentence in comparisons]
         if len(seeds) == 1:
             lines.append(
                 "- One seed only: there is no spread estimate, and differences of a few tenths of a dB may be noise."

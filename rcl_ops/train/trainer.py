@@ -42,7 +42,8 @@ import rcl_ops
 
 from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
-from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
+from .diagnostics import gradient_norm_ratio, summarise_history
+from .evaluate import ProxySettings, TestScores, evaluate_naive, evaluate_restorer, proxy_evaluate
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
     FeatureConsistencyLoss,
@@ -331,37 +332,53 @@ def pretrain(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
     )
-    start, last_loss = 0, math.nan
+    start, last_loss, history = 0, math.nan, []
     saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if resume else None
     if saved is not None:
         start, last_loss = saved["step"], float(saved.get("loss", math.nan))
+        history = [row for row in saved.get("history", []) if row.get("step", math.inf) <= start]
+    rcl = isinstance(objective, RCLObjective)
     model.train()
     started = time.perf_counter()
     steps = progress(range(start, config.pretrain_steps), initial=start, total=config.pretrain_steps)
     for step in steps:
+        done = step + 1
+        logging = done == 1 or done % config.log_every == 0 or done == config.pretrain_steps
         batch = sampler.sample(config.batch_size).to(device)
-        loss, parts = objective(model, batch, sampler.generator)
+        if rcl:
+            terms = objective.compute(model, batch, sampler.generator)
+            loss, parts = terms.loss, dict(terms.parts)
+        else:
+            loss, parts = objective(model, batch, sampler.generator)
         if not torch.isfinite(loss):
-            advice = "a lower --lr or a larger --temperature" if isinstance(objective, RCLObjective) else "a lower --lr"
-            raise FloatingPointError(f"pre-training loss became {float(loss)} at step {step + 1}; try {advice}")
+            advice = "a lower --lr or a larger --temperature" if rcl else "a lower --lr"
+            raise FloatingPointError(f"pre-training loss became {float(loss)} at step {done}; try {advice}")
+        if rcl and logging:  # extra backward passes that leave the training gradient unchanged
+            parts.update(gradient_norm_ratio(terms.contrast, terms.consistency, model.parameters()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         last_loss = float(loss.detach())
-        done = step + 1
-        if done % config.log_every == 0 or done == config.pretrain_steps:
-            log(done, {"loss": last_loss, **{name: float(value) for name, value in parts.items()}})
+        if logging:
+            values = {"loss": last_loss, **{name: float(value) for name, value in parts.items()}}
+            log(done, values)
+            history.append({"step": done, **values})
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{last_loss:.4g}")
         if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
             save_pretraining_checkpoint(
-                checkpoint_dir, model, optimizer, sampler.generator, {"step": done, "loss": last_loss}
+                checkpoint_dir,
+                model,
+                optimizer,
+                sampler.generator,
+                {"step": done, "loss": last_loss, "history": history},
             )
     return {
         "steps": config.pretrain_steps,
         "seconds": time.perf_counter() - started,
         "final_loss": last_loss,
         "resumed_from": start,
+        "diagnostics": summarise_history(history),
     }
 
 
@@ -665,8 +682,13 @@ class Experiment:
                 "positive_closer_after": fraction_positive(torch.from_numpy(gaps)),
                 "positive_closer_true_noise": fraction_positive(torch.from_numpy(self.densities["noise"])),
             }
+        model.eval()  # the network as pre-trained, no layer replaced: the "0 labels" row
+        result["as_is"] = {
+            task: _scores_dict(evaluate_restorer(model, self.test, task, self.device, config.eval_crop))
+            for task in config.tasks
+        }
         result["tasks"] = {}
-        for task in config.tasks:
+        for task in config.tasks if config.finetune_steps > 0 else ():
 
             def log_finetune(step: int, loss: float, task: str = task) -> None:
                 if step % config.log_every == 0 or step == config.finetune_steps:
@@ -703,8 +725,10 @@ class Experiment:
         if first_seed:
             with atomic_path(samples_path) as temporary:
                 np.savez_compressed(temporary, **samples)
-        scores_row = {f"{t}_{k}": v[k] for t, v in result["tasks"].items() for k in ("psnr", "ssim")}
-        self.logger.log(method, seed, "proxy", 0, scores_row)
+        for phase, key in (("proxy", "tasks"), ("as-is", "as_is")):
+            if result[key]:
+                scores_row = {f"{t}_{k}": v[k] for t, v in result[key].items() for k in ("psnr", "ssim")}
+                self.logger.log(method, seed, phase, 0, scores_row)
         write_json_atomically(result_path, result)  # last: its presence marks the (method, seed) finished
         return result
 
@@ -712,7 +736,12 @@ class Experiment:
         """A finished (method, seed)'s saved result, and for the first seed its figure data from
         ``samples_path``; DamagedFileError naming a file that cannot be read."""
         result = read_json(result_path)
-        if not isinstance(result, dict) or not set(self.config.tasks) <= set(result.get("tasks", {})):
+        proxy_tasks = self.config.tasks if self.config.finetune_steps > 0 else []
+        if (
+            not isinstance(result, dict)
+            or not set(proxy_tasks) <= set(result.get("tasks", {}))
+            or not set(self.config.tasks) <= set(result.get("as_is", {}))
+        ):
             raise DamagedFileError(result_path, f"it lacks the scores of the tasks {self.config.tasks}")
         if samples_path is not None:
             _load_samples(samples_path, method, self.examples, self.densities)
