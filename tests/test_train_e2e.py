@@ -74,7 +74,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     rows = read_table_rows(out)
-    assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD", "N2N", "N2S", "Oracle", "Random init"}
+    assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD (g_e: random)", "N2N", "N2S", "Oracle", "Random init"}
     assert all(len(cells) == 4 for cells in rows.values())  # PSNR/SSIM for denoising and SR x2
     assert "Measured on this run:" in out
     run = tmp_path / "tiny"
@@ -88,7 +88,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert (run / "results.md").read_text().strip() in out
     for name in ("residual_distance_density.png", "samples_denoise.png", "samples_sr2.png"):
         assert (run / "figures" / name).stat().st_size > 1000
-    for method in ("rcl-emd", "n2n", "n2s", "oracle"):
+    for method in ("rcl-emd+random", "n2n", "n2s", "oracle"):
         for name in ("pretrain_last", "pretrained", "finetuned_denoise", "finetuned_sr2"):
             assert (run / "checkpoints" / method / "seed1" / f"{name}.safetensors").exists()
     with (run / "metrics.csv").open() as handle:
@@ -96,13 +96,15 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert {"contrast", "consistency", "n2n", "n2s", "l1", "loss"} <= {row["metric"] for row in logged}
     # issue 14: every RCL pre-training logs its diagnostics, and every network is also scored as is
     assert {"contrast_per_query", "contrast_chance", "retrieval_top1", "grad_norm_ratio"} <= {
-        row["metric"] for row in logged if row["method"] == "rcl-emd"
+        row["metric"] for row in logged if row["method"] == "rcl-emd+random"
     }
     assert {row["phase"] for row in logged} >= {"as-is", "proxy"}
     diagnostics = summary["diagnostics"][0]
-    assert diagnostics["method"] == "rcl-emd" and diagnostics["contrast_chance_last"] == pytest.approx(math.log(3))
+    assert diagnostics["method"] == "rcl-emd+random" and diagnostics["contrast_chance_last"] == pytest.approx(
+        math.log(3)
+    )
     assert set(read_table_rows(out, "As pre-trained")) == set(rows)
-    assert "RCL pre-training diagnostics" in out and "grad-norm ratio" in out
+    assert "RCL pre-training diagnostics" in out and "grad-norm ratio" in out and "true noise as residual" in out
 
     # --resume reuses every finished (method, seed) and reproduces the same table
     assert main([*args, "--resume"]) == 0
@@ -294,8 +296,11 @@ def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, 
         (["--device", "cpu", "--distance-backend", "cuda", "--methods", "rcl"], "--distance-backend: backend 'cuda'"),
         (["--device", "cuda:99"], "--device cuda:99"),
         (["--threads", "100000"], "--threads 100000 exceeds"),
-        (["--encoder-weights", str(tmp_path / "notes.pth"), "--methods", "rcl"], "--encoder-weights: cannot read"),
-        (["--encoder-weights", str(tmp_path), "--methods", "rcl"], "is not a file"),
+        (
+            ["--encoder-weights", str(tmp_path / "notes.pth"), "--encoders", "file", "--methods", "rcl"],
+            "--encoder-weights: cannot read",
+        ),
+        (["--encoder-weights", str(tmp_path), "--encoders", "file", "--methods", "rcl"], "is not a file"),
         (["--width", "64", "--depth", "10"], r"needs about [\d,]+ GiB.*padded to 1024x1024.*lower --width or --depth"),
         (
             ["--lr", "1e12", "--pretrain-steps", "3"],
@@ -405,9 +410,29 @@ def test_zero_finetune_steps_reports_the_networks_as_is(image_folder, tmp_path, 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Proxy evaluation" not in out
-    assert set(read_table_rows(out, "As pre-trained")) == {"Input (noisy)", "RCL-EMD"}
-    result = json.loads((tmp_path / "as-is" / "results" / "rcl-emd_seed0.json").read_text())
+    assert set(read_table_rows(out, "As pre-trained")) == {"Input (noisy)", "RCL-EMD (g_e: random)"}
+    result = json.loads((tmp_path / "as-is" / "results" / "rcl-emd+random_seed0.json").read_text())
     assert result["tasks"] == {} and math.isfinite(result["as_is"]["denoise"]["psnr"])
     assert "at_chance" in result["pretrain"]["diagnostics"]
     assert main([*args, "--resume"]) == 0  # a finished as-is result is reused
     assert "reused finished result" in capsys.readouterr().out
+
+
+def test_results_record_the_encoder_weights(image_folder, tmp_path, capsys):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "my_resnet50.safetensors"
+    save_file(ResNet50Encoder(1, seed=7).state_dict(), str(weights))
+    args = tiny_run(image_folder, tmp_path, "enc", "--encoders", "random", "file", "--encoder-weights", str(weights))
+    args[args.index("n2n")] = "rcl-bd"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert {"RCL-BD (g_e: random)", "RCL-BD (g_e: weights file)"} <= set(read_table_rows(out))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    result = json.loads((tmp_path / "enc" / "results" / "rcl-bd+file_seed0.json").read_text())
+    assert result["encoder"]["file"] == "my_resnet50.safetensors" and result["encoder"]["file_sha256"] == digest
+    summary = json.loads((tmp_path / "enc" / "results.json").read_text())
+    assert summary["environment"]["encoders"]["random"]["seed"] == 0
+    assert f"sha256 {digest[:16]}" in out

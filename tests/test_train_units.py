@@ -664,3 +664,47 @@ def test_history_summary_flags_a_contrastive_loss_at_chance():
     learning = [{**row, "contrast_per_query": 0.3} for row in stuck]
     assert not summarise_history(learning)["at_chance"]
     assert summarise_history([]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the conventions the paper leaves open (issue 14)
+
+
+def test_paper_preset_refuses_a_random_encoder_unless_asked(tmp_path):
+    with pytest.raises(ValueError, match="--encoders file needs --encoder-weights.*--preset paper.*--encoders random"):
+        build_config("paper")
+    assert build_config("paper", encoders=["random"]).encoders == ["random"]
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert build_config("paper", encoder_weights=str(tmp_path / "w.pth")).encoders == ["file"]
+    with pytest.raises(ValueError, match="does not include file"):
+        build_config(encoder_weights=str(tmp_path / "w.pth"))
+    with pytest.raises(ValueError, match="--encoders must be one of"):
+        build_config(encoders=["imagenet"])
+    config = build_config(methods=["rcl-emd", "n2n"], encoders=["random", "file"], encoder_weights="w.pth")
+    assert config.run_keys() == ["rcl-emd+random", "rcl-emd+file", "n2n"]
+    assert build_config(methods=["rcl-emd"], modality="raw", tasks=["denoise"]).run_keys() == ["rcl-emd"]
+
+
+def test_contrast_reduction_and_distance_scale():
+    from rcl_ops.train.data import CropBatch
+    from rcl_ops.train.trainer import make_objective
+
+    generator = torch.Generator().manual_seed(0)
+    observed = torch.rand(4, 3, 16, 16, generator=generator)
+    batch = CropBatch(observed, torch.rand(4, 3, 16, 16, generator=generator), None, None, observed, observed)
+    model = UNet(width=4, depth=1)
+    encoder = ResNet50Encoder(1)
+
+    def terms(**options):
+        config = build_config(crop_size=16, batch_size=4, alpha=1.0, **options)
+        return make_objective("rcl-emd", config, encoder).compute(model, batch, torch.Generator())
+
+    mean, summed = terms(contrast_reduction="mean"), terms(contrast_reduction="sum")
+    assert float(summed.contrast.detach()) == pytest.approx(
+        4 * float(mean.contrast.detach()), rel=1e-5
+    )  # Algorithm 1 sums
+    scaled = terms(distance_scale="8bit")
+    assert torch.allclose(scaled.distances, 255 * mean.distances, rtol=1e-4)  # EMD is linear in the scale
+    per_crop = terms(consistency_reduction="sum")
+    features = encoder(observed).shape[1:].numel()
+    assert float(per_crop.consistency.detach()) == pytest.approx(features * float(mean.consistency.detach()), rel=1e-4)

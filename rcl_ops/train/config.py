@@ -19,7 +19,7 @@ import torch
 
 from .. import BACKEND_NAMES
 from .data import MODALITIES, TASKS
-from .losses import canonical_method
+from .losses import ENCODER_KINDS, canonical_method
 from .models import MODELS
 
 
@@ -116,14 +116,48 @@ class TrainConfig:
     emd_quantiles: int | None = _option(
         None, "compare K quantiles per residual in EMD (default: all values, exact)", "pre-training"
     )
+    contrast_reduction: str = _option(
+        "sum",
+        "how L_contrast combines the B queries of a batch: sum (Algorithm 1, line 8: 'sum up L_contrast for "
+        "a batch') or mean. With sum, alpha weighs B times more",
+        "pre-training",
+        choices=("sum", "mean"),
+    )
+    distance_scale: str = _option(
+        "unit",
+        "intensity scale of the residuals the distances see: unit ([0, 1], as the images) or 8bit (x255, as "
+        "PSNR's Eq. 12). The paper does not say; EMD grows with the scale, so with --temperature it sets how "
+        "sharply the contrastive loss separates positives (BD and the median-bandwidth MMD barely change)",
+        "pre-training",
+        choices=("unit", "8bit"),
+    )
+    consistency_reduction: str = _option(
+        "mean",
+        "how L_consistency combines feature values: mean (the mean squared difference, independent of crop "
+        "size) or sum (the squared L2 norm of Eq. 9 per crop, averaged over crops; Eq. 11's L1 norm for RAW). "
+        "Eq. 9 writes a norm without saying whether it is squared or normalised",
+        "pre-training",
+        choices=("mean", "sum"),
+    )
+    encoders: list[str] = _option(
+        ["random"],
+        "frozen encoder(s) g_e of the consistency loss (Eq. 9); each RCL method runs once per encoder: "
+        "random (a fixed randomly initialised ResNet-50, seeded by --encoder-seed: a random-feature "
+        "perceptual loss), file (the weights in --encoder-weights, e.g. torchvision's ImageNet ResNet-50, as "
+        "in the paper). Ignored for RAW data (Eq. 11 needs no encoder)",
+        "pre-training",
+        nargs="+",
+        choices=ENCODER_KINDS,
+    )
     encoder_weights: str | None = _option(
         None,
         "ResNet-50 state dict (.pth/.pt/.safetensors, torchvision names, e.g. ImageNet weights) for the "
-        "frozen encoder g_e of the consistency loss (Eq. 9). Default: no file; g_e is a fixed randomly "
-        "initialised ResNet-50 (seeded by --encoder-seed), i.e. a random-feature perceptual loss",
+        "encoder 'file' of --encoders; results record its name and sha256",
         "pre-training",
     )
-    encoder_stages: int = _option(1, "ResNet-50 stages used by g_e after the stem (1-4)", "pre-training")
+    encoder_stages: int = _option(
+        1, "the encoder layer: ResNet-50 stages used by g_e after the stem (1-4; 1 = layer1's output)", "pre-training"
+    )
     encoder_seed: int = _option(0, "seed of the random encoder when no --encoder-weights are given", "pre-training")
     raw_max_shift: float = _option(
         0.5,
@@ -243,6 +277,17 @@ class TrainConfig:
         self.methods = list(dict.fromkeys(canonical_method(m, self.distance) for m in self.methods))
         self.tasks = list(dict.fromkeys(self.tasks))
         self.seeds = list(dict.fromkeys(self.seeds))
+        self.encoders = list(dict.fromkeys(self.encoders))
+        if not self.encoders:
+            raise ValueError("--encoders needs at least one encoder")
+        if "file" in self.encoders and self.encoder_weights is None:
+            paper = " (--preset paper uses ImageNet weights, as the paper did)" if self.preset == "paper" else ""
+            raise ValueError(
+                f"--encoders file needs --encoder-weights resnet50.pth{paper}; without weights pass "
+                "--encoders random explicitly for a random-feature consistency loss"
+            )
+        if self.encoder_weights is not None and "file" not in self.encoders:
+            raise ValueError("--encoder-weights is given but --encoders does not include file; add file to --encoders")
         if not self.methods:
             raise ValueError("--methods needs at least one method")
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -276,6 +321,17 @@ class TrainConfig:
                 f"(channels x --crop-size^2), got {self.emd_quantiles}"
             )
         return self
+
+    def run_keys(self) -> list[str]:
+        """What is pre-trained, in order: each method, and each RCL method on RGB data once per encoder
+        ('rcl-emd+random', 'rcl-emd+file', ...)."""
+        keys = []
+        for method in self.methods:
+            if method.startswith("rcl-") and self.modality == "rgb":
+                keys += [f"{method}+{encoder}" for encoder in self.encoders]
+            else:
+                keys.append(method)
+        return keys
 
 
 MAX_SEED = 2**63 - 1
@@ -424,6 +480,8 @@ PRESETS: dict[str, dict] = {
         "adam_eps": 1e-7,
         "alpha": 1e-3,
         "temperature": 0.1,
+        "contrast_reduction": "sum",
+        "encoders": ["file"],  # ImageNet weights: refused without --encoder-weights unless --encoders is given
         "finetune_steps": 2000,
         "finetune_batch_size": 32,
         "seeds": [0, 1, 2, 3, 4],

@@ -38,9 +38,21 @@ def canonical_method(name: str, default_distance: str) -> str:
     )
 
 
+ENCODER_KINDS = ("random", "file")
+ENCODER_TITLES = {"random": "random", "file": "weights file"}
+
+
 def method_title(method: str) -> str:
-    """Display name: 'rcl-emd' -> 'RCL-EMD', 'n2n' -> 'N2N'."""
-    return METHOD_TITLES.get(method, method.upper())
+    """Display name: 'rcl-emd' -> 'RCL-EMD', 'rcl-emd+random' -> 'RCL-EMD (g_e: random)', 'n2n' -> 'N2N'."""
+    method, _, encoder = method.partition("+")
+    title = METHOD_TITLES.get(method, method.upper())
+    return f"{title} (g_e: {ENCODER_TITLES.get(encoder, encoder)})" if encoder else title
+
+
+def split_run_key(key: str) -> tuple[str, str | None]:
+    """'rcl-emd+random' -> ('rcl-emd', 'random'); 'n2n' -> ('n2n', None)."""
+    method, _, encoder = key.partition("+")
+    return method, encoder or None
 
 
 def observe(restored: torch.Tensor, raw: bool) -> torch.Tensor:
@@ -53,21 +65,29 @@ def residual(observed: torch.Tensor, restored: torch.Tensor, raw: bool) -> torch
     return observed - observe(restored, raw)
 
 
-class FeatureConsistencyLoss(nn.Module):
-    """Consistency loss (Eq. 9): mean over all feature values of (g_e(x) - g_e(f(x)))^2.
+def reduce_per_crop(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """'mean': the mean of all values; 'sum': each crop's (first dimension) sum, averaged over crops."""
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.flatten(1).sum(dim=1).mean()
+    raise ValueError(f"unknown reduction {reduction!r}; choose mean or sum")
 
-    The squared L2 norm of Eq. 9, divided by the number of feature values so its scale does
-    not depend on the crop size. g_e is the frozen ``encoder``; x and f(x) are (B, 3, h, w).
+
+class FeatureConsistencyLoss(nn.Module):
+    """Consistency loss (Eq. 9) on (g_e(x) - g_e(f(x)))^2: its mean over all feature values
+    (``reduction="mean"``, independent of the crop size) or its sum per crop, the squared L2 norm of
+    Eq. 9, averaged over crops (``"sum"``). g_e is the frozen ``encoder``; x and f(x) are (B, 3, h, w).
     """
 
-    def __init__(self, encoder: ResNet50Encoder):
+    def __init__(self, encoder: ResNet50Encoder, reduction: str = "mean"):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.reduction = encoder, reduction
 
     def forward(self, observed: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = self.encoder(observed)
-        return F.mse_loss(self.encoder(restored), target)
+        return reduce_per_crop((self.encoder(restored) - target).square(), self.reduction)
 
 
 class RawConsistencyLoss(nn.Module):
@@ -80,15 +100,15 @@ class RawConsistencyLoss(nn.Module):
     interpolated values agree with the observation on average, i.e. smooth, denoised ones.
     """
 
-    def __init__(self, max_shift: float = 0.5):
+    def __init__(self, max_shift: float = 0.5, reduction: str = "mean"):
         super().__init__()
         if not 0 <= max_shift <= 1:
             raise ValueError(f"RawConsistencyLoss: max_shift must be in [0, 1] pixel, got {max_shift}")
-        self.max_shift = max_shift
+        self.max_shift, self.reduction = max_shift, reduction
 
     def forward(self, observed: torch.Tensor, restored: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         shift_y, shift_x = ((torch.rand(2, generator=generator) * 2 - 1) * self.max_shift).tolist()
-        return (observed - mosaic(keys_translate(restored, shift_y, shift_x))).abs().mean()
+        return reduce_per_crop((observed - mosaic(keys_translate(restored, shift_y, shift_x))).abs(), self.reduction)
 
 
 @dataclass
@@ -121,16 +141,18 @@ class RCLObjective(nn.Module):
         alpha: float,
         consistency_weight: float,
         raw: bool,
+        distance_scale: float = 1.0,
     ):
         super().__init__()
         self.contrastive, self.consistency = contrastive, consistency
         self.alpha, self.consistency_weight, self.raw = alpha, consistency_weight, raw
+        self.distance_scale = distance_scale
 
     def compute(self, model: nn.Module, batch: CropBatch, generator: torch.Generator) -> RCLTerms:
         """The step's terms, with the diagnostics of the distance matrix in ``parts``."""
         observed = torch.cat([batch.observed_q, batch.observed_k])
         restored = model(observed)
-        residuals = residual(observed, restored, self.raw)
+        residuals = residual(observed, restored, self.raw) * self.distance_scale
         half = batch.observed_q.shape[0]
         c = self.contrastive
         distances = c.distance_fn(residuals[:half], residuals[half:], **c.distance_kwargs)
@@ -226,14 +248,24 @@ class SupervisedObjective(nn.Module):
         return loss, {"l1": loss.detach()}
 
 
+DISTANCE_SCALES = {"unit": 1.0, "8bit": 255.0}
+
+
 def contrastive_loss(
-    distance: str, temperature: float, symmetric: bool, backend: str, emd_quantiles: int | None
+    distance: str,
+    temperature: float,
+    symmetric: bool,
+    backend: str,
+    emd_quantiles: int | None,
+    reduction: str = "mean",
 ) -> ResidualContrastiveLoss:
     """The library's residual contrastive loss with the trainer's options."""
     options: dict = {"backend": backend}
     if distance == "emd" and emd_quantiles is not None:
         options["num_quantiles"] = emd_quantiles
-    return ResidualContrastiveLoss(distance=distance, temperature=temperature, symmetric=symmetric, **options)
+    return ResidualContrastiveLoss(
+        distance=distance, temperature=temperature, symmetric=symmetric, reduction=reduction, **options
+    )
 
 
 def residual_distance_gaps(distances: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ def _method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
     """One row per method: mean and std over seeds of the scores under ``key`` ("tasks": proxy
     evaluation, "as_is": the pre-trained network itself)."""
     rows = []
-    for method in config.methods:
+    for method in config.run_keys():
         mine = [r for r in runs if r["method"] == method and r.get(key)]
         if not mine:
             continue
@@ -67,7 +67,7 @@ def _diagnostic_rows(config: TrainConfig, runs: list[dict]) -> list[dict]:
     """Per RCL method, the pre-training diagnostics averaged over seeds, and whether any seed's
     contrastive loss ended at chance."""
     rows = []
-    for method in config.methods:
+    for method in config.run_keys():
         summaries = [r["pretrain"]["diagnostics"] for r in runs if r["method"] == method and "pretrain" in r]
         summaries = [d for d in summaries if "at_chance" in d]
         if not summaries:
@@ -189,6 +189,17 @@ def format_table(summary: dict) -> str:
         f"mean{' ± std' if len(seeds) > 1 else ''} over {len(seeds)} seed(s); device {env['device']}, "
         f"{env['wall_seconds']:.0f} s.",
     ]
+    if any(m.startswith("rcl-") for m in config["methods"]):
+        lines.append(
+            f"RCL conventions: L_contrast {config['contrast_reduction']} over the batch (alpha {config['alpha']:g}, "
+            f"temperature {config['temperature']:g}), distances on the {config['distance_scale']} intensity scale, "
+            f"L_consistency {config['consistency_reduction']}, g_e = ResNet-50 stem + {config['encoder_stages']} "
+            "stage(s)."
+        )
+    for record in env.get("encoders", {}).values():
+        source = f"file {record['file']}" if record.get("file") else f"seed {record.get('seed')}"
+        digest = record.get("file_sha256") or record["state_sha256"]
+        lines.append(f"g_e '{record['kind']}': {source}, sha256 {digest[:16]}...")
     if summary["rows"]:
         lines += ["", "Proxy evaluation (last layer re-initialised and fine-tuned with L1, rest frozen):", ""]
         lines += _score_table(summary["rows"], tasks)
@@ -197,6 +208,13 @@ def format_table(summary: dict) -> str:
     if summary["diagnostics"]:
         lines += ["", "RCL pre-training diagnostics (mean over seeds; end = mean of the last quarter of logged steps):"]
         lines += ["", *_diagnostics_table(summary["diagnostics"])]
+        for distance, ideal in env.get("true_noise_contrast", {}).items():
+            if ideal:
+                lines.append(
+                    f"- Reference, the true noise as residual ({distance.upper()}): L_contrast per query "
+                    f"{ideal['contrast_per_query']:.3f} (chance {ideal['contrast_chance']:.3f}), top-1 retrieval "
+                    f"{ideal['retrieval_top1']:.2f}: what an ideal denoiser would reach on this data."
+                )
     comparisons = [*summary["comparisons"], *(f"as is: {s}" for s in summary["as_is_comparisons"])]
     if comparisons:
         lines += ["", "Measured on this run:"]

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import zipfile
@@ -42,10 +43,11 @@ import rcl_ops
 
 from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
-from .diagnostics import gradient_norm_ratio, summarise_history
+from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy, summarise_history
 from .evaluate import ProxySettings, TestScores, evaluate_naive, evaluate_restorer, proxy_evaluate
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
+    DISTANCE_SCALES,
     FeatureConsistencyLoss,
     Noise2NoiseObjective,
     Noise2SelfObjective,
@@ -56,8 +58,9 @@ from .losses import (
     fraction_positive,
     residual,
     residual_distance_gaps,
+    split_run_key,
 )
-from .models import ResNet50Encoder, build_model, load_encoder_weights
+from .models import ResNet50Encoder, build_model, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
 
 # Options that change no number a run produces: they may differ when resuming. (--threads is not one:
@@ -301,10 +304,19 @@ def make_objective(method: str, config: TrainConfig, encoder: nn.Module | None) 
     raw = config.modality == "raw"
     if method.startswith("rcl-"):
         contrastive = contrastive_loss(
-            method[4:], config.temperature, config.symmetric, config.distance_backend, config.emd_quantiles
+            method[4:],
+            config.temperature,
+            config.symmetric,
+            config.distance_backend,
+            config.emd_quantiles,
+            config.contrast_reduction,
         )
-        consistency = RawConsistencyLoss(config.raw_max_shift) if raw else FeatureConsistencyLoss(encoder)
-        return RCLObjective(contrastive, consistency, config.alpha, config.consistency_weight, raw)
+        if raw:
+            consistency = RawConsistencyLoss(config.raw_max_shift, config.consistency_reduction)
+        else:
+            consistency = FeatureConsistencyLoss(encoder, config.consistency_reduction)
+        scale = DISTANCE_SCALES[config.distance_scale]
+        return RCLObjective(contrastive, consistency, config.alpha, config.consistency_weight, raw, scale)
     if method == "n2n":
         return Noise2NoiseObjective(raw)
     if method == "n2s":
@@ -352,7 +364,7 @@ def pretrain(
             loss, parts = objective(model, batch, sampler.generator)
         if not torch.isfinite(loss):
             advice = "a lower --lr or a larger --temperature" if rcl else "a lower --lr"
-            raise FloatingPointError(f"pre-training loss became {float(loss)} at step {done}; try {advice}")
+            raise FloatingPointError(f"pre-training loss became {float(loss.detach())} at step {done}; try {advice}")
         if rcl and logging:  # extra backward passes that leave the training gradient unchanged
             parts.update(gradient_norm_ratio(terms.contrast, terms.consistency, model.parameters()))
         optimizer.zero_grad(set_to_none=True)
@@ -383,23 +395,24 @@ def pretrain(
 
 
 @torch.no_grad()
-def distance_gaps(
+def residual_distance_matrices(
     model: nn.Module | None,
     records: list,
     config: TrainConfig,
     distance: str,
     device: torch.device,
-) -> torch.Tensor:
-    """Gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, over ``config.density_batches`` batches of
-    crop pairs (Fig. 2). ``model`` None uses the true noise x - obs(y) as the residual. The crops
-    come from a fixed generator, so every model is measured on the same pairs."""
+) -> list[torch.Tensor]:
+    """The (B, B) distances d(r(x_i), r(x'_j)) of ``config.density_batches`` batches of crop pairs, on the
+    run's --distance-scale. ``model`` None uses the true noise x - obs(y) as the residual. The crops come
+    from a fixed generator, so every model is measured on the same pairs."""
     raw = config.modality == "raw"
     sampler = CropSampler(records, config.crop_size, seeded_generator(config.split_seed, "density"), raw)
     batch_size = min(len(records), config.batch_size)
     if batch_size < 2:
-        return torch.empty(0)
+        return []
     distance_fn = {"emd": rcl_ops.pairwise_emd, "mmd": rcl_ops.pairwise_mmd, "bd": rcl_ops.pairwise_bd}[distance]
-    gaps = []
+    scale = DISTANCE_SCALES[config.distance_scale]
+    matrices = []
     if model is not None:
         model.eval()
     for _ in range(config.density_batches):
@@ -410,8 +423,30 @@ def distance_gaps(
         else:
             q = residual(batch.observed_q, model(batch.observed_q), raw)
             k = residual(batch.observed_k, model(batch.observed_k), raw)
-        gaps.append(residual_distance_gaps(distance_fn(q, k, backend=config.distance_backend)).cpu())
-    return torch.cat(gaps)
+        matrices.append(distance_fn(q * scale, k * scale, backend=config.distance_backend).cpu())
+    return matrices
+
+
+def distance_gaps(
+    model: nn.Module | None, records: list, config: TrainConfig, distance: str, device: torch.device
+) -> torch.Tensor:
+    """Gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, of ``residual_distance_matrices`` (Fig. 2)."""
+    matrices = residual_distance_matrices(model, records, config, distance, device)
+    return torch.cat([residual_distance_gaps(d) for d in matrices]) if matrices else torch.empty(0)
+
+
+def true_noise_contrast(records: list, config: TrainConfig, distance: str, device: torch.device) -> dict:
+    """What an ideal denoiser would score on the contrastive task: the InfoNCE loss per query and the top-1
+    retrieval with the true noise as residuals (same crops, scale and temperature as the diagnostics)."""
+    matrices = residual_distance_matrices(None, records, config, distance, device)
+    if not matrices:
+        return {}
+    losses = [float(rcl_ops.residual_contrastive_loss(d, config.temperature, config.symmetric)) for d in matrices]
+    return {
+        "contrast_per_query": statistics.fmean(losses),
+        "retrieval_top1": statistics.fmean(retrieval_accuracy(d) for d in matrices),
+        "contrast_chance": contrastive_chance(matrices[0].shape[0]),
+    }
 
 
 def _scores_dict(scores: TestScores) -> dict:
@@ -564,16 +599,17 @@ class Experiment:
             record.task_inputs = {task: task_input(task, record, config.modality) for task in config.tasks}
         label_order = np.random.default_rng(config.split_seed).permutation(len(self.train)).tolist()
         self.labelled = [self.train[i] for i in label_order[: config.num_labelled or len(self.train)]]
-        self.encoder = None
-        if any(m.startswith("rcl-") for m in config.methods) and not self.raw:
-            encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
-            if config.encoder_weights is not None:
-                try:
-                    load_encoder_weights(encoder, config.encoder_weights)
-                except (OSError, ValueError) as error:
-                    raise RunError(f"--encoder-weights: {error}") from error
-            self.encoder = encoder.to(device)
-        self.objectives = {m: make_objective(m, config, self.encoder) for m in config.methods if m != "random"}
+        self.run_keys = config.run_keys()
+        self.encoders: dict[str, nn.Module] = {}
+        self.encoder_records: dict[str, dict] = {}
+        for kind in dict.fromkeys(k for k in (split_run_key(key)[1] for key in self.run_keys) if k is not None):
+            encoder, self.encoder_records[kind] = self._build_encoder(kind)
+            self.encoders[kind] = encoder.to(device)
+        self.objectives = {}
+        for key in self.run_keys:
+            method, encoder_kind = split_run_key(key)
+            if method != "random":
+                self.objectives[key] = make_objective(method, config, self.encoders.get(encoder_kind))
         self.naive = {
             task: evaluate_naive(self.test, task, config.modality, config.eval_crop, config.grid_images)
             for task in config.tasks
@@ -613,7 +649,7 @@ class Experiment:
                     initial.to(self.device)
                     self.densities["init"] = self._gaps(initial)
                     self.densities["noise"] = self._gaps(None)
-                for method in config.methods:
+                for method in self.run_keys:
                     try:
                         results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
                     except FloatingPointError as error:
@@ -624,7 +660,13 @@ class Experiment:
                         ) from error
         finally:
             self.logger.close()
-        summary = report.summarise(config, results, self.naive, self._environment())
+        environment = self._environment()
+        environment["true_noise_contrast"] = {
+            m[4:]: true_noise_contrast(self.train, config, m[4:], self.device)
+            for m in config.methods
+            if m.startswith("rcl-")
+        }
+        summary = report.summarise(config, results, self.naive, environment)
         report.write_summary(self.run_dir, summary)
         if config.plots:
             figures = self.run_dir / "figures"
@@ -632,6 +674,23 @@ class Experiment:
             for task in config.tasks:
                 report.plot_samples(figures / f"samples_{task}.png", self.examples[task], task)
         return summary
+
+    def _build_encoder(self, kind: str) -> tuple[nn.Module, dict]:
+        """The frozen encoder g_e of ``kind`` and the record of its weights (kind, file name, sha256)."""
+        config = self.config
+        encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
+        record: dict = {"kind": kind, "stages": config.encoder_stages}
+        if kind == "random":
+            record.update(seed=config.encoder_seed, file=None)
+        elif kind == "file":
+            try:
+                load_encoder_weights(encoder, config.encoder_weights)
+            except (OSError, ValueError) as error:
+                raise RunError(f"--encoder-weights: {error}") from error
+            path = Path(config.encoder_weights)
+            record.update(file=path.name, path=str(path.resolve()), file_sha256=file_sha256(path))
+        record["state_sha256"] = state_sha256(encoder)
+        return encoder, record
 
     def _gaps(self, model: nn.Module | None) -> np.ndarray:
         return distance_gaps(model, self.train, self.config, self.density_distance, self.device).numpy()
@@ -652,6 +711,9 @@ class Experiment:
         model.load_state_dict(initial_state)
         model.to(self.device)
         result: dict = {"method": method, "seed": seed}
+        encoder_kind = split_run_key(method)[1]
+        if encoder_kind is not None:
+            result["encoder"] = self.encoder_records[encoder_kind]
         if method != "random" and config.pretrain_steps > 0:
             sampler = CropSampler(self.train, config.crop_size, seeded_generator(seed, "pretrain"), self.raw)
             result["pretrain"] = pretrain(
@@ -757,6 +819,7 @@ class Experiment:
             "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(),
             "distance_backends_available": rcl_ops.available_backends(self.device),
+            "encoders": self.encoder_records,
             "num_train_images": len(self.train),
             "num_test_images": len(self.test),
             "num_labelled": len(self.labelled),
