@@ -425,11 +425,18 @@ def test_results_record_the_encoder_weights(image_folder, tmp_path, capsys):
 
     weights = tmp_path / "my_resnet50.safetensors"
     save_file(ResNet50Encoder(1, seed=7).state_dict(), str(weights))
-    args = tiny_run(image_folder, tmp_path, "enc", "--encoders", "random", "file", "--encoder-weights", str(weights))
+    args = tiny_run(
+        image_folder, tmp_path, "enc", "--encoders", "random", "self", "file", "--encoder-weights", str(weights),
+        "--encoder-pretrain-steps", "2",
+    )  # fmt: skip
     args[args.index("n2n")] = "rcl-bd"
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert {"RCL-BD (g_e: random)", "RCL-BD (g_e: weights file)"} <= set(read_table_rows(out))
+    titles = {"RCL-BD (g_e: random)", "RCL-BD (g_e: self-pre-trained)", "RCL-BD (g_e: weights file)"}
+    assert titles <= set(read_table_rows(out))
+    own = json.loads((tmp_path / "enc" / "results" / "rcl-bd+self_seed0.json").read_text())["encoder"]
+    cached = tmp_path / "encoder_cache" / own["file"]
+    assert own["file_sha256"] == hashlib.sha256(cached.read_bytes()).hexdigest() and not own["reused_from_cache"]
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     result = json.loads((tmp_path / "enc" / "results" / "rcl-bd+file_seed0.json").read_text())
     assert result["encoder"]["file"] == "my_resnet50.safetensors" and result["encoder"]["file_sha256"] == digest

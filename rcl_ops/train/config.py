@@ -143,8 +143,10 @@ class TrainConfig:
         ["random"],
         "frozen encoder(s) g_e of the consistency loss (Eq. 9); each RCL method runs once per encoder: "
         "random (a fixed randomly initialised ResNet-50, seeded by --encoder-seed: a random-feature "
-        "perceptual loss), file (the weights in --encoder-weights, e.g. torchvision's ImageNet ResNet-50, as "
-        "in the paper). Ignored for RAW data (Eq. 11 needs no encoder)",
+        "perceptual loss), self (pre-trained without labels on the noisy training images by instance "
+        "discrimination, as Sec. 3.4 allows; cached under --output-dir/encoder_cache/ and reused), file (the "
+        "weights in --encoder-weights, e.g. torchvision's ImageNet ResNet-50, as in the paper). Ignored for RAW "
+        "data (Eq. 11 needs no encoder)",
         "pre-training",
         nargs="+",
         choices=ENCODER_KINDS,
@@ -158,7 +160,15 @@ class TrainConfig:
     encoder_stages: int = _option(
         1, "the encoder layer: ResNet-50 stages used by g_e after the stem (1-4; 1 = layer1's output)", "pre-training"
     )
-    encoder_seed: int = _option(0, "seed of the random encoder when no --encoder-weights are given", "pre-training")
+    encoder_seed: int = _option(
+        0, "seed of the random encoder, and of the self-pre-trained one's initialisation and crops", "pre-training"
+    )
+    encoder_pretrain_steps: int = _option(
+        500, "steps of the self-supervised encoder's pre-training (--encoders self)", "pre-training"
+    )
+    encoder_pretrain_lr: float = _option(
+        1e-3, "Adam learning rate of the self-supervised encoder's pre-training", "pre-training"
+    )
     raw_max_shift: float = _option(
         0.5,
         "RAW consistency (Eq. 11): T translates f(x) by a random sub-pixel "
@@ -350,6 +360,7 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "emd_quantiles": (1, math.inf),
     "encoder_stages": (1, 4),
     "encoder_seed": (0, MAX_SEED),
+    "encoder_pretrain_steps": (1, math.inf),
     "n2s_grid": (2, math.inf),
     "pretrain_steps": (0, math.inf),
     "batch_size": (1, math.inf),
@@ -376,6 +387,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "consistency_weight": (0.0, math.inf, "[)"),
     "raw_max_shift": (0.0, 1.0, "[]"),
     "lr": (0.0, math.inf, "()"),
+    "encoder_pretrain_lr": (0.0, math.inf, "()"),
     "adam_beta1": (0.0, 1.0, "[)"),
     "adam_beta2": (0.0, 1.0, "[)"),
     "adam_eps": (0.0, math.inf, "()"),

@@ -38,8 +38,8 @@ def canonical_method(name: str, default_distance: str) -> str:
     )
 
 
-ENCODER_KINDS = ("random", "file")
-ENCODER_TITLES = {"random": "random", "file": "weights file"}
+ENCODER_KINDS = ("random", "self", "file")
+ENCODER_TITLES = {"random": "random", "self": "self-pre-trained", "file": "weights file"}
 
 
 def method_title(method: str) -> str:

@@ -44,6 +44,7 @@ import rcl_ops
 from .config import TrainConfig, config_to_dict, flag
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
 from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy, summarise_history
+from .encoder_pretraining import self_supervised_encoder
 from .evaluate import ProxySettings, TestScores, evaluate_naive, evaluate_restorer, proxy_evaluate
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
@@ -682,6 +683,10 @@ class Experiment:
         record: dict = {"kind": kind, "stages": config.encoder_stages}
         if kind == "random":
             record.update(seed=config.encoder_seed, file=None)
+        elif kind == "self":
+            generator = seeded_generator(config.encoder_seed, "self-supervised encoder")
+            encoder, details = self_supervised_encoder(self.train, config, self.device, generator, self.say)
+            record.update(seed=config.encoder_seed, **details)
         elif kind == "file":
             try:
                 load_encoder_weights(encoder, config.encoder_weights)
