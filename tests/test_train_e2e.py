@@ -77,6 +77,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD (g_e: random)", "N2N", "N2S", "Oracle", "Random init"}
     assert all(len(cells) == 4 for cells in rows.values())  # PSNR/SSIM for denoising and SR x2
     assert "Measured on this run:" in out
+    assert re.search(r"paired per-image PSNR difference [+-]\d+\.\d+ dB, 95% CI \[.*\] over 2 test images", out)
     run = tmp_path / "tiny"
     summary = json.loads((run / "results.json").read_text())
     assert len(summary["runs"]) == 10  # 5 methods x 2 seeds
@@ -99,6 +100,8 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
         row["metric"] for row in logged if row["method"] == "rcl-emd+random"
     }
     assert {row["phase"] for row in logged} >= {"as-is", "proxy"}
+    first = summary["comparisons"][0]
+    assert first["seeds"] == [0, 1] and first["paired_psnr"]["n"] == 2
     diagnostics = summary["diagnostics"][0]
     assert diagnostics["method"] == "rcl-emd+random" and diagnostics["contrast_chance_last"] == pytest.approx(
         math.log(3)

@@ -749,3 +749,37 @@ def test_self_supervised_encoder_is_cached_and_keyed(tmp_path):
     (tmp_path / "encoder_cache" / record["file"]).write_bytes(b"torn")
     _, retrained = encoder_for(config)
     assert "is damaged" in notes[-2] and retrained["file_sha256"] == record["file_sha256"]  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# converging proxy evaluation and paired comparisons (issue 14)
+
+
+def test_paired_difference_t_interval():
+    from rcl_ops.train.report import paired_difference
+
+    differences = [0.5, 1.0, 1.5, 2.0]
+    found = paired_difference(differences)
+    half = stats.t.ppf(0.975, 3) * np.std(differences, ddof=1) / 2  # sqrt(4) = 2
+    assert found["mean"] == pytest.approx(1.25) and found["n"] == 4
+    assert (found["low"], found["high"]) == (pytest.approx(1.25 - half), pytest.approx(1.25 + half))
+    assert not found["could_be_noise"]
+    assert paired_difference([-1.0, 1.5, 0.2])["could_be_noise"]
+    assert paired_difference([0.3])["could_be_noise"] and math.isnan(paired_difference([0.3])["low"])
+
+
+def test_cosine_schedule_anneals_to_zero():
+    from rcl_ops.train.evaluate import learning_rate_schedule
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=0.01)
+    scheduler = learning_rate_schedule(optimizer, "cosine", 4)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.01) and rates[2] == pytest.approx(0.005)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_schedule(optimizer, "linear", 4)

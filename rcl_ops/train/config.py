@@ -19,6 +19,7 @@ import torch
 
 from .. import BACKEND_NAMES
 from .data import MODALITIES, TASKS
+from .evaluate import SCHEDULES
 from .losses import ENCODER_KINDS, canonical_method
 from .models import MODELS
 
@@ -205,7 +206,16 @@ class TrainConfig:
         "proxy evaluation",
     )
     finetune_batch_size: int = _option(32, "crops per fine-tuning batch", "proxy evaluation")
-    finetune_lr: float = _option(1e-3, "Adam learning rate of fine-tuning", "proxy evaluation")
+    finetune_lr: float = _option(
+        1e-3, "Adam learning rate of fine-tuning (its peak with --finetune-schedule cosine)", "proxy evaluation"
+    )
+    finetune_schedule: str = _option(
+        "cosine",
+        "learning-rate schedule of fine-tuning: cosine (annealed to 0 over --finetune-steps, so the result "
+        "settles) or constant",
+        "proxy evaluation",
+        choices=SCHEDULES,
+    )
     eval_crop: int | None = _option(
         None, "evaluate on the central NxN window of each test image (default: whole images)", "proxy evaluation"
     )
@@ -453,8 +463,9 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
 
 
 PRESETS: dict[str, dict] = {
-    # The whole pipeline on a 2-core CPU in a few minutes: small crops, a small U-Net, one seed, and a
-    # larger fine-tuning learning rate so the fresh last layer converges in 300 steps. One torch thread:
+    # The whole pipeline on a 2-core CPU: small crops, a small U-Net, three seeds (so that a difference can
+    # be told from noise), denoising only (add --tasks denoise sr2 for SR), RCL with a random and a
+    # self-pre-trained encoder, and a larger fine-tuning learning rate, cosine-annealed. One torch thread:
     # on a 2-core machine that is also busy with something else, two OpenMP threads ran up to 10x slower
     # per step (measured), one thread at most ~1.6x slower than two on an idle machine.
     "quick": {
@@ -462,13 +473,17 @@ PRESETS: dict[str, dict] = {
         "width": 16,
         "depth": 2,
         "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
-        "pretrain_steps": 400,
+        "encoders": ["random", "self"],
+        "encoder_pretrain_steps": 200,
+        "pretrain_steps": 300,
         "batch_size": 8,
-        "finetune_steps": 300,
+        "tasks": ["denoise"],
+        "finetune_steps": 400,
         "finetune_batch_size": 16,
         "finetune_lr": 1e-2,
+        "finetune_schedule": "cosine",
         "eval_crop": 192,
-        "seeds": [0],
+        "seeds": [0, 1, 2],
         "checkpoint_every": 100,
         "log_every": 10,
         "density_batches": 4,

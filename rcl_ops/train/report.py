@@ -103,16 +103,42 @@ def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores
         "rows": rows,
         "as_is_rows": as_is_rows,
         "diagnostics": _diagnostic_rows(config, runs),
-        "comparisons": compare(rows, config.tasks),
-        "as_is_comparisons": compare(as_is_rows, config.tasks),
+        "comparisons": compare(rows, config.tasks, runs, "tasks", naive),
+        "as_is_comparisons": compare(as_is_rows, config.tasks, runs, "as_is", naive),
         "runs": runs,
     }
 
 
-def compare(rows: list[dict], tasks: list[str]) -> list[str]:
-    """One sentence per (RCL variant, baseline, task): the measured PSNR/SSIM differences, signed."""
+def paired_difference(differences: list[float], confidence: float = 0.95) -> dict:
+    """Mean of paired per-image differences and its two-sided t interval (n - 1 degrees of freedom);
+    the interval is NaN for fewer than two images. ``could_be_noise``: the interval contains 0."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "could_be_noise": True}
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "n": n,
+        "could_be_noise": bool(mean - half <= 0 <= mean + half),
+    }
+
+
+def _per_image_psnr(runs: list[dict], key: str, method: str, task: str) -> dict[int, list[float]]:
+    """{seed: per-image PSNR} of ``method``'s runs under ``key`` ("tasks" or "as_is")."""
+    return {r["seed"]: r[key][task]["psnr_per_image"] for r in runs if r["method"] == method and r.get(key)}
+
+
+def compare(rows: list[dict], tasks: list[str], runs: list[dict], key: str, naive: dict[str, TestScores]) -> list[dict]:
+    """Per (RCL variant, baseline, task): the difference of the mean PSNR/SSIM, and the paired per-image
+    PSNR difference (each test image's difference averaged over the seeds both have) with its 95% t
+    interval, and a sentence saying it, whichever way it goes."""
     by_method = {row["method"]: row for row in rows}
-    sentences = []
+    comparisons = []
     for method, row in by_method.items():
         if not method.startswith("rcl-"):
             continue
@@ -123,16 +149,43 @@ def compare(rows: list[dict], tasks: list[str]) -> list[str]:
             for task in tasks:
                 d_psnr = row["tasks"][task]["psnr"]["mean"] - other["tasks"][task]["psnr"]["mean"]
                 d_ssim = row["tasks"][task]["ssim"]["mean"] - other["tasks"][task]["ssim"]["mean"]
+                mine = _per_image_psnr(runs, key, method, task)
+                theirs = (
+                    {seed: naive[task].psnr for seed in mine}
+                    if baseline == "input"
+                    else _per_image_psnr(runs, key, baseline, task)
+                )
+                seeds = sorted(set(mine) & set(theirs))
+                per_image = [
+                    statistics.fmean(mine[s][i] - theirs[s][i] for s in seeds) for i in range(len(mine[seeds[0]]))
+                ]
+                paired = paired_difference(per_image)
                 verdict = (
                     "beats"
                     if d_psnr > 0 and d_ssim > 0
                     else ("does not beat" if d_psnr <= 0 and d_ssim <= 0 else "is mixed against")
                 )
-                sentences.append(
-                    f"{row['title']} {verdict} {other['title']} on {TASK_TITLES[task]}: "
-                    f"{d_psnr:+.2f} dB PSNR, {d_ssim:+.4f} SSIM"
+                interval = (
+                    f"; paired per-image PSNR difference {paired['mean']:+.2f} dB, 95% CI "
+                    f"[{paired['low']:+.2f}, {paired['high']:+.2f}] over {paired['n']} test images"
+                    if paired["n"] > 1
+                    else ""
                 )
-    return sentences
+                noise = " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
+                comparisons.append(
+                    {
+                        "method": method,
+                        "baseline": baseline,
+                        "task": task,
+                        "psnr_difference": d_psnr,
+                        "ssim_difference": d_ssim,
+                        "paired_psnr": paired,
+                        "seeds": seeds,
+                        "sentence": f"{row['title']} {verdict} {other['title']} on {TASK_TITLES[task]}: "
+                        f"{d_psnr:+.2f} dB PSNR, {d_ssim:+.4f} SSIM{interval}{noise}",
+                    }
+                )
+    return comparisons
 
 
 def _cell(stats: dict, digits: int) -> str:
@@ -215,7 +268,8 @@ def format_table(summary: dict) -> str:
                     f"{ideal['contrast_per_query']:.3f} (chance {ideal['contrast_chance']:.3f}), top-1 retrieval "
                     f"{ideal['retrieval_top1']:.2f}: what an ideal denoiser would reach on this data."
                 )
-    comparisons = [*summary["comparisons"], *(f"as is: {s}" for s in summary["as_is_comparisons"])]
+    comparisons = [c["sentence"] for c in summary["comparisons"]]
+    comparisons += [f"as is: {c['sentence']}" for c in summary["as_is_comparisons"]]
     if comparisons:
         lines += ["", "Measured on this run:"]
         lines += [f"- {sentence}" for sentence in comparisons]

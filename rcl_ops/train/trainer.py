@@ -627,6 +627,7 @@ class Experiment:
             config.finetune_lr,
             (config.adam_beta1, config.adam_beta2),
             config.adam_eps,
+            config.finetune_schedule,
         )
         if not config.resume:
             create_run_dir(run_dir, config)
