@@ -60,7 +60,7 @@ def read_table_rows(text: str, title: str = "Proxy evaluation") -> dict[str, lis
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
-        if not line.startswith(("| Method", "|---")):
+        if not line.startswith(("| Method", "| # Labels", "|---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
@@ -446,3 +446,25 @@ def test_results_record_the_encoder_weights(image_folder, tmp_path, capsys):
     summary = json.loads((tmp_path / "enc" / "results.json").read_text())
     assert summary["environment"]["encoders"]["random"]["seed"] == 0
     assert f"sha256 {digest[:16]}" in out
+
+
+def test_label_efficiency_study(image_folder, tmp_path, capsys):
+    args = tiny_run(
+        image_folder, tmp_path, "labels", "--labels", "2", "30%", "all", "--sl-steps", "2", "--seeds", "0", "1"
+    )
+    args[args.index("n2n")] = "rcl-bd"
+    args[args.index("--no-plots")] = "--plots"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = read_table_rows(out, "Label efficiency")
+    assert list(rows) == ["0", "2", "6"]  # 30% of the 6 training images is 2: one level
+    assert rows["0"][0] == "-" and rows["6"][0] != "-" and rows["6"][1] != "-"
+    assert re.search(r"RCL\+SL \[RCL-BD \(g_e: random\)\] with 2 labels vs SL with 6: [+-]\d", out)  # Table 5
+    run = tmp_path / "labels"
+    study = json.loads((run / "results.json").read_text())["label_efficiency"]
+    assert study["levels"] == [2, 6] and study["protocols"] == ["sl", "rcl-bd+random"]
+    assert study["table"]["sl"]["2"]["psnr"]["n"] == 2  # both seeds
+    assert (run / "results" / "labels" / "sl_n6_seed1.json").exists()
+    assert (run / "figures" / "label_efficiency.png").stat().st_size > 1000
+    assert main([*args, "--resume"]) == 0
+    assert read_table_rows(capsys.readouterr().out, "Label efficiency") == rows

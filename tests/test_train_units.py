@@ -783,3 +783,16 @@ def test_cosine_schedule_anneals_to_zero():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="schedule"):
         learning_rate_schedule(optimizer, "linear", 4)
+
+
+def test_label_counts():
+    from rcl_ops.train.config import label_count
+
+    assert [label_count(s, 13) for s in ("1", "30%", "100%", "all", "0.1%")] == [1, 4, 13, 13, 1]
+    for bad in ("0", "-3", "150%", "0%", "nan%", "some"):
+        with pytest.raises(ValueError, match="--labels values must be"):
+            label_count(bad, 13)
+    with pytest.raises(ValueError, match="--labels values must be"):
+        build_config(labels=["ten"])
+    with pytest.raises(ValueError, match="add denoise to --tasks"):
+        build_config(labels=["all"], tasks=["sr2"])

@@ -219,6 +219,20 @@ class TrainConfig:
     eval_crop: int | None = _option(
         None, "evaluate on the central NxN window of each test image (default: whole images)", "proxy evaluation"
     )
+    labels: list[str] = _option(
+        [],
+        "label-efficiency study (Tables 3 and 5) at these numbers of labelled training images: N, P% of "
+        "them, or all. At each level, on the denoising task, with the same seeds and nested labelled "
+        "subsets: SL (the network trained from scratch, every layer, L1) and RCL+SL (every RCL network "
+        "fine-tuned the same way after pre-training); the 0-labels row is the as-is score. "
+        "Default: none (no study)",
+        "label efficiency",
+        nargs="+",
+    )
+    sl_steps: int = _option(2000, "training steps of SL and RCL+SL in the label-efficiency study", "label efficiency")
+    sl_lr: float = _option(
+        1e-3, "Adam learning rate of SL and RCL+SL (its peak with --finetune-schedule cosine)", "label efficiency"
+    )
     seeds: list[int] = _option(
         [0, 1, 2, 3, 4],
         "training seeds (model init, crops, masks); the table reports the mean over them",
@@ -298,6 +312,11 @@ class TrainConfig:
         self.tasks = list(dict.fromkeys(self.tasks))
         self.seeds = list(dict.fromkeys(self.seeds))
         self.encoders = list(dict.fromkeys(self.encoders))
+        self.labels = list(dict.fromkeys(self.labels))
+        for spec in self.labels:
+            label_count(spec, 1)  # ValueError naming the bad value
+        if self.labels and "denoise" not in self.tasks:
+            raise ValueError("--labels runs the label-efficiency study on denoising: add denoise to --tasks")
         if not self.encoders:
             raise ValueError("--encoders needs at least one encoder")
         if "file" in self.encoders and self.encoder_weights is None:
@@ -354,6 +373,24 @@ class TrainConfig:
         return keys
 
 
+def label_count(spec: str, num_train: int) -> int:
+    """The number of labelled images a --labels value means among ``num_train``: 'N', 'P%' (at least 1)
+    or 'all'; ValueError for anything else, DataError-free (the caller checks N against the data)."""
+    text = str(spec).strip().lower()
+    try:
+        if text == "all":
+            return num_train
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if math.isfinite(share) and 0 < share <= 100:
+                return max(1, round(share / 100 * num_train))
+        elif int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    raise ValueError(f"--labels values must be a count >= 1, a share such as 30% (in (0, 100]) or all, got {spec!r}")
+
+
 MAX_SEED = 2**63 - 1
 MAX_SIGMA = 255.0  # 8-bit units: a noise std as large as the whole intensity range
 MIN_TEMPERATURE = 1e-6  # 1e-300 made the logits -D / temperature infinite and the first loss NaN
@@ -371,6 +408,7 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "encoder_stages": (1, 4),
     "encoder_seed": (0, MAX_SEED),
     "encoder_pretrain_steps": (1, math.inf),
+    "sl_steps": (1, math.inf),
     "n2s_grid": (2, math.inf),
     "pretrain_steps": (0, math.inf),
     "batch_size": (1, math.inf),
@@ -402,6 +440,7 @@ FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "adam_beta2": (0.0, 1.0, "[)"),
     "adam_eps": (0.0, math.inf, "()"),
     "finetune_lr": (0.0, math.inf, "()"),
+    "sl_lr": (0.0, math.inf, "()"),
 }
 
 

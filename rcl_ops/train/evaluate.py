@@ -207,3 +207,37 @@ def proxy_evaluate(
     seconds = time.perf_counter() - started
     scores = evaluate_restorer(model, test, task, device, eval_crop, keep_examples)
     return model, scores, seconds
+
+
+def train_supervised(
+    model: nn.Module,
+    task: str,
+    labelled: list[ImageRecord],
+    settings: ProxySettings,
+    generator: torch.Generator,
+    device: torch.device,
+    raw: bool,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """Train every layer of ``model`` (in place) with L1 on ``labelled`` for ``settings.steps`` steps: SL
+    from scratch, or RCL+SL when ``model`` is pre-trained (Tables 3 and 5). Returns the seconds taken."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    scheduler = learning_rate_schedule(optimizer, settings.schedule, settings.steps)
+    sampler = CropSampler(labelled, settings.crop_size, generator, raw=raw)
+    started = time.perf_counter()
+    for step in range(settings.steps):
+        inputs, targets = sampler.sample_task(task, settings.batch_size)
+        loss = F.l1_loss(model(inputs.to(device)), targets.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"supervised training loss became {float(loss.detach())} at step {step + 1}; try a lower --sl-lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if on_step is not None:
+            on_step(step + 1, float(loss.detach()))
+    model.eval()
+    return time.perf_counter() - started

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, label_count
 from .data import TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
@@ -89,7 +89,97 @@ def _diagnostic_rows(config: TrainConfig, runs: list[dict]) -> list[dict]:
     return rows
 
 
-def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores], environment: dict) -> dict:
+def label_efficiency(config: TrainConfig, runs: list[dict], label_results: list[dict], num_train: int) -> dict:
+    """The label-efficiency study (Tables 3 and 5): per protocol ('sl' or an RCL run key) and number of
+    labels, PSNR/SSIM mean and std over seeds; the RCL networks as is at 0 labels; and per level, each
+    RCL+SL against SL as a paired per-image difference (with Table 5's 30%-vs-all comparison when both
+    levels were run)."""
+    if not label_results:
+        return {}
+    protocols = list(dict.fromkeys(r["protocol"] for r in label_results))
+    levels = sorted({r["labels"] for r in label_results})
+
+    def pick(protocol: str, count: int) -> list[dict]:
+        return [r for r in label_results if r["protocol"] == protocol and r["labels"] == count]
+
+    table = {
+        protocol: {
+            str(count): {
+                "psnr": _mean_std([r["psnr"] for r in pick(protocol, count)]),
+                "ssim": _mean_std([r["ssim"] for r in pick(protocol, count)]),
+            }
+            for count in levels
+            if pick(protocol, count)
+        }
+        for protocol in protocols
+    }
+    zero = {}
+    for protocol in protocols[1:]:
+        as_is = [r["as_is"]["denoise"] for r in runs if r["method"] == protocol and r.get("as_is")]
+        if as_is:
+            zero[protocol] = {
+                "psnr": _mean_std([a["psnr"] for a in as_is]),
+                "ssim": _mean_std([a["ssim"] for a in as_is]),
+            }
+
+    def versus(protocol: str, count: int, baseline_count: int) -> dict | None:
+        mine = {r["seed"]: r["psnr_per_image"] for r in pick(protocol, count)}
+        theirs = {r["seed"]: r["psnr_per_image"] for r in pick("sl", baseline_count)}
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            return None
+        per_image = [statistics.fmean(mine[s][i] - theirs[s][i] for s in seeds) for i in range(len(mine[seeds[0]]))]
+        paired = paired_difference(per_image)
+        noise = " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
+        interval = f", 95% CI [{paired['low']:+.2f}, {paired['high']:+.2f}]" if paired["n"] > 1 else ""
+        return {
+            "protocol": protocol,
+            "labels": count,
+            "sl_labels": baseline_count,
+            "paired_psnr": paired,
+            "sentence": f"RCL+SL [{method_title(protocol)}] with {count} labels vs SL with {baseline_count}: "
+            f"{paired['mean']:+.2f} dB paired per-image PSNR difference{interval}, {len(seeds)} seed(s){noise}",
+        }
+
+    comparisons = [versus(p, count, count) for p in protocols[1:] for count in levels]
+    if "30%" in config.labels and "all" in config.labels:  # Table 5: fine-tuning on 30% against SL on all
+        comparisons += [versus(p, label_count("30%", num_train), num_train) for p in protocols[1:]]
+    return {
+        "levels": levels,
+        "protocols": protocols,
+        "table": table,
+        "zero_labels": zero,
+        "comparisons": [c for c in comparisons if c is not None],
+    }
+
+
+def _label_table(study: dict) -> list[str]:
+    protocols = study["protocols"]
+    header = ["# Labels"] + [("SL" if p == "sl" else f"RCL+SL [{method_title(p)}]") + " PSNR / SSIM" for p in protocols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    zero = ["0", "-"] + [
+        f"{_cell(study['zero_labels'][p]['psnr'], 2)} / {_cell(study['zero_labels'][p]['ssim'], 4)}"
+        if p in study["zero_labels"]
+        else "-"
+        for p in protocols[1:]
+    ]
+    lines.append("| " + " | ".join(zero) + " |")
+    for count in study["levels"]:
+        cells = [str(count)]
+        for protocol in protocols:
+            entry = study["table"][protocol].get(str(count))
+            cells.append(f"{_cell(entry['psnr'], 2)} / {_cell(entry['ssim'], 4)}" if entry else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summarise(
+    config: TrainConfig,
+    runs: list[dict],
+    naive: dict[str, TestScores],
+    environment: dict,
+    label_results: list[dict] = (),
+) -> dict:
     """Aggregate per-(method, seed) results into table rows (mean and std over seeds) for the proxy
     evaluation and for the pre-trained networks as they are, the pre-training diagnostics, and plain-words
     comparisons of every RCL variant with every baseline, as measured."""
@@ -105,6 +195,8 @@ def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores
         "diagnostics": _diagnostic_rows(config, runs),
         "comparisons": compare(rows, config.tasks, runs, "tasks", naive),
         "as_is_comparisons": compare(as_is_rows, config.tasks, runs, "as_is", naive),
+        "label_efficiency": label_efficiency(config, runs, list(label_results), environment["num_train_images"]),
+        "label_runs": list(label_results),
         "runs": runs,
     }
 
@@ -268,8 +360,18 @@ def format_table(summary: dict) -> str:
                     f"{ideal['contrast_per_query']:.3f} (chance {ideal['contrast_chance']:.3f}), top-1 retrieval "
                     f"{ideal['retrieval_top1']:.2f}: what an ideal denoiser would reach on this data."
                 )
+    study = summary.get("label_efficiency")
+    if study:
+        lines += [
+            "",
+            "Label efficiency on denoising (SL: from scratch; RCL+SL: every layer fine-tuned after RCL; 0 labels: "
+            "as pre-trained; the same seeds and nested labelled subsets in every column):",
+            "",
+        ]
+        lines += _label_table(study)
     comparisons = [c["sentence"] for c in summary["comparisons"]]
     comparisons += [f"as is: {c['sentence']}" for c in summary["as_is_comparisons"]]
+    comparisons += [c["sentence"] for c in (study or {}).get("comparisons", [])]
     if comparisons:
         lines += ["", "Measured on this run:"]
         lines += [f"- {sentence}" for sentence in comparisons]
@@ -379,4 +481,34 @@ def plot_samples(path: Path, examples: dict[str, list], task: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
+    plt.close(fig)
+
+
+def plot_label_efficiency(path: Path, study: dict) -> None:
+    """PSNR against the number of labels (log scale), one line per protocol with the std over seeds as
+    error bars; each RCL network as is (0 labels) as a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for protocol in study["protocols"]:
+        entries = study["table"][protocol]
+        counts = [int(c) for c in entries]
+        label = "SL" if protocol == "sl" else f"RCL+SL [{method_title(protocol)}]"
+        means = [entries[str(c)]["psnr"]["mean"] for c in counts]
+        stds = [entries[str(c)]["psnr"]["std"] for c in counts]
+        line = ax.errorbar(counts, means, yerr=stds, marker="o", capsize=3, label=label)
+        if protocol in study["zero_labels"]:
+            ax.axhline(
+                study["zero_labels"][protocol]["psnr"]["mean"],
+                linestyle="--",
+                color=line[0].get_color(),
+                linewidth=0.8,
+                label=f"{method_title(protocol)} as is (0 labels)",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images")
+    ax.set_ylabel("denoising PSNR (dB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)

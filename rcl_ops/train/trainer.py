@@ -41,11 +41,18 @@ from torch import nn
 
 import rcl_ops
 
-from .config import TrainConfig, config_to_dict, flag
+from .config import TrainConfig, config_to_dict, flag, label_count
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
 from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy, summarise_history
 from .encoder_pretraining import self_supervised_encoder
-from .evaluate import ProxySettings, TestScores, evaluate_naive, evaluate_restorer, proxy_evaluate
+from .evaluate import (
+    ProxySettings,
+    TestScores,
+    evaluate_naive,
+    evaluate_restorer,
+    proxy_evaluate,
+    train_supervised,
+)
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
     DISTANCE_SCALES,
@@ -599,7 +606,13 @@ class Experiment:
         for record in self.train + self.test:
             record.task_inputs = {task: task_input(task, record, config.modality) for task in config.tasks}
         label_order = np.random.default_rng(config.split_seed).permutation(len(self.train)).tolist()
-        self.labelled = [self.train[i] for i in label_order[: config.num_labelled or len(self.train)]]
+        self.label_order = [self.train[i] for i in label_order]  # nested labelled subsets: its first N
+        self.labelled = self.label_order[: config.num_labelled or len(self.train)]
+        self.label_levels = sorted({label_count(spec, len(self.train)) for spec in config.labels})
+        if self.label_levels and self.label_levels[-1] > len(self.train):
+            raise DataError(
+                f"--labels {self.label_levels[-1]} exceeds the {len(self.train)} training images; lower it or use all"
+            )
         self.run_keys = config.run_keys()
         self.encoders: dict[str, nn.Module] = {}
         self.encoder_records: dict[str, dict] = {}
@@ -641,7 +654,7 @@ class Experiment:
         """Every (seed, method), then the summary, table and figures."""
         from . import report
 
-        config, results = self.config, []
+        config, results, label_results = self.config, [], []
         try:
             for seed_index, seed in enumerate(config.seeds):
                 torch.manual_seed(derive_seed(seed, "init"))
@@ -655,11 +668,13 @@ class Experiment:
                     try:
                         results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
                     except FloatingPointError as error:
-                        raise RunError(
-                            f"{method}/seed{seed}: {error}. The run folder {self.run_dir} keeps what finished, but "
-                            "a --resume would diverge again at the same step: start a new run (another --run-name) "
-                            "with the changed option"
-                        ) from error
+                        raise self._diverged(f"{method}/seed{seed}", error) from error
+                for protocol in ["sl", *(k for k in self.run_keys if k.startswith("rcl-"))]:
+                    for count in self.label_levels:
+                        try:
+                            label_results.append(self._label_run(protocol, seed, count, initial_state))
+                        except FloatingPointError as error:
+                            raise self._diverged(f"{protocol}/seed{seed}/{count} labels", error) from error
         finally:
             self.logger.close()
         environment = self._environment()
@@ -668,14 +683,56 @@ class Experiment:
             for m in config.methods
             if m.startswith("rcl-")
         }
-        summary = report.summarise(config, results, self.naive, environment)
+        summary = report.summarise(config, results, self.naive, environment, label_results)
         report.write_summary(self.run_dir, summary)
+        if config.plots and summary["label_efficiency"]:
+            report.plot_label_efficiency(self.run_dir / "figures" / "label_efficiency.png", summary["label_efficiency"])
         if config.plots:
             figures = self.run_dir / "figures"
             report.plot_densities(figures / "residual_distance_density.png", self.densities, self.density_distance)
             for task in config.tasks:
                 report.plot_samples(figures / f"samples_{task}.png", self.examples[task], task)
         return summary
+
+    def _diverged(self, what: str, error: FloatingPointError) -> RunError:
+        return RunError(
+            f"{what}: {error}. The run folder {self.run_dir} keeps what finished, but a --resume would diverge "
+            "again at the same step: start a new run (another --run-name) with the changed option"
+        )
+
+    def _label_run(self, protocol: str, seed: int, count: int, initial_state: dict) -> dict:
+        """SL (``protocol`` 'sl': from the seed's initial weights) or RCL+SL (an RCL run key: from its
+        pre-trained weights) on the first ``count`` labelled images, every layer trained; denoising scores
+        on the test images (or a finished result reused)."""
+        config, tag = self.config, f"{protocol}/seed{seed}/{count} labels"
+        result_path = self.run_dir / "results" / "labels" / f"{protocol}_n{count}_seed{seed}.json"
+        if config.resume and result_path.exists():
+            try:
+                result = read_json(result_path)
+                if isinstance(result, dict) and "psnr_per_image" in result:
+                    return result
+                raise DamagedFileError(result_path, "it lacks the per-image scores")
+            except DamagedFileError as error:
+                self.say(f"  {tag}: {error}; computing this result again")
+        model = build_model(config.model, config.width, config.depth, self.raw)
+        model.load_state_dict(initial_state)
+        if protocol != "sl":
+            load_checkpoint(self.run_dir / "checkpoints" / protocol / f"seed{seed}" / "pretrained.safetensors", model)
+        settings = dataclasses.replace(self.proxy_settings, steps=config.sl_steps, lr=config.sl_lr)
+
+        def log_step(step: int, loss: float) -> None:
+            if step % config.log_every == 0 or step == config.sl_steps:
+                self.logger.log(protocol, seed, f"sl-{count}", step, {"l1": loss})
+
+        generator = seeded_generator(seed, "supervised", str(count))
+        seconds = train_supervised(
+            model, "denoise", self.label_order[:count], settings, generator, self.device, self.raw, log_step
+        )
+        scores = evaluate_restorer(model, self.test, "denoise", self.device, config.eval_crop)
+        result = {"protocol": protocol, "seed": seed, "labels": count, "seconds": seconds, **_scores_dict(scores)}
+        self.say(f"  {tag}: denoise PSNR {scores.mean_psnr:.2f} dB, SSIM {scores.mean_ssim:.4f} ({seconds:.1f} s)")
+        write_json_atomically(result_path, result)
+        return result
 
     def _build_encoder(self, kind: str) -> tuple[nn.Module, dict]:
         """The frozen encoder g_e of ``kind`` and the record of its weights (kind, file name, sha256)."""
