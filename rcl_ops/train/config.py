@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import MODALITIES, TASKS
+from .data import DATA_FORMATS, MODALITIES, TASKS
 from .evaluate import SCHEDULES
 from .losses import ENCODER_KINDS, canonical_method
 from .models import MODELS
@@ -43,6 +43,16 @@ class TrainConfig:
         "are the split, otherwise a seeded split by --test-fraction. Default: the 17 scikit-image sample images "
         "bundled with scikit-image (no download)",
         "data",
+    )
+    data_format: str = _option(
+        "clean",
+        "clean (clean images; the noise is simulated) or sidd (paired real noisy/clean sRGB images in the SIDD "
+        "layout under --data-dir: each *NOISY*.PNG next to its *GT*.PNG twin, e.g. "
+        "Data/0001_001_S6_00100_00060_3200_L/0001_NOISY_SRGB_010.PNG; the user supplies the data). With sidd "
+        "the noisy photographs are the observations, so --sigma-* and --noise-seed do not apply and n2n "
+        "(which needs a second noisy shot) is not available",
+        "data",
+        choices=DATA_FORMATS,
     )
     test_fraction: float = _option(0.25, "share of the images held out as the test set", "data")
     split_seed: int = _option(0, "seed of the train/test split", "data")
@@ -269,9 +279,10 @@ class TrainConfig:
     grid_images: int = _option(3, "test images shown in the sample grids", "run")
     preset: str | None = _option(
         None,
-        "quick (the full pipeline on a CPU in minutes) or paper (the paper's settings, for a GPU)",
+        "quick (the full pipeline on a CPU, three seeds), paper (the paper's settings, for a GPU) or sidd "
+        "(Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU)",
         "run",
-        choices=("quick", "paper"),
+        choices=("quick", "paper", "sidd"),
     )
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
@@ -335,6 +346,13 @@ class TrainConfig:
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
         raw = self.modality == "raw"
+        if self.data_format == "sidd":
+            if self.data_dir is None:
+                raise ValueError("--data-format sidd needs --data-dir: a folder of SIDD-layout noisy/clean pairs")
+            if raw:
+                raise ValueError("--data-format sidd holds sRGB images: use --modality rgb")
+            if "n2n" in self.methods:
+                raise ValueError("--data-format sidd has one noisy shot per scene: remove n2n from --methods")
         if raw and "sr2" in self.tasks:
             raise ValueError("the sr2 task is defined for --modality rgb only; use --tasks denoise with raw data")
         if ("sr2" in self.tasks or raw) and self.crop_size % 2:
@@ -527,6 +545,31 @@ PRESETS: dict[str, dict] = {
         "log_every": 10,
         "density_batches": 4,
         "threads": 1,
+    },
+    # Sec. 4.4 / Table 5 on real noisy data in the SIDD layout (--data-dir, supplied by the user): a DnCNN,
+    # 80/20 split, crops 128, batch 64, constant lr 1e-3; RCL pre-training on all training images, then
+    # RCL+SL on 30% of the labels against SL on all of them. ImageNet encoder weights as in the paper.
+    "sidd": {
+        "data_format": "sidd",
+        "test_fraction": 0.2,
+        "model": "dncnn",
+        "crop_size": 128,
+        "methods": ["rcl-emd"],
+        "encoders": ["file"],
+        "pretrain_steps": 20000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_eps": 1e-7,
+        "alpha": 1e-3,
+        "temperature": 0.1,
+        "tasks": ["denoise"],
+        "finetune_steps": 2000,
+        "finetune_batch_size": 32,
+        "labels": ["30%", "all"],
+        "sl_steps": 20000,
+        "seeds": [0, 1, 2, 3, 4],
     },
     # The paper's settings (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, batch 64,
     # crops 128, alpha 1e-3, five trials, all three distances. Needs >= 64 training images. The paper

@@ -325,10 +325,14 @@ def format_table(summary: dict) -> str:
     config, env, tasks = summary["config"], summary["environment"], summary["tasks"]
     data = config["data_dir"] or "scikit-image sample images"
     seeds = config["seeds"]
+    noise = (
+        "real noisy/clean pairs (SIDD layout)"
+        if config.get("data_format") == "sidd"
+        else f"noise sigma in [{config['sigma_min']:g}, {config['sigma_max']:g}]/255"
+    )
     lines = [
         f"Data: {data}, {env['num_train_images']} train / {env['num_test_images']} test images "
-        f"({env['num_labelled']} labelled), {config['modality'].upper()}, noise sigma in "
-        f"[{config['sigma_min']:g}, {config['sigma_max']:g}]/255; {config['model']} "
+        f"({env['num_labelled']} labelled), {config['modality'].upper()}, {noise}; {config['model']} "
         f"(width {config['width'] or 'default'}, depth {config['depth'] or 'default'}), crops {config['crop_size']}, "
         f"{config['pretrain_steps']} pre-training + {config['finetune_steps']} fine-tuning steps, "
         f"mean{' ± std' if len(seeds) > 1 else ''} over {len(seeds)} seed(s); device {env['device']}, "
