@@ -52,10 +52,15 @@ TINY = [
 ]  # fmt: skip
 
 
-def read_table_rows(text: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in text.splitlines():
-        if line.startswith("| ") and not line.startswith("| Method"):
+def read_table_rows(text: str, title: str = "Proxy evaluation") -> dict[str, list[str]]:
+    """The rows of the first markdown table after the line starting with ``title``."""
+    rows: dict[str, list[str]] = {}
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title))
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith(("| Method", "| # Labels", "|---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
@@ -69,9 +74,10 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     rows = read_table_rows(out)
-    assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD", "N2N", "N2S", "Oracle", "Random init"}
+    assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD (g_e: random)", "N2N", "N2S", "Oracle", "Random init"}
     assert all(len(cells) == 4 for cells in rows.values())  # PSNR/SSIM for denoising and SR x2
     assert "Measured on this run:" in out
+    assert re.search(r"paired per-image PSNR difference [+-]\d+\.\d+ dB, 95% CI \[.*\] over 2 test images", out)
     run = tmp_path / "tiny"
     summary = json.loads((run / "results.json").read_text())
     assert len(summary["runs"]) == 10  # 5 methods x 2 seeds
@@ -83,12 +89,25 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert (run / "results.md").read_text().strip() in out
     for name in ("residual_distance_density.png", "samples_denoise.png", "samples_sr2.png"):
         assert (run / "figures" / name).stat().st_size > 1000
-    for method in ("rcl-emd", "n2n", "n2s", "oracle"):
+    for method in ("rcl-emd+random", "n2n", "n2s", "oracle"):
         for name in ("pretrain_last", "pretrained", "finetuned_denoise", "finetuned_sr2"):
             assert (run / "checkpoints" / method / "seed1" / f"{name}.safetensors").exists()
     with (run / "metrics.csv").open() as handle:
         logged = list(csv.DictReader(handle))
     assert {"contrast", "consistency", "n2n", "n2s", "l1", "loss"} <= {row["metric"] for row in logged}
+    # issue 14: every RCL pre-training logs its diagnostics, and every network is also scored as is
+    assert {"contrast_per_query", "contrast_chance", "retrieval_top1", "grad_norm_ratio"} <= {
+        row["metric"] for row in logged if row["method"] == "rcl-emd+random"
+    }
+    assert {row["phase"] for row in logged} >= {"as-is", "proxy"}
+    first = summary["comparisons"][0]
+    assert first["seeds"] == [0, 1] and first["paired_psnr"]["n"] == 2
+    diagnostics = summary["diagnostics"][0]
+    assert diagnostics["method"] == "rcl-emd+random" and diagnostics["contrast_chance_last"] == pytest.approx(
+        math.log(3)
+    )
+    assert set(read_table_rows(out, "As pre-trained")) == set(rows)
+    assert "RCL pre-training diagnostics" in out and "grad-norm ratio" in out and "true noise as residual" in out
 
     # --resume reuses every finished (method, seed) and reproduces the same table
     assert main([*args, "--resume"]) == 0
@@ -212,7 +231,7 @@ def test_objectives_give_finite_gradients(method, modality):
     sampler = CropSampler(records, 8, torch.Generator().manual_seed(0), raw=raw)
     loss, parts = objective(model, sampler.sample(3), sampler.generator)
     loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in parts.values())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
@@ -280,8 +299,11 @@ def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, 
         (["--device", "cpu", "--distance-backend", "cuda", "--methods", "rcl"], "--distance-backend: backend 'cuda'"),
         (["--device", "cuda:99"], "--device cuda:99"),
         (["--threads", "100000"], "--threads 100000 exceeds"),
-        (["--encoder-weights", str(tmp_path / "notes.pth"), "--methods", "rcl"], "--encoder-weights: cannot read"),
-        (["--encoder-weights", str(tmp_path), "--methods", "rcl"], "is not a file"),
+        (
+            ["--encoder-weights", str(tmp_path / "notes.pth"), "--encoders", "file", "--methods", "rcl"],
+            "--encoder-weights: cannot read",
+        ),
+        (["--encoder-weights", str(tmp_path), "--encoders", "file", "--methods", "rcl"], "is not a file"),
         (["--width", "64", "--depth", "10"], r"needs about [\d,]+ GiB.*padded to 1024x1024.*lower --width or --depth"),
         (
             ["--lr", "1e12", "--pretrain-steps", "3"],
@@ -383,3 +405,116 @@ def test_resume_keeps_the_thread_count(image_folder, tmp_path, capsys):
     assert main(tiny_run(image_folder, tmp_path, "one", "--threads", "2", "--resume")) == 2
     error = capsys.readouterr().err
     assert "--threads 1 -> 2" in error and "summation order" in error
+
+
+def test_zero_finetune_steps_reports_the_networks_as_is(image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "as-is", "--finetune-steps", "0")
+    args[args.index("n2n")] = "rcl-emd"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Proxy evaluation" not in out
+    assert set(read_table_rows(out, "As pre-trained")) == {"Input (noisy)", "RCL-EMD (g_e: random)"}
+    result = json.loads((tmp_path / "as-is" / "results" / "rcl-emd+random_seed0.json").read_text())
+    assert result["tasks"] == {} and math.isfinite(result["as_is"]["denoise"]["psnr"])
+    assert "at_chance" in result["pretrain"]["diagnostics"]
+    assert main([*args, "--resume"]) == 0  # a finished as-is result is reused
+    assert "reused finished result" in capsys.readouterr().out
+
+
+def test_results_record_the_encoder_weights(image_folder, tmp_path, capsys):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "my_resnet50.safetensors"
+    save_file(ResNet50Encoder(1, seed=7).state_dict(), str(weights))
+    args = tiny_run(
+        image_folder, tmp_path, "enc", "--encoders", "random", "self", "file", "--encoder-weights", str(weights),
+        "--encoder-pretrain-steps", "2",
+    )  # fmt: skip
+    args[args.index("n2n")] = "rcl-bd"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    titles = {"RCL-BD (g_e: random)", "RCL-BD (g_e: self-pre-trained)", "RCL-BD (g_e: weights file)"}
+    assert titles <= set(read_table_rows(out))
+    own = json.loads((tmp_path / "enc" / "results" / "rcl-bd+self_seed0.json").read_text())["encoder"]
+    cached = tmp_path / "encoder_cache" / own["file"]
+    assert own["file_sha256"] == hashlib.sha256(cached.read_bytes()).hexdigest() and not own["reused_from_cache"]
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    result = json.loads((tmp_path / "enc" / "results" / "rcl-bd+file_seed0.json").read_text())
+    assert result["encoder"]["file"] == "my_resnet50.safetensors" and result["encoder"]["file_sha256"] == digest
+    summary = json.loads((tmp_path / "enc" / "results.json").read_text())
+    assert summary["environment"]["encoders"]["random"]["seed"] == 0
+    assert f"sha256 {digest[:16]}" in out
+
+
+def test_label_efficiency_study(image_folder, tmp_path, capsys):
+    args = tiny_run(
+        image_folder, tmp_path, "labels", "--labels", "2", "30%", "all", "--sl-steps", "2", "--seeds", "0", "1"
+    )
+    args[args.index("n2n")] = "rcl-bd"
+    args[args.index("--no-plots")] = "--plots"
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = read_table_rows(out, "Label efficiency")
+    assert list(rows) == ["0", "2", "6"]  # 30% of the 6 training images is 2: one level
+    assert rows["0"][0] == "-" and rows["6"][0] != "-" and rows["6"][1] != "-"
+    assert re.search(r"RCL\+SL \[RCL-BD \(g_e: random\)\] with 2 labels vs SL with 6: [+-]\d", out)  # Table 5
+    run = tmp_path / "labels"
+    study = json.loads((run / "results.json").read_text())["label_efficiency"]
+    assert study["levels"] == [2, 6] and study["protocols"] == ["sl", "rcl-bd+random"]
+    assert study["table"]["sl"]["2"]["psnr"]["n"] == 2  # both seeds
+    assert (run / "results" / "labels" / "sl_n6_seed1.json").exists()
+    assert (run / "figures" / "label_efficiency.png").stat().st_size > 1000
+    assert main([*args, "--resume"]) == 0
+    assert read_table_rows(capsys.readouterr().out, "Label efficiency") == rows
+
+
+def make_sidd_folder(root, scenes: int = 6, size: int = 36):
+    """A tiny folder in the SIDD layout: Data/<scene>/<id>_NOISY_SRGB_010.PNG next to <id>_GT_SRGB_010.PNG."""
+    rng = np.random.default_rng(1)
+    for index in range(scenes):
+        scene = root / "Data" / f"{index + 1:04d}_001_S6_00100_00060_3200_L"
+        scene.mkdir(parents=True)
+        clean = smooth_image(rng, size)
+        noisy = np.clip(clean + rng.normal(0, 12, clean.shape), 0, 255).astype(np.uint8)
+        io.imsave(scene / f"{index + 1:04d}_GT_SRGB_010.PNG", clean, check_contrast=False)
+        io.imsave(scene / f"{index + 1:04d}_NOISY_SRGB_010.PNG", noisy, check_contrast=False)
+    return root
+
+
+def test_sidd_loader_reads_a_tiny_folder(tmp_path):
+    from rcl_ops.train.data import DataError, load_sidd_pairs
+
+    root = make_sidd_folder(tmp_path / "sidd", scenes=3)
+    pairs = load_sidd_pairs(root)
+    assert len(pairs) == 3 and all(p.noisy is not None for p in pairs)
+    first = root / "Data" / "0001_001_S6_00100_00060_3200_L"
+    assert torch.equal(
+        pairs[0].pixels, torch.from_numpy(io.imread(first / "0001_GT_SRGB_010.PNG") / 255).permute(2, 0, 1).float()
+    )
+    assert torch.equal(
+        pairs[0].noisy, torch.from_numpy(io.imread(first / "0001_NOISY_SRGB_010.PNG") / 255).permute(2, 0, 1).float()
+    )
+    records = make_records(pairs, "rgb", 0, 20, 0, second_draw=True)
+    assert torch.equal(records[0].observed, pairs[0].noisy) and records[0].observed_second is None
+    (first / "0001_GT_SRGB_010.PNG").unlink()
+    with pytest.raises(DataError, match="has no ground truth 0001_GT_SRGB_010.PNG"):
+        load_sidd_pairs(root)
+    with pytest.raises(ValueError, match="remove n2n"):
+        build_config(data_format="sidd", data_dir=str(root))
+
+
+def test_sidd_dncnn_thirty_percent_of_the_labels(tmp_path, capsys):
+    root = make_sidd_folder(tmp_path / "sidd")
+    args = [
+        "--data-dir", str(root), "--data-format", "sidd", "--output-dir", str(tmp_path / "runs"), "--run-name", "s",
+        "--model", "dncnn", "--depth", "3", "--methods", "rcl-emd", "--tasks", "denoise", "--labels", "30%", "all",
+        "--sl-steps", "2", "--seeds", "0", "--no-plots", "--test-fraction", "0.34",
+        *TINY[: TINY.index("--depth")], *TINY[TINY.index("--depth") + 2 :],
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "real noisy/clean pairs (SIDD layout)" in out
+    assert list(read_table_rows(out, "Label efficiency")) == ["0", "1", "4"]  # 30% of 4 training pairs, all
+    assert re.search(r"with 1 labels vs SL with 4: [+-]\d", out)  # Table 5's comparison

@@ -582,3 +582,217 @@ def test_metrics_csv_has_no_duplicate_steps_across_resumes(tmp_path):
         ("pretrain", 40, 0.05),
         ("finetune-denoise", 10, 0.25),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# pre-training diagnostics (issue 14)
+
+
+def test_retrieval_accuracy_on_a_hand_made_distance_matrix():
+    from rcl_ops.train.diagnostics import retrieval_accuracy
+
+    distances = torch.tensor(
+        [
+            [0.1, 0.5, 0.9],  # positive nearest: hit
+            [0.2, 0.3, 0.4],  # a negative (0.2) nearer: miss
+            [0.7, 0.8, 0.7],  # a tie with a negative counts as a miss
+        ]
+    )
+    assert retrieval_accuracy(distances) == pytest.approx(1 / 3)
+    assert retrieval_accuracy(torch.eye(4)) == 0.0  # positives farthest
+    assert retrieval_accuracy(1 - torch.eye(4)) == 1.0
+    with pytest.raises(ValueError, match=r"\(B, B\)"):
+        retrieval_accuracy(torch.zeros(2, 3))
+
+
+def test_gradient_norm_ratio_matches_direct_autograd():
+    from rcl_ops.train.diagnostics import gradient_norm_ratio
+
+    torch.manual_seed(0)
+    layer, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+    x = torch.rand(5, 3)
+    a = 3.0 * layer(x).square().sum() + other(x).sum()  # `other` reaches only a: not a shared parameter
+    b = layer(x).abs().mean()
+    found = gradient_norm_ratio(a, b, [*layer.parameters(), *other.parameters()])
+    grads_a = torch.autograd.grad(a, list(layer.parameters()), retain_graph=True)
+    grads_b = torch.autograd.grad(b, list(layer.parameters()), retain_graph=True)
+    norm_a = torch.cat([g.flatten() for g in grads_a]).norm().item()
+    norm_b = torch.cat([g.flatten() for g in grads_b]).norm().item()
+    assert found["grad_norm_contrast"] == pytest.approx(norm_a, rel=1e-6)
+    assert found["grad_norm_consistency"] == pytest.approx(norm_b, rel=1e-6)
+    assert found["grad_norm_ratio"] == pytest.approx(norm_a / norm_b, rel=1e-6)
+    (a + b).backward()  # the graph is kept for the training step
+    assert layer.weight.grad is not None
+
+
+def test_rcl_parts_report_chance_and_retrieval():
+    from rcl_ops.train.data import CropBatch
+    from rcl_ops.train.losses import FeatureConsistencyLoss, RCLObjective, contrastive_loss
+
+    objective = RCLObjective(
+        contrastive_loss("emd", 0.1, False, "auto", None), FeatureConsistencyLoss(ResNet50Encoder(1)), 1e-3, 1.0, False
+    )
+    observed = torch.rand(4, 3, 16, 16)
+    batch = CropBatch(observed, observed.clone(), None, None, observed, observed)
+    identity = torch.nn.Identity()
+    terms = objective.compute(identity, batch, torch.Generator())
+    # the identity map has zero residuals: every distance is 0, the loss is exactly chance, no retrieval
+    assert float(terms.parts["contrast_per_query"]) == pytest.approx(math.log(4))
+    assert terms.parts["contrast_chance"] == pytest.approx(math.log(4))
+    assert terms.parts["retrieval_top1"] == 0.0
+    assert float(terms.consistency) == 0.0
+    assert torch.equal(terms.loss, terms.contrast + terms.consistency)
+
+
+def test_history_summary_flags_a_contrastive_loss_at_chance():
+    from rcl_ops.train.diagnostics import summarise_history
+
+    chance = math.log(8)
+    stuck = [
+        {
+            "step": s,
+            "contrast_per_query": v,
+            "contrast_chance": chance,
+            "retrieval_top1": 0.125,
+            "grad_norm_ratio": 0.001,
+        }
+        for s, v in ((1, 2.0), (2, 1.0), (3, 2.05), (4, 2.07))
+    ]
+    summary = summarise_history(stuck)
+    assert summary["at_chance"] and summary["contrast_per_query_end"] == pytest.approx(2.07)
+    assert summary["grad_norm_ratio_first"] == 1e-3 and summary["logged_steps"] == 4
+    learning = [{**row, "contrast_per_query": 0.3} for row in stuck]
+    assert not summarise_history(learning)["at_chance"]
+    assert summarise_history([]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the conventions the paper leaves open (issue 14)
+
+
+def test_paper_preset_refuses_a_random_encoder_unless_asked(tmp_path):
+    with pytest.raises(ValueError, match="--encoders file needs --encoder-weights.*--preset paper.*--encoders random"):
+        build_config("paper")
+    assert build_config("paper", encoders=["random"]).encoders == ["random"]
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert build_config("paper", encoder_weights=str(tmp_path / "w.pth")).encoders == ["file"]
+    with pytest.raises(ValueError, match="does not include file"):
+        build_config(encoder_weights=str(tmp_path / "w.pth"))
+    with pytest.raises(ValueError, match="--encoders must be one of"):
+        build_config(encoders=["imagenet"])
+    config = build_config(methods=["rcl-emd", "n2n"], encoders=["random", "file"], encoder_weights="w.pth")
+    assert config.run_keys() == ["rcl-emd+random", "rcl-emd+file", "n2n"]
+    assert build_config(methods=["rcl-emd"], modality="raw", tasks=["denoise"]).run_keys() == ["rcl-emd"]
+
+
+def test_contrast_reduction_and_distance_scale():
+    from rcl_ops.train.data import CropBatch
+    from rcl_ops.train.trainer import make_objective
+
+    generator = torch.Generator().manual_seed(0)
+    observed = torch.rand(4, 3, 16, 16, generator=generator)
+    batch = CropBatch(observed, torch.rand(4, 3, 16, 16, generator=generator), None, None, observed, observed)
+    model = UNet(width=4, depth=1)
+    encoder = ResNet50Encoder(1)
+
+    def terms(**options):
+        config = build_config(crop_size=16, batch_size=4, alpha=1.0, **options)
+        return make_objective("rcl-emd", config, encoder).compute(model, batch, torch.Generator())
+
+    mean, summed = terms(contrast_reduction="mean"), terms(contrast_reduction="sum")
+    assert float(summed.contrast.detach()) == pytest.approx(
+        4 * float(mean.contrast.detach()), rel=1e-5
+    )  # Algorithm 1 sums
+    scaled = terms(distance_scale="8bit")
+    assert torch.allclose(scaled.distances, 255 * mean.distances, rtol=1e-4)  # EMD is linear in the scale
+    per_crop = terms(consistency_reduction="sum")
+    features = encoder(observed).shape[1:].numel()
+    assert float(per_crop.consistency.detach()) == pytest.approx(features * float(mean.consistency.detach()), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the self-pre-trained consistency encoder (issue 14)
+
+
+def test_instance_contrastive_loss():
+    from rcl_ops.train.encoder_pretraining import instance_contrastive_loss
+
+    embeddings = torch.eye(4) * 5
+    assert float(instance_contrastive_loss(embeddings, embeddings, 0.01)) < 1e-6  # positives are the only matches
+    constant = torch.ones(4, 3)
+    assert float(instance_contrastive_loss(constant, constant, 0.2)) == pytest.approx(math.log(4))
+
+
+def test_self_supervised_encoder_is_cached_and_keyed(tmp_path):
+    from rcl_ops.train.encoder_pretraining import cache_key, self_supervised_encoder
+
+    records = make_records([CleanImage(f"i{i}", torch.rand(3, 20, 20)) for i in range(3)], "rgb", 0, 20, 0, False)
+    config = build_config(crop_size=16, batch_size=3, encoder_pretrain_steps=2, output_dir=str(tmp_path))
+    notes: list[str] = []
+
+    def encoder_for(config):
+        return self_supervised_encoder(
+            records, config, torch.device("cpu"), torch.Generator().manual_seed(0), notes.append
+        )
+
+    first, record = encoder_for(config)
+    assert not record["reused_from_cache"] and (tmp_path / "encoder_cache" / record["file"]).exists()
+    assert not first.training and not any(p.requires_grad for p in first.parameters())
+    random = ResNet50Encoder(1, seed=0)
+    assert not torch.equal(first.conv1.weight, random.conv1.weight)  # it was trained
+    assert not torch.equal(first.bn1.running_mean, random.bn1.running_mean)  # BatchNorm saw the noisy images
+    again, reused = encoder_for(config)
+    assert reused["reused_from_cache"] and reused["file_sha256"] == record["file_sha256"]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    other_seed = build_config(crop_size=16, batch_size=3, encoder_pretrain_steps=2, encoder_seed=1)
+    assert cache_key(records, other_seed) != record["cache_key"] == cache_key(records, config)
+    (tmp_path / "encoder_cache" / record["file"]).write_bytes(b"torn")
+    _, retrained = encoder_for(config)
+    assert "is damaged" in notes[-2] and retrained["file_sha256"] == record["file_sha256"]  # deterministic
+
+
+# ---------------------------------------------------------------------------------------------
+# converging proxy evaluation and paired comparisons (issue 14)
+
+
+def test_paired_difference_t_interval():
+    from rcl_ops.train.report import paired_difference
+
+    differences = [0.5, 1.0, 1.5, 2.0]
+    found = paired_difference(differences)
+    half = stats.t.ppf(0.975, 3) * np.std(differences, ddof=1) / 2  # sqrt(4) = 2
+    assert found["mean"] == pytest.approx(1.25) and found["n"] == 4
+    assert (found["low"], found["high"]) == (pytest.approx(1.25 - half), pytest.approx(1.25 + half))
+    assert not found["could_be_noise"]
+    assert paired_difference([-1.0, 1.5, 0.2])["could_be_noise"]
+    assert paired_difference([0.3])["could_be_noise"] and math.isnan(paired_difference([0.3])["low"])
+
+
+def test_cosine_schedule_anneals_to_zero():
+    from rcl_ops.train.evaluate import learning_rate_schedule
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=0.01)
+    scheduler = learning_rate_schedule(optimizer, "cosine", 4)
+    rates = []
+    for _ in range(4):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.01) and rates[2] == pytest.approx(0.005)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_schedule(optimizer, "linear", 4)
+
+
+def test_label_counts():
+    from rcl_ops.train.config import label_count
+
+    assert [label_count(s, 13) for s in ("1", "30%", "100%", "all", "0.1%")] == [1, 4, 13, 13, 1]
+    for bad in ("0", "-3", "150%", "0%", "nan%", "some"):
+        with pytest.raises(ValueError, match="--labels values must be"):
+            label_count(bad, 13)
+    with pytest.raises(ValueError, match="--labels values must be"):
+        build_config(labels=["ten"])
+    with pytest.raises(ValueError, match="add denoise to --tasks"):
+        build_config(labels=["all"], tasks=["sr2"])

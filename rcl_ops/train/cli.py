@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         shown = " ".join(map(str, default)) if is_list else default
         help_text = f.metadata["help"] + ("" if default is None else f" (default: {shown})")
-        kwargs: dict = {"help": help_text, "dest": f.name}
+        kwargs: dict = {"help": help_text.replace("%", "%%"), "dest": f.name}  # argparse formats help with %
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if scalar is bool:

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import MODALITIES, TASKS
-from .losses import canonical_method
+from .data import DATA_FORMATS, MODALITIES, TASKS
+from .evaluate import SCHEDULES
+from .losses import ENCODER_KINDS, canonical_method
 from .models import MODELS
 
 
@@ -42,6 +43,16 @@ class TrainConfig:
         "are the split, otherwise a seeded split by --test-fraction. Default: the 17 scikit-image sample images "
         "bundled with scikit-image (no download)",
         "data",
+    )
+    data_format: str = _option(
+        "clean",
+        "clean (clean images; the noise is simulated) or sidd (paired real noisy/clean sRGB images in the SIDD "
+        "layout under --data-dir: each *NOISY*.PNG next to its *GT*.PNG twin, e.g. "
+        "Data/0001_001_S6_00100_00060_3200_L/0001_NOISY_SRGB_010.PNG; the user supplies the data). With sidd "
+        "the noisy photographs are the observations, so --sigma-* and --noise-seed do not apply and n2n "
+        "(which needs a second noisy shot) is not available",
+        "data",
+        choices=DATA_FORMATS,
     )
     test_fraction: float = _option(0.25, "share of the images held out as the test set", "data")
     split_seed: int = _option(0, "seed of the train/test split", "data")
@@ -116,15 +127,59 @@ class TrainConfig:
     emd_quantiles: int | None = _option(
         None, "compare K quantiles per residual in EMD (default: all values, exact)", "pre-training"
     )
+    contrast_reduction: str = _option(
+        "sum",
+        "how L_contrast combines the B queries of a batch: sum (Algorithm 1, line 8: 'sum up L_contrast for "
+        "a batch') or mean. With sum, alpha weighs B times more",
+        "pre-training",
+        choices=("sum", "mean"),
+    )
+    distance_scale: str = _option(
+        "unit",
+        "intensity scale of the residuals the distances see: unit ([0, 1], as the images) or 8bit (x255, as "
+        "PSNR's Eq. 12). The paper does not say; EMD grows with the scale, so with --temperature it sets how "
+        "sharply the contrastive loss separates positives (BD and the median-bandwidth MMD barely change)",
+        "pre-training",
+        choices=("unit", "8bit"),
+    )
+    consistency_reduction: str = _option(
+        "mean",
+        "how L_consistency combines feature values: mean (the mean squared difference, independent of crop "
+        "size) or sum (the squared L2 norm of Eq. 9 per crop, averaged over crops; Eq. 11's L1 norm for RAW). "
+        "Eq. 9 writes a norm without saying whether it is squared or normalised",
+        "pre-training",
+        choices=("mean", "sum"),
+    )
+    encoders: list[str] = _option(
+        ["random"],
+        "frozen encoder(s) g_e of the consistency loss (Eq. 9); each RCL method runs once per encoder: "
+        "random (a fixed randomly initialised ResNet-50, seeded by --encoder-seed: a random-feature "
+        "perceptual loss), self (pre-trained without labels on the noisy training images by instance "
+        "discrimination, as Sec. 3.4 allows; cached under --output-dir/encoder_cache/ and reused), file (the "
+        "weights in --encoder-weights, e.g. torchvision's ImageNet ResNet-50, as in the paper). Ignored for RAW "
+        "data (Eq. 11 needs no encoder)",
+        "pre-training",
+        nargs="+",
+        choices=ENCODER_KINDS,
+    )
     encoder_weights: str | None = _option(
         None,
         "ResNet-50 state dict (.pth/.pt/.safetensors, torchvision names, e.g. ImageNet weights) for the "
-        "frozen encoder g_e of the consistency loss (Eq. 9). Default: no file; g_e is a fixed randomly "
-        "initialised ResNet-50 (seeded by --encoder-seed), i.e. a random-feature perceptual loss",
+        "encoder 'file' of --encoders; results record its name and sha256",
         "pre-training",
     )
-    encoder_stages: int = _option(1, "ResNet-50 stages used by g_e after the stem (1-4)", "pre-training")
-    encoder_seed: int = _option(0, "seed of the random encoder when no --encoder-weights are given", "pre-training")
+    encoder_stages: int = _option(
+        1, "the encoder layer: ResNet-50 stages used by g_e after the stem (1-4; 1 = layer1's output)", "pre-training"
+    )
+    encoder_seed: int = _option(
+        0, "seed of the random encoder, and of the self-pre-trained one's initialisation and crops", "pre-training"
+    )
+    encoder_pretrain_steps: int = _option(
+        500, "steps of the self-supervised encoder's pre-training (--encoders self)", "pre-training"
+    )
+    encoder_pretrain_lr: float = _option(
+        1e-3, "Adam learning rate of the self-supervised encoder's pre-training", "pre-training"
+    )
     raw_max_shift: float = _option(
         0.5,
         "RAW consistency (Eq. 11): T translates f(x) by a random sub-pixel "
@@ -154,11 +209,39 @@ class TrainConfig:
         "labelled training images for fine-tuning the new last layer (default: all training images)",
         "proxy evaluation",
     )
-    finetune_steps: int = _option(2000, "fine-tuning steps of the new last layer (L1 loss)", "proxy evaluation")
+    finetune_steps: int = _option(
+        2000,
+        "fine-tuning steps of the new last layer (L1 loss); 0 skips the proxy evaluation and reports only the "
+        "pre-trained networks as they are (the '0 labels' row, always reported)",
+        "proxy evaluation",
+    )
     finetune_batch_size: int = _option(32, "crops per fine-tuning batch", "proxy evaluation")
-    finetune_lr: float = _option(1e-3, "Adam learning rate of fine-tuning", "proxy evaluation")
+    finetune_lr: float = _option(
+        1e-3, "Adam learning rate of fine-tuning (its peak with --finetune-schedule cosine)", "proxy evaluation"
+    )
+    finetune_schedule: str = _option(
+        "cosine",
+        "learning-rate schedule of fine-tuning: cosine (annealed to 0 over --finetune-steps, so the result "
+        "settles) or constant",
+        "proxy evaluation",
+        choices=SCHEDULES,
+    )
     eval_crop: int | None = _option(
         None, "evaluate on the central NxN window of each test image (default: whole images)", "proxy evaluation"
+    )
+    labels: list[str] = _option(
+        [],
+        "label-efficiency study (Tables 3 and 5) at these numbers of labelled training images: N, P% of "
+        "them, or all. At each level, on the denoising task, with the same seeds and nested labelled "
+        "subsets: SL (the network trained from scratch, every layer, L1) and RCL+SL (every RCL network "
+        "fine-tuned the same way after pre-training); the 0-labels row is the as-is score. "
+        "Default: none (no study)",
+        "label efficiency",
+        nargs="+",
+    )
+    sl_steps: int = _option(2000, "training steps of SL and RCL+SL in the label-efficiency study", "label efficiency")
+    sl_lr: float = _option(
+        1e-3, "Adam learning rate of SL and RCL+SL (its peak with --finetune-schedule cosine)", "label efficiency"
     )
     seeds: list[int] = _option(
         [0, 1, 2, 3, 4],
@@ -196,9 +279,10 @@ class TrainConfig:
     grid_images: int = _option(3, "test images shown in the sample grids", "run")
     preset: str | None = _option(
         None,
-        "quick (the full pipeline on a CPU in minutes) or paper (the paper's settings, for a GPU)",
+        "quick (the full pipeline on a CPU, three seeds), paper (the paper's settings, for a GPU) or sidd "
+        "(Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU)",
         "run",
-        choices=("quick", "paper"),
+        choices=("quick", "paper", "sidd"),
     )
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
@@ -238,6 +322,22 @@ class TrainConfig:
         self.methods = list(dict.fromkeys(canonical_method(m, self.distance) for m in self.methods))
         self.tasks = list(dict.fromkeys(self.tasks))
         self.seeds = list(dict.fromkeys(self.seeds))
+        self.encoders = list(dict.fromkeys(self.encoders))
+        self.labels = list(dict.fromkeys(self.labels))
+        for spec in self.labels:
+            label_count(spec, 1)  # ValueError naming the bad value
+        if self.labels and "denoise" not in self.tasks:
+            raise ValueError("--labels runs the label-efficiency study on denoising: add denoise to --tasks")
+        if not self.encoders:
+            raise ValueError("--encoders needs at least one encoder")
+        if "file" in self.encoders and self.encoder_weights is None:
+            paper = " (--preset paper uses ImageNet weights, as the paper did)" if self.preset == "paper" else ""
+            raise ValueError(
+                f"--encoders file needs --encoder-weights resnet50.pth{paper}; without weights pass "
+                "--encoders random explicitly for a random-feature consistency loss"
+            )
+        if self.encoder_weights is not None and "file" not in self.encoders:
+            raise ValueError("--encoder-weights is given but --encoders does not include file; add file to --encoders")
         if not self.methods:
             raise ValueError("--methods needs at least one method")
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -246,6 +346,13 @@ class TrainConfig:
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
         raw = self.modality == "raw"
+        if self.data_format == "sidd":
+            if self.data_dir is None:
+                raise ValueError("--data-format sidd needs --data-dir: a folder of SIDD-layout noisy/clean pairs")
+            if raw:
+                raise ValueError("--data-format sidd holds sRGB images: use --modality rgb")
+            if "n2n" in self.methods:
+                raise ValueError("--data-format sidd has one noisy shot per scene: remove n2n from --methods")
         if raw and "sr2" in self.tasks:
             raise ValueError("the sr2 task is defined for --modality rgb only; use --tasks denoise with raw data")
         if ("sr2" in self.tasks or raw) and self.crop_size % 2:
@@ -272,6 +379,35 @@ class TrainConfig:
             )
         return self
 
+    def run_keys(self) -> list[str]:
+        """What is pre-trained, in order: each method, and each RCL method on RGB data once per encoder
+        ('rcl-emd+random', 'rcl-emd+file', ...)."""
+        keys = []
+        for method in self.methods:
+            if method.startswith("rcl-") and self.modality == "rgb":
+                keys += [f"{method}+{encoder}" for encoder in self.encoders]
+            else:
+                keys.append(method)
+        return keys
+
+
+def label_count(spec: str, num_train: int) -> int:
+    """The number of labelled images a --labels value means among ``num_train``: 'N', 'P%' (at least 1)
+    or 'all'; ValueError for anything else, DataError-free (the caller checks N against the data)."""
+    text = str(spec).strip().lower()
+    try:
+        if text == "all":
+            return num_train
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if math.isfinite(share) and 0 < share <= 100:
+                return max(1, round(share / 100 * num_train))
+        elif int(text) >= 1:
+            return int(text)
+    except ValueError:
+        pass
+    raise ValueError(f"--labels values must be a count >= 1, a share such as 30% (in (0, 100]) or all, got {spec!r}")
+
 
 MAX_SEED = 2**63 - 1
 MAX_SIGMA = 255.0  # 8-bit units: a noise std as large as the whole intensity range
@@ -289,11 +425,13 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "emd_quantiles": (1, math.inf),
     "encoder_stages": (1, 4),
     "encoder_seed": (0, MAX_SEED),
+    "encoder_pretrain_steps": (1, math.inf),
+    "sl_steps": (1, math.inf),
     "n2s_grid": (2, math.inf),
     "pretrain_steps": (0, math.inf),
     "batch_size": (1, math.inf),
     "num_labelled": (1, math.inf),
-    "finetune_steps": (1, math.inf),
+    "finetune_steps": (0, math.inf),
     "finetune_batch_size": (1, math.inf),
     "eval_crop": (7, math.inf),
     "threads": (1, math.inf),
@@ -315,10 +453,12 @@ FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "consistency_weight": (0.0, math.inf, "[)"),
     "raw_max_shift": (0.0, 1.0, "[]"),
     "lr": (0.0, math.inf, "()"),
+    "encoder_pretrain_lr": (0.0, math.inf, "()"),
     "adam_beta1": (0.0, 1.0, "[)"),
     "adam_beta2": (0.0, 1.0, "[)"),
     "adam_eps": (0.0, math.inf, "()"),
     "finetune_lr": (0.0, math.inf, "()"),
+    "sl_lr": (0.0, math.inf, "()"),
 }
 
 
@@ -380,8 +520,9 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
 
 
 PRESETS: dict[str, dict] = {
-    # The whole pipeline on a 2-core CPU in a few minutes: small crops, a small U-Net, one seed, and a
-    # larger fine-tuning learning rate so the fresh last layer converges in 300 steps. One torch thread:
+    # The whole pipeline on a 2-core CPU: small crops, a small U-Net, three seeds (so that a difference can
+    # be told from noise), denoising only (add --tasks denoise sr2 for SR), RCL with a random and a
+    # self-pre-trained encoder, and a larger fine-tuning learning rate, cosine-annealed. One torch thread:
     # on a 2-core machine that is also busy with something else, two OpenMP threads ran up to 10x slower
     # per step (measured), one thread at most ~1.6x slower than two on an idle machine.
     "quick": {
@@ -389,17 +530,46 @@ PRESETS: dict[str, dict] = {
         "width": 16,
         "depth": 2,
         "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
-        "pretrain_steps": 400,
+        "encoders": ["random", "self"],
+        "encoder_pretrain_steps": 200,
+        "pretrain_steps": 300,
         "batch_size": 8,
-        "finetune_steps": 300,
+        "tasks": ["denoise"],
+        "finetune_steps": 400,
         "finetune_batch_size": 16,
         "finetune_lr": 1e-2,
+        "finetune_schedule": "cosine",
         "eval_crop": 192,
-        "seeds": [0],
+        "seeds": [0, 1, 2],
         "checkpoint_every": 100,
         "log_every": 10,
         "density_batches": 4,
         "threads": 1,
+    },
+    # Sec. 4.4 / Table 5 on real noisy data in the SIDD layout (--data-dir, supplied by the user): a DnCNN,
+    # 80/20 split, crops 128, batch 64, constant lr 1e-3; RCL pre-training on all training images, then
+    # RCL+SL on 30% of the labels against SL on all of them. ImageNet encoder weights as in the paper.
+    "sidd": {
+        "data_format": "sidd",
+        "test_fraction": 0.2,
+        "model": "dncnn",
+        "crop_size": 128,
+        "methods": ["rcl-emd"],
+        "encoders": ["file"],
+        "pretrain_steps": 20000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_eps": 1e-7,
+        "alpha": 1e-3,
+        "temperature": 0.1,
+        "tasks": ["denoise"],
+        "finetune_steps": 2000,
+        "finetune_batch_size": 32,
+        "labels": ["30%", "all"],
+        "sl_steps": 20000,
+        "seeds": [0, 1, 2, 3, 4],
     },
     # The paper's settings (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, batch 64,
     # crops 128, alpha 1e-3, five trials, all three distances. Needs >= 64 training images. The paper
@@ -419,6 +589,8 @@ PRESETS: dict[str, dict] = {
         "adam_eps": 1e-7,
         "alpha": 1e-3,
         "temperature": 0.1,
+        "contrast_reduction": "sum",
+        "encoders": ["file"],  # ImageNet weights: refused without --encoder-weights unless --encoders is given
         "finetune_steps": 2000,
         "finetune_batch_size": 32,
         "seeds": [0, 1, 2, 3, 4],

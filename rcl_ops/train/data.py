@@ -34,10 +34,13 @@ class DataError(ValueError):
 
 @dataclass
 class CleanImage:
-    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and seeds."""
+    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and seeds.
+    ``noisy``: a real noisy photograph of the same scene (paired data such as SIDD), or None when the
+    noise is simulated."""
 
     name: str
     pixels: torch.Tensor
+    noisy: torch.Tensor | None = None
 
 
 def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
@@ -119,24 +122,61 @@ def split_images(
     return train, test
 
 
+DATA_FORMATS = ("clean", "sidd")
+SIDD_NOISY_TAG, SIDD_CLEAN_TAG = "NOISY", "GT"
+
+
+def load_sidd_pairs(folder: str | Path) -> list[CleanImage]:
+    """Paired real noisy/clean images in the SIDD layout: under ``folder`` (recursively), every image
+    file whose name contains NOISY (e.g. ``Data/0001_001_S6_.../0001_NOISY_SRGB_010.PNG``) next to
+    its ground truth, the same name with GT (``0001_GT_SRGB_010.PNG``). Sorted by path; DataError
+    naming a noisy image without its ground truth or of another size."""
+    files = list_image_files(Path(folder))
+    noisy_files = [f for f in files if SIDD_NOISY_TAG in f.name.upper()]
+    if not noisy_files:
+        raise DataError(
+            f"data folder {folder} holds no SIDD-layout pairs (image files named *NOISY*, each next to its *GT* twin)"
+        )
+    pairs = []
+    for noisy_path in noisy_files:
+        start = noisy_path.name.upper().index(SIDD_NOISY_TAG)
+        clean_name = noisy_path.name[:start] + SIDD_CLEAN_TAG + noisy_path.name[start + len(SIDD_NOISY_TAG) :]
+        clean_path = noisy_path.with_name(clean_name)
+        if not clean_path.is_file():
+            raise DataError(f"noisy image {noisy_path} has no ground truth {clean_path.name} next to it")
+        clean, noisy = load_image_file(clean_path), load_image_file(noisy_path)
+        if clean.pixels.shape != noisy.pixels.shape:
+            raise DataError(
+                f"{noisy_path} ({tuple(noisy.pixels.shape[1:])}) and its ground truth {clean_path.name} "
+                f"({tuple(clean.pixels.shape[1:])}) differ in size"
+            )
+        pairs.append(CleanImage(name=str(noisy_path), pixels=clean.pixels, noisy=noisy.pixels))
+    return pairs
+
+
 def load_split(
-    data_dir: str | None, test_fraction: float, split_seed: int, max_images: int | None = None
+    data_dir: str | None,
+    test_fraction: float,
+    split_seed: int,
+    max_images: int | None = None,
+    data_format: str = "clean",
 ) -> tuple[list[CleanImage], list[CleanImage]]:
-    """(train, test) clean images.
+    """(train, test) clean images (with their real noisy twins for ``data_format`` 'sidd').
 
     data_dir None: the embedded sample images, split by ``test_fraction``. A folder with
-    ``train/`` and ``test/`` subfolders: those. Any other folder: all its images, split.
+    ``train/`` and ``test/`` subfolders: those. Any other folder: all its images (or SIDD pairs), split.
     ``max_images`` keeps only the first N images (files sorted by path, the embedded ones in
     their listed order) before splitting, or the first N of each of train/ and test/.
     """
+    load = load_sidd_pairs if data_format == "sidd" else load_folder
     if data_dir is None:
         images = load_embedded_images()
     else:
         root = Path(data_dir)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train, test = load_folder(root / "train"), load_folder(root / "test")
+            train, test = load(root / "train"), load(root / "test")
             return train[:max_images], test[:max_images]
-        images = load_folder(root)
+        images = load(root)
     if max_images is not None:
         images = images[:max_images]
     return split_images(images, test_fraction, split_seed)
@@ -177,7 +217,7 @@ class ImageRecord:
     clean: torch.Tensor
     observed: torch.Tensor
     observed_clean: torch.Tensor
-    noise_level: NoiseLevel
+    noise_level: NoiseLevel | None
     observed_second: torch.Tensor | None = None
     task_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -190,7 +230,8 @@ def make_records(
     noise_seed: int,
     second_draw: bool,
 ) -> list[ImageRecord]:
-    """Crop each image to even size, draw its noise level and noisy observation(s)."""
+    """Crop each image to even size, draw its noise level and noisy observation(s); an image with a real
+    noisy twin (``CleanImage.noisy``) keeps it as its observation (no noise level, no second draw)."""
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
     records = []
@@ -198,6 +239,12 @@ def make_records(
         height, width = img.pixels.shape[1] // 2 * 2, img.pixels.shape[2] // 2 * 2
         clean = img.pixels[:, :height, :width].contiguous()
         observed_clean = mosaic(clean) if modality == "raw" else clean
+        if img.noisy is not None:
+            if modality != "rgb":
+                raise ValueError("real noisy images (SIDD layout) are sRGB: use modality rgb")
+            observed = img.noisy[:, :height, :width].contiguous()
+            records.append(ImageRecord(img.name, clean, observed, observed_clean, None, None))
+            continue
         level = sample_noise_level(image_seed(noise_seed, img.name, 0), sigma_min, sigma_max)
         observed = add_noise(observed_clean, level, image_seed(noise_seed, img.name, 1))
         second = add_noise(observed_clean, level, image_seed(noise_seed, img.name, 2)) if second_draw else None

@@ -142,6 +142,20 @@ class ProxySettings:
     lr: float
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-7
+    schedule: str = "constant"
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, schedule: str, steps: int):
+    """A scheduler stepped once per optimisation step: 'cosine' anneals the learning rate from its value
+    to 0 over ``steps`` (so the last steps refine rather than jump around), 'constant' keeps it."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from {SCHEDULES}")
 
 
 def proxy_evaluate(
@@ -169,6 +183,7 @@ def proxy_evaluate(
     head_parameters = freeze_all_but_head(model)
     model.eval()
     optimizer = torch.optim.Adam(head_parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    scheduler = learning_rate_schedule(optimizer, settings.schedule, settings.steps)
     sampler = CropSampler(labelled, settings.crop_size, generator, raw=raw)
     started = time.perf_counter()
     steps = range(settings.steps) if progress is None else progress(range(settings.steps))
@@ -186,8 +201,43 @@ def proxy_evaluate(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        scheduler.step()
         if on_step is not None:
             on_step(step + 1, float(loss.detach()))
     seconds = time.perf_counter() - started
     scores = evaluate_restorer(model, test, task, device, eval_crop, keep_examples)
     return model, scores, seconds
+
+
+def train_supervised(
+    model: nn.Module,
+    task: str,
+    labelled: list[ImageRecord],
+    settings: ProxySettings,
+    generator: torch.Generator,
+    device: torch.device,
+    raw: bool,
+    on_step: Callable[[int, float], None] | None = None,
+) -> float:
+    """Train every layer of ``model`` (in place) with L1 on ``labelled`` for ``settings.steps`` steps: SL
+    from scratch, or RCL+SL when ``model`` is pre-trained (Tables 3 and 5). Returns the seconds taken."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    scheduler = learning_rate_schedule(optimizer, settings.schedule, settings.steps)
+    sampler = CropSampler(labelled, settings.crop_size, generator, raw=raw)
+    started = time.perf_counter()
+    for step in range(settings.steps):
+        inputs, targets = sampler.sample_task(task, settings.batch_size)
+        loss = F.l1_loss(model(inputs.to(device)), targets.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"supervised training loss became {float(loss.detach())} at step {step + 1}; try a lower --sl-lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if on_step is not None:
+            on_step(step + 1, float(loss.detach()))
+    model.eval()
+    return time.perf_counter() - started

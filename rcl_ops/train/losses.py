@@ -9,13 +9,15 @@ model returns RGB images (B, 3, h, w).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ResidualContrastiveLoss
+from .. import ResidualContrastiveLoss, residual_contrastive_loss
 from .data import CropBatch
+from .diagnostics import contrastive_chance, retrieval_accuracy
 from .models import ResNet50Encoder
 from .noise import keys_translate, mosaic
 
@@ -36,9 +38,21 @@ def canonical_method(name: str, default_distance: str) -> str:
     )
 
 
+ENCODER_KINDS = ("random", "self", "file")
+ENCODER_TITLES = {"random": "random", "self": "self-pre-trained", "file": "weights file"}
+
+
 def method_title(method: str) -> str:
-    """Display name: 'rcl-emd' -> 'RCL-EMD', 'n2n' -> 'N2N'."""
-    return METHOD_TITLES.get(method, method.upper())
+    """Display name: 'rcl-emd' -> 'RCL-EMD', 'rcl-emd+random' -> 'RCL-EMD (g_e: random)', 'n2n' -> 'N2N'."""
+    method, _, encoder = method.partition("+")
+    title = METHOD_TITLES.get(method, method.upper())
+    return f"{title} (g_e: {ENCODER_TITLES.get(encoder, encoder)})" if encoder else title
+
+
+def split_run_key(key: str) -> tuple[str, str | None]:
+    """'rcl-emd+random' -> ('rcl-emd', 'random'); 'n2n' -> ('n2n', None)."""
+    method, _, encoder = key.partition("+")
+    return method, encoder or None
 
 
 def observe(restored: torch.Tensor, raw: bool) -> torch.Tensor:
@@ -51,21 +65,29 @@ def residual(observed: torch.Tensor, restored: torch.Tensor, raw: bool) -> torch
     return observed - observe(restored, raw)
 
 
-class FeatureConsistencyLoss(nn.Module):
-    """Consistency loss (Eq. 9): mean over all feature values of (g_e(x) - g_e(f(x)))^2.
+def reduce_per_crop(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    """'mean': the mean of all values; 'sum': each crop's (first dimension) sum, averaged over crops."""
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.flatten(1).sum(dim=1).mean()
+    raise ValueError(f"unknown reduction {reduction!r}; choose mean or sum")
 
-    The squared L2 norm of Eq. 9, divided by the number of feature values so its scale does
-    not depend on the crop size. g_e is the frozen ``encoder``; x and f(x) are (B, 3, h, w).
+
+class FeatureConsistencyLoss(nn.Module):
+    """Consistency loss (Eq. 9) on (g_e(x) - g_e(f(x)))^2: its mean over all feature values
+    (``reduction="mean"``, independent of the crop size) or its sum per crop, the squared L2 norm of
+    Eq. 9, averaged over crops (``"sum"``). g_e is the frozen ``encoder``; x and f(x) are (B, 3, h, w).
     """
 
-    def __init__(self, encoder: ResNet50Encoder):
+    def __init__(self, encoder: ResNet50Encoder, reduction: str = "mean"):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.reduction = encoder, reduction
 
     def forward(self, observed: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = self.encoder(observed)
-        return F.mse_loss(self.encoder(restored), target)
+        return reduce_per_crop((self.encoder(restored) - target).square(), self.reduction)
 
 
 class RawConsistencyLoss(nn.Module):
@@ -78,15 +100,30 @@ class RawConsistencyLoss(nn.Module):
     interpolated values agree with the observation on average, i.e. smooth, denoised ones.
     """
 
-    def __init__(self, max_shift: float = 0.5):
+    def __init__(self, max_shift: float = 0.5, reduction: str = "mean"):
         super().__init__()
         if not 0 <= max_shift <= 1:
             raise ValueError(f"RawConsistencyLoss: max_shift must be in [0, 1] pixel, got {max_shift}")
-        self.max_shift = max_shift
+        self.max_shift, self.reduction = max_shift, reduction
 
     def forward(self, observed: torch.Tensor, restored: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         shift_y, shift_x = ((torch.rand(2, generator=generator) * 2 - 1) * self.max_shift).tolist()
-        return (observed - mosaic(keys_translate(restored, shift_y, shift_x))).abs().mean()
+        return reduce_per_crop((observed - mosaic(keys_translate(restored, shift_y, shift_x))).abs(), self.reduction)
+
+
+@dataclass
+class RCLTerms:
+    """One RCL step's terms: the weighted ``contrast`` and ``consistency`` (their sum is ``loss``), the
+    (B, B) residual ``distances`` and the logged ``parts`` (detached numbers, diagnostics included)."""
+
+    contrast: torch.Tensor
+    consistency: torch.Tensor
+    distances: torch.Tensor
+    parts: dict[str, torch.Tensor | float]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.contrast + self.consistency
 
 
 class RCLObjective(nn.Module):
@@ -104,23 +141,39 @@ class RCLObjective(nn.Module):
         alpha: float,
         consistency_weight: float,
         raw: bool,
+        distance_scale: float = 1.0,
     ):
         super().__init__()
         self.contrastive, self.consistency = contrastive, consistency
         self.alpha, self.consistency_weight, self.raw = alpha, consistency_weight, raw
+        self.distance_scale = distance_scale
 
-    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+    def compute(self, model: nn.Module, batch: CropBatch, generator: torch.Generator) -> RCLTerms:
+        """The step's terms, with the diagnostics of the distance matrix in ``parts``."""
         observed = torch.cat([batch.observed_q, batch.observed_k])
         restored = model(observed)
-        residuals = residual(observed, restored, self.raw)
+        residuals = residual(observed, restored, self.raw) * self.distance_scale
         half = batch.observed_q.shape[0]
-        contrast = self.contrastive(residuals[:half], residuals[half:])
+        c = self.contrastive
+        distances = c.distance_fn(residuals[:half], residuals[half:], **c.distance_kwargs)
+        contrast = residual_contrastive_loss(distances, c.temperature, c.symmetric, c.reduction)
         if self.raw:
             consistency = self.consistency(observed, restored, generator)
         else:
             consistency = self.consistency(observed, restored)
-        loss = self.alpha * contrast + self.consistency_weight * consistency
-        return loss, {"contrast": contrast.detach(), "consistency": consistency.detach()}
+        detached = distances.detach()
+        parts = {
+            "contrast": contrast.detach(),
+            "consistency": consistency.detach(),
+            "contrast_per_query": residual_contrastive_loss(detached, c.temperature, c.symmetric, "mean"),
+            "contrast_chance": contrastive_chance(half),
+            "retrieval_top1": retrieval_accuracy(detached),
+        }
+        return RCLTerms(self.alpha * contrast, self.consistency_weight * consistency, distances, parts)
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        terms = self.compute(model, batch, generator)
+        return terms.loss, terms.parts
 
 
 class Noise2NoiseObjective(nn.Module):
@@ -195,6 +248,9 @@ class SupervisedObjective(nn.Module):
         return loss, {"l1": loss.detach()}
 
 
+DISTANCE_SCALES = {"unit": 1.0, "8bit": 255.0}
+
+
 def contrastive_loss(
     distance: str,
     temperature: float,
@@ -202,6 +258,7 @@ def contrastive_loss(
     backend: str,
     emd_quantiles: int | None,
     gather_distributed: bool = False,
+    reduction: str = "mean",
 ) -> ResidualContrastiveLoss:
     """The library's residual contrastive loss with the trainer's options (gather_distributed:
     negatives from every rank, under torchrun)."""
@@ -212,6 +269,7 @@ def contrastive_loss(
         distance=distance,
         temperature=temperature,
         symmetric=symmetric,
+        reduction=reduction,
         gather_distributed=gather_distributed,
         **options,
     )

@@ -8,6 +8,7 @@ where x is (N, 3, H, W) RGB or (N, 1, H, W) RGGB RAW; its last layer is ``self.h
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -308,3 +309,22 @@ def load_encoder_weights(encoder: ResNet50Encoder, path: str | Path) -> None:
     if wrong:
         raise ValueError(f"encoder weights {path} have mis-shaped tensors: {wrong[:5]}")
     encoder.load_state_dict({key: state[key] for key in expected})
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_sha256(module: nn.Module) -> str:
+    """The sha256 (hex) of a module's state dict: every tensor's name, shape, dtype and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

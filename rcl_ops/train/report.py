@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, label_count
 from .data import TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
@@ -26,21 +27,22 @@ def _mean_std(values: list[float]) -> dict:
     }
 
 
-def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores], environment: dict) -> dict:
-    """Aggregate per-(method, seed) results into table rows (mean and std over seeds) and plain-words
-    comparisons of every RCL variant with every baseline, as measured."""
-    rows = [
-        {
-            "method": "input",
-            "title": "Input (" + ", ".join(INPUT_TITLES[(t, config.modality)] for t in config.tasks) + ")",
-            "tasks": {
-                t: {"psnr": _mean_std([naive[t].mean_psnr]), "ssim": _mean_std([naive[t].mean_ssim])}
-                for t in config.tasks
-            },
-        }
-    ]
-    for method in config.methods:
-        mine = [r for r in runs if r["method"] == method]
+def _input_row(config: TrainConfig, naive: dict[str, TestScores]) -> dict:
+    return {
+        "method": "input",
+        "title": "Input (" + ", ".join(INPUT_TITLES[(t, config.modality)] for t in config.tasks) + ")",
+        "tasks": {
+            t: {"psnr": _mean_std([naive[t].mean_psnr]), "ssim": _mean_std([naive[t].mean_ssim])} for t in config.tasks
+        },
+    }
+
+
+def _method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
+    """One row per method: mean and std over seeds of the scores under ``key`` ("tasks": proxy
+    evaluation, "as_is": the pre-trained network itself)."""
+    rows = []
+    for method in config.run_keys():
+        mine = [r for r in runs if r["method"] == method and r.get(key)]
         if not mine:
             continue
         rows.append(
@@ -50,28 +52,185 @@ def summarise(config: TrainConfig, runs: list[dict], naive: dict[str, TestScores
                 "seeds": [r["seed"] for r in mine],
                 "tasks": {
                     t: {
-                        "psnr": _mean_std([r["tasks"][t]["psnr"] for r in mine]),
-                        "ssim": _mean_std([r["tasks"][t]["ssim"] for r in mine]),
+                        "psnr": _mean_std([r[key][t]["psnr"] for r in mine]),
+                        "ssim": _mean_std([r[key][t]["ssim"] for r in mine]),
                     }
                     for t in config.tasks
                 },
                 "pretrain_seconds": statistics.fmean(r.get("pretrain", {}).get("seconds", 0.0) for r in mine),
             }
         )
+    return rows
+
+
+def _diagnostic_rows(config: TrainConfig, runs: list[dict]) -> list[dict]:
+    """Per RCL method, the pre-training diagnostics averaged over seeds, and whether any seed's
+    contrastive loss ended at chance."""
+    rows = []
+    for method in config.run_keys():
+        summaries = [r["pretrain"]["diagnostics"] for r in runs if r["method"] == method and "pretrain" in r]
+        summaries = [d for d in summaries if "at_chance" in d]
+        if not summaries:
+            continue
+        row = {"method": method, "title": method_title(method), "seeds_at_chance": 0, "n": len(summaries)}
+        for key in (
+            "contrast_per_query_first",
+            "contrast_per_query_end",
+            "contrast_chance_last",
+            "retrieval_top1_first",
+            "retrieval_top1_end",
+            "grad_norm_ratio_first",
+            "grad_norm_ratio_last",
+        ):
+            values = [d[key] for d in summaries if key in d]
+            row[key] = statistics.fmean(values) if values else math.nan
+        row["seeds_at_chance"] = sum(bool(d["at_chance"]) for d in summaries)
+        rows.append(row)
+    return rows
+
+
+def label_efficiency(config: TrainConfig, runs: list[dict], label_results: list[dict], num_train: int) -> dict:
+    """The label-efficiency study (Tables 3 and 5): per protocol ('sl' or an RCL run key) and number of
+    labels, PSNR/SSIM mean and std over seeds; the RCL networks as is at 0 labels; and per level, each
+    RCL+SL against SL as a paired per-image difference (with Table 5's 30%-vs-all comparison when both
+    levels were run)."""
+    if not label_results:
+        return {}
+    protocols = list(dict.fromkeys(r["protocol"] for r in label_results))
+    levels = sorted({r["labels"] for r in label_results})
+
+    def pick(protocol: str, count: int) -> list[dict]:
+        return [r for r in label_results if r["protocol"] == protocol and r["labels"] == count]
+
+    table = {
+        protocol: {
+            str(count): {
+                "psnr": _mean_std([r["psnr"] for r in pick(protocol, count)]),
+                "ssim": _mean_std([r["ssim"] for r in pick(protocol, count)]),
+            }
+            for count in levels
+            if pick(protocol, count)
+        }
+        for protocol in protocols
+    }
+    zero = {}
+    for protocol in protocols[1:]:
+        as_is = [r["as_is"]["denoise"] for r in runs if r["method"] == protocol and r.get("as_is")]
+        if as_is:
+            zero[protocol] = {
+                "psnr": _mean_std([a["psnr"] for a in as_is]),
+                "ssim": _mean_std([a["ssim"] for a in as_is]),
+            }
+
+    def versus(protocol: str, count: int, baseline_count: int) -> dict | None:
+        mine = {r["seed"]: r["psnr_per_image"] for r in pick(protocol, count)}
+        theirs = {r["seed"]: r["psnr_per_image"] for r in pick("sl", baseline_count)}
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            return None
+        per_image = [statistics.fmean(mine[s][i] - theirs[s][i] for s in seeds) for i in range(len(mine[seeds[0]]))]
+        paired = paired_difference(per_image)
+        noise = " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
+        interval = f", 95% CI [{paired['low']:+.2f}, {paired['high']:+.2f}]" if paired["n"] > 1 else ""
+        return {
+            "protocol": protocol,
+            "labels": count,
+            "sl_labels": baseline_count,
+            "paired_psnr": paired,
+            "sentence": f"RCL+SL [{method_title(protocol)}] with {count} labels vs SL with {baseline_count}: "
+            f"{paired['mean']:+.2f} dB paired per-image PSNR difference{interval}, {len(seeds)} seed(s){noise}",
+        }
+
+    comparisons = [versus(p, count, count) for p in protocols[1:] for count in levels]
+    if "30%" in config.labels and "all" in config.labels:  # Table 5: fine-tuning on 30% against SL on all
+        comparisons += [versus(p, label_count("30%", num_train), num_train) for p in protocols[1:]]
+    return {
+        "levels": levels,
+        "protocols": protocols,
+        "table": table,
+        "zero_labels": zero,
+        "comparisons": [c for c in comparisons if c is not None],
+    }
+
+
+def _label_table(study: dict) -> list[str]:
+    protocols = study["protocols"]
+    header = ["# Labels"] + [("SL" if p == "sl" else f"RCL+SL [{method_title(p)}]") + " PSNR / SSIM" for p in protocols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    zero = ["0", "-"] + [
+        f"{_cell(study['zero_labels'][p]['psnr'], 2)} / {_cell(study['zero_labels'][p]['ssim'], 4)}"
+        if p in study["zero_labels"]
+        else "-"
+        for p in protocols[1:]
+    ]
+    lines.append("| " + " | ".join(zero) + " |")
+    for count in study["levels"]:
+        cells = [str(count)]
+        for protocol in protocols:
+            entry = study["table"][protocol].get(str(count))
+            cells.append(f"{_cell(entry['psnr'], 2)} / {_cell(entry['ssim'], 4)}" if entry else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summarise(
+    config: TrainConfig,
+    runs: list[dict],
+    naive: dict[str, TestScores],
+    environment: dict,
+    label_results: list[dict] = (),
+) -> dict:
+    """Aggregate per-(method, seed) results into table rows (mean and std over seeds) for the proxy
+    evaluation and for the pre-trained networks as they are, the pre-training diagnostics, and plain-words
+    comparisons of every RCL variant with every baseline, as measured."""
+    input_row = _input_row(config, naive)
+    rows = [input_row, *_method_rows(config, runs, "tasks")] if config.finetune_steps > 0 else []
+    as_is_rows = [input_row, *_method_rows(config, runs, "as_is")]
     return {
         "config": config_to_dict(config),
         "environment": environment,
         "tasks": list(config.tasks),
         "rows": rows,
-        "comparisons": compare(rows, config.tasks),
+        "as_is_rows": as_is_rows,
+        "diagnostics": _diagnostic_rows(config, runs),
+        "comparisons": compare(rows, config.tasks, runs, "tasks", naive),
+        "as_is_comparisons": compare(as_is_rows, config.tasks, runs, "as_is", naive),
+        "label_efficiency": label_efficiency(config, runs, list(label_results), environment["num_train_images"]),
+        "label_runs": list(label_results),
         "runs": runs,
     }
 
 
-def compare(rows: list[dict], tasks: list[str]) -> list[str]:
-    """One sentence per (RCL variant, baseline, task): the measured PSNR/SSIM differences, signed."""
+def paired_difference(differences: list[float], confidence: float = 0.95) -> dict:
+    """Mean of paired per-image differences and its two-sided t interval (n - 1 degrees of freedom);
+    the interval is NaN for fewer than two images. ``could_be_noise``: the interval contains 0."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "could_be_noise": True}
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "n": n,
+        "could_be_noise": bool(mean - half <= 0 <= mean + half),
+    }
+
+
+def _per_image_psnr(runs: list[dict], key: str, method: str, task: str) -> dict[int, list[float]]:
+    """{seed: per-image PSNR} of ``method``'s runs under ``key`` ("tasks" or "as_is")."""
+    return {r["seed"]: r[key][task]["psnr_per_image"] for r in runs if r["method"] == method and r.get(key)}
+
+
+def compare(rows: list[dict], tasks: list[str], runs: list[dict], key: str, naive: dict[str, TestScores]) -> list[dict]:
+    """Per (RCL variant, baseline, task): the difference of the mean PSNR/SSIM, and the paired per-image
+    PSNR difference (each test image's difference averaged over the seeds both have) with its 95% t
+    interval, and a sentence saying it, whichever way it goes."""
     by_method = {row["method"]: row for row in rows}
-    sentences = []
+    comparisons = []
     for method, row in by_method.items():
         if not method.startswith("rcl-"):
             continue
@@ -82,16 +241,43 @@ def compare(rows: list[dict], tasks: list[str]) -> list[str]:
             for task in tasks:
                 d_psnr = row["tasks"][task]["psnr"]["mean"] - other["tasks"][task]["psnr"]["mean"]
                 d_ssim = row["tasks"][task]["ssim"]["mean"] - other["tasks"][task]["ssim"]["mean"]
+                mine = _per_image_psnr(runs, key, method, task)
+                theirs = (
+                    {seed: naive[task].psnr for seed in mine}
+                    if baseline == "input"
+                    else _per_image_psnr(runs, key, baseline, task)
+                )
+                seeds = sorted(set(mine) & set(theirs))
+                per_image = [
+                    statistics.fmean(mine[s][i] - theirs[s][i] for s in seeds) for i in range(len(mine[seeds[0]]))
+                ]
+                paired = paired_difference(per_image)
                 verdict = (
                     "beats"
                     if d_psnr > 0 and d_ssim > 0
                     else ("does not beat" if d_psnr <= 0 and d_ssim <= 0 else "is mixed against")
                 )
-                sentences.append(
-                    f"{row['title']} {verdict} {other['title']} on {TASK_TITLES[task]}: "
-                    f"{d_psnr:+.2f} dB PSNR, {d_ssim:+.4f} SSIM"
+                interval = (
+                    f"; paired per-image PSNR difference {paired['mean']:+.2f} dB, 95% CI "
+                    f"[{paired['low']:+.2f}, {paired['high']:+.2f}] over {paired['n']} test images"
+                    if paired["n"] > 1
+                    else ""
                 )
-    return sentences
+                noise = " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
+                comparisons.append(
+                    {
+                        "method": method,
+                        "baseline": baseline,
+                        "task": task,
+                        "psnr_difference": d_psnr,
+                        "ssim_difference": d_ssim,
+                        "paired_psnr": paired,
+                        "seeds": seeds,
+                        "sentence": f"{row['title']} {verdict} {other['title']} on {TASK_TITLES[task]}: "
+                        f"{d_psnr:+.2f} dB PSNR, {d_ssim:+.4f} SSIM{interval}{noise}",
+                    }
+                )
+    return comparisons
 
 
 def _cell(stats: dict, digits: int) -> str:
@@ -101,36 +287,98 @@ def _cell(stats: dict, digits: int) -> str:
     return text
 
 
-def format_table(summary: dict) -> str:
-    """The markdown results table (rows: methods; columns: PSNR/SSIM per downstream task), a header
-    describing the run, and the measured comparisons."""
-    config, env, tasks = summary["config"], summary["environment"], summary["tasks"]
-    data = config["data_dir"] or "scikit-image sample images"
-    seeds = config["seeds"]
-    lines = [
-        f"Proxy evaluation (last layer re-initialised and fine-tuned with L1, rest frozen) - data: {data}, "
-        f"{env['num_train_images']} train / {env['num_test_images']} test images "
-        f"({env['num_labelled']} labelled), {config['modality'].upper()}, noise sigma in "
-        f"[{config['sigma_min']:g}, {config['sigma_max']:g}]/255; {config['model']} "
-        f"(width {config['width'] or 'default'}, depth {config['depth'] or 'default'}), crops {config['crop_size']}, "
-        f"{config['pretrain_steps']} pre-training + {config['finetune_steps']} fine-tuning steps, "
-        f"mean{' ± std' if len(seeds) > 1 else ''} over {len(seeds)} seed(s); device {env['device']}, "
-        f"{env['wall_seconds']:.0f} s.",
-        "",
-    ]
+def _score_table(rows: list[dict], tasks: list[str]) -> list[str]:
     header = ["Method"]
     for task in tasks:
         header += [f"{TASK_TITLES[task]} PSNR", f"{TASK_TITLES[task]} SSIM"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for row in summary["rows"]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
         cells = [row["title"]]
         for task in tasks:
             cells += [_cell(row["tasks"][task]["psnr"], 2), _cell(row["tasks"][task]["ssim"], 4)]
         lines.append("| " + " | ".join(cells) + " |")
-    if summary["comparisons"]:
+    return lines
+
+
+def _diagnostics_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| Method | L_contrast per query: start -> end (chance ln B) | top-1 retrieval: start -> end "
+        "(chance 1/B) | grad-norm ratio alpha*L_contrast / L_consistency: start -> end | at chance |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        chance = row["contrast_chance_last"]
+        flag = f"**AT CHANCE** ({row['seeds_at_chance']}/{row['n']} seeds)" if row["seeds_at_chance"] else "no"
+        lines.append(
+            f"| {row['title']} | {row['contrast_per_query_first']:.3f} -> {row['contrast_per_query_end']:.3f} "
+            f"({chance:.3f}) | {row['retrieval_top1_first']:.2f} -> {row['retrieval_top1_end']:.2f} "
+            f"({math.exp(-chance):.2f}) | {row['grad_norm_ratio_first']:.2e} -> {row['grad_norm_ratio_last']:.2e} "
+            f"| {flag} |"
+        )
+    return lines
+
+
+def format_table(summary: dict) -> str:
+    """The markdown results: a header describing the run, the proxy-evaluation table (rows: methods;
+    columns: PSNR/SSIM per downstream task), the as-is ("0 labels") table, the pre-training diagnostics,
+    and the measured comparisons."""
+    config, env, tasks = summary["config"], summary["environment"], summary["tasks"]
+    data = config["data_dir"] or "scikit-image sample images"
+    seeds = config["seeds"]
+    noise = (
+        "real noisy/clean pairs (SIDD layout)"
+        if config.get("data_format") == "sidd"
+        else f"noise sigma in [{config['sigma_min']:g}, {config['sigma_max']:g}]/255"
+    )
+    lines = [
+        f"Data: {data}, {env['num_train_images']} train / {env['num_test_images']} test images "
+        f"({env['num_labelled']} labelled), {config['modality'].upper()}, {noise}; {config['model']} "
+        f"(width {config['width'] or 'default'}, depth {config['depth'] or 'default'}), crops {config['crop_size']}, "
+        f"{config['pretrain_steps']} pre-training + {config['finetune_steps']} fine-tuning steps, "
+        f"mean{' ± std' if len(seeds) > 1 else ''} over {len(seeds)} seed(s); device {env['device']}, "
+        f"{env['wall_seconds']:.0f} s.",
+    ]
+    if any(m.startswith("rcl-") for m in config["methods"]):
+        lines.append(
+            f"RCL conventions: L_contrast {config['contrast_reduction']} over the batch (alpha {config['alpha']:g}, "
+            f"temperature {config['temperature']:g}), distances on the {config['distance_scale']} intensity scale, "
+            f"L_consistency {config['consistency_reduction']}, g_e = ResNet-50 stem + {config['encoder_stages']} "
+            "stage(s)."
+        )
+    for record in env.get("encoders", {}).values():
+        source = f"file {record['file']}" if record.get("file") else f"seed {record.get('seed')}"
+        digest = record.get("file_sha256") or record["state_sha256"]
+        lines.append(f"g_e '{record['kind']}': {source}, sha256 {digest[:16]}...")
+    if summary["rows"]:
+        lines += ["", "Proxy evaluation (last layer re-initialised and fine-tuned with L1, rest frozen):", ""]
+        lines += _score_table(summary["rows"], tasks)
+    lines += ["", "As pre-trained, no layer replaced (0 labels):", ""]
+    lines += _score_table(summary["as_is_rows"], tasks)
+    if summary["diagnostics"]:
+        lines += ["", "RCL pre-training diagnostics (mean over seeds; end = mean of the last quarter of logged steps):"]
+        lines += ["", *_diagnostics_table(summary["diagnostics"])]
+        for distance, ideal in env.get("true_noise_contrast", {}).items():
+            if ideal:
+                lines.append(
+                    f"- Reference, the true noise as residual ({distance.upper()}): L_contrast per query "
+                    f"{ideal['contrast_per_query']:.3f} (chance {ideal['contrast_chance']:.3f}), top-1 retrieval "
+                    f"{ideal['retrieval_top1']:.2f}: what an ideal denoiser would reach on this data."
+                )
+    study = summary.get("label_efficiency")
+    if study:
+        lines += [
+            "",
+            "Label efficiency on denoising (SL: from scratch; RCL+SL: every layer fine-tuned after RCL; 0 labels: "
+            "as pre-trained; the same seeds and nested labelled subsets in every column):",
+            "",
+        ]
+        lines += _label_table(study)
+    comparisons = [c["sentence"] for c in summary["comparisons"]]
+    comparisons += [f"as is: {c['sentence']}" for c in summary["as_is_comparisons"]]
+    comparisons += [c["sentence"] for c in (study or {}).get("comparisons", [])]
+    if comparisons:
         lines += ["", "Measured on this run:"]
-        lines += [f"- {sentence}" for sentence in summary["comparisons"]]
+        lines += [f"- {sentence}" for sentence in comparisons]
         if len(seeds) == 1:
             lines.append(
                 "- One seed only: there is no spread estimate, and differences of a few tenths of a dB may be noise."
@@ -237,4 +485,34 @@ def plot_samples(path: Path, examples: dict[str, list], task: str) -> None:
     fig.tight_layout()
     with atomic_path(path) as temporary:
         fig.savefig(temporary, dpi=100)
+    plt.close(fig)
+
+
+def plot_label_efficiency(path: Path, study: dict) -> None:
+    """PSNR against the number of labels (log scale), one line per protocol with the std over seeds as
+    error bars; each RCL network as is (0 labels) as a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for protocol in study["protocols"]:
+        entries = study["table"][protocol]
+        counts = [int(c) for c in entries]
+        label = "SL" if protocol == "sl" else f"RCL+SL [{method_title(protocol)}]"
+        means = [entries[str(c)]["psnr"]["mean"] for c in counts]
+        stds = [entries[str(c)]["psnr"]["std"] for c in counts]
+        line = ax.errorbar(counts, means, yerr=stds, marker="o", capsize=3, label=label)
+        if protocol in study["zero_labels"]:
+            ax.axhline(
+                study["zero_labels"][protocol]["psnr"]["mean"],
+                linestyle="--",
+                color=line[0].get_color(),
+                linewidth=0.8,
+                label=f"{method_title(protocol)} as is (0 labels)",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images")
+    ax.set_ylabel("denoising PSNR (dB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 import zipfile
@@ -41,11 +42,21 @@ from torch import nn
 import rcl_ops
 
 from . import distributed
-from .config import TrainConfig, config_to_dict, flag
+from .config import TrainConfig, config_to_dict, flag, label_count
 from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
-from .evaluate import ProxySettings, TestScores, evaluate_naive, proxy_evaluate
+from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy, summarise_history
+from .encoder_pretraining import self_supervised_encoder
+from .evaluate import (
+    ProxySettings,
+    TestScores,
+    evaluate_naive,
+    evaluate_restorer,
+    proxy_evaluate,
+    train_supervised,
+)
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
+    DISTANCE_SCALES,
     FeatureConsistencyLoss,
     Noise2NoiseObjective,
     Noise2SelfObjective,
@@ -56,8 +67,9 @@ from .losses import (
     fraction_positive,
     residual,
     residual_distance_gaps,
+    split_run_key,
 )
-from .models import ResNet50Encoder, build_model, load_encoder_weights
+from .models import ResNet50Encoder, build_model, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
 
 # Options that change no number a run produces: they may differ when resuming. (--threads is not one:
@@ -297,10 +309,11 @@ def restore_pretraining(
 
 
 def make_objective(
-    method: str, config: TrainConfig, encoder: nn.Module | None, gather_distributed: bool = False
+    method: str, config: TrainConfig, encoder: nn.Module | None, gather_distributed: bool = False, world_size: int = 1
 ) -> nn.Module:
     """The pre-training objective of ``method`` (a canonical name, e.g. 'rcl-emd', 'n2s');
-    ``gather_distributed``: the contrastive loss takes its negatives from every rank."""
+    ``gather_distributed``: the contrastive loss takes its negatives from every rank (of
+    ``world_size``)."""
     raw = config.modality == "raw"
     if method.startswith("rcl-"):
         contrastive = contrastive_loss(
@@ -309,10 +322,18 @@ def make_objective(
             config.symmetric,
             config.distance_backend,
             config.emd_quantiles,
-            gather_distributed,
+            gather_distributed=gather_distributed,
+            reduction=config.contrast_reduction,
         )
-        consistency = RawConsistencyLoss(config.raw_max_shift) if raw else FeatureConsistencyLoss(encoder)
-        return RCLObjective(contrastive, consistency, config.alpha, config.consistency_weight, raw)
+        if raw:
+            consistency = RawConsistencyLoss(config.raw_max_shift, config.consistency_reduction)
+        else:
+            consistency = FeatureConsistencyLoss(encoder, config.consistency_reduction)
+        scale = DISTANCE_SCALES[config.distance_scale]
+        # A sum over this rank's queries, averaged over ranks by DDP, is 1/W of the sum over the
+        # global batch that one process would take: alpha makes up for it.
+        alpha = config.alpha * (world_size if gather_distributed and config.contrast_reduction == "sum" else 1)
+        return RCLObjective(contrastive, consistency, alpha, config.consistency_weight, raw, scale)
     if method == "n2n":
         return Noise2NoiseObjective(raw)
     if method == "n2s":
@@ -343,64 +364,83 @@ def pretrain(
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
     )
-    start, last_loss = 0, math.nan
+    start, last_loss, history = 0, math.nan, []
     restore = resume and run.is_main
     saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if restore else None
     saved = distributed.share_training_state(model, optimizer, sampler.generator, saved, run)
     trained = distributed.wrap(model, run)
     if saved is not None:
         start, last_loss = saved["step"], float(saved.get("loss", math.nan))
+        history = [row for row in saved.get("history", []) if row.get("step", math.inf) <= start]
+    rcl = isinstance(objective, RCLObjective)
     model.train()
     started = time.perf_counter()
     steps = progress(range(start, config.pretrain_steps), initial=start, total=config.pretrain_steps)
     for step in steps:
+        done = step + 1
+        logging = run.is_main and (done == 1 or done % config.log_every == 0 or done == config.pretrain_steps)
         batch = distributed.shard(sampler.sample(config.batch_size * run.world_size), run).to(device)
-        loss, parts = objective(trained, batch, sampler.generator)
+        if rcl:
+            terms = objective.compute(trained, batch, sampler.generator)
+            loss, parts = terms.loss, dict(terms.parts)
+        else:
+            loss, parts = objective(trained, batch, sampler.generator)
         global_loss = distributed.mean_over_ranks(loss, run)  # the loss of the global batch
         if not torch.isfinite(global_loss):
-            advice = "a lower --lr or a larger --temperature" if isinstance(objective, RCLObjective) else "a lower --lr"
-            raise FloatingPointError(f"pre-training loss became {float(loss)} at step {step + 1}; try {advice}")
+            advice = "a lower --lr or a larger --temperature" if rcl else "a lower --lr"
+            raise FloatingPointError(f"pre-training loss became {float(global_loss)} at step {done}; try {advice}")
+        # Extra backward passes that leave the training gradient unchanged; in one process only
+        # (under DDP they would run rank 0's graph alone, outside DDP's gradient reduction).
+        if rcl and logging and run.world_size == 1:
+            parts.update(gradient_norm_ratio(terms.contrast, terms.consistency, model.parameters()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        done = step + 1
         if not run.is_main:
             continue
         last_loss = float(global_loss)
-        if done % config.log_every == 0 or done == config.pretrain_steps:
-            log(done, {"loss": last_loss, **{name: float(value) for name, value in parts.items()}})
+        if logging:
+            values = {"loss": last_loss, **{name: float(value) for name, value in parts.items()}}
+            log(done, values)
+            history.append({"step": done, **values})
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{last_loss:.4g}")
         if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
             save_pretraining_checkpoint(
-                checkpoint_dir, model, optimizer, sampler.generator, {"step": done, "loss": last_loss}
+                checkpoint_dir,
+                model,
+                optimizer,
+                sampler.generator,
+                {"step": done, "loss": last_loss, "history": history},
             )
     return {
         "steps": config.pretrain_steps,
         "seconds": time.perf_counter() - started,
         "final_loss": last_loss,
         "resumed_from": start,
+        "diagnostics": summarise_history(history),
     }
 
 
 @torch.no_grad()
-def distance_gaps(
+def residual_distance_matrices(
     model: nn.Module | None,
     records: list,
     config: TrainConfig,
     distance: str,
     device: torch.device,
-) -> torch.Tensor:
-    """Gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, over ``config.density_batches`` batches of
-    crop pairs (Fig. 2). ``model`` None uses the true noise x - obs(y) as the residual. The crops
-    come from a fixed generator, so every model is measured on the same pairs."""
+) -> list[torch.Tensor]:
+    """The (B, B) distances d(r(x_i), r(x'_j)) of ``config.density_batches`` batches of crop pairs, on the
+    run's --distance-scale. ``model`` None uses the true noise x - obs(y) as the residual. The crops come
+    from a fixed generator, so every model is measured on the same pairs."""
     raw = config.modality == "raw"
     sampler = CropSampler(records, config.crop_size, seeded_generator(config.split_seed, "density"), raw)
     batch_size = min(len(records), config.batch_size)
     if batch_size < 2:
-        return torch.empty(0)
+        return []
     distance_fn = {"emd": rcl_ops.pairwise_emd, "mmd": rcl_ops.pairwise_mmd, "bd": rcl_ops.pairwise_bd}[distance]
-    gaps = []
+    scale = DISTANCE_SCALES[config.distance_scale]
+    matrices = []
     if model is not None:
         model.eval()
     for _ in range(config.density_batches):
@@ -411,8 +451,30 @@ def distance_gaps(
         else:
             q = residual(batch.observed_q, model(batch.observed_q), raw)
             k = residual(batch.observed_k, model(batch.observed_k), raw)
-        gaps.append(residual_distance_gaps(distance_fn(q, k, backend=config.distance_backend)).cpu())
-    return torch.cat(gaps)
+        matrices.append(distance_fn(q * scale, k * scale, backend=config.distance_backend).cpu())
+    return matrices
+
+
+def distance_gaps(
+    model: nn.Module | None, records: list, config: TrainConfig, distance: str, device: torch.device
+) -> torch.Tensor:
+    """Gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, of ``residual_distance_matrices`` (Fig. 2)."""
+    matrices = residual_distance_matrices(model, records, config, distance, device)
+    return torch.cat([residual_distance_gaps(d) for d in matrices]) if matrices else torch.empty(0)
+
+
+def true_noise_contrast(records: list, config: TrainConfig, distance: str, device: torch.device) -> dict:
+    """What an ideal denoiser would score on the contrastive task: the InfoNCE loss per query and the top-1
+    retrieval with the true noise as residuals (same crops, scale and temperature as the diagnostics)."""
+    matrices = residual_distance_matrices(None, records, config, distance, device)
+    if not matrices:
+        return {}
+    losses = [float(rcl_ops.residual_contrastive_loss(d, config.temperature, config.symmetric)) for d in matrices]
+    return {
+        "contrast_per_query": statistics.fmean(losses),
+        "retrieval_top1": statistics.fmean(retrieval_accuracy(d) for d in matrices),
+        "contrast_chance": contrastive_chance(matrices[0].shape[0]),
+    }
 
 
 def _scores_dict(scores: TestScores) -> dict:
@@ -551,7 +613,7 @@ class Experiment:
         self.started = time.perf_counter()
         self.raw = config.modality == "raw"
         train_images, test_images = load_split(
-            config.data_dir, config.test_fraction, config.split_seed, config.max_images
+            config.data_dir, config.test_fraction, config.split_seed, config.max_images, config.data_format
         )
         check_image_sizes(train_images, config.crop_size, "training crop")
         check_image_sizes(
@@ -578,19 +640,26 @@ class Experiment:
         for record in self.train + self.test:
             record.task_inputs = {task: task_input(task, record, config.modality) for task in config.tasks}
         label_order = np.random.default_rng(config.split_seed).permutation(len(self.train)).tolist()
-        self.labelled = [self.train[i] for i in label_order[: config.num_labelled or len(self.train)]]
-        self.encoder = None
-        if any(m.startswith("rcl-") for m in config.methods) and not self.raw:
-            encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
-            if config.encoder_weights is not None:
-                try:
-                    load_encoder_weights(encoder, config.encoder_weights)
-                except (OSError, ValueError) as error:
-                    raise RunError(f"--encoder-weights: {error}") from error
-            self.encoder = encoder.to(device)
-        self.objectives = {
-            m: make_objective(m, config, self.encoder, run.active) for m in config.methods if m != "random"
-        }
+        self.label_order = [self.train[i] for i in label_order]  # nested labelled subsets: its first N
+        self.labelled = self.label_order[: config.num_labelled or len(self.train)]
+        self.label_levels = sorted({label_count(spec, len(self.train)) for spec in config.labels})
+        if self.label_levels and self.label_levels[-1] > len(self.train):
+            raise DataError(
+                f"--labels {self.label_levels[-1]} exceeds the {len(self.train)} training images; lower it or use all"
+            )
+        self.run_keys = config.run_keys()
+        self.encoders: dict[str, nn.Module] = {}
+        self.encoder_records: dict[str, dict] = {}
+        for kind in dict.fromkeys(k for k in (split_run_key(key)[1] for key in self.run_keys) if k is not None):
+            encoder, self.encoder_records[kind] = self._build_encoder(kind)
+            self.encoders[kind] = encoder.to(device)
+        self.objectives = {}
+        for key in self.run_keys:
+            method, encoder_kind = split_run_key(key)
+            if method != "random":
+                self.objectives[key] = make_objective(
+                    method, config, self.encoders.get(encoder_kind), run.active, run.world_size
+                )
         self.naive = {  # the evaluation is rank 0's
             task: evaluate_naive(self.test, task, config.modality, config.eval_crop, config.grid_images)
             for task in (config.tasks if run.is_main else [])
@@ -605,6 +674,7 @@ class Experiment:
             config.finetune_lr,
             (config.adam_beta1, config.adam_beta2),
             config.adam_eps,
+            config.finetune_schedule,
         )
         if not config.resume and run.is_main:
             create_run_dir(run_dir, config)
@@ -618,7 +688,7 @@ class Experiment:
         """Every (seed, method), then the summary, table and figures."""
         from . import report
 
-        config, results = self.config, []
+        config, results, label_results = self.config, [], []
         try:
             for seed_index, seed in enumerate(config.seeds):
                 torch.manual_seed(derive_seed(seed, "init"))
@@ -628,28 +698,104 @@ class Experiment:
                     initial.to(self.device)
                     self.densities["init"] = self._gaps(initial)
                     self.densities["noise"] = self._gaps(None)
-                for method in config.methods:
+                for method in self.run_keys:
                     try:
                         results.append(self._run_method(method, seed, initial_state, first_seed=seed_index == 0))
                     except FloatingPointError as error:
-                        raise RunError(
-                            f"{method}/seed{seed}: {error}. The run folder {self.run_dir} keeps what finished, but "
-                            "a --resume would diverge again at the same step: start a new run (another --run-name) "
-                            "with the changed option"
-                        ) from error
+                        raise self._diverged(f"{method}/seed{seed}", error) from error
+                # The label study is rank 0's, like the proxy evaluation (the others wait at the
+                # next seed's pre-training).
+                label_protocols = (
+                    ["sl", *(k for k in self.run_keys if k.startswith("rcl-"))] if self.dist.is_main else []
+                )
+                for protocol in label_protocols:
+                    for count in self.label_levels:
+                        try:
+                            label_results.append(self._label_run(protocol, seed, count, initial_state))
+                        except FloatingPointError as error:
+                            raise self._diverged(f"{protocol}/seed{seed}/{count} labels", error) from error
         finally:
             if self.logger is not None:
                 self.logger.close()
         if not self.dist.is_main:
             return {}
-        summary = report.summarise(config, results, self.naive, self._environment())
+        environment = self._environment()
+        environment["true_noise_contrast"] = {
+            m[4:]: true_noise_contrast(self.train, config, m[4:], self.device)
+            for m in config.methods
+            if m.startswith("rcl-")
+        }
+        summary = report.summarise(config, results, self.naive, environment, label_results)
         report.write_summary(self.run_dir, summary)
+        if config.plots and summary["label_efficiency"]:
+            report.plot_label_efficiency(self.run_dir / "figures" / "label_efficiency.png", summary["label_efficiency"])
         if config.plots:
             figures = self.run_dir / "figures"
             report.plot_densities(figures / "residual_distance_density.png", self.densities, self.density_distance)
             for task in config.tasks:
                 report.plot_samples(figures / f"samples_{task}.png", self.examples[task], task)
         return summary
+
+    def _diverged(self, what: str, error: FloatingPointError) -> RunError:
+        return RunError(
+            f"{what}: {error}. The run folder {self.run_dir} keeps what finished, but a --resume would diverge "
+            "again at the same step: start a new run (another --run-name) with the changed option"
+        )
+
+    def _label_run(self, protocol: str, seed: int, count: int, initial_state: dict) -> dict:
+        """SL (``protocol`` 'sl': from the seed's initial weights) or RCL+SL (an RCL run key: from its
+        pre-trained weights) on the first ``count`` labelled images, every layer trained; denoising scores
+        on the test images (or a finished result reused)."""
+        config, tag = self.config, f"{protocol}/seed{seed}/{count} labels"
+        result_path = self.run_dir / "results" / "labels" / f"{protocol}_n{count}_seed{seed}.json"
+        if config.resume and result_path.exists():
+            try:
+                result = read_json(result_path)
+                if isinstance(result, dict) and "psnr_per_image" in result:
+                    return result
+                raise DamagedFileError(result_path, "it lacks the per-image scores")
+            except DamagedFileError as error:
+                self.say(f"  {tag}: {error}; computing this result again")
+        model = build_model(config.model, config.width, config.depth, self.raw)
+        model.load_state_dict(initial_state)
+        if protocol != "sl":
+            load_checkpoint(self.run_dir / "checkpoints" / protocol / f"seed{seed}" / "pretrained.safetensors", model)
+        settings = dataclasses.replace(self.proxy_settings, steps=config.sl_steps, lr=config.sl_lr)
+
+        def log_step(step: int, loss: float) -> None:
+            if step % config.log_every == 0 or step == config.sl_steps:
+                self.logger.log(protocol, seed, f"sl-{count}", step, {"l1": loss})
+
+        generator = seeded_generator(seed, "supervised", str(count))
+        seconds = train_supervised(
+            model, "denoise", self.label_order[:count], settings, generator, self.device, self.raw, log_step
+        )
+        scores = evaluate_restorer(model, self.test, "denoise", self.device, config.eval_crop)
+        result = {"protocol": protocol, "seed": seed, "labels": count, "seconds": seconds, **_scores_dict(scores)}
+        self.say(f"  {tag}: denoise PSNR {scores.mean_psnr:.2f} dB, SSIM {scores.mean_ssim:.4f} ({seconds:.1f} s)")
+        write_json_atomically(result_path, result)
+        return result
+
+    def _build_encoder(self, kind: str) -> tuple[nn.Module, dict]:
+        """The frozen encoder g_e of ``kind`` and the record of its weights (kind, file name, sha256)."""
+        config = self.config
+        encoder = ResNet50Encoder(config.encoder_stages, config.encoder_seed)
+        record: dict = {"kind": kind, "stages": config.encoder_stages}
+        if kind == "random":
+            record.update(seed=config.encoder_seed, file=None)
+        elif kind == "self":
+            generator = seeded_generator(config.encoder_seed, "self-supervised encoder")
+            encoder, details = self_supervised_encoder(self.train, config, self.device, generator, self.say)
+            record.update(seed=config.encoder_seed, **details)
+        elif kind == "file":
+            try:
+                load_encoder_weights(encoder, config.encoder_weights)
+            except (OSError, ValueError) as error:
+                raise RunError(f"--encoder-weights: {error}") from error
+            path = Path(config.encoder_weights)
+            record.update(file=path.name, path=str(path.resolve()), file_sha256=file_sha256(path))
+        record["state_sha256"] = state_sha256(encoder)
+        return encoder, record
 
     def _gaps(self, model: nn.Module | None) -> np.ndarray:
         return distance_gaps(model, self.train, self.config, self.density_distance, self.device).numpy()
@@ -673,6 +819,9 @@ class Experiment:
         model.load_state_dict(initial_state)
         model.to(self.device)
         result: dict = {"method": method, "seed": seed}
+        encoder_kind = split_run_key(method)[1]
+        if encoder_kind is not None:
+            result["encoder"] = self.encoder_records[encoder_kind]
         if method != "random" and config.pretrain_steps > 0:
             sampler = CropSampler(self.train, config.crop_size, seeded_generator(seed, "pretrain"), self.raw)
             result["pretrain"] = pretrain(
@@ -706,8 +855,13 @@ class Experiment:
                 "positive_closer_after": fraction_positive(torch.from_numpy(gaps)),
                 "positive_closer_true_noise": fraction_positive(torch.from_numpy(self.densities["noise"])),
             }
+        model.eval()  # the network as pre-trained, no layer replaced: the "0 labels" row
+        result["as_is"] = {
+            task: _scores_dict(evaluate_restorer(model, self.test, task, self.device, config.eval_crop))
+            for task in config.tasks
+        }
         result["tasks"] = {}
-        for task in config.tasks:
+        for task in config.tasks if config.finetune_steps > 0 else ():
 
             def log_finetune(step: int, loss: float, task: str = task) -> None:
                 if step % config.log_every == 0 or step == config.finetune_steps:
@@ -744,8 +898,10 @@ class Experiment:
         if first_seed:
             with atomic_path(samples_path) as temporary:
                 np.savez_compressed(temporary, **samples)
-        scores_row = {f"{t}_{k}": v[k] for t, v in result["tasks"].items() for k in ("psnr", "ssim")}
-        self.logger.log(method, seed, "proxy", 0, scores_row)
+        for phase, key in (("proxy", "tasks"), ("as-is", "as_is")):
+            if result[key]:
+                scores_row = {f"{t}_{k}": v[k] for t, v in result[key].items() for k in ("psnr", "ssim")}
+                self.logger.log(method, seed, phase, 0, scores_row)
         write_json_atomically(result_path, result)  # last: its presence marks the (method, seed) finished
         return result
 
@@ -753,7 +909,12 @@ class Experiment:
         """A finished (method, seed)'s saved result, and for the first seed its figure data from
         ``samples_path``; DamagedFileError naming a file that cannot be read."""
         result = read_json(result_path)
-        if not isinstance(result, dict) or not set(self.config.tasks) <= set(result.get("tasks", {})):
+        proxy_tasks = self.config.tasks if self.config.finetune_steps > 0 else []
+        if (
+            not isinstance(result, dict)
+            or not set(proxy_tasks) <= set(result.get("tasks", {}))
+            or not set(self.config.tasks) <= set(result.get("as_is", {}))
+        ):
             raise DamagedFileError(result_path, f"it lacks the scores of the tasks {self.config.tasks}")
         if samples_path is not None:
             _load_samples(samples_path, method, self.examples, self.densities)
@@ -769,6 +930,7 @@ class Experiment:
             "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(),
             "distance_backends_available": rcl_ops.available_backends(self.device),
+            "encoders": self.encoder_records,
             "num_train_images": len(self.train),
             "num_test_images": len(self.test),
             "num_labelled": len(self.labelled),
