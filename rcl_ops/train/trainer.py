@@ -385,7 +385,7 @@ def pretrain(
             loss, parts = terms.loss, dict(terms.parts)
         else:
             loss, parts = objective(trained, batch, sampler.generator)
-        global_loss = distributed.mean_over_ranks(loss, run)  # the loss of the global batch
+        global_loss = distributed.mean_over_ranks(loss.detach(), run)  # the loss of the global batch
         if not torch.isfinite(global_loss):
             advice = "a lower --lr or a larger --temperature" if rcl else "a lower --lr"
             raise FloatingPointError(f"pre-training loss became {float(global_loss)} at step {done}; try {advice}")
