@@ -42,11 +42,14 @@ def extensions():
             f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
         )
     with_cuda = cuda_ready and wanted != "0"
-    cxx_flags = ["-O3", "-fopenmp", "-fvisibility=hidden", f"-DPy_LIMITED_API={LIMITED_API}"]
+    # RCL_OPS_UNOPTIMISED_BUILD=1 compiles without optimisation, 2-3x faster: for tests of the
+    # packaging itself, never for use.
+    optimisation = "-O0" if os.environ.get("RCL_OPS_UNOPTIMISED_BUILD") == "1" else "-O3"
+    cxx_flags = [optimisation, "-fopenmp", "-fvisibility=hidden", f"-DPy_LIMITED_API={LIMITED_API}"]
     extra_compile_args = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if with_cuda:
-        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra_compile_args["nvcc"] = [optimisation, "--expt-relaxed-constexpr", "-lineinfo"]
         extension_class = cpp_extension.CUDAExtension
         srcs = sources(CPU_SOURCE_PATTERNS + CUDA_SOURCE_PATTERNS)
     else:
