@@ -796,3 +796,20 @@ def test_label_counts():
         build_config(labels=["ten"])
     with pytest.raises(ValueError, match="add denoise to --tasks"):
         build_config(labels=["all"], tasks=["sr2"])
+
+
+def test_tiles_and_colour_images(tmp_path):
+    from rcl_ops.train.data import EMBEDDED_RGB, tile_images
+
+    image = CleanImage("im", torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7) / 105)
+    tiles = tile_images([image, CleanImage("small", torch.zeros(3, 1, 4))], 2)
+    assert [t.name for t in tiles] == [f"im@{r},{c}" for r in range(2) for c in range(3)] + ["small"]
+    assert torch.equal(tiles[4].pixels, image.pixels[:, 2:4, 2:4])
+    records = make_records(tiles[:2], "rgb", 5, 20, 0, second_draw=False)
+    assert records[0].noise_level != records[1].noise_level  # each tile its own noise level
+    train, test = load_split(None, 0.25, 0, bundled="rgb", tile_size=128)
+    photos = {t.name.split("@")[0] for t in train}, {t.name.split("@")[0] for t in test}
+    assert photos[0] | photos[1] == set(EMBEDDED_RGB) and not photos[0] & photos[1]  # split before tiling
+    assert all(t.pixels.shape == (3, 128, 128) for t in train + test)
+    with pytest.raises(ValueError, match="--tile-size must be at least --crop-size 64"):
+        build_config(crop_size=64, tile_size=48)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import DATA_FORMATS, MODALITIES, TASKS
+from .data import BUNDLED_SETS, DATA_FORMATS, MODALITIES, TASKS
 from .evaluate import SCHEDULES
 from .losses import ENCODER_KINDS, canonical_method
 from .models import MODELS
@@ -53,6 +53,23 @@ class TrainConfig:
         "(which needs a second noisy shot) is not available",
         "data",
         choices=DATA_FORMATS,
+    )
+    bundled_images: str = _option(
+        "all",
+        "without --data-dir, which bundled scikit-image sample images: all 17 (7 RGB, 10 grey replicated to "
+        "RGB) or rgb (the 7 colour ones: astronaut, chelsea, coffee, rocket, immunohistochemistry, retina, "
+        "hubble_deep_field)",
+        "data",
+        choices=tuple(BUNDLED_SETS),
+    )
+    tile_size: int | None = _option(
+        None,
+        "after the train/test split, cut every image into non-overlapping NxN tiles (remainders dropped, an "
+        "image smaller than N kept whole), each a separate image with its own noise level: more distinct "
+        "images per batch (the contrastive loss's negatives) and more test images for the paired intervals "
+        "from a few large photographs. Tiles of one photograph share its content, so they are not independent "
+        "samples of scenes",
+        "data",
     )
     test_fraction: float = _option(0.25, "share of the images held out as the test set", "data")
     split_seed: int = _option(0, "seed of the train/test split", "data")
@@ -371,6 +388,11 @@ class TrainConfig:
                     f"--n2s-grid must be in [{low}, --crop-size {self.crop_size}] for {self.modality} data "
                     f"(every lattice phase must fall inside a crop), got {self.n2s_grid}"
                 )
+        if self.tile_size is not None and self.tile_size < self.crop_size:
+            raise ValueError(
+                f"--tile-size must be at least --crop-size {self.crop_size} (a crop lies inside one tile), "
+                f"got {self.tile_size}"
+            )
         values_per_residual = (1 if raw else 3) * self.crop_size**2
         if self.emd_quantiles is not None and self.emd_quantiles > values_per_residual:
             raise ValueError(
@@ -419,6 +441,7 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "crop_size": (2, math.inf),
     "split_seed": (0, MAX_SEED),
     "max_images": (1, math.inf),
+    "tile_size": (8, math.inf),
     "noise_seed": (0, MAX_SEED),
     "width": (1, math.inf),
     "depth": (1, math.inf),
