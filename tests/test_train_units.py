@@ -813,3 +813,18 @@ def test_tiles_and_colour_images(tmp_path):
     assert all(t.pixels.shape == (3, 128, 128) for t in train + test)
     with pytest.raises(ValueError, match="--tile-size must be at least --crop-size 64"):
         build_config(crop_size=64, tile_size=48)
+
+
+def test_contrast_verdict_says_whether_the_term_did_anything():
+    from rcl_ops.train.report import contrast_verdict
+
+    row = {
+        "title": "RCL-EMD", "contrast_per_query_first": 2.0, "contrast_per_query_end": 1.9,
+        "contrast_chance_last": math.log(8), "retrieval_top1_first": 0.5, "retrieval_top1_end": 0.6,
+        "grad_norm_ratio_last": 0.3, "seeds_at_chance": 0, "n": 3,
+    }  # fmt: skip
+    assert "YES" in contrast_verdict(row)
+    assert "A LITTLE" in contrast_verdict({**row, "grad_norm_ratio_last": 0.05})
+    assert "HARDLY" in contrast_verdict({**row, "grad_norm_ratio_last": 0.001})
+    assert "HARDLY" in contrast_verdict({**row, "grad_norm_ratio_last": math.nan})
+    assert contrast_verdict({**row, "seeds_at_chance": 2}).startswith("RCL-EMD: NO: its loss ended at chance in 2 of 3")
