@@ -815,6 +815,16 @@ def test_tiles_and_colour_images(tmp_path):
         build_config(crop_size=64, tile_size=48)
 
 
+@pytest.mark.parametrize("preset", ["quick", "small"])
+def test_cpu_presets_use_colour_tiles_and_three_seeds(preset):
+    config = build_config(preset)
+    assert config.bundled_images == "rgb" and config.tile_size >= config.crop_size and len(config.seeds) >= 3
+    assert {"rcl-emd", "n2n", "n2s", "oracle", "random"} <= set(config.methods) and len(config.encoders) == 1
+    if preset == "small":  # the paper's optimiser and loss weights; an encoder trained without labels
+        assert (config.lr, config.alpha, config.temperature, config.contrast_reduction) == (1e-3, 1e-3, 0.1, "sum")
+        assert config.encoders == ["self"]
+
+
 def test_contrast_verdict_says_whether_the_term_did_anything():
     from rcl_ops.train.report import contrast_verdict
 
