@@ -41,7 +41,7 @@ class TrainConfig:
         "folder of clean PNG/JPEG/BMP/TIFF images (any sizes; searched recursively) from which the noisy "
         "observations are simulated; with train/ and test/ subfolders those "
         "are the split, otherwise a seeded split by --test-fraction. Default: the 17 scikit-image sample images "
-        "bundled with scikit-image (no download)",
+        "bundled with scikit-image (no download; --bundled-images rgb: the 7 colour ones)",
         "data",
     )
     data_format: str = _option(
