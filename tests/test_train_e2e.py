@@ -518,3 +518,49 @@ def test_sidd_dncnn_thirty_percent_of_the_labels(tmp_path, capsys):
     assert "real noisy/clean pairs (SIDD layout)" in out
     assert list(read_table_rows(out, "Label efficiency")) == ["0", "1", "4"]  # 30% of 4 training pairs, all
     assert re.search(r"with 1 labels vs SL with 4: [+-]\d", out)  # Table 5's comparison
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: the contrastive term reaches the weights, and its diagnostics reach the results
+
+
+def test_alpha_changes_the_trained_weights(tmp_path):
+    """Same seed, same data, same steps: alpha > 0 trains other weights than alpha = 0 (the contrastive
+    term's gradient reaches the network), while the same alpha twice gives identical weights."""
+    records = tiny_records()
+    encoder = ResNet50Encoder(1, seed=0)
+
+    def trained(alpha: float, folder: str) -> dict[str, torch.Tensor]:
+        config = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2, alpha=alpha)
+        model, sampler = fresh_pretraining(records)
+        pretrain(model, make_objective("rcl-emd", config, encoder), sampler, config, torch.device("cpu"),
+                 tmp_path / folder, lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
+        return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    without, again = trained(0.0, "a0"), trained(0.0, "a0-again")
+    with_contrast = trained(1e-3, "a1e-3")
+    assert all(torch.equal(without[name], again[name]) for name in without)
+    changed = [name for name in without if not torch.equal(without[name], with_contrast[name])]
+    assert changed, "alpha = 1e-3 trained exactly the weights of alpha = 0"
+
+
+def test_rcl_run_results_hold_finite_diagnostics(image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "diag", "--log-every", "1")
+    args[args.index("n2n")] = "rcl-emd"
+    assert main(args) == 0
+    assert "Did the contrastive term do anything?" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "diag" / "results.json").read_text())
+    (row,) = summary["diagnostics"]
+    for key in ("contrast_per_query_first", "contrast_per_query_end", "contrast_chance_last", "retrieval_top1_first",
+                "retrieval_top1_end", "grad_norm_ratio_first", "grad_norm_ratio_last"):  # fmt: skip
+        assert math.isfinite(row[key]), key
+    assert row["contrast_chance_last"] == pytest.approx(math.log(3)) and row["n"] == 1
+    (run,) = summary["runs"]
+    diagnostics = run["pretrain"]["diagnostics"]
+    assert diagnostics["logged_steps"] == 3 and isinstance(diagnostics["at_chance"], bool)
+    assert all(math.isfinite(v) for k, v in diagnostics.items() if k != "at_chance")
+    (verdict,) = summary["contrast_verdicts"]
+    title = "RCL-EMD (g_e: random): "
+    assert verdict.startswith(title) and verdict[len(title) :].startswith(("NO:", "HARDLY:", "A LITTLE:", "YES,"))
+    results = (tmp_path / "diag" / "results.md").read_text()
+    assert "Did the contrastive term do anything?" in results and verdict in results

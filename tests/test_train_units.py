@@ -796,3 +796,45 @@ def test_label_counts():
         build_config(labels=["ten"])
     with pytest.raises(ValueError, match="add denoise to --tasks"):
         build_config(labels=["all"], tasks=["sr2"])
+
+
+def test_tiles_and_colour_images(tmp_path):
+    from rcl_ops.train.data import EMBEDDED_RGB, tile_images
+
+    image = CleanImage("im", torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7) / 105)
+    tiles = tile_images([image, CleanImage("small", torch.zeros(3, 1, 4))], 2)
+    assert [t.name for t in tiles] == [f"im@{r},{c}" for r in range(2) for c in range(3)] + ["small"]
+    assert torch.equal(tiles[4].pixels, image.pixels[:, 2:4, 2:4])
+    records = make_records(tiles[:2], "rgb", 5, 20, 0, second_draw=False)
+    assert records[0].noise_level != records[1].noise_level  # each tile its own noise level
+    train, test = load_split(None, 0.25, 0, bundled="rgb", tile_size=128)
+    photos = {t.name.split("@")[0] for t in train}, {t.name.split("@")[0] for t in test}
+    assert photos[0] | photos[1] == set(EMBEDDED_RGB) and not photos[0] & photos[1]  # split before tiling
+    assert all(t.pixels.shape == (3, 128, 128) for t in train + test)
+    with pytest.raises(ValueError, match="--tile-size must be at least --crop-size 64"):
+        build_config(crop_size=64, tile_size=48)
+
+
+@pytest.mark.parametrize("preset", ["quick", "small"])
+def test_cpu_presets_use_colour_tiles_and_three_seeds(preset):
+    config = build_config(preset)
+    assert config.bundled_images == "rgb" and config.tile_size >= config.crop_size and len(config.seeds) >= 3
+    assert {"rcl-emd", "n2n", "n2s", "oracle", "random"} <= set(config.methods) and len(config.encoders) == 1
+    if preset == "small":  # the paper's optimiser and loss weights; an encoder trained without labels
+        assert (config.lr, config.alpha, config.temperature, config.contrast_reduction) == (1e-3, 1e-3, 0.1, "sum")
+        assert config.encoders == ["self"]
+
+
+def test_contrast_verdict_says_whether_the_term_did_anything():
+    from rcl_ops.train.report import contrast_verdict
+
+    row = {
+        "title": "RCL-EMD", "contrast_per_query_first": 2.0, "contrast_per_query_end": 1.9,
+        "contrast_chance_last": math.log(8), "retrieval_top1_first": 0.5, "retrieval_top1_end": 0.6,
+        "grad_norm_ratio_last": 0.3, "seeds_at_chance": 0, "n": 3,
+    }  # fmt: skip
+    assert "YES" in contrast_verdict(row)
+    assert "A LITTLE" in contrast_verdict({**row, "grad_norm_ratio_last": 0.05})
+    assert "HARDLY" in contrast_verdict({**row, "grad_norm_ratio_last": 0.001})
+    assert "HARDLY" in contrast_verdict({**row, "grad_norm_ratio_last": math.nan})
+    assert contrast_verdict({**row, "seeds_at_chance": 2}).startswith("RCL-EMD: NO: its loss ended at chance in 2 of 3")

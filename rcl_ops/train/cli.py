@@ -38,7 +38,8 @@ EPILOG = (
     + """
 
 examples:
-  rcl-train --preset quick                      # the whole pipeline on a CPU in a few minutes
+  rcl-train --preset quick                      # a smoke-level demo of the pipeline on a CPU in minutes
+  rcl-train --preset small                      # the most faithful CPU setting, about 30 minutes
   rcl-train --preset paper --data-dir photos/   # the paper's settings, for a GPU
   rcl-train --preset quick --methods rcl-emd rcl-bd n2n --tasks denoise --seeds 0 1 2
   rcl-train --config my_run.toml --resume       # continue the newest run in --output-dir

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import DATA_FORMATS, MODALITIES, TASKS
+from .data import BUNDLED_SETS, DATA_FORMATS, MODALITIES, TASKS
 from .evaluate import SCHEDULES
 from .losses import ENCODER_KINDS, canonical_method
 from .models import MODELS
@@ -41,7 +41,7 @@ class TrainConfig:
         "folder of clean PNG/JPEG/BMP/TIFF images (any sizes; searched recursively) from which the noisy "
         "observations are simulated; with train/ and test/ subfolders those "
         "are the split, otherwise a seeded split by --test-fraction. Default: the 17 scikit-image sample images "
-        "bundled with scikit-image (no download)",
+        "bundled with scikit-image (no download; --bundled-images rgb: the 7 colour ones)",
         "data",
     )
     data_format: str = _option(
@@ -53,6 +53,23 @@ class TrainConfig:
         "(which needs a second noisy shot) is not available",
         "data",
         choices=DATA_FORMATS,
+    )
+    bundled_images: str = _option(
+        "all",
+        "without --data-dir, which bundled scikit-image sample images: all 17 (7 RGB, 10 grey replicated to "
+        "RGB) or rgb (the 7 colour ones: astronaut, chelsea, coffee, rocket, immunohistochemistry, retina, "
+        "hubble_deep_field)",
+        "data",
+        choices=tuple(BUNDLED_SETS),
+    )
+    tile_size: int | None = _option(
+        None,
+        "after the train/test split, cut every image into non-overlapping NxN tiles (remainders dropped, an "
+        "image smaller than N kept whole), each a separate image with its own noise level: more distinct "
+        "images per batch (the contrastive loss's negatives) and more test images for the paired intervals "
+        "from a few large photographs. Tiles of one photograph share its content, so they are not independent "
+        "samples of scenes",
+        "data",
     )
     test_fraction: float = _option(0.25, "share of the images held out as the test set", "data")
     split_seed: int = _option(0, "seed of the train/test split", "data")
@@ -279,10 +296,11 @@ class TrainConfig:
     grid_images: int = _option(3, "test images shown in the sample grids", "run")
     preset: str | None = _option(
         None,
-        "quick (the full pipeline on a CPU, three seeds), paper (the paper's settings, for a GPU) or sidd "
-        "(Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU)",
+        "quick (a smoke-level demo of the whole pipeline on a CPU in a few minutes, three seeds), small (the "
+        "most faithful setting a 2-core CPU runs in about 30 minutes, three seeds), paper (the paper's settings, "
+        "for a GPU) or sidd (Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU)",
         "run",
-        choices=("quick", "paper", "sidd"),
+        choices=("quick", "small", "paper", "sidd"),
     )
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
@@ -371,6 +389,11 @@ class TrainConfig:
                     f"--n2s-grid must be in [{low}, --crop-size {self.crop_size}] for {self.modality} data "
                     f"(every lattice phase must fall inside a crop), got {self.n2s_grid}"
                 )
+        if self.tile_size is not None and self.tile_size < self.crop_size:
+            raise ValueError(
+                f"--tile-size must be at least --crop-size {self.crop_size} (a crop lies inside one tile), "
+                f"got {self.tile_size}"
+            )
         values_per_residual = (1 if raw else 3) * self.crop_size**2
         if self.emd_quantiles is not None and self.emd_quantiles > values_per_residual:
             raise ValueError(
@@ -419,6 +442,7 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "crop_size": (2, math.inf),
     "split_seed": (0, MAX_SEED),
     "max_images": (1, math.inf),
+    "tile_size": (8, math.inf),
     "noise_seed": (0, MAX_SEED),
     "width": (1, math.inf),
     "depth": (1, math.inf),
@@ -520,26 +544,65 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
 
 
 PRESETS: dict[str, dict] = {
-    # The whole pipeline on a 2-core CPU: small crops, a small U-Net, three seeds (so that a difference can
-    # be told from noise), denoising only (add --tasks denoise sr2 for SR), RCL with a random and a
-    # self-pre-trained encoder, and a larger fine-tuning learning rate, cosine-annealed. One torch thread:
-    # on a 2-core machine that is also busy with something else, two OpenMP threads ran up to 10x slower
-    # per step (measured), one thread at most ~1.6x slower than two on an idle machine.
+    # A smoke-level demo of the whole pipeline on a 2-core CPU in about 3-4 minutes (``make demo``): the 7
+    # colour sample images cut into 128x128 tiles after the split (200 training tiles of 5 photographs, 28
+    # test tiles of 2 others), crops 48, a small U-Net, three seeds (so that a difference can be told from
+    # noise), denoising only, RCL-EMD with one (random) encoder, N2N, N2S, Oracle and a no-pre-training row,
+    # few steps and a larger fine-tuning learning rate, cosine-annealed. Too short to rank the methods: see
+    # --preset small. One torch thread: on a 2-core machine that is also busy with something else, two
+    # OpenMP threads ran up to 10x slower per step (measured), one thread at most ~1.6x slower than two on
+    # an idle machine.
     "quick": {
+        "bundled_images": "rgb",
+        "tile_size": 128,
         "crop_size": 48,
         "width": 16,
         "depth": 2,
         "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
-        "encoders": ["random", "self"],
-        "encoder_pretrain_steps": 200,
-        "pretrain_steps": 300,
+        "encoders": ["random"],
+        "pretrain_steps": 100,
         "batch_size": 8,
         "tasks": ["denoise"],
-        "finetune_steps": 400,
+        "finetune_steps": 150,
+        "finetune_batch_size": 8,
+        "finetune_lr": 1e-2,
+        "finetune_schedule": "cosine",
+        "seeds": [0, 1, 2],
+        "checkpoint_every": 100,
+        "log_every": 10,
+        "density_batches": 4,
+        "threads": 1,
+    },
+    # The most faithful setting that a 2-core CPU runs in about 30 minutes: the paper's optimiser (Adam
+    # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, temperature 0.1, L_contrast summed over the batch, three
+    # seeds; the 7 colour sample images, each cut into 128x128 tiles after the split (200 training tiles
+    # of 5 photographs, 28 test tiles of 2 others), so that a batch holds 16 distinct noise levels. Smaller
+    # than the paper where the time demands it: batch 16 (paper 64), crops 64 (paper 128), a U-Net of
+    # width 16 and depth 3, 200 pre-training steps. The paper's ImageNet encoder is not available offline:
+    # g_e is pre-trained on the noisy training tiles (--encoders self).
+    "small": {
+        "bundled_images": "rgb",
+        "tile_size": 128,
+        "crop_size": 64,
+        "width": 16,
+        "depth": 3,
+        "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
+        "encoders": ["self"],
+        "encoder_pretrain_steps": 200,
+        "pretrain_steps": 200,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_eps": 1e-7,
+        "alpha": 1e-3,
+        "temperature": 0.1,
+        "contrast_reduction": "sum",
+        "tasks": ["denoise"],
+        "finetune_steps": 300,
         "finetune_batch_size": 16,
         "finetune_lr": 1e-2,
         "finetune_schedule": "cosine",
-        "eval_crop": 192,
         "seeds": [0, 1, 2],
         "checkpoint_every": 100,
         "log_every": 10,

@@ -26,6 +26,7 @@ EMBEDDED_RGB = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistr
 EMBEDDED_GREY = ("camera", "brick", "grass", "gravel", "moon", "coins", "cell", "clock", "page", "text")
 EMBEDDED_IMAGES = EMBEDDED_RGB + EMBEDDED_GREY
 MODALITIES = ("rgb", "raw")
+BUNDLED_SETS = {"all": EMBEDDED_IMAGES, "rgb": EMBEDDED_RGB}
 
 
 class DataError(ValueError):
@@ -160,26 +161,53 @@ def load_split(
     split_seed: int,
     max_images: int | None = None,
     data_format: str = "clean",
+    bundled: str = "all",
+    tile_size: int | None = None,
 ) -> tuple[list[CleanImage], list[CleanImage]]:
     """(train, test) clean images (with their real noisy twins for ``data_format`` 'sidd').
 
     data_dir None: the embedded sample images, split by ``test_fraction``. A folder with
     ``train/`` and ``test/`` subfolders: those. Any other folder: all its images (or SIDD pairs), split.
     ``max_images`` keeps only the first N images (files sorted by path, the embedded ones in
-    their listed order) before splitting, or the first N of each of train/ and test/.
+    their listed order) before splitting, or the first N of each of train/ and test/. ``bundled``: which
+    embedded images (a key of BUNDLED_SETS). ``tile_size``: after the split, cut every image into tiles
+    (``tile_images``), so that no photograph is on both sides.
     """
     load = load_sidd_pairs if data_format == "sidd" else load_folder
     if data_dir is None:
-        images = load_embedded_images()
+        if bundled not in BUNDLED_SETS:
+            raise ValueError(f"unknown bundled image set {bundled!r}; choose from {tuple(BUNDLED_SETS)}")
+        images = load_embedded_images(BUNDLED_SETS[bundled])
     else:
         root = Path(data_dir)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train, test = load(root / "train"), load(root / "test")
-            return train[:max_images], test[:max_images]
+            train, test = load(root / "train")[:max_images], load(root / "test")[:max_images]
+            return (tile_images(train, tile_size), tile_images(test, tile_size)) if tile_size else (train, test)
         images = load(root)
     if max_images is not None:
         images = images[:max_images]
-    return split_images(images, test_fraction, split_seed)
+    train, test = split_images(images, test_fraction, split_seed)
+    if tile_size:
+        train, test = tile_images(train, tile_size), tile_images(test, tile_size)
+    return train, test
+
+
+def tile_images(images: list[CleanImage], tile: int) -> list[CleanImage]:
+    """Each image cut into non-overlapping ``tile`` x ``tile`` tiles, row by row from the top left (the
+    remainder at the right and bottom dropped; an image smaller than a tile kept whole). A tile is named
+    ``<name>@<row>,<column>`` and so gets its own noise level and noisy observation."""
+    tiles = []
+    for img in images:
+        rows, columns = img.pixels.shape[1] // tile, img.pixels.shape[2] // tile
+        if rows == 0 or columns == 0:
+            tiles.append(img)
+            continue
+        for r in range(rows):
+            for c in range(columns):
+                window = (slice(None), slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
+                noisy = None if img.noisy is None else img.noisy[window].contiguous()
+                tiles.append(CleanImage(f"{img.name}@{r},{c}", img.pixels[window].contiguous(), noisy))
+    return tiles
 
 
 def check_image_sizes(

@@ -89,6 +89,48 @@ def _diagnostic_rows(config: TrainConfig, runs: list[dict]) -> list[dict]:
     return rows
 
 
+# Below this ratio of gradient norms (alpha * L_contrast against L_consistency, at the end of pre-training)
+# the contrastive term moves the network by at most about 1% of what the consistency term does.
+NEGLIGIBLE_GRAD_RATIO = 0.01
+SMALL_GRAD_RATIO = 0.1
+
+
+def contrast_verdict(row: dict) -> str:
+    """One plain sentence, from a diagnostics row, on whether the contrastive term did anything in
+    pre-training: at chance (it taught nothing), a negligible gradient (the consistency term alone
+    drives training), or a gradient that matters; with the loss and retrieval against chance."""
+    chance = row["contrast_chance_last"]
+    ratio = row["grad_norm_ratio_last"]
+    evidence = (
+        f"L_contrast per query {row['contrast_per_query_first']:.3f} -> {row['contrast_per_query_end']:.3f} "
+        f"(chance ln B = {chance:.3f}), top-1 retrieval {row['retrieval_top1_first']:.2f} -> "
+        f"{row['retrieval_top1_end']:.2f} (chance {math.exp(-chance):.2f}), gradient-norm ratio "
+        f"alpha*L_contrast / L_consistency {ratio:.2e} at the end"
+    )
+    if row["seeds_at_chance"]:
+        verdict = (
+            f"NO: its loss ended at chance in {row['seeds_at_chance']} of {row['n']} seed(s), so the contrastive "
+            "term taught the network nothing there"
+        )
+    elif not ratio >= NEGLIGIBLE_GRAD_RATIO:
+        verdict = (
+            f"HARDLY: its gradient is {ratio:.1%} of the consistency term's, so the consistency loss alone "
+            "drives pre-training and the contrastive term changes the updates by about that share at most"
+        )
+    elif ratio < SMALL_GRAD_RATIO:
+        verdict = (
+            f"A LITTLE: its gradient is {ratio:.1%} of the consistency term's, a small correction to updates that "
+            "the consistency loss drives (whether it helps the scores, only a run with --alpha 0 on the same "
+            "seeds can tell)"
+        )
+    else:
+        verdict = (
+            f"YES, it shapes the updates: its gradient is {ratio:.0%} of the consistency term's (whether that "
+            "helps the scores, only a run with --alpha 0 on the same seeds can tell)"
+        )
+    return f"{row['title']}: {verdict}; {evidence}."
+
+
 def label_efficiency(config: TrainConfig, runs: list[dict], label_results: list[dict], num_train: int) -> dict:
     """The label-efficiency study (Tables 3 and 5): per protocol ('sl' or an RCL run key) and number of
     labels, PSNR/SSIM mean and std over seeds; the RCL networks as is at 0 labels; and per level, each
@@ -186,13 +228,15 @@ def summarise(
     input_row = _input_row(config, naive)
     rows = [input_row, *_method_rows(config, runs, "tasks")] if config.finetune_steps > 0 else []
     as_is_rows = [input_row, *_method_rows(config, runs, "as_is")]
+    diagnostics = _diagnostic_rows(config, runs)
     return {
         "config": config_to_dict(config),
         "environment": environment,
         "tasks": list(config.tasks),
         "rows": rows,
         "as_is_rows": as_is_rows,
-        "diagnostics": _diagnostic_rows(config, runs),
+        "diagnostics": diagnostics,
+        "contrast_verdicts": [contrast_verdict(row) for row in diagnostics],
         "comparisons": compare(rows, config.tasks, runs, "tasks", naive),
         "as_is_comparisons": compare(as_is_rows, config.tasks, runs, "as_is", naive),
         "label_efficiency": label_efficiency(config, runs, list(label_results), environment["num_train_images"]),
@@ -364,6 +408,8 @@ def format_table(summary: dict) -> str:
                     f"{ideal['contrast_per_query']:.3f} (chance {ideal['contrast_chance']:.3f}), top-1 retrieval "
                     f"{ideal['retrieval_top1']:.2f}: what an ideal denoiser would reach on this data."
                 )
+        lines += ["", "Did the contrastive term do anything?"]
+        lines += [f"- {contrast_verdict(row)}" for row in summary["diagnostics"]]
     study = summary.get("label_efficiency")
     if study:
         lines += [
@@ -379,6 +425,12 @@ def format_table(summary: dict) -> str:
     if comparisons:
         lines += ["", "Measured on this run:"]
         lines += [f"- {sentence}" for sentence in comparisons]
+        if config.get("tile_size"):
+            lines.append(
+                f"- The test images are {config['tile_size']}x{config['tile_size']} tiles of a few photographs: the "
+                "intervals treat the tiles as independent, which tiles of one photograph are not, so they are "
+                "narrower than intervals over photographs would be."
+            )
         if len(seeds) == 1:
             lines.append(
                 "- One seed only: there is no spread estimate, and differences of a few tenths of a dB may be noise."

@@ -613,7 +613,13 @@ class Experiment:
         self.started = time.perf_counter()
         self.raw = config.modality == "raw"
         train_images, test_images = load_split(
-            config.data_dir, config.test_fraction, config.split_seed, config.max_images, config.data_format
+            config.data_dir,
+            config.test_fraction,
+            config.split_seed,
+            config.max_images,
+            config.data_format,
+            config.bundled_images,
+            config.tile_size,
         )
         check_image_sizes(train_images, config.crop_size, "training crop")
         check_image_sizes(
