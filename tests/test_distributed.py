@@ -87,6 +87,9 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
             results.append((losses, grads, state))
         if rank == 0:
             torch.save(results, path)
+        # Both ranks done before either tears gloo down: a rank destroying its group while the
+        # other still talks to it aborted the other ("terminate called", once in a full suite run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -53,6 +53,13 @@ def start(device: torch.device) -> tuple[DistributedRun, torch.device]:
     return DistributedRun(dist.get_rank(), dist.get_world_size()), device
 
 
+def barrier(run: DistributedRun) -> None:
+    """Wait for every rank (a no-op in one process). Before stop on the success path: a rank
+    that tears gloo down while another still talks to it can abort the other."""
+    if run.active:
+        dist.barrier()
+
+
 def stop(run: DistributedRun) -> None:
     if run.active and dist.is_initialized():
         dist.destroy_process_group()

@@ -589,7 +589,9 @@ def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = pri
         check_machine(config, device)
         say = (echo or (lambda message: None)) if run.is_main else (lambda message: None)
         with torch_settings(config.threads, config.deterministic, device):
-            return Experiment(config, device, run_dir, say, run).run()
+            summary = Experiment(config, device, run_dir, say, run).run()
+        distributed.barrier(run)  # every rank done before the group is torn down
+        return summary
     finally:
         distributed.stop(run)
 
