@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 
-def _if_needed(grad: torch.Tensor, needed: bool) -> torch.Tensor | None:
+def gradient_if_needed(grad: torch.Tensor, needed: bool) -> torch.Tensor | None:
     """A backward op's gradient where it was asked for (output_mask), else None: the op
     returned a 0-element placeholder for it."""
     return grad if needed else None
@@ -41,7 +41,7 @@ def register_sketch_and_pair_autograd(namespace: str) -> None:
     def emd_pair_grad(ctx, grad):
         mask = list(ctx.needs_input_grad[:2])
         grad_q, grad_k = ops.emd_pair_backward(grad, *ctx.saved_tensors, mask)
-        return _if_needed(grad_q, mask[0]), _if_needed(grad_k, mask[1])
+        return gradient_if_needed(grad_q, mask[0]), gradient_if_needed(grad_k, mask[1])
 
     def moments_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0], output[0])
@@ -60,7 +60,7 @@ def register_sketch_and_pair_autograd(namespace: str) -> None:
         needs = ctx.needs_input_grad
         mask = [needs[0] or needs[1], needs[2] or needs[3]]
         grads = ops.bd_pair_backward(grad, *ctx.saved_tensors, ctx.eps, mask)
-        return (*(_if_needed(g, needs[i]) for i, g in enumerate(grads)), None)
+        return (*(gradient_if_needed(g, needs[i]) for i, g in enumerate(grads)), None)
 
     for name, backward, setup in (
         ("sorted_quantiles", quantiles_grad, quantiles_setup),
@@ -88,6 +88,6 @@ def register_mmd_grid_autograd(namespace: str) -> None:
         q, k, bandwidths, grid, w_q, w_k = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:2])
         grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, bandwidths, grid, w_q, w_k, ctx.num_bins, ctx.unbiased, mask)
-        return _if_needed(grad_q, mask[0]), _if_needed(grad_k, mask[1]), None, None, None
+        return gradient_if_needed(grad_q, mask[0]), gradient_if_needed(grad_k, mask[1]), None, None, None
 
     torch.library.register_autograd(f"{namespace}::mmd_grid", backward, setup_context=setup)

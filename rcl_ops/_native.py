@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
-from ._autograd import register_sketch_and_pair_autograd
+from ._autograd import gradient_if_needed, register_sketch_and_pair_autograd
 from ._backend import Backend, mark_unavailable, op_library_stages, register_backend
 from ._fakes import masked_gradients, register_fake_kernels
 from ._formulas import mmd_from_kernel_sums
+from .ops import warn_if_grid_inaccurate
 
 ops = torch.ops.rcl_ops
 
@@ -73,7 +74,7 @@ def _kernel_sums_backward(ctx, grad):
     x, y, bandwidths = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:2])
     grad_x, grad_y = ops.gaussian_kernel_sums_backward(grad, x, y, bandwidths, ctx.paired, mask)
-    return (grad_x if mask[0] else None), (grad_y if mask[1] else None), None, None
+    return gradient_if_needed(grad_x, mask[0]), gradient_if_needed(grad_y, mask[1]), None, None
 
 
 register_sketch_and_pair_autograd("rcl_ops")
@@ -95,7 +96,9 @@ def native_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> t
 
 def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> torch.Tensor:
     if method == "grid":
-        return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)[0]
+        distances, grid, _, _ = ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
+        warn_if_grid_inaccurate(grid, bandwidths, num_bins)
+        return distances
     return mmd_from_kernel_sums(
         ops.gaussian_kernel_sums(q, q, bandwidths, True),
         ops.gaussian_kernel_sums(k, k, bandwidths, True),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .ops import pooled_std, value_statistics
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
@@ -58,22 +60,13 @@ def global_value_range(*tensors: torch.Tensor) -> tuple[float, float]:
 
 def global_pooled_std(*tensors: torch.Tensor) -> torch.Tensor:
     """The standard deviation of all values of ``tensors`` over all ranks (float64 (1,), detached;
-    1 where it is 0), from per-rank counts, means and sums of squared deviations (Chan's
-    combination: no float cancellation of raw sums of squares)."""
-    with torch.no_grad():
-        values = torch.cat([t.detach().reshape(-1).double() for t in tensors])
-        mean = values.mean()
-        count = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
-        stats = torch.stack([count, mean, (values - mean).square().sum()])
-        if world()[1] > 1:
-            parts = [torch.empty_like(stats) for _ in range(world()[1])]
-            dist.all_gather(parts, stats)
-            stats = torch.stack(parts)
-        else:
-            stats = stats.unsqueeze(0)
-        counts, means, squares = stats.unbind(1)
-        total = counts.sum()
-        pooled_mean = (counts * means).sum() / total
-        variance = (squares.sum() + (counts * (means - pooled_mean).square()).sum()) / total
-        std = variance.sqrt()
-        return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+    1 where it is 0): each rank's value_statistics all-gathered and pooled as default_bandwidth
+    pools q's and k's. Every rank passes tensors of the same shapes."""
+    counts, stats = zip(*(value_statistics(t) for t in tensors))
+    stats = torch.stack(stats)
+    size = world()[1]
+    if size > 1:
+        parts = [torch.empty_like(stats) for _ in range(size)]
+        dist.all_gather(parts, stats)
+        stats = torch.cat(parts)
+    return pooled_std(list(counts) * size, stats)

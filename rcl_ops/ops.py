@@ -95,20 +95,32 @@ def pairwise_emd(
     return check_result(resolve_backend(backend, q2.device, where).emd(q2, k2, num_quantiles), where)
 
 
+def value_statistics(x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The count of x's values and their float64 [mean, sum of squared deviations] (2,), detached.
+    Accumulated in float64 (a norm, no float32 square): values near 1e20 in float32 (squared
+    deviations near 1e40) still give their finite statistics."""
+    with torch.no_grad():
+        mean = x.mean(dtype=torch.float64)
+        deviations = torch.linalg.vector_norm(x - mean.to(x.dtype), dtype=torch.float64).square()
+        return x.numel(), torch.stack([mean, deviations])
+
+
+def pooled_std(counts: list[int], stats: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of the union of N groups of values from their counts and (N, 2)
+    value_statistics (Chan's combination), float64 (1,); 1 where it is 0."""
+    weights = torch.tensor(counts, dtype=torch.float64).to(stats.device, non_blocking=True)
+    total = float(sum(counts))
+    means, deviations = stats.unbind(1)
+    pooled_mean = (weights * means).sum() / total
+    std = ((deviations.sum() + (weights * (means - pooled_mean).square()).sum()) / total).sqrt()
+    return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+
+
 def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The data-driven MMD bandwidth: the standard deviation of all values of q and k pooled
-    (detached, no host sync), or 1 where that is 0. Shape (1,), float64: accumulated in
-    float64, so values near 1e20 in float32 (variance 1e40) still give their finite std."""
-    with torch.no_grad():
-        n_q, n_k = q.numel(), k.numel()
-        mean_q, mean_k = q.mean(dtype=torch.float64), k.mean(dtype=torch.float64)
-        # sum (x - mean)^2 as a float64 norm: no float32 square that could overflow.
-        var_q = torch.linalg.vector_norm(q - mean_q.to(q.dtype), dtype=torch.float64).square() / n_q
-        var_k = torch.linalg.vector_norm(k - mean_k.to(k.dtype), dtype=torch.float64).square() / n_k
-        frac_q = n_q / (n_q + n_k)
-        pooled = frac_q * var_q + (1 - frac_q) * var_k + frac_q * (1 - frac_q) * (mean_q - mean_k).square()
-        std = pooled.sqrt()
-        return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+    (detached, no host sync), or 1 where that is 0. Shape (1,), float64 (accumulated in float64)."""
+    (count_q, stats_q), (count_k, stats_k) = value_statistics(q), value_statistics(k)
+    return pooled_std([count_q, count_k], torch.stack([stats_q, stats_k]))
 
 
 def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
@@ -133,24 +145,23 @@ def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torc
     return torch.tensor(values, dtype=torch.float64, device=q.device)
 
 
-def _warn_if_grid_inaccurate(q, k, bandwidths, num_bins: int, where: str) -> None:
-    """GridAccuracyWarning when the grid step exceeds the tested fraction of the smallest
-    bandwidth. Reads the value range: done where the NaN/Inf check runs (no GPU sync else)."""
-    if not check_finite_enabled(q.device.type) or torch.compiler.is_compiling():
+def warn_if_grid_inaccurate(grid: torch.Tensor, bandwidths: torch.Tensor, num_bins: int) -> None:
+    """GridAccuracyWarning when the grid step (``grid`` = [lo, step], as the grid ops return it)
+    exceeds the tested fraction of the smallest bandwidth. Called by the backends with the grid
+    they built (no extra pass over the data), where the NaN/Inf check runs (no GPU sync else)."""
+    if not check_finite_enabled(grid.device.type) or torch.compiler.is_compiling():
         return
-    with torch.no_grad():
-        lo = torch.minimum(q.min(), k.min()).double()
-        hi = torch.maximum(q.max(), k.max()).double()
-        ratio = ((hi - lo) / (num_bins - 1) / bandwidths.min()).item()
+    step = grid[1].item()
+    ratio = step / bandwidths.min().item()
     if ratio > GRID_STEP_OVER_BANDWIDTH_TESTED:
         warnings.warn(
-            f"{where}: the grid step is {ratio:.3g} of the smallest bandwidth (value range "
-            f"{(hi - lo).item():.3g} over {num_bins} bins), beyond the {GRID_STEP_OVER_BANDWIDTH_TESTED} "
+            f"pairwise_mmd: the grid step is {ratio:.3g} of the smallest bandwidth (value range "
+            f"{step * (num_bins - 1):.3g} over {num_bins} bins), beyond the {GRID_STEP_OVER_BANDWIDTH_TESTED} "
             "where its 1e-3 accuracy is tested; raise num_bins (to "
             f"{min(MAX_NUM_BINS, math.ceil(num_bins * ratio / GRID_STEP_OVER_BANDWIDTH_TESTED))}) "
             "or use method='direct'",
             GridAccuracyWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of pairwise_mmd: here <- backend <- pairwise_mmd <- caller
         )
 
 
@@ -222,8 +233,6 @@ def pairwise_mmd(
     elif method not in impl.mmd_methods:
         raise ValueError(f"{where}: backend {impl.name!r} supports methods {impl.mmd_methods}, not {method!r}")
     bandwidths = _bandwidths(bandwidth, q2, k2, where)
-    if method == "grid":
-        _warn_if_grid_inaccurate(q2, k2, bandwidths, num_bins, where)
     return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
 
 

@@ -23,21 +23,27 @@ def _project_files() -> list[str]:
     return [name for name in listed.stdout.splitlines() if (ROOT / name).is_file()]
 
 
-def test_sdist_holds_every_source_and_header(tmp_path):
-    # Built from a clean copy: a stale *.egg-info/SOURCES.txt in the checkout would otherwise
-    # supply the file list and hide a missing MANIFEST.in rule.
-    files = _project_files()
+def _sdist_of_a_clean_copy(files: list[str], tmp_path: Path) -> Path:
+    """Copy ``files`` into tmp_path/src and build the sdist there (without the extension)."""
     source = tmp_path / "src"
     for name in files:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
-    csrc = {name for name in files if name.startswith("csrc/")}
-    assert any(s.endswith(".h") for s in csrc) and any(s.endswith(".cu") for s in csrc)
     env = {"RCL_OPS_BUILD_EXTENSION": "0", "PATH": "/usr/bin:/bin"}
     command = [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")]
     build = subprocess.run(command, cwd=source, env=env, capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     (archive,) = (tmp_path / "dist").glob("rcl_ops-*.tar.gz")
+    return archive
+
+
+def test_sdist_holds_every_source_and_header(tmp_path):
+    # Built from a clean copy: a stale *.egg-info/SOURCES.txt in the checkout would otherwise
+    # supply the file list and hide a missing MANIFEST.in rule.
+    files = _project_files()
+    csrc = {name for name in files if name.startswith("csrc/")}
+    assert any(s.endswith(".h") for s in csrc) and any(s.endswith(".cu") for s in csrc)
+    archive = _sdist_of_a_clean_copy(files, tmp_path)
     with tarfile.open(archive) as tar:
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     missing = sorted((csrc | {"setup.py", "pyproject.toml", "LICENSE", "README.md"}) - members)
@@ -47,21 +53,7 @@ def test_sdist_holds_every_source_and_header(tmp_path):
 def test_sdist_installs_into_a_fresh_environment_and_runs(tmp_path):
     # Build the sdist, install it (compiling the extension) into a new virtual environment
     # that sees this one's torch but not this checkout, and run an op from elsewhere.
-    files = _project_files()
-    source = tmp_path / "src"
-    for name in files:
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, source / name)
-    env = {"RCL_OPS_BUILD_EXTENSION": "0", "PATH": "/usr/bin:/bin"}
-    sdist = subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
-        cwd=source,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert sdist.returncode == 0, sdist.stderr[-3000:]
-    (archive,) = (tmp_path / "dist").glob("rcl_ops-*.tar.gz")
+    archive = _sdist_of_a_clean_copy(_project_files(), tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"

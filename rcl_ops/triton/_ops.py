@@ -15,7 +15,7 @@ from .. import _grid
 from .._autograd import register_mmd_grid_autograd, register_sketch_and_pair_autograd
 from .._backend import Backend, op_library_stages, register_backend
 from .._fakes import register_fake_kernels
-from ..ops import MAX_NUM_BINS
+from ..ops import MAX_NUM_BINS, warn_if_grid_inaccurate
 from . import _kernels
 from ._kernels import INTERPRET
 
@@ -359,7 +359,9 @@ def triton_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> t
 def triton_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> torch.Tensor:
     if method != "grid":
         raise ValueError(f"the triton backend computes MMD only by the binned grid, not {method!r}")
-    return ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)[0]
+    distances, grid, _, _ = ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
+    warn_if_grid_inaccurate(grid, bandwidths, num_bins)
+    return distances
 
 
 def triton_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:
