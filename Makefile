@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.rcl_ops-extension
 DEPS_STAMP := $(VENV)/.rcl_ops-deps
 INSTALL_STAMP := $(VENV)/.rcl_ops-install
 
-.PHONY: all test lint format demo bench build gpu-check clean
+.PHONY: all test lint format demo tables bench build gpu-check clean
 
 all: test
 
@@ -54,6 +54,13 @@ test: build lint
 demo: build
 	$(PY) -m rcl_ops.demo
 	$(PY) -m rcl_ops.train --preset quick --output-dir runs
+
+# The quick CPU setting of every paper table (rcl-train experiment table1 ... table5), one after the
+# other, each writing runs/tableN-quick-<time>/paper_comparison.md; about half an hour on a 2-core CPU.
+tables: build
+	for table in table1 table2 table3 table4 table5; do \
+		$(PY) -m rcl_ops.train experiment $$table --output-dir runs --no-progress || exit 1; \
+	done
 
 # Side-by-side CPU benchmark at B=64, 3x64x64 (a few minutes); results in benchmarks/results/.
 # The peers (POT, GeomLoss, KeOps) are installed here only: the library never needs them.

@@ -14,7 +14,8 @@ from skimage import io
 
 from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
-from rcl_ops.train.data import CleanImage, CropSampler, load_embedded_images, make_records
+from rcl_ops.train.data import DENOISING_TASK, CleanImage, CropSampler, load_embedded_images, make_records, task_input
+from rcl_ops.train.losses import supervised_task
 from rcl_ops.train.models import ResNet50Encoder, build_model
 from rcl_ops.train.trainer import (
     RunError,
@@ -80,7 +81,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert re.search(r"paired per-image PSNR difference [+-]\d+\.\d+ dB, 95% CI \[.*\] over 2 test images", out)
     run = tmp_path / "tiny"
     summary = json.loads((run / "results.json").read_text())
-    assert len(summary["runs"]) == 10  # 5 methods x 2 seeds
+    assert len(summary["runs"]) == 12  # 6 pre-trainings (the Oracle: one per task) x 2 seeds
     for row in summary["rows"]:
         for task in ("denoise", "sr2"):
             assert math.isfinite(row["tasks"][task]["psnr"]["mean"])
@@ -89,9 +90,13 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert (run / "results.md").read_text().strip() in out
     for name in ("residual_distance_density.png", "samples_denoise.png", "samples_sr2.png"):
         assert (run / "figures" / name).stat().st_size > 1000
-    for method in ("rcl-emd+random", "n2n", "n2s", "oracle"):
+    for method in ("rcl-emd+random", "n2n", "n2s"):
         for name in ("pretrain_last", "pretrained", "finetuned_denoise", "finetuned_sr2"):
             assert (run / "checkpoints" / method / "seed1" / f"{name}.safetensors").exists()
+    for task in ("denoise", "sr2"):  # the Oracle of each task: supervised pre-training on it, evaluated on it only
+        names = {p.name for p in (run / "checkpoints" / f"sl-{task}" / "seed1").iterdir()}
+        assert {"pretrained.safetensors", f"finetuned_{task}.safetensors"} <= names
+        assert not {f"finetuned_{other}.safetensors" for other in ("denoise", "sr2") if other != task} & names
     with (run / "metrics.csv").open() as handle:
         logged = list(csv.DictReader(handle))
     assert {"contrast", "consistency", "n2n", "n2s", "l1", "loss"} <= {row["metric"] for row in logged}
@@ -112,7 +117,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     # --resume reuses every finished (method, seed) and reproduces the same table
     assert main([*args, "--resume"]) == 0
     resumed_out = capsys.readouterr().out
-    assert resumed_out.count("reused finished result") == 10
+    assert resumed_out.count("reused finished result") == 12
     assert read_table_rows(resumed_out) == rows
 
     # the same run name without --resume is refused, with a hint
@@ -218,17 +223,25 @@ def test_checkpoint_round_trip(tmp_path):
     )
 
 
-@pytest.mark.parametrize("method", ["rcl-mmd", "rcl-bd", "rcl-emd", "n2n", "n2s", "oracle"])
+@pytest.mark.parametrize("method", ["rcl-mmd", "rcl-bd", "rcl-emd", "n2n", "n2s", "sl", "m2m"])
 @pytest.mark.parametrize("modality", ["rgb", "raw"])
 def test_objectives_give_finite_gradients(method, modality):
     # MMD runs on the O(M^2) reference backend when no native backend is built: tiny crops
-    config = build_config(crop_size=8, batch_size=3, modality=modality, tasks=["denoise"])
+    if method == "m2m" and modality == "rgb":
+        pytest.skip("mosaic2mosaic is a RAW method")
+    task = DENOISING_TASK[modality]
+    method = f"sl-{task}" if method == "sl" else method
+    config = build_config(crop_size=8, batch_size=3, modality=modality, tasks=[task])
     raw = modality == "raw"
     images = [CleanImage(f"im{i}", torch.rand(3, 12, 12)) for i in range(3)]
-    records = make_records(images, modality, 0, 20, 0, second_draw=True)
+    records = make_records(images, modality, 0, 20, 0, second_draw=True, burst=method == "m2m")
+    for record in records:
+        record.task_inputs = {task: task_input(task, record, modality)}
     model = build_model("unet", 4, 1, raw=raw)
     objective = make_objective(method, config, None if raw else ResNet50Encoder(1))
-    sampler = CropSampler(records, 8, torch.Generator().manual_seed(0), raw=raw)
+    sampler = CropSampler(
+        records, 8, torch.Generator().manual_seed(0), raw=raw, task=supervised_task(method), burst=method == "m2m"
+    )
     loss, parts = objective(model, sampler.sample(3), sampler.generator)
     loss.backward()
     assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in parts.values())
@@ -343,8 +356,8 @@ def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, m
     assert main(tiny_run(image_folder, tmp_path, "whole", *steps)) == 0
     real_save = trainer.save_checkpoint
 
-    def killed_while_saving_step_4(path, model, optimizer=None, generator=None, metadata=None):
-        real_save(path, model, optimizer, generator, metadata)
+    def killed_while_saving_step_4(path, model, optimizer=None, generator=None, metadata=None, extra=None):
+        real_save(path, model, optimizer, generator, metadata, extra)
         if (metadata or {}).get("step") == 4:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a non-atomic write leaves
             raise KeyboardInterrupt

@@ -321,7 +321,15 @@ def test_method_names():
     assert canonical_method("rcl", "bd") == "rcl-bd"
     assert canonical_method("RCL-MMD", "emd") == "rcl-mmd"
     with pytest.raises(ValueError, match="unknown method"):
-        canonical_method("moco", "emd")
+        canonical_method("simclr", "emd")
+    assert canonical_method("moco", "emd") == "moco"
+    assert canonical_method("sl-denoise", "emd", "raw") == "sl-jdd"
+    with pytest.raises(ValueError, match="not defined for --modality raw"):
+        canonical_method("pixcl", "emd", "raw")
+    with pytest.raises(ValueError, match="not defined for --modality rgb"):
+        canonical_method("m2m", "emd", "rgb")
+    with pytest.raises(ValueError, match="a --modality raw task"):
+        canonical_method("sl-jdd", "emd", "rgb")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +439,7 @@ def test_cli_flags_override_preset(capsys):
     assert printed["pretrain_steps"] == 7 and printed["eval_crop"] is None and printed["seeds"] == [1, 2]
     assert printed["crop_size"] == 48 and printed["progress"] is False
     with pytest.raises(SystemExit):
-        main(["--methods", "moco"])
+        main(["--methods", "simclr"])
 
 
 def test_cli_reports_missing_data_folder(tmp_path, capsys):

@@ -18,11 +18,14 @@ Residual contrastive learning (RCL) pre-training on noisy images and its proxy e
 
 Pre-trains a restoration network (U-Net or DnCNN) on noisy images without clean labels with
 RCL (residual contrastive loss with an EMD, MMD or Bhattacharyya distance, plus the
-consistency loss) and with the baselines noise2noise, noise2self and a supervised Oracle;
-then, for each downstream task (denoising, x2 super-resolution), freezes the network but its
-last layer, re-initialises and fine-tunes that layer with L1 on labelled images, and reports
-PSNR/SSIM on held-out test images (mean over seeds) in a table shaped like the paper's Table 1,
-with the residual-distance density plot (Fig. 2) and sample image grids.
+consistency loss) and with the baselines noise2noise, noise2self, mosaic2mosaic (RAW), a MoCo
+v2-style ResNet-FCN and a pixel-level contrastive U-Net (RGB), and supervised pre-training (the
+Oracle of each task, SL on one task); then, for each downstream task (RGB: denoising, x2/x4
+super-resolution, joint denoising + SR; RAW: joint demosaicing + denoising, + SR, all three),
+freezes the network but its last layer (a ResNet-FCN: its decoder), re-initialises and fine-tunes
+that with L1 on labelled images, and reports PSNR/SSIM on held-out test images (mean over seeds)
+in tables shaped like the paper's, with the residual-distance density plot (Fig. 2) and sample
+image grids.
 
 Noise: heteroscedastic Gaussian, Var = lambda_shot * y + lambda_read (Eq. 3), with
 sqrt(lambda_shot), sqrt(lambda_read) ~ U(a, b) per image (Eq. 16-17); RAW mode mosaics
@@ -33,11 +36,19 @@ sample images, so everything runs offline.
 EPILOG = (
     "presets:\n"
     + "\n".join(
-        f"  {name}: " + ", ".join(f"{key}={value}" for key, value in values.items()) for name, values in PRESETS.items()
+        f"  {name}: " + ", ".join(f"{key}={value}" for key, value in values.items())
+        for name, values in PRESETS.items()
+        if not name.startswith("table")
     )
+    + "\n  table1-quick ... table5-full: the experiments of rcl-train experiment (see rcl_ops/train/experiments.py)"
     + """
 
+one command per table of the paper (a quick CPU setting on the bundled images, or --scale full, the paper's):
+  rcl-train experiment table1|table2|table3|table4|table5 [--scale quick|full] [any option above]
+  writes paper_comparison.md (the paper's numbers beside ours) in the run folder
+
 examples:
+  rcl-train experiment table4                  # Table 4 (RAW: JDD, JDemSR, JDDSR; M2M, SL (JDD)) in minutes
   rcl-train --preset quick                      # a smoke-level demo of the pipeline on a CPU in minutes
   rcl-train --preset small                      # the most faithful CPU setting, about 30 minutes
   rcl-train --preset paper --data-dir photos/   # the paper's settings, for a GPU
@@ -93,8 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``rcl-train``; returns the process exit status."""
+def experiment_main(argv: list[str]) -> int:
+    """``rcl-train experiment tableN [--scale quick|full] [options]``: the preset ``tableN-<scale>`` with the
+    options given, then paper_comparison.md beside results.md."""
+    from .experiments import EXPERIMENTS, SCALES
+
+    chooser = argparse.ArgumentParser(
+        prog="rcl-train experiment",
+        description="Run the experiment of one table of the paper and write paper_comparison.md (the paper's "
+        "numbers beside ours) in the run folder. Any rcl-train option may follow and overrides the experiment's "
+        "setting (see rcl-train --help).",
+        add_help=True,
+    )
+    chooser.add_argument("table", choices=tuple(EXPERIMENTS), help="the paper's table")
+    chooser.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="quick",
+        help="quick: CPU minutes on the bundled images (default); full: the paper's settings, for a GPU and your data",
+    )
+    chosen, rest = chooser.parse_known_args(argv)
+    return main(["--preset", f"{chosen.table}-{chosen.scale}", *rest], experiment=(chosen.table, chosen.scale))
+
+
+def main(argv: list[str] | None = None, experiment: tuple[str, str] | None = None) -> int:
+    """Entry point of ``rcl-train``; returns the process exit status. ``experiment``: (table, scale) of
+    ``rcl-train experiment``, whose comparison with the paper is written after the run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "experiment":
+        return experiment_main(argv[1:])
     parser = build_parser()
     options = vars(parser.parse_args(argv))
     print_config = options.pop("print_config")
@@ -118,5 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print()
     print(report.format_table(summary))
-    print(f"\nresults: {summary['environment']['run_dir']}/results.md (and results.json, figures/)")
+    run_dir = summary["environment"]["run_dir"]
+    print(f"\nresults: {run_dir}/results.md (and results.json, figures/)")
+    if experiment is not None:
+        from pathlib import Path
+
+        from .experiments import comparison_markdown
+        from .files import write_text_atomically
+
+        comparison = comparison_markdown(*experiment, summary)
+        write_text_atomically(Path(run_dir) / "paper_comparison.md", comparison)
+        print(f"\n{comparison}\npaper comparison: {run_dir}/paper_comparison.md")
     return 0

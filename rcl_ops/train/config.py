@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import BUNDLED_SETS, DATA_FORMATS, MODALITIES, TASKS
+from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
-from .losses import ENCODER_KINDS, canonical_method
+from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, experiment_presets
+from .losses import ENCODER_KINDS, SUPERVISED_PREFIX, canonical_method
 from .models import MODELS
 
 
@@ -117,9 +118,13 @@ class TrainConfig:
     # pre-training
     methods: list[str] = _option(
         ["rcl", "n2n", "n2s", "oracle"],
-        "pre-training methods to compare: rcl (with --distance), rcl-emd, "
-        "rcl-mmd, rcl-bd, n2n (noise2noise), n2s (noise2self), oracle (supervised on clean targets), "
-        "random (no pre-training)",
+        "pre-training methods to compare: rcl (with --distance), rcl-emd, rcl-mmd, rcl-bd, n2n (noise2noise), "
+        "n2s (noise2self), m2m (mosaic2mosaic, RAW: pairs of noisy mosaics under sensor shifts), moco (MoCo "
+        "v2-style instance contrast of a ResNet-FCN's encoder; its decoder is what the proxy evaluation "
+        "fine-tunes; RGB), pixcl (pixel-level contrast of a U-Net in the manner of VADeR/PixContrast; RGB), "
+        "oracle (supervised pre-training on each --tasks task, evaluated on that task), sl-<task> (supervised "
+        "pre-training on one task, evaluated on every task: sl-denoise is the paper's 'SL (Den)', sl-jdd its "
+        "'SL (JDD)'), random (no pre-training)",
         "pre-training",
         nargs="+",
     )
@@ -216,8 +221,10 @@ class TrainConfig:
     # proxy evaluation
     tasks: list[str] = _option(
         ["denoise", "sr2"],
-        "downstream tasks: denoise (joint demosaicing and denoising "
-        "for raw) and sr2 (x2 super-resolution of the clean image, rgb only)",
+        "downstream tasks. RGB: denoise, sr2 / sr4 (x2 / x4 super-resolution of the clean image), jdensr2 "
+        "(joint denoising and x2 SR: noise on the low-resolution image). RAW: jdd (joint demosaicing and "
+        "denoising; 'denoise' means jdd), jdemsr2 (joint demosaicing and x2 SR of a clean mosaic), jddsr2 "
+        "(all three). The target is the clean RGB image; SR inputs are brought to the target grid (bicubic)",
         "proxy evaluation",
         nargs="+",
     )
@@ -298,9 +305,10 @@ class TrainConfig:
         None,
         "quick (a smoke-level demo of the whole pipeline on a CPU in a few minutes, three seeds), small (the "
         "most faithful setting a 2-core CPU runs in about 30 minutes, three seeds), paper (the paper's settings, "
-        "for a GPU) or sidd (Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU)",
+        "for a GPU), sidd (Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU), or one paper table's "
+        "experiment, table1-quick ... table5-full (as rcl-train experiment runs them)",
         "run",
-        choices=("quick", "small", "paper", "sidd"),
+        choices=("quick", "small", "paper", "sidd", *experiment_presets()),
     )
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
@@ -337,15 +345,16 @@ class TrainConfig:
         if not self.output_dir:
             raise ValueError("--output-dir must not be empty")
 
-        self.methods = list(dict.fromkeys(canonical_method(m, self.distance) for m in self.methods))
-        self.tasks = list(dict.fromkeys(self.tasks))
+        self.methods = list(dict.fromkeys(canonical_method(m, self.distance, self.modality) for m in self.methods))
+        self.tasks = list(dict.fromkeys(canonical_task(t, self.modality) for t in self.tasks))
         self.seeds = list(dict.fromkeys(self.seeds))
         self.encoders = list(dict.fromkeys(self.encoders))
         self.labels = list(dict.fromkeys(self.labels))
         for spec in self.labels:
             label_count(spec, 1)  # ValueError naming the bad value
-        if self.labels and "denoise" not in self.tasks:
-            raise ValueError("--labels runs the label-efficiency study on denoising: add denoise to --tasks")
+        denoising = DENOISING_TASK[self.modality]
+        if self.labels and denoising not in self.tasks:
+            raise ValueError(f"--labels runs the label-efficiency study on {denoising}: add {denoising} to --tasks")
         if not self.encoders:
             raise ValueError("--encoders needs at least one encoder")
         if "file" in self.encoders and self.encoder_weights is None:
@@ -358,9 +367,8 @@ class TrainConfig:
             raise ValueError("--encoder-weights is given but --encoders does not include file; add file to --encoders")
         if not self.methods:
             raise ValueError("--methods needs at least one method")
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
-            raise ValueError(f"unknown --tasks {unknown}; choose from {TASKS}")
+        if not self.tasks:
+            raise ValueError(f"--tasks needs at least one task; choose from {TASKS}")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
         raw = self.modality == "raw"
@@ -371,10 +379,11 @@ class TrainConfig:
                 raise ValueError("--data-format sidd holds sRGB images: use --modality rgb")
             if "n2n" in self.methods:
                 raise ValueError("--data-format sidd has one noisy shot per scene: remove n2n from --methods")
-        if raw and "sr2" in self.tasks:
-            raise ValueError("the sr2 task is defined for --modality rgb only; use --tasks denoise with raw data")
-        if ("sr2" in self.tasks or raw) and self.crop_size % 2:
-            raise ValueError(f"--crop-size must be even for sr2 and raw data, got {self.crop_size}")
+            simulated = [t for t in self.tasks if t in NOISY_TASKS and t != "denoise"]
+            if simulated:
+                raise ValueError(f"--tasks {simulated} simulate noise, which --data-format sidd does not: remove them")
+        if (self.tasks != ["denoise"] or raw) and self.crop_size % 2:
+            raise ValueError(f"--crop-size must be even for the tasks {self.tasks} and raw data, got {self.crop_size}")
         if self.model == "dncnn" and self.depth is not None and self.depth < 2:
             raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {self.depth}")
         if any(m.startswith("rcl-") for m in self.methods) and self.batch_size < 2:
@@ -403,15 +412,25 @@ class TrainConfig:
         return self
 
     def run_keys(self) -> list[str]:
-        """What is pre-trained, in order: each method, and each RCL method on RGB data once per encoder
-        ('rcl-emd+random', 'rcl-emd+file', ...)."""
+        """What is pre-trained, in order: each method, each RCL method on RGB data once per encoder
+        ('rcl-emd+random', 'rcl-emd+file', ...), and the Oracle as supervised pre-training on each task
+        ('sl-denoise', 'sl-sr2', ...: each evaluated on its own task, see ``evaluation_tasks``)."""
         keys = []
         for method in self.methods:
             if method.startswith("rcl-") and self.modality == "rgb":
                 keys += [f"{method}+{encoder}" for encoder in self.encoders]
+            elif method == "oracle":
+                keys += [SUPERVISED_PREFIX + task for task in self.tasks]
             else:
                 keys.append(method)
-        return keys
+        return list(dict.fromkeys(keys))
+
+    def evaluation_tasks(self, key: str) -> list[str]:
+        """The tasks a run key is proxy-evaluated on: every task, except for a supervised pre-training that
+        is there only as the Oracle of its own task."""
+        if key.startswith(SUPERVISED_PREFIX) and key not in self.methods:
+            return [key[len(SUPERVISED_PREFIX) :]]
+        return list(self.tasks)
 
 
 def label_count(spec: str, num_train: int) -> int:
@@ -543,17 +562,6 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
     return hint, False, optional
 
 
-# The paper's optimisation (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, alpha 1e-3,
-# temperature 0.1; shared by the presets that follow it.
-PAPER_OPTIMISATION = {
-    "lr": 1e-3,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_eps": 1e-7,
-    "alpha": 1e-3,
-    "temperature": 0.1,
-}
-
 PRESETS: dict[str, dict] = {
     # A smoke-level demo of the whole pipeline on a 2-core CPU in about 3-4 minutes (``make demo``): the 7
     # colour sample images cut into 128x128 tiles after the split (200 training tiles of 5 photographs, 28
@@ -563,27 +571,7 @@ PRESETS: dict[str, dict] = {
     # --preset small. One torch thread: on a 2-core machine that is also busy with something else, two
     # OpenMP threads ran up to 10x slower per step (measured), one thread at most ~1.6x slower than two on
     # an idle machine.
-    "quick": {
-        "bundled_images": "rgb",
-        "tile_size": 128,
-        "crop_size": 48,
-        "width": 16,
-        "depth": 2,
-        "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
-        "encoders": ["random"],
-        "pretrain_steps": 100,
-        "batch_size": 8,
-        "tasks": ["denoise"],
-        "finetune_steps": 150,
-        "finetune_batch_size": 8,
-        "finetune_lr": 1e-2,
-        "finetune_schedule": "cosine",
-        "seeds": [0, 1, 2],
-        "checkpoint_every": 100,
-        "log_every": 10,
-        "density_batches": 4,
-        "threads": 1,
-    },
+    "quick": {**QUICK_SCALE, "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"], "tasks": ["denoise"]},
     # The most faithful setting that a 2-core CPU runs in about 30 minutes: the paper's optimiser (Adam
     # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, temperature 0.1, L_contrast summed over the batch, three
     # seeds; the 7 colour sample images, each cut into 128x128 tiles after the split (200 training tiles
@@ -640,21 +628,11 @@ PRESETS: dict[str, dict] = {
     # states no step counts; 20000 pre-training and 2000 fine-tuning steps are our choice. RCL-MMD at
     # crops 128 needs a native backend (cpu/cuda "grid" method): the reference backend's exact O(M^2)
     # sum over M = 49152 values per residual is far too slow.
-    "paper": {
-        "crop_size": 128,
-        "width": 32,
-        "depth": 4,
-        "methods": ["rcl-emd", "rcl-mmd", "rcl-bd", "n2n", "n2s", "oracle"],
-        "pretrain_steps": 20000,
-        "batch_size": 64,
-        **PAPER_OPTIMISATION,
-        "contrast_reduction": "sum",
-        "encoders": ["file"],  # ImageNet weights: refused without --encoder-weights unless --encoders is given
-        "finetune_steps": 2000,
-        "finetune_batch_size": 32,
-        "seeds": [0, 1, 2, 3, 4],
-    },
+    "paper": {**PAPER_SCALE, "methods": ["rcl-emd", "rcl-mmd", "rcl-bd", "n2n", "n2s", "oracle"]},
 }
+
+
+PRESETS.update(experiment_presets())
 
 
 def read_config_file(path: str | Path) -> dict:

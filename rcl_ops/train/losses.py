@@ -1,4 +1,5 @@
-"""Pre-training objectives: RCL (Eq. 5 + Eq. 9-11), noise2noise, noise2self and the supervised Oracle.
+"""Pre-training objectives: RCL (Eq. 5 + Eq. 9-11), noise2noise, noise2self, mosaic2mosaic and supervised
+pre-training on a task (the Oracle, "SL (Den)"); MoCo and the pixel-level contrast are in baselines.py.
 
 Each objective is called as ``objective(model, batch, generator) -> (loss, parts)`` with a
 ``CropBatch`` of two crops of B distinct noisy images; ``parts`` maps names to detached
@@ -16,26 +17,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ResidualContrastiveLoss, residual_contrastive_loss
-from .data import CropBatch
+from .data import TASK_TITLES, CropBatch, canonical_task
 from .diagnostics import contrastive_chance, retrieval_accuracy
 from .models import ResNet50Encoder
 from .noise import keys_translate, mosaic
 
 DISTANCES = ("emd", "mmd", "bd")
-BASELINES = ("n2n", "n2s", "oracle", "random")
-METHOD_TITLES = {"n2n": "N2N", "n2s": "N2S", "oracle": "Oracle", "random": "Random init"}
+BASELINES = ("n2n", "n2s", "m2m", "moco", "pixcl", "oracle", "random")
+RGB_ONLY_METHODS = ("moco", "pixcl")
+RAW_ONLY_METHODS = ("m2m",)
+METHOD_TITLES = {
+    "n2n": "N2N",
+    "n2s": "N2S",
+    "m2m": "M2M",
+    "moco": "MoCo (ResNet-FCN)",
+    "pixcl": "PixCL (VADeR/PixContrast-style)",
+    "oracle": "Oracle",
+    "random": "Random init",
+}
+SUPERVISED_PREFIX = "sl-"  # 'sl-<task>': supervised pre-training on that task, e.g. 'sl-denoise' = SL (Den)
 
 
-def canonical_method(name: str, default_distance: str) -> str:
-    """'rcl' -> 'rcl-<default_distance>'; 'rcl-emd', 'n2n', ... unchanged; ValueError otherwise."""
+def canonical_method(name: str, default_distance: str, modality: str = "rgb") -> str:
+    """'rcl' -> 'rcl-<default_distance>'; 'sl-<task>' with the modality's task name ('sl-denoise' on RAW
+    is 'sl-jdd'); 'rcl-emd', 'n2n', ... unchanged; ValueError otherwise (also for a method the modality
+    lacks)."""
     name = name.lower()
     if name == "rcl":
         name = f"rcl-{default_distance}"
+    if name.startswith(SUPERVISED_PREFIX):
+        return SUPERVISED_PREFIX + canonical_task(name[len(SUPERVISED_PREFIX) :], modality)
     if name.startswith("rcl-") and name[4:] in DISTANCES or name in BASELINES:
+        if modality == "raw" and name in RGB_ONLY_METHODS or modality == "rgb" and name in RAW_ONLY_METHODS:
+            raise ValueError(f"method {name!r} is not defined for --modality {modality}")
         return name
     raise ValueError(
-        f"unknown method {name!r}; choose from rcl, {', '.join('rcl-' + d for d in DISTANCES)}, {', '.join(BASELINES)}"
+        f"unknown method {name!r}; choose from rcl, {', '.join('rcl-' + d for d in DISTANCES)}, "
+        f"{', '.join(BASELINES)}, sl-<task>"
     )
+
+
+def supervised_task(method: str) -> str | None:
+    """The task a supervised pre-training key learns: 'sl-sr2' -> 'sr2'; None for other methods."""
+    return method[len(SUPERVISED_PREFIX) :] if method.startswith(SUPERVISED_PREFIX) else None
 
 
 ENCODER_KINDS = ("random", "self", "file")
@@ -43,9 +67,11 @@ ENCODER_TITLES = {"random": "random", "self": "self-pre-trained", "file": "weigh
 
 
 def method_title(method: str) -> str:
-    """Display name: 'rcl-emd' -> 'RCL-EMD', 'rcl-emd+random' -> 'RCL-EMD (g_e: random)', 'n2n' -> 'N2N'."""
+    """Display name: 'rcl-emd' -> 'RCL-EMD', 'rcl-emd+random' -> 'RCL-EMD (g_e: random)', 'n2n' -> 'N2N',
+    'sl-denoise' -> 'SL (Denoising)'."""
     method, _, encoder = method.partition("+")
-    title = METHOD_TITLES.get(method, method.upper())
+    task = supervised_task(method)
+    title = f"SL ({TASK_TITLES[task]})" if task else METHOD_TITLES.get(method, method.upper())
     return f"{title} (g_e: {ENCODER_TITLES.get(encoder, encoder)})" if encoder else title
 
 
@@ -238,13 +264,43 @@ class Noise2SelfObjective(nn.Module):
         return loss, {"n2s": loss.detach()}
 
 
-class SupervisedObjective(nn.Module):
-    """The Oracle: supervised pre-training on clean targets, mean |f(x) - y|."""
+class Mosaic2MosaicObjective(nn.Module):
+    """mosaic2mosaic (Ehret et al. 2019) in the simulated setting: the network's RGB output for one noisy
+    mosaic, sampled with the RGGB colours of another noisy mosaic of the same scene recorded under a sensor
+    shift (a burst frame), against that mosaic: mean |masks_b * f(x_a) - x_b|, summed over colours. The
+    shifts move the pattern, so every colour is a target at every pixel over the burst: the network
+    learns to demosaic and (the frames' noise being independent) to denoise without clean images. The
+    shifts are known integers here; the original estimates the motion of real bursts. L1: with zero-mean
+    symmetric noise its minimiser is the clean value, as for the L2 of noise2noise."""
 
     def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        if batch.second_masks_q is None:
+            raise ValueError("mosaic2mosaic needs burst frames (CropSampler(burst=True))")
         observed = torch.cat([batch.observed_q, batch.observed_k])
+        target = torch.cat([batch.second_q, batch.second_k])
+        masks = torch.cat([batch.second_masks_q, batch.second_masks_k])
+        prediction = (model(observed) * masks).sum(dim=1, keepdim=True)
+        loss = F.l1_loss(prediction, target)
+        return loss, {"m2m": loss.detach()}
+
+
+class SupervisedObjective(nn.Module):
+    """Supervised pre-training, mean |f(x) - y| with clean targets y: on the noisy observations (the
+    denoising Oracle, ``task`` None) or on a downstream task's inputs (``task``: the batches' task crops)."""
+
+    def __init__(self, task: str | None = None):
+        super().__init__()
+        self.task = task
+
+    def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
+        if self.task is None:
+            inputs = torch.cat([batch.observed_q, batch.observed_k])
+        elif batch.task_q is None:
+            raise ValueError(f"supervised pre-training on {self.task} needs its task crops (CropSampler(task=...))")
+        else:
+            inputs = torch.cat([batch.task_q, batch.task_k])
         clean = torch.cat([batch.clean_q, batch.clean_k])
-        loss = F.l1_loss(model(observed), clean)
+        loss = F.l1_loss(model(inputs), clean)
         return loss, {"l1": loss.detach()}
 
 

@@ -148,13 +148,27 @@ def keys_translate(image: torch.Tensor, shift_y: float, shift_x: float) -> torch
     return out
 
 
-def downsample2(image: torch.Tensor) -> torch.Tensor:
-    """x2 antialiased bicubic downsampling: (N, C, H, W) -> (N, C, H // 2, W // 2), H and W even."""
-    if image.shape[-1] % 2 or image.shape[-2] % 2:
-        raise ValueError(f"downsample2: height and width must be even, got {tuple(image.shape[-2:])}")
-    return F.interpolate(image, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
+def downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """x``factor`` antialiased bicubic downsampling (Keys a = -0.5, the kernel widened by ``factor``, as
+    PIL's ``Image.resize(..., BICUBIC)``): (N, C, H, W) -> (N, C, H / factor, W / factor); H and W must be
+    multiples of ``factor``."""
+    if image.dim() != 4 or image.shape[-1] % factor or image.shape[-2] % factor:
+        raise ValueError(
+            f"downsample: expected (N, C, H, W) with H and W multiples of {factor}, got shape {tuple(image.shape)}"
+        )
+    return F.interpolate(image, scale_factor=1 / factor, mode="bicubic", antialias=True, align_corners=False)
 
 
-def upsample2(image: torch.Tensor) -> torch.Tensor:
-    """x2 bicubic upsampling: (N, C, h, w) -> (N, C, 2h, 2w)."""
-    return F.interpolate(image, scale_factor=2.0, mode="bicubic", align_corners=False)
+def upsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """x``factor`` bicubic upsampling (Keys a = -0.75, pixel centres aligned, borders replicated, as
+    ``torch.nn.functional.interpolate``): (N, C, h, w) -> (N, C, factor h, factor w)."""
+    if image.dim() != 4:
+        raise ValueError(f"upsample: expected (N, C, H, W), got shape {tuple(image.shape)}")
+    return F.interpolate(image, scale_factor=float(factor), mode="bicubic", align_corners=False)
+
+
+def bayer_masks_at(height: int, width: int, phase: tuple[int, int], dtype=torch.float32, device=None) -> torch.Tensor:
+    """(3, H, W) RGGB masks of a window whose top-left pixel sits at ``phase`` = (row % 2, col % 2) of the
+    sensor's pattern: mask[c, i, j] = 1 where the sensor samples colour c at (phase + (i, j))."""
+    full = bayer_masks(height + 1, width + 1, dtype, device)
+    return full[:, phase[0] : phase[0] + height, phase[1] : phase[1] + width].contiguous()

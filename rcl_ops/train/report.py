@@ -11,12 +11,20 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, config_to_dict, label_count
-from .data import TASK_TITLES
+from .data import DENOISING_TASK, TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
-from .losses import method_title
+from .losses import SUPERVISED_PREFIX, method_title
 
-INPUT_TITLES = {("denoise", "rgb"): "noisy", ("denoise", "raw"): "bilinear demosaic", ("sr2", "rgb"): "bicubic"}
+INPUT_TITLES = {
+    "denoise": "noisy",
+    "sr2": "bicubic",
+    "sr4": "bicubic",
+    "jdensr2": "bicubic of noisy",
+    "jdd": "bilinear demosaic",
+    "jdemsr2": "bilinear demosaic",
+    "jddsr2": "bilinear demosaic",
+}
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -30,36 +38,60 @@ def _mean_std(values: list[float]) -> dict:
 def _input_row(config: TrainConfig, naive: dict[str, TestScores]) -> dict:
     return {
         "method": "input",
-        "title": "Input (" + ", ".join(INPUT_TITLES[(t, config.modality)] for t in config.tasks) + ")",
+        "title": "Input (" + ", ".join(dict.fromkeys(INPUT_TITLES[t] for t in config.tasks)) + ")",
         "tasks": {
             t: {"psnr": _mean_std([naive[t].mean_psnr]), "ssim": _mean_std([naive[t].mean_ssim])} for t in config.tasks
         },
     }
 
 
+def task_runs(runs: list[dict], method: str, task: str, key: str) -> list[dict]:
+    """The runs holding ``method``'s scores on ``task`` under ``key`` ("tasks" or "as_is"); the Oracle of a
+    task is the supervised pre-training on that task ('sl-<task>')."""
+    source = SUPERVISED_PREFIX + task if method == "oracle" else method
+    return [r for r in runs if r["method"] == source and task in r.get(key, {})]
+
+
+def _row(method: str, title: str, tasks: list[str], runs: list[dict], key: str) -> dict | None:
+    scores = {}
+    for task in tasks:
+        mine = task_runs(runs, method, task, key)
+        if mine:
+            scores[task] = {
+                "psnr": _mean_std([r[key][task]["psnr"] for r in mine]),
+                "ssim": _mean_std([r[key][task]["ssim"] for r in mine]),
+            }
+    if not scores:
+        return None
+    mine = [r for t in scores for r in task_runs(runs, method, t, key)]
+    return {
+        "method": method,
+        "title": title,
+        "seeds": sorted({r["seed"] for r in mine}),
+        "tasks": scores,
+        "pretrain_seconds": statistics.fmean(r.get("pretrain", {}).get("seconds", 0.0) for r in mine),
+    }
+
+
 def _method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
     """One row per method: mean and std over seeds of the scores under ``key`` ("tasks": proxy
-    evaluation, "as_is": the pre-trained network itself)."""
+    evaluation, "as_is": the pre-trained network itself); a task a method was not evaluated on is left
+    out of its row. The Oracle row takes each task from the supervised pre-training on that task; an
+    'SL (<task>)' row leaves its own task to the Oracle row when there is one."""
     rows = []
     for method in config.run_keys():
-        mine = [r for r in runs if r["method"] == method and r.get(key)]
-        if not mine:
-            continue
-        rows.append(
-            {
-                "method": method,
-                "title": method_title(method),
-                "seeds": [r["seed"] for r in mine],
-                "tasks": {
-                    t: {
-                        "psnr": _mean_std([r[key][t]["psnr"] for r in mine]),
-                        "ssim": _mean_std([r[key][t]["ssim"] for r in mine]),
-                    }
-                    for t in config.tasks
-                },
-                "pretrain_seconds": statistics.fmean(r.get("pretrain", {}).get("seconds", 0.0) for r in mine),
-            }
-        )
+        if method.startswith(SUPERVISED_PREFIX) and method not in config.methods:
+            continue  # only there as an Oracle
+        tasks = list(config.tasks)
+        if method.startswith(SUPERVISED_PREFIX) and "oracle" in config.methods:
+            tasks = [t for t in tasks if SUPERVISED_PREFIX + t != method]
+        row = _row(method, method_title(method), tasks, runs, key)
+        if row is not None:
+            rows.append(row)
+    if "oracle" in config.methods:
+        row = _row("oracle", method_title("oracle"), list(config.tasks), runs, key)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -157,7 +189,8 @@ def label_efficiency(config: TrainConfig, runs: list[dict], label_results: list[
     }
     zero = {}
     for protocol in protocols[1:]:
-        as_is = [r["as_is"]["denoise"] for r in runs if r["method"] == protocol and r.get("as_is")]
+        task = DENOISING_TASK[config.modality]
+        as_is = [r["as_is"][task] for r in runs if r["method"] == protocol and task in r.get("as_is", {})]
         if as_is:
             zero[protocol] = {
                 "psnr": _mean_std([a["psnr"] for a in as_is]),
@@ -265,8 +298,8 @@ def paired_difference(differences: list[float], confidence: float = 0.95) -> dic
 
 
 def _per_image_psnr(runs: list[dict], key: str, method: str, task: str) -> dict[int, list[float]]:
-    """{seed: per-image PSNR} of ``method``'s runs under ``key`` ("tasks" or "as_is")."""
-    return {r["seed"]: r[key][task]["psnr_per_image"] for r in runs if r["method"] == method and r.get(key)}
+    """{seed: per-image PSNR} of ``method``'s runs on ``task`` under ``key`` ("tasks" or "as_is")."""
+    return {r["seed"]: r[key][task]["psnr_per_image"] for r in task_runs(runs, method, task, key)}
 
 
 def compare(rows: list[dict], tasks: list[str], runs: list[dict], key: str, naive: dict[str, TestScores]) -> list[dict]:
@@ -278,11 +311,11 @@ def compare(rows: list[dict], tasks: list[str], runs: list[dict], key: str, naiv
     for method, row in by_method.items():
         if not method.startswith("rcl-"):
             continue
-        for baseline in ("n2n", "n2s", "random", "oracle", "input"):
-            if baseline not in by_method:
-                continue
+        for baseline in [m for m in by_method if not m.startswith("rcl-")]:
             other = by_method[baseline]
             for task in tasks:
+                if task not in row["tasks"] or task not in other["tasks"]:
+                    continue
                 d_psnr = row["tasks"][task]["psnr"]["mean"] - other["tasks"][task]["psnr"]["mean"]
                 d_ssim = row["tasks"][task]["ssim"]["mean"] - other["tasks"][task]["ssim"]["mean"]
                 mine = _per_image_psnr(runs, key, method, task)
@@ -339,7 +372,8 @@ def _score_table(rows: list[dict], tasks: list[str]) -> list[str]:
     for row in rows:
         cells = [row["title"]]
         for task in tasks:
-            cells += [_cell(row["tasks"][task]["psnr"], 2), _cell(row["tasks"][task]["ssim"], 4)]
+            scores = row["tasks"].get(task)
+            cells += [_cell(scores["psnr"], 2), _cell(scores["ssim"], 4)] if scores else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -42,8 +42,18 @@ from torch import nn
 import rcl_ops
 
 from . import distributed
+from .baselines import MoCoObjective, PixelContrastObjective, ResNetFCN
 from .config import TrainConfig, config_to_dict, flag, label_count
-from .data import CropSampler, DataError, check_image_sizes, load_split, make_records, task_input
+from .data import (
+    DENOISING_TASK,
+    CropSampler,
+    DataError,
+    check_image_sizes,
+    load_split,
+    make_records,
+    records_multiple,
+    task_input,
+)
 from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy, summarise_history
 from .encoder_pretraining import self_supervised_encoder
 from .evaluate import (
@@ -58,6 +68,7 @@ from .files import DamagedFileError, atomic_path, read_json, write_json_atomical
 from .losses import (
     DISTANCE_SCALES,
     FeatureConsistencyLoss,
+    Mosaic2MosaicObjective,
     Noise2NoiseObjective,
     Noise2SelfObjective,
     RawConsistencyLoss,
@@ -68,6 +79,7 @@ from .losses import (
     residual,
     residual_distance_gaps,
     split_run_key,
+    supervised_task,
 )
 from .models import ResNet50Encoder, build_model, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
@@ -210,11 +222,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
     metadata: dict | None = None,
+    extra: nn.Module | None = None,
 ) -> None:
-    """Write model (and optimizer/generator) state to ``path`` atomically as safetensors."""
+    """Write model (and optimizer/generator, and ``extra``: a stateful objective's momentum encoders and
+    queues) state to ``path`` atomically as safetensors."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    if extra is not None:
+        tensors.update({f"extra.{key}": value.detach().cpu().contiguous() for key, value in extra.state_dict().items()})
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -234,6 +250,7 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
+    extra: nn.Module | None = None,
 ) -> dict:
     """Restore what ``save_checkpoint`` wrote; returns the decoded metadata. DamagedFileError naming the
     file when it cannot be read or does not fit ``model``/``optimizer``/``generator``."""
@@ -247,6 +264,8 @@ def load_checkpoint(
         raise DamagedFileError(path, f"{type(error).__name__}: {error}") from error
     try:
         model.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("model.")})
+        if extra is not None:
+            extra.load_state_dict({key[6:]: value for key, value in tensors.items() if key.startswith("extra.")})
         if optimizer is not None:
             state: dict = {}
             for key, value in tensors.items():
@@ -262,13 +281,18 @@ def load_checkpoint(
 
 
 def save_pretraining_checkpoint(
-    checkpoint_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, meta: dict
+    checkpoint_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    meta: dict,
+    extra: nn.Module | None = None,
 ) -> None:
     """Save the pre-training state as pretrain_last, keeping the one it replaces as pretrain_previous."""
     last = checkpoint_dir / PRETRAIN_LAST
     if last.exists():
         os.replace(last, checkpoint_dir / PRETRAIN_PREVIOUS)
-    save_checkpoint(last, model, optimizer, generator, meta)
+    save_checkpoint(last, model, optimizer, generator, meta, extra)
 
 
 def restore_pretraining(
@@ -277,6 +301,7 @@ def restore_pretraining(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     say: Callable[[str], None],
+    extra: nn.Module | None = None,
 ) -> dict | None:
     """Load the newest readable pre-training checkpoint; returns its metadata, or None if there is none.
 
@@ -289,7 +314,7 @@ def restore_pretraining(
         if not path.exists():
             continue
         try:
-            meta = load_checkpoint(path, model, optimizer, generator)
+            meta = load_checkpoint(path, model, optimizer, generator, extra)
             if not isinstance(meta.get("step"), int):
                 raise DamagedFileError(path, "its metadata holds no step")
         except DamagedFileError as error:
@@ -338,8 +363,14 @@ def make_objective(
         return Noise2NoiseObjective(raw)
     if method == "n2s":
         return Noise2SelfObjective(config.n2s_grid, raw)
-    if method == "oracle":
-        return SupervisedObjective()
+    if method == "m2m":
+        return Mosaic2MosaicObjective()
+    if method == "moco":
+        return MoCoObjective()
+    if method == "pixcl":
+        return PixelContrastObjective()
+    if supervised_task(method) is not None:
+        return SupervisedObjective(supervised_task(method))
     raise ValueError(f"method {method!r} has no pre-training objective")
 
 
@@ -361,12 +392,19 @@ def pretrain(
     from the newest readable checkpoint there. Returns {"steps", "seconds", "final_loss", "resumed_from"}.
     Under torchrun (``run``): DDP, each rank its shard of the global batch, rank 0 reads and writes
     the checkpoints (rcl_ops/train/distributed.py)."""
+    # A stateful objective (momentum encoders, queues, projection heads: MoCo, PixCL) starts afresh from
+    # the model, trains its own heads with the model and is checkpointed with it.
+    stateful = objective if hasattr(objective, "start") else None
+    parameters = list(model.parameters())
+    if stateful is not None:
+        stateful.start(model, sampler.generator)
+        parameters += list(stateful.extra_parameters())
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
+        parameters, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
     )
     start, last_loss, history = 0, math.nan, []
     restore = resume and run.is_main
-    saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say) if restore else None
+    saved = restore_pretraining(checkpoint_dir, model, optimizer, sampler.generator, say, stateful) if restore else None
     saved = distributed.share_training_state(model, optimizer, sampler.generator, saved, run)
     trained = distributed.wrap(model, run)
     if saved is not None:
@@ -396,6 +434,8 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if stateful is not None:
+            stateful.after_step(model)
         if not run.is_main:
             continue
         last_loss = float(global_loss)
@@ -412,6 +452,7 @@ def pretrain(
                 optimizer,
                 sampler.generator,
                 {"step": done, "loss": last_loss, "history": history},
+                stateful,
             )
     return {
         "steps": config.pretrain_steps,
@@ -643,10 +684,20 @@ class Experiment:
                 "lower --num-labelled"
             )
         noise = (config.modality, config.sigma_min, config.sigma_max, config.noise_seed)
-        self.train = make_records(train_images, *noise, second_draw="n2n" in config.methods)
-        self.test = make_records(test_images, *noise, second_draw=False)
+        self.run_keys = config.run_keys()
+        # the tasks whose inputs are needed: the evaluated ones and those of supervised pre-training
+        input_tasks = list(dict.fromkeys([*config.tasks, *filter(None, map(supervised_task, self.run_keys))]))
+        multiple = records_multiple(input_tasks)
+        self.train = make_records(
+            train_images, *noise, second_draw="n2n" in config.methods, burst="m2m" in config.methods, multiple=multiple
+        )
+        self.test = make_records(test_images, *noise, second_draw=False, multiple=multiple)
         for record in self.train + self.test:
-            record.task_inputs = {task: task_input(task, record, config.modality) for task in config.tasks}
+            record.task_inputs = {
+                task: task_input(task, record, config.modality, config.noise_seed) for task in input_tasks
+            }
+        if run.active and any(m in ("moco", "pixcl") for m in config.methods):
+            raise RunError("moco and pixcl keep momentum encoders and queues per process: run them without torchrun")
         label_order = np.random.default_rng(config.split_seed).permutation(len(self.train)).tolist()
         self.label_order = [self.train[i] for i in label_order]  # nested labelled subsets: its first N
         self.labelled = self.label_order[: config.num_labelled or len(self.train)]
@@ -655,7 +706,6 @@ class Experiment:
             raise DataError(
                 f"--labels {self.label_levels[-1]} exceeds the {len(self.train)} training images; lower it or use all"
             )
-        self.run_keys = config.run_keys()
         self.encoders: dict[str, nn.Module] = {}
         self.encoder_records: dict[str, dict] = {}
         for kind in dict.fromkeys(k for k in (split_run_key(key)[1] for key in self.run_keys) if k is not None):
@@ -775,12 +825,13 @@ class Experiment:
                 self.logger.log(protocol, seed, f"sl-{count}", step, {"l1": loss})
 
         generator = seeded_generator(seed, "supervised", str(count))
+        task = DENOISING_TASK[config.modality]
         seconds = train_supervised(
-            model, "denoise", self.label_order[:count], settings, generator, self.device, self.raw, log_step
+            model, task, self.label_order[:count], settings, generator, self.device, self.raw, log_step
         )
-        scores = evaluate_restorer(model, self.test, "denoise", self.device, config.eval_crop)
+        scores = evaluate_restorer(model, self.test, task, self.device, config.eval_crop)
         result = {"protocol": protocol, "seed": seed, "labels": count, "seconds": seconds, **_scores_dict(scores)}
-        self.say(f"  {tag}: denoise PSNR {scores.mean_psnr:.2f} dB, SSIM {scores.mean_ssim:.4f} ({seconds:.1f} s)")
+        self.say(f"  {tag}: {task} PSNR {scores.mean_psnr:.2f} dB, SSIM {scores.mean_ssim:.4f} ({seconds:.1f} s)")
         write_json_atomically(result_path, result)
         return result
 
@@ -805,6 +856,18 @@ class Experiment:
         record["state_sha256"] = state_sha256(encoder)
         return encoder, record
 
+    def _initial_model(self, method: str, seed: int, initial_state: dict) -> nn.Module:
+        """The network ``method`` starts from: the seed's shared initialisation of --model, or for moco a
+        ResNet-FCN (--width, --depth stages) initialised from the seed."""
+        config = self.config
+        if method == "moco":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, "init", "resnet-fcn"))
+                return ResNetFCN(config.width or 32, max(1, config.depth or 3), self.raw)
+        model = build_model(config.model, config.width, config.depth, self.raw)
+        model.load_state_dict(initial_state)
+        return model
+
     def _gaps(self, model: nn.Module | None) -> np.ndarray:
         return distance_gaps(model, self.train, self.config, self.density_distance, self.device).numpy()
 
@@ -823,15 +886,21 @@ class Experiment:
         if distributed.broadcast(reused is not None, self.dist):
             return reused
 
-        model = build_model(config.model, config.width, config.depth, self.raw)
-        model.load_state_dict(initial_state)
-        model.to(self.device)
+        model = self._initial_model(method, seed, initial_state).to(self.device)
+        tasks = config.evaluation_tasks(method)
         result: dict = {"method": method, "seed": seed}
         encoder_kind = split_run_key(method)[1]
         if encoder_kind is not None:
             result["encoder"] = self.encoder_records[encoder_kind]
         if method != "random" and config.pretrain_steps > 0:
-            sampler = CropSampler(self.train, config.crop_size, seeded_generator(seed, "pretrain"), self.raw)
+            sampler = CropSampler(
+                self.train,
+                config.crop_size,
+                seeded_generator(seed, "pretrain"),
+                self.raw,
+                task=supervised_task(method),
+                burst=method == "m2m",
+            )
             result["pretrain"] = pretrain(
                 model,
                 self.objectives[method].to(self.device),
@@ -847,6 +916,7 @@ class Experiment:
             )
         if not self.dist.is_main:
             return result  # the run folder and the proxy evaluation are rank 0's
+        if "pretrain" in result:
             self.say(
                 f"  {tag}: pre-trained {config.pretrain_steps} steps in {result['pretrain']['seconds']:.1f} s, "
                 f"final loss {result['pretrain']['final_loss']:.4g}"
@@ -866,10 +936,10 @@ class Experiment:
         model.eval()  # the network as pre-trained, no layer replaced: the "0 labels" row
         result["as_is"] = {
             task: _scores_dict(evaluate_restorer(model, self.test, task, self.device, config.eval_crop))
-            for task in config.tasks
+            for task in tasks
         }
         result["tasks"] = {}
-        for task in config.tasks if config.finetune_steps > 0 else ():
+        for task in tasks if config.finetune_steps > 0 else ():
 
             def log_finetune(step: int, loss: float, task: str = task) -> None:
                 if step % config.log_every == 0 or step == config.finetune_steps:
@@ -917,13 +987,14 @@ class Experiment:
         """A finished (method, seed)'s saved result, and for the first seed its figure data from
         ``samples_path``; DamagedFileError naming a file that cannot be read."""
         result = read_json(result_path)
-        proxy_tasks = self.config.tasks if self.config.finetune_steps > 0 else []
+        tasks = self.config.evaluation_tasks(method)
+        proxy_tasks = tasks if self.config.finetune_steps > 0 else []
         if (
             not isinstance(result, dict)
             or not set(proxy_tasks) <= set(result.get("tasks", {}))
-            or not set(self.config.tasks) <= set(result.get("as_is", {}))
+            or not set(tasks) <= set(result.get("as_is", {}))
         ):
-            raise DamagedFileError(result_path, f"it lacks the scores of the tasks {self.config.tasks}")
+            raise DamagedFileError(result_path, f"it lacks the scores of the tasks {tasks}")
         if samples_path is not None:
             _load_samples(samples_path, method, self.examples, self.densities)
         self.say(f"  {tag}: reused finished result")

@@ -1,0 +1,99 @@
+"""``rcl-train experiment table1 ... table5``: every table's command end to end at tiny sizes, and the presets."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+from skimage import io
+
+from rcl_ops.train.cli import main
+from rcl_ops.train.config import PRESETS, build_config
+from rcl_ops.train.experiments import EXPERIMENTS, PAPER_ROW_METHODS, PAPER_TABLES
+
+# The experiment's own settings, shrunk: one seed, a few steps, tiny networks and crops.
+TINY = [
+    "--crop-size", "16", "--width", "4", "--depth", "2", "--pretrain-steps", "2", "--finetune-steps", "2",
+    "--batch-size", "3", "--finetune-batch-size", "4", "--eval-crop", "24", "--no-progress", "--seeds", "0",
+    "--checkpoint-every", "2", "--density-batches", "1", "--grid-images", "1", "--sl-steps", "2", "--no-plots",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:36, 0:36] / 36
+    for index in range(8):
+        channels = [0.5 + 0.4 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y)) for _ in "rgb"]
+        io.imsave(folder / f"img{index}.png", (np.stack(channels, -1) * 255).astype(np.uint8), check_contrast=False)
+    return folder
+
+
+def our_cells(markdown: str) -> dict[str, list[str]]:
+    """The rows of the comparison table (paper's row name -> its cells)."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in PAPER_ROW_METHODS:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("table", sorted(EXPERIMENTS))
+def test_each_table_runs_end_to_end(table, image_folder, tmp_path, capsys):
+    labels = ["--labels", "2", "all"] if table == "table3" else []
+    args = ["experiment", table, "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", table]
+    assert main([*args, *TINY, *labels]) == 0
+    out = capsys.readouterr().out
+    comparison = (tmp_path / table / "paper_comparison.md").read_text()
+    assert comparison in out
+    paper = PAPER_TABLES[table]
+    assert comparison.startswith(f"# {paper['title']}")
+    assert "The paper's numbers (as printed)" in comparison and "seed(s) [0], device cpu" in comparison
+    first_row, first_values = next(iter(paper["rows"].items()))
+    printed = next(v for v in first_values if v is not None)
+    assert f"{printed[0]:.2f} / {printed[1]:.4f}" in comparison  # the paper's numbers, beside ours
+    if table in ("table3", "table5"):
+        ours = comparison.split("Ours (PSNR / SSIM")[1]
+        for count in (2, 6):  # 2 labels (table5: 30% of 6) and all 6 training images, SL and RCL + SL
+            assert re.search(rf"^\| {count} \| \d+\.\d+ / 0\.\d+ \| \d+\.\d+ / 0\.\d+ \|$", ours, re.M)
+        if table == "table5":
+            assert "STAND-IN" in comparison  # no SIDD data given: simulated noise, said so
+        return
+    rows = our_cells(comparison)
+    assert set(rows) == set(paper["rows"])
+    for name, cells in rows.items():
+        ours = cells[len(paper["columns"]) :]
+        assert len(ours) == len(paper["tasks"])
+        for task, cell in zip(paper["tasks"], ours):
+            if name.startswith("SL (") and cell == "-":  # an SL row's own task is the Oracle's cell
+                assert PAPER_ROW_METHODS[name] == f"sl-{task}"
+                continue
+            psnr, ssim = (float(part) for part in cell.split(" / "))
+            assert math.isfinite(psnr) and -1 <= ssim <= 1, (name, task, cell)
+    assert "Our ranking by PSNR" in comparison and "Paper's ranking by PSNR" in comparison
+
+
+def test_experiment_presets_are_valid_configurations():
+    for name, scales in EXPERIMENTS.items():
+        for scale in scales:
+            preset = f"{name}-{scale}"
+            assert preset in PRESETS
+            extra = {"encoder_weights": "resnet50.pth"} if "file" in PRESETS[preset].get("encoders", []) else {}
+            if PRESETS[preset].get("data_format") == "sidd":
+                extra["data_dir"] = "sidd/"
+            config = build_config(preset, **extra)
+            assert config.tasks == PAPER_TABLES[name]["tasks"]
+    # the quick scale is the quick preset's: one definition
+    assert {k: v for k, v in PRESETS["quick"].items() if k not in ("methods", "tasks")} == {
+        k: v for k, v in PRESETS["table1-quick"].items() if k not in ("methods", "tasks")
+    }
+
+
+def test_experiment_command_refuses_unknown_tables(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "table9"])
+    assert "invalid choice: 'table9'" in capsys.readouterr().err
