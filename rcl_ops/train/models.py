@@ -8,6 +8,7 @@ where x is (N, 3, H, W) RGB or (N, 1, H, W) RGGB RAW; its last layer is ``self.h
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from pathlib import Path
@@ -147,26 +148,55 @@ def layer_output_count(model: nn.Module, inputs: torch.Tensor) -> int:
     return total
 
 
+_NORMALISATIONS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _uniform_fan_in_(layer: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default initialisation of a Linear/conv/transposed-conv layer, drawn from ``generator``:
+    weight and bias uniform in +-1/sqrt(fan_in) (kaiming_uniform_(a=sqrt(5)) has that bound), where
+    fan_in = weight.shape[1] * prod(kernel) as torch's _calculate_fan_in_and_fan_out computes it (for a
+    transposed conv weight.shape[1] is out_channels / groups, for a conv in_channels / groups)."""
+    fan_in = layer.weight.shape[1] * math.prod(layer.weight.shape[2:])
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    for parameter in (layer.weight, layer.bias):
+        if parameter is not None:
+            draw = torch.rand(parameter.shape, generator=generator, device=generator.device)
+            parameter.copy_(draw * 2 * bound - bound)
+
+
 def replace_head(model: nn.Module, generator: torch.Generator) -> None:
-    """Replace ``model.head`` by a freshly initialised layer of the same shape (PyTorch's default
-    conv initialisation, drawn from ``generator``)."""
-    old = model.head
-    new = torch.nn.utils.skip_init(
-        nn.Conv2d,
-        old.in_channels,
-        old.out_channels,
-        old.kernel_size,
-        padding=old.padding,
-        bias=old.bias is not None,
-        device=old.weight.device,
-        dtype=old.weight.dtype,
-    )
-    fan_in = old.in_channels * math.prod(old.kernel_size)
-    bound = 1 / math.sqrt(fan_in)
+    """Replace ``model.head`` (a layer or a module of layers, e.g. a decoder) by a freshly initialised copy
+    of the same structure: PyTorch's default initialisation of every layer, random values drawn from
+    ``generator`` only (the global RNG is neither used nor advanced), normalisation layers reset (unit
+    scale, zero shift, fresh running statistics).
+
+    Supported layers with parameters: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d (uniform +-1/sqrt(fan_in),
+    weight then bias, layers in ``modules()`` order), BatchNorm/InstanceNorm/GroupNorm/LayerNorm; any
+    other layer with parameters of its own raises TypeError. A Conv2d head gets exactly the values of
+    the original single-conv implementation.
+    """
+    new = copy.deepcopy(model.head)
+    layers = list(new.modules())
+    for layer in layers:
+        if next(layer.parameters(recurse=False), None) is None and not isinstance(layer, _NORMALISATIONS):
+            continue
+        if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd, *_NORMALISATIONS)) or isinstance(
+            layer, nn.modules.lazy.LazyModuleMixin
+        ):
+            raise TypeError(
+                f"replace_head: cannot re-initialise a {type(layer).__name__} layer in the head; supported "
+                "layers with parameters are Linear, Conv*d, ConvTranspose*d and BatchNorm/InstanceNorm/GroupNorm/"
+                "LayerNorm"
+            )
     with torch.no_grad():
-        # kaiming_uniform_(a=sqrt(5)) as in nn.Conv2d.reset_parameters gives the same bound 1/sqrt(fan_in)
-        for parameter in new.parameters():
-            parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 * bound - bound)
+        for layer in layers:
+            if isinstance(layer, _NORMALISATIONS):
+                layer.reset_parameters()
+            elif isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
+                _uniform_fan_in_(layer, generator)
+    for parameter in new.parameters():
+        parameter.grad = None
+        parameter.requires_grad_(True)
     model.head = new
 
 
