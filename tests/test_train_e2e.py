@@ -176,6 +176,39 @@ def test_pretraining_resumes_exactly(tmp_path):
         assert torch.equal(model_c.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("method", ["moco", "pixcl"])
+def test_stateful_objectives_resume_exactly(method, tmp_path):
+    """MoCo and the pixel contrast keep momentum encoders, projection heads and queues: a resumed run
+    restores them from the checkpoint and ends bit-identical to an uninterrupted one."""
+    from rcl_ops.train.baselines import ResNetFCN
+
+    config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=2, methods=[method])
+    interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2, methods=[method])
+    records = tiny_records()
+
+    def fresh():  # a new process: a new network, sampler and objective
+        model, sampler = fresh_pretraining(records)
+        if method == "moco":
+            torch.manual_seed(1)
+            model = ResNetFCN(4, 2)
+        return model, sampler, make_objective(method, config, None)
+
+    def run(config, folder, resume, parts):
+        model, sampler, objective = parts
+        summary = pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / folder,
+                           lambda *_: None, lambda it, **_: it, resume=resume)  # fmt: skip
+        return model, objective, summary
+
+    whole, whole_objective, _ = run(config, "a", False, fresh())
+    run(interrupted, "b", False, fresh())
+    resumed, resumed_objective, summary = run(config, "b", True, fresh())
+    assert summary["resumed_from"] == 2
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    for key, value in whole_objective.state_dict().items():
+        assert torch.equal(resumed_objective.state_dict()[key], value), key
+
+
 def test_pretraining_falls_back_to_the_previous_checkpoint(tmp_path):
     config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=1)
     records = tiny_records()
