@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import CropBatch
-from .encoder_pretraining import _random_flip
+from .encoder_pretraining import random_flip
 from .noise import raw_to_planes
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ class MoCoObjective(_MomentumObjective):
 
     def _augment(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if crops.shape[1] != 1:
-            crops = _random_flip(crops, generator)
+            crops = random_flip(crops, generator)
         return _jitter(crops, self.jitter, generator)
 
     def embeddings(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):

@@ -580,10 +580,8 @@ PRESETS: dict[str, dict] = {
     # width 16 and depth 3, 200 pre-training steps. The paper's ImageNet encoder is not available offline:
     # g_e is pre-trained on the noisy training tiles (--encoders self).
     "small": {
-        "bundled_images": "rgb",
-        "tile_size": 128,
+        **QUICK_SCALE,
         "crop_size": 64,
-        "width": 16,
         "depth": 3,
         "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
         "encoders": ["self"],
@@ -595,13 +593,6 @@ PRESETS: dict[str, dict] = {
         "tasks": ["denoise"],
         "finetune_steps": 300,
         "finetune_batch_size": 16,
-        "finetune_lr": 1e-2,
-        "finetune_schedule": "cosine",
-        "seeds": [0, 1, 2],
-        "checkpoint_every": 100,
-        "log_every": 10,
-        "density_batches": 4,
-        "threads": 1,
     },
     # Sec. 4.4 / Table 5 on real noisy data in the SIDD layout (--data-dir, supplied by the user): a DnCNN,
     # 80/20 split, crops 128, batch 64, constant lr 1e-3; RCL pre-training on all training images, then

@@ -58,7 +58,8 @@ def instance_contrastive_loss(first: torch.Tensor, second: torch.Tensor, tempera
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def _random_flip(crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_flip(crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each (N, C, H, W) crop flipped left-right with probability 1/2 (draws from ``generator``)."""
     flip = torch.rand(crops.shape[0], generator=generator) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1).to(crops.device), crops.flip(-1), crops)
 
@@ -89,8 +90,8 @@ def train_self_supervised_encoder(
     loss = torch.tensor(float("nan"))
     for step in range(config.encoder_pretrain_steps):
         batch = sampler.sample(batch_size).to(device)
-        first = _random_flip(batch.observed_q, generator)
-        second = _random_flip(batch.observed_k, generator)
+        first = random_flip(batch.observed_q, generator)
+        second = random_flip(batch.observed_k, generator)
         embeddings = projection(encoder(torch.cat([first, second])).mean(dim=(2, 3)))
         loss = instance_contrastive_loss(embeddings[:batch_size], embeddings[batch_size:], ENCODER_TEMPERATURE)
         if not torch.isfinite(loss):
