@@ -125,11 +125,12 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-def test_raw_dncnn_end_to_end(image_folder, tmp_path, capsys):
+@pytest.mark.parametrize("raw_input", ["planes", "packed"])
+def test_raw_dncnn_end_to_end(raw_input, image_folder, tmp_path, capsys):
     args = [
         "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--modality", "raw", "--model", "dncnn",
         "--depth", "3", "--methods", "rcl-bd", "n2n", "n2s", "--tasks", "denoise", "--seeds", "0", "--no-plots",
-        *TINY[: TINY.index("--depth")], *TINY[TINY.index("--depth") + 2 :],
+        "--raw-input", raw_input, *TINY[: TINY.index("--depth")], *TINY[TINY.index("--depth") + 2 :],
     ]  # fmt: skip
     assert main(args) == 0
     rows = read_table_rows(capsys.readouterr().out)

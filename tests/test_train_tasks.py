@@ -18,8 +18,18 @@ from rcl_ops.train.data import (
     records_multiple,
     task_input,
 )
+from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
 from rcl_ops.train.losses import Mosaic2MosaicObjective, SupervisedObjective
-from rcl_ops.train.noise import RGGB_PATTERN, bayer_masks_at, demosaic_bilinear, downsample, mosaic, upsample
+from rcl_ops.train.models import build_model
+from rcl_ops.train.noise import (
+    RGGB_PATTERN,
+    bayer_masks_at,
+    demosaic_bilinear,
+    downsample,
+    mosaic,
+    pack_raw,
+    upsample,
+)
 
 
 def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -220,3 +230,50 @@ def test_supervised_pretraining_on_a_task_uses_its_inputs():
         SupervisedObjective("sr2")(lambda x: x, CropSampler(records, 8, torch.Generator(), raw=False).sample(2), None)
     with pytest.raises(ValueError, match="task 'sr4'"):
         CropSampler(records, 8, torch.Generator(), raw=False, task="sr4")
+
+
+def test_packed_raw_holds_each_pattern_position_in_its_channel():
+    raw = torch.rand(2, 1, 6, 8)
+    packed = pack_raw(raw)
+    assert packed.shape == (2, 4, 3, 4)
+    for channel, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # R, G, G, B
+        assert torch.equal(packed[:, channel], raw[:, 0, dy::2, dx::2])
+    with pytest.raises(ValueError, match="H and W even"):
+        pack_raw(torch.rand(1, 1, 5, 8))
+
+
+@pytest.mark.parametrize("model", ["unet", "dncnn"])
+def test_packed_raw_networks_return_full_resolution_rgb(model):
+    """Footnote 3's packed input: the network works at half resolution and its 12-channel head is
+    pixel-shuffled into the RGB image, one colour triple per pixel of each 2x2 block."""
+    torch.manual_seed(0)
+    network = build_model(model, 4, 2 if model == "unet" else 3, raw=True, raw_input="packed")
+    x = torch.rand(2, 1, 12, 20)
+    features = network.features(x)
+    assert features.shape[-2:] == (6, 10) and network.head.out_channels == 12
+    out = network(x)
+    assert out.shape == (2, 3, 12, 20)
+    with torch.no_grad():  # a head that writes channel c * 4 + k reaches colour c at block position k
+        network.head.weight.zero_()
+        network.head.bias.zero_()
+        network.head.bias[1 * 4 + 2] = 1.0  # green at (1, 0) of every block
+    image = network.from_features(x, features)
+    base = demosaic_bilinear(x) if model == "dncnn" else torch.zeros_like(image)
+    sign = -1 if model == "dncnn" else 1  # DnCNN subtracts its head's output from the base image
+    expected = torch.zeros_like(image)
+    expected[:, 1, 1::2, 0::2] = 1.0
+    torch.testing.assert_close(image, base + sign * expected)
+    # the proxy evaluation replaces the 12-channel head and trains only it
+    images = [CleanImage(f"im{i}", torch.rand(3, 16, 16)) for i in range(3)]
+    records = make_records(images, "raw", 0, 20, 0, second_draw=False)
+    for record in records:
+        record.task_inputs["jdd"] = record.observed
+    settings = ProxySettings(steps=2, batch_size=2, crop_size=8, lr=1e-2)
+    tuned, scores, _ = proxy_evaluate(network, "jdd", records, records, settings, torch.Generator(), "cpu", True)
+    assert tuned.head.out_channels == 12 and len(scores.psnr) == 3
+
+
+def test_packed_input_is_for_raw_data():
+    assert build_config(modality="raw", tasks=["jdd"], raw_input="packed").raw_input == "packed"
+    with pytest.raises(ValueError, match="--raw-input packed"):
+        build_config(modality="rgb", raw_input="packed")

@@ -22,7 +22,7 @@ from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_
 from .evaluate import SCHEDULES
 from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, experiment_presets
 from .losses import ENCODER_KINDS, SUPERVISED_PREFIX, canonical_method
-from .models import MODELS
+from .models import MODELS, RAW_INPUTS
 
 
 def _option(default, help: str, group: str, **extra):
@@ -86,6 +86,14 @@ class TrainConfig:
         "RAW residual x - mosaic(f(x)) and the RAW consistency loss (Eq. 11)",
         "data",
         choices=MODALITIES,
+    )
+    raw_input: str = _option(
+        "planes",
+        "how the networks take a RAW mosaic: planes (three sparse colour planes at full resolution) or packed "
+        "(the paper's footnote 3: the 2x2 RGGB pattern as 4 channels at half resolution; the head gives 12 "
+        "channels, pixel-shuffled to the full-resolution RGB image)",
+        "data",
+        choices=RAW_INPUTS,
     )
     crop_size: int = _option(128, "side of the random training crops (two per image for RCL)", "data")
     sigma_min: float = _option(0.0, "smallest noise std at full-scale intensity, in 8-bit units (/255)", "data")
@@ -382,6 +390,8 @@ class TrainConfig:
             simulated = [t for t in self.tasks if t in NOISY_TASKS and t != "denoise"]
             if simulated:
                 raise ValueError(f"--tasks {simulated} simulate noise, which --data-format sidd does not: remove them")
+        if self.raw_input == "packed" and not raw:
+            raise ValueError("--raw-input packed packs RGGB mosaics: use it with --modality raw")
         if (self.tasks != ["denoise"] or raw) and self.crop_size % 2:
             raise ValueError(f"--crop-size must be even for the tasks {self.tasks} and raw data, got {self.crop_size}")
         if self.model == "dncnn" and self.depth is not None and self.depth < 2:

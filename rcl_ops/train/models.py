@@ -17,9 +17,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise import demosaic_bilinear, raw_to_planes
+from .noise import demosaic_bilinear, pack_raw, raw_to_planes
 
 MODELS = ("unet", "dncnn")
+RAW_INPUTS = ("planes", "packed")
+
+
+class RawLayout:
+    """How a network sees an RGGB mosaic (N, 1, H, W) and returns full-resolution RGB.
+
+    planes: three sparse colour planes at full resolution (zeros where a colour is not sampled), 3
+    channels in, 3 out. packed (the paper's footnote 3): the 2x2 pattern packed into 4 channels at half
+    resolution; the network works at H / 2 x W / 2 and its head gives 12 channels, which a pixel shuffle
+    turns into the (N, 3, H, W) image (one RGB value per pixel of each 2x2 block). RGB input: as is."""
+
+    def __init__(self, raw: bool, raw_input: str = "planes"):
+        if raw_input not in RAW_INPUTS:
+            raise ValueError(f"unknown raw_input {raw_input!r}; choose one of {RAW_INPUTS}")
+        self.packed = raw and raw_input == "packed"
+        self.raw = raw
+        self.in_channels = 4 if self.packed else 3
+        self.out_channels = 12 if self.packed else 3
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return pack_raw(x)
+        return raw_to_planes(x) if self.raw else x
+
+    def image(self, head_output: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(head_output, 2) if self.packed else head_output
+
+
 DEFAULT_WIDTH = {"unet": 32, "dncnn": 64}
 DEFAULT_DEPTH = {"unet": 4, "dncnn": 17}
 
@@ -42,27 +70,28 @@ class UNet(nn.Module):
     ``depth`` 2x2 max-pool downsamplings, channels width * 2^level, transposed-conv
     upsampling with skip concatenation, and a 1x1 conv ``head`` to 3 channels. Any H, W:
     the input is replicate-padded to a multiple of 2^depth and the output cropped back.
-    ``raw=True`` takes an RGGB mosaic (N, 1, H, W), fed to the network as sparse colour planes.
+    ``raw=True`` takes an RGGB mosaic (N, 1, H, W), fed to the network as ``raw_input`` (``RawLayout``:
+    sparse colour planes, or packed 4-channel at half resolution with a pixel-shuffled head).
     """
 
-    def __init__(self, width: int = 32, depth: int = 4, raw: bool = False):
+    def __init__(self, width: int = 32, depth: int = 4, raw: bool = False, raw_input: str = "planes"):
         super().__init__()
         if width < 1 or depth < 0:
             raise ValueError(f"UNet: width must be >= 1 and depth >= 0, got width={width}, depth={depth}")
         self.raw, self.depth = raw, depth
+        self.layout = RawLayout(raw, raw_input)
         channels = [width * 2**level for level in range(depth + 1)]
-        self.encoders = nn.ModuleList([DoubleConv(3, channels[0])])
+        self.encoders = nn.ModuleList([DoubleConv(self.layout.in_channels, channels[0])])
         self.encoders.extend(DoubleConv(channels[i], channels[i + 1]) for i in range(depth))
         self.upsamplers = nn.ModuleList(
             nn.ConvTranspose2d(channels[i + 1], channels[i], 2, stride=2) for i in reversed(range(depth))
         )
         self.decoders = nn.ModuleList(DoubleConv(2 * channels[i], channels[i]) for i in reversed(range(depth)))
-        self.head = nn.Conv2d(channels[0], 3, 1)
+        self.head = nn.Conv2d(channels[0], self.layout.out_channels, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, Cin, H, W) -> (N, width, H, W), the input of the head."""
-        if self.raw:
-            x = raw_to_planes(x)
+        """(N, Cin, H, W) -> (N, width, H, W) (H / 2, W / 2 for packed RAW), the input of the head."""
+        x = self.layout.network_input(x)
         height, width = x.shape[-2:]
         multiple = 2**self.depth
         pad_h, pad_w = -height % multiple, -width % multiple
@@ -78,8 +107,8 @@ class UNet(nn.Module):
         return x[..., :height, :width]
 
     def from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """The output given ``features = self.features(x)``: head(features)."""
-        return self.head(features)
+        """The output given ``features = self.features(x)``: head(features) (pixel-shuffled for packed RAW)."""
+        return self.layout.image(self.head(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3 or 1, H, W) -> the restored image (N, 3, H, W)."""
@@ -91,41 +120,46 @@ class DnCNN(nn.Module):
 
     ``depth`` 3x3 conv layers: conv + ReLU, (depth - 2) x (conv + BatchNorm + ReLU), and the
     ``head`` conv to 3 channels. base(x) = x for RGB, the bilinear demosaic of x for RAW, so
-    the residual x - f(x) (or x - mosaic(f(x))) is the predicted noise in both cases.
+    the residual x - f(x) (or x - mosaic(f(x))) is the predicted noise in both cases. RAW input as
+    ``raw_input`` (``RawLayout``).
     """
 
-    def __init__(self, width: int = 64, depth: int = 17, raw: bool = False):
+    def __init__(self, width: int = 64, depth: int = 17, raw: bool = False, raw_input: str = "planes"):
         super().__init__()
         if width < 1 or depth < 2:
             raise ValueError(f"DnCNN: width must be >= 1 and depth >= 2, got width={width}, depth={depth}")
         self.raw = raw
-        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True)]
+        self.layout = RawLayout(raw, raw_input)
+        layers: list[nn.Module] = [nn.Conv2d(self.layout.in_channels, width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Conv2d(width, 3, 3, padding=1)
+        self.head = nn.Conv2d(width, self.layout.out_channels, 3, padding=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, Cin, H, W) -> (N, width, H, W)."""
-        return self.body(raw_to_planes(x) if self.raw else x)
+        """(N, Cin, H, W) -> (N, width, H, W) (H / 2, W / 2 for packed RAW)."""
+        return self.body(self.layout.network_input(x))
 
     def from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The output given ``features = self.features(x)``: base(x) - head(features)."""
         base = demosaic_bilinear(x) if self.raw else x
-        return base - self.head(features)
+        return base - self.layout.image(self.head(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3 or 1, H, W) -> the restored image (N, 3, H, W)."""
         return self.from_features(x, self.features(x))
 
 
-def build_model(name: str, width: int | None = None, depth: int | None = None, raw: bool = False) -> nn.Module:
-    """A restoration network by name ("unet" or "dncnn"); None width/depth take the model's default."""
+def build_model(
+    name: str, width: int | None = None, depth: int | None = None, raw: bool = False, raw_input: str = "planes"
+) -> nn.Module:
+    """A restoration network by name ("unet" or "dncnn"); None width/depth take the model's default;
+    ``raw_input``: how RAW mosaics enter it (``RawLayout``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
     width = DEFAULT_WIDTH[name] if width is None else width
     depth = DEFAULT_DEPTH[name] if depth is None else depth
-    return (UNet if name == "unet" else DnCNN)(width=width, depth=depth, raw=raw)
+    return (UNet if name == "unet" else DnCNN)(width=width, depth=depth, raw=raw, raw_input=raw_input)
 
 
 def layer_output_count(model: nn.Module, inputs: torch.Tensor) -> int:

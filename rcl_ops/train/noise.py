@@ -99,6 +99,14 @@ def raw_to_planes(raw: torch.Tensor) -> torch.Tensor:
     return raw * bayer_masks(raw.shape[-2], raw.shape[-1], raw.dtype, raw.device)
 
 
+def pack_raw(raw: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) RGGB mosaic -> (N, 4, H / 2, W / 2): the paper's footnote 3 (after Gharbi et al. 2016),
+    one channel per position of the 2x2 pattern, in the order R (0, 0), G (0, 1), G (1, 0), B (1, 1)."""
+    if raw.dim() != 4 or raw.shape[1] != 1 or raw.shape[-1] % 2 or raw.shape[-2] % 2:
+        raise ValueError(f"pack_raw: expected an (N, 1, H, W) mosaic with H and W even, got shape {tuple(raw.shape)}")
+    return F.pixel_unshuffle(raw, 2)
+
+
 _BILINEAR_GREEN = torch.tensor([[0.0, 0.25, 0.0], [0.25, 1.0, 0.25], [0.0, 0.25, 0.0]])
 _BILINEAR_RED_BLUE = torch.tensor([[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]])
 

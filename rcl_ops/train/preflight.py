@@ -117,7 +117,7 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
     channels, size = (1 if raw else 3), config.crop_size
     rcl_on_rgb = not raw and any(m.startswith("rcl-") for m in config.methods)
     with torch.device("meta"):
-        model = build_model(config.model, config.width, config.depth, raw)
+        model = build_model(config.model, config.width, config.depth, raw, config.raw_input)
         parameters = sum(p.numel() for p in model.parameters())
         pretrain_crops = 2 * config.batch_size  # two crops of each image
         pretraining = layer_output_count(model.train(), torch.empty(pretrain_crops, channels, size, size))

@@ -750,7 +750,7 @@ class Experiment:
         try:
             for seed_index, seed in enumerate(config.seeds):
                 torch.manual_seed(derive_seed(seed, "init"))
-                initial = build_model(config.model, config.width, config.depth, self.raw)
+                initial = build_model(config.model, config.width, config.depth, self.raw, config.raw_input)
                 initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
                 if seed_index == 0 and config.plots and self.dist.is_main:
                     initial.to(self.device)
@@ -814,7 +814,7 @@ class Experiment:
                 raise DamagedFileError(result_path, "it lacks the per-image scores")
             except DamagedFileError as error:
                 self.say(f"  {tag}: {error}; computing this result again")
-        model = build_model(config.model, config.width, config.depth, self.raw)
+        model = build_model(config.model, config.width, config.depth, self.raw, config.raw_input)
         model.load_state_dict(initial_state)
         if protocol != "sl":
             load_checkpoint(self.run_dir / "checkpoints" / protocol / f"seed{seed}" / "pretrained.safetensors", model)
@@ -864,7 +864,7 @@ class Experiment:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, "init", "resnet-fcn"))
                 return ResNetFCN(config.width or 32, max(1, config.depth or 3), self.raw)
-        model = build_model(config.model, config.width, config.depth, self.raw)
+        model = build_model(config.model, config.width, config.depth, self.raw, config.raw_input)
         model.load_state_dict(initial_state)
         return model
 
