@@ -97,3 +97,19 @@ def test_experiment_command_refuses_unknown_tables(capsys):
     with pytest.raises(SystemExit):
         main(["experiment", "table9"])
     assert "invalid choice: 'table9'" in capsys.readouterr().err
+
+
+def test_comparison_names_each_encoder_and_says_when_nothing_was_fine_tuned(image_folder, tmp_path, capsys):
+    args = [
+        "experiment", "table2", "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", "t",
+        *TINY, "--methods", "n2n", "rcl-emd", "--encoders", "random", "self", "--encoder-pretrain-steps", "1",
+        "--finetune-steps", "0",
+    ]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    comparison = (tmp_path / "t" / "paper_comparison.md").read_text()
+    assert "ours, as pre-trained (no fine-tuning): SR x2 PSNR / SSIM" in comparison
+    rows = [line for line in comparison.splitlines() if line.startswith("| RCL-EMD")]
+    assert len(rows) == 2 and "g_e: random" in rows[0] and "g_e: self-pre-trained" in rows[1]
+    assert all(re.search(r"\| \d+\.\d+ / -?0\.\d+ \|", row) for row in rows)
+    assert "Our ranking by PSNR (ours, as pre-trained (no fine-tuning)), SR x2:" in comparison

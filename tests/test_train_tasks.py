@@ -16,6 +16,7 @@ from rcl_ops.train.data import (
     canonical_task,
     make_records,
     records_multiple,
+    shifted_frame,
     task_input,
 )
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
@@ -169,6 +170,8 @@ def test_tasks_are_checked_per_modality():
         build_config(modality="raw", tasks=["sr4"])
     with pytest.raises(ValueError, match="simulate noise"):
         build_config(data_format="sidd", data_dir=".", tasks=["jdensr2"], methods=["rcl-emd"])
+    with pytest.raises(ValueError, match="simulate noise"):
+        build_config(data_format="sidd", data_dir=".", tasks=["denoise"], methods=["rcl-emd", "sl-jdensr2"])
 
 
 def test_burst_frames_show_the_scene_under_the_sensor_shift():
@@ -183,9 +186,13 @@ def test_burst_frames_show_the_scene_under_the_sensor_shift():
                 colour = RGGB_PATTERN[i % 2][j % 2]
                 scene = image[colour, max(i - dy, 0), max(j - dx, 0)]
                 assert frame[0, i, j] == scene
-    noisy = make_records([CleanImage("a", image)], "raw", 5, 20, 0, second_draw=False, burst=True)[0]
-    frames = [frame for _, frame in noisy.burst]
-    assert not torch.equal(frames[0], frames[1])  # each frame its own noise
+    # each frame its own noise draw, independent of the observation's and of noise2noise's second draw
+    noisy = make_records([CleanImage("a", image)], "raw", 5, 20, 0, second_draw=True, burst=True)[0]
+    noises = [frame - mosaic(shifted_frame(image, shift)[None])[0] for shift, frame in noisy.burst]
+    noises += [noisy.observed - noisy.observed_clean, noisy.observed_second - noisy.observed_clean]
+    for i in range(len(noises)):
+        for j in range(i):
+            assert abs(float(torch.corrcoef(torch.stack([noises[i].flatten(), noises[j].flatten()]))[0, 1])) < 0.5
 
 
 def test_burst_crops_cover_the_same_scene_window():

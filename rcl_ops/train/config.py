@@ -387,9 +387,13 @@ class TrainConfig:
                 raise ValueError("--data-format sidd holds sRGB images: use --modality rgb")
             if "n2n" in self.methods:
                 raise ValueError("--data-format sidd has one noisy shot per scene: remove n2n from --methods")
-            simulated = [t for t in self.tasks if t in NOISY_TASKS and t != "denoise"]
+            supervised = [m[len(SUPERVISED_PREFIX) :] for m in self.methods if m.startswith(SUPERVISED_PREFIX)]
+            simulated = [t for t in [*self.tasks, *supervised] if t in NOISY_TASKS and t != "denoise"]
             if simulated:
-                raise ValueError(f"--tasks {simulated} simulate noise, which --data-format sidd does not: remove them")
+                raise ValueError(
+                    f"the tasks {simulated} (of --tasks or an sl-<task> method) simulate noise, which --data-format "
+                    "sidd does not: remove them"
+                )
         if self.raw_input == "packed" and not raw:
             raise ValueError("--raw-input packed packs RGGB mosaics: use it with --modality raw")
         if (self.tasks != ["denoise"] or raw) and self.crop_size % 2:

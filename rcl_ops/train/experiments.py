@@ -227,7 +227,8 @@ def _paper_cell(value: tuple[float, float] | None) -> str:
 def _our_scale(summary: dict) -> str:
     config, env = summary["config"], summary["environment"]
     data = config["data_dir"] or "the bundled scikit-image colour photographs"
-    tiles = f" in {config['tile_size']}x{config['tile_size']} tiles" if config.get("tile_size") else ""
+    tile = config.get("tile_size")
+    tiles = f" cut into {tile}x{tile} tiles (smaller images whole)" if tile else ""
     noise = "real noisy pairs" if config.get("data_format") == "sidd" else "simulated noise"
     return (
         f"ours: {data}{tiles}, {noise}, {env['num_train_images']} train / {env['num_test_images']} test images, "
@@ -245,34 +246,41 @@ def _ranking(pairs: list[tuple[str, float]]) -> str:
 
 def _proxy_comparison(table: dict, summary: dict) -> list[str]:
     tasks = summary["tasks"]
-    rows = {_method_of(row["method"]): row for row in summary["rows"] or summary["as_is_rows"]}
+    proxy = bool(summary["rows"])  # False with --finetune-steps 0: only the networks as pre-trained
+    ours_label = "ours" if proxy else "ours, as pre-trained (no fine-tuning)"
+    our_rows = summary["rows"] if proxy else summary["as_is_rows"]
     header = ["Method (paper's row)"] + [f"paper: {c} PSNR / SSIM" for c in table["columns"]]
-    header += [f"ours: {TASK_TITLES[t]} PSNR / SSIM" for t in tasks]
+    header += [f"{ours_label}: {TASK_TITLES[t]} PSNR / SSIM" for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     ours_ranking: dict[str, list[tuple[str, float]]] = {t: [] for t in tasks}
     paper_ranking: dict[str, list[tuple[str, float]]] = {c: [] for c in table["columns"]}
     for name, values in table["rows"].items():
-        row = rows.get(PAPER_ROW_METHODS[name])
-        cells = [name] + [_paper_cell(v) for v in values]
-        scores = [(row or {}).get("tasks", {}).get(t) for t in tasks]
-        cells += [_pair(s) for s in scores]
-        lines.append("| " + " | ".join(cells) + " |")
         for column, value in zip(table["columns"], values):
             if value is not None:
                 paper_ranking[column].append((name, value[0]))
-        for task, score in zip(tasks, scores):
-            if score is not None and name not in ("PixContrast",):  # one method stands for VADeR and PixContrast
-                ours_ranking[task].append((name if name != "VADeR" else "VADeR/PixContrast", score["psnr"]["mean"]))
-    if "input" in rows:
+        # one line per run of ours that stands for the paper's row (an RCL method runs once per encoder)
+        mine = [row for row in our_rows if _method_of(row["method"]) == PAPER_ROW_METHODS[name]] or [None]
+        for row in mine:
+            label = name if row is None or len(mine) == 1 else f"{name} [{row['title']}]"
+            scores = [(row or {}).get("tasks", {}).get(t) for t in tasks]
+            lines.append("| " + " | ".join([label, *map(_paper_cell, values), *map(_pair, scores)]) + " |")
+            if name == "PixContrast":  # one method of ours stands for VADeR and PixContrast: ranked once
+                continue
+            ranked = label.replace("VADeR", "VADeR/PixContrast")
+            for task, score in zip(tasks, scores):
+                if score is not None:
+                    ours_ranking[task].append((ranked, score["psnr"]["mean"]))
+    inputs = next((row for row in our_rows if row["method"] == "input"), None)
+    if inputs is not None:
         cells = ["(no network: the task input)"] + ["-"] * len(table["columns"])
-        cells += [_pair(rows["input"]["tasks"].get(t)) for t in tasks]
+        cells += [_pair(inputs["tasks"].get(t)) for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for column, pairs in paper_ranking.items():
         lines.append(f"- Paper's ranking by PSNR, {column}: {_ranking(pairs)}")
     for task, pairs in ours_ranking.items():
         if pairs:
-            lines.append(f"- Our ranking by PSNR, {task}: {_ranking(pairs)}")
+            lines.append(f"- Our ranking by PSNR ({ours_label}), {TASK_TITLES[task]}: {_ranking(pairs)}")
     return lines
 
 

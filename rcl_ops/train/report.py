@@ -448,8 +448,9 @@ def format_table(summary: dict) -> str:
     if study:
         lines += [
             "",
-            "Label efficiency on denoising (SL: from scratch; RCL+SL: every layer fine-tuned after RCL; 0 labels: "
-            "as pre-trained; the same seeds and nested labelled subsets in every column):",
+            f"Label efficiency on {TASK_TITLES[DENOISING_TASK[config['modality']]]} (SL: from scratch; RCL+SL: "
+            "every layer fine-tuned after RCL; 0 labels: as pre-trained; the same seeds and nested labelled subsets "
+            "in every column):",
             "",
         ]
         lines += _label_table(study)
