@@ -158,6 +158,41 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer, schedule: str, step
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose from {SCHEDULES}")
 
 
+def fit_l1(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    parameters: list[nn.Parameter],
+    task: str,
+    labelled: list[ImageRecord],
+    settings: ProxySettings,
+    generator: torch.Generator,
+    device: torch.device,
+    raw: bool,
+    advice: str,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: Callable | None = None,
+) -> float:
+    """``settings.steps`` Adam steps (with ``settings.schedule``) on ``parameters`` of the L1 loss between
+    ``predict(inputs)`` and the clean targets of random ``task`` crops of ``labelled``; returns the seconds.
+    A non-finite loss raises FloatingPointError naming the step and ``advice``."""
+    optimizer = torch.optim.Adam(parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+    scheduler = learning_rate_schedule(optimizer, settings.schedule, settings.steps)
+    sampler = CropSampler(labelled, settings.crop_size, generator, raw=raw)
+    started = time.perf_counter()
+    steps = range(settings.steps) if progress is None else progress(range(settings.steps))
+    for step in steps:
+        inputs, targets = sampler.sample_task(task, settings.batch_size)
+        loss = F.l1_loss(predict(inputs.to(device)), targets.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"L1 loss on {task} became {float(loss.detach())} at step {step + 1}; {advice}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if on_step is not None:
+            on_step(step + 1, float(loss.detach()))
+    return time.perf_counter() - started
+
+
 def proxy_evaluate(
     pretrained: nn.Module,
     task: str,
@@ -182,29 +217,16 @@ def proxy_evaluate(
     replace_head(model, generator)
     head_parameters = freeze_all_but_head(model)
     model.eval()
-    optimizer = torch.optim.Adam(head_parameters, lr=settings.lr, betas=settings.betas, eps=settings.eps)
-    scheduler = learning_rate_schedule(optimizer, settings.schedule, settings.steps)
-    sampler = CropSampler(labelled, settings.crop_size, generator, raw=raw)
-    started = time.perf_counter()
-    steps = range(settings.steps) if progress is None else progress(range(settings.steps))
-    for step in steps:
-        inputs, targets = sampler.sample_task(task, settings.batch_size)
-        inputs, targets = inputs.to(device), targets.to(device)
+
+    def predict(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             features = model.features(inputs)
-        prediction = model.from_features(inputs, features)
-        loss = F.l1_loss(prediction, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"fine-tuning loss became {float(loss)} at step {step + 1} of {task}; try a lower --finetune-lr"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if on_step is not None:
-            on_step(step + 1, float(loss.detach()))
-    seconds = time.perf_counter() - started
+        return model.from_features(inputs, features)
+
+    advice = "fine-tuning diverged; try a lower --finetune-lr"
+    seconds = fit_l1(
+        predict, head_parameters, task, labelled, settings, generator, device, raw, advice, on_step, progress
+    )
     scores = evaluate_restorer(model, test, task, device, eval_crop, keep_examples)
     return model, scores, seconds
 
@@ -222,22 +244,7 @@ def train_supervised(
     """Train every layer of ``model`` (in place) with L1 on ``labelled`` for ``settings.steps`` steps: SL
     from scratch, or RCL+SL when ``model`` is pre-trained (Tables 3 and 5). Returns the seconds taken."""
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps)
-    scheduler = learning_rate_schedule(optimizer, settings.schedule, settings.steps)
-    sampler = CropSampler(labelled, settings.crop_size, generator, raw=raw)
-    started = time.perf_counter()
-    for step in range(settings.steps):
-        inputs, targets = sampler.sample_task(task, settings.batch_size)
-        loss = F.l1_loss(model(inputs.to(device)), targets.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"supervised training loss became {float(loss.detach())} at step {step + 1}; try a lower --sl-lr"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if on_step is not None:
-            on_step(step + 1, float(loss.detach()))
+    advice = "supervised training diverged; try a lower --sl-lr"
+    seconds = fit_l1(model, list(model.parameters()), task, labelled, settings, generator, device, raw, advice, on_step)
     model.eval()
-    return time.perf_counter() - started
+    return seconds
