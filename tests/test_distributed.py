@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -87,11 +88,17 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
             results.append((losses, grads, state))
         if rank == 0:
             torch.save(results, path)
-        # Both ranks done before either tears gloo down: a rank destroying its group while the
-        # other still talks to it aborted the other ("terminate called", once in a full suite run).
-        dist.barrier()
-    finally:
+        dist.barrier()  # both ranks finished (and rank 0's results are on disk)
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: in 2 of about 8 full-suite runs rank 1 aborted in gloo's teardown
+    # at exit ("terminate called without an active exception", SIGABRT) after every number was computed
+    # and checked, with and without a barrier before destroy_process_group (never in 14 runs of this file
+    # alone, under load or not). What this test checks is the numbers; the teardown is gloo's.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
