@@ -13,7 +13,8 @@ from __future__ import annotations
 from .data import TASK_TITLES
 
 # ---------------------------------------------------------------------------------------------
-# The paper's numbers (../shared/seed, Tables 1-5), as printed: PSNR (dB) and SSIM, mean of five trials,
+# The paper's numbers ("Residual Contrastive Learning: Unsupervised Representation Learning on Noisy
+# Images", under review at ICLR 2022; Tables 1-5), as printed: PSNR (dB) and SSIM, mean of five trials,
 # U-Net (DnCNN in Table 5), ImageNet ResNet-50 g_e, batch 64, crops 128, on a V100.
 
 # The paper's optimisation (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, alpha 1e-3,
