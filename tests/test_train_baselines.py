@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from utils import denoising_records
 
 from rcl_ops.train.baselines import (
     MoCoObjective,
@@ -18,7 +19,7 @@ from rcl_ops.train.baselines import (
     gather_pixels,
     overlapping_views,
 )
-from rcl_ops.train.data import CleanImage, CropBatch, make_records
+from rcl_ops.train.data import CropBatch
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
 from rcl_ops.train.models import UNet, freeze_all_but_head, replace_head
 
@@ -73,10 +74,7 @@ def test_proxy_evaluation_of_resnet_fcn_tunes_exactly_the_decoder():
     model.train()
     model(torch.rand(4, 3, 16, 16))  # non-trivial BatchNorm statistics in the body
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = [CleanImage(f"im{i}", torch.rand(3, 20, 20)) for i in range(2)]
-    records = make_records(images, "rgb", 0, 20, 0, second_draw=False)
-    for record in records:
-        record.task_inputs = {"denoise": record.observed}
+    records = denoising_records(2, 20)
     settings = ProxySettings(steps=2, batch_size=2, crop_size=12, lr=1e-2)
     tuned, scores, _ = proxy_evaluate(
         model, "denoise", records, records[:1], settings, gen(0), torch.device("cpu"), False

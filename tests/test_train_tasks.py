@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from utils import denoising_records
 
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import (
@@ -271,10 +272,7 @@ def test_packed_raw_networks_return_full_resolution_rgb(model):
     expected[:, 1, 1::2, 0::2] = 1.0
     torch.testing.assert_close(image, base + sign * expected)
     # the proxy evaluation replaces the 12-channel head and trains only it
-    images = [CleanImage(f"im{i}", torch.rand(3, 16, 16)) for i in range(3)]
-    records = make_records(images, "raw", 0, 20, 0, second_draw=False)
-    for record in records:
-        record.task_inputs["jdd"] = record.observed
+    records = denoising_records(3, 16, "raw")
     settings = ProxySettings(steps=2, batch_size=2, crop_size=8, lr=1e-2)
     tuned, scores, _ = proxy_evaluate(network, "jdd", records, records, settings, torch.Generator(), "cpu", True)
     assert tuned.head.out_channels == 12 and len(scores.psnr) == 3

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 from skimage import io
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from utils import denoising_records
 
 from rcl_ops.train.cli import build_parser, main
 from rcl_ops.train.config import TrainConfig, build_config, config_fields
@@ -217,10 +218,7 @@ def test_proxy_evaluation_changes_only_the_last_layer(name):
         model.train()
         model(torch.rand(4, 3, 16, 16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    images = [CleanImage(f"im{i}", torch.rand(3, 24, 24)) for i in range(3)]
-    records = make_records(images, "rgb", 0, 20, 0, second_draw=False)
-    for record in records:
-        record.task_inputs = {"denoise": record.observed}
+    records = denoising_records(3, 24)
     settings = ProxySettings(steps=5, batch_size=2, crop_size=16, lr=1e-2)
     tuned, scores, _ = proxy_evaluate(
         model, "denoise", records, records[:1], settings, torch.Generator().manual_seed(0), torch.device("cpu"), False

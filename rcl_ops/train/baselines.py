@@ -35,7 +35,7 @@ from torch import nn
 
 from .data import CropBatch
 from .encoder_pretraining import random_flip
-from .noise import raw_to_planes
+from .models import RawLayout
 
 # ---------------------------------------------------------------------------------------------
 # ResNet-FCN
@@ -79,6 +79,7 @@ class ResNetFCN(nn.Module):
         if width < 1 or stages < 1:
             raise ValueError(f"ResNetFCN: width and stages must be >= 1, got width={width}, stages={stages}")
         self.raw, self.stages = raw, stages
+        self.layout = RawLayout(raw)  # colour planes: the packed layout's half-resolution head is not an FCN's
         channels = [width * 2**stage for stage in range(stages)]
         layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)]
         layers.append(nn.ReLU(inplace=True))
@@ -102,8 +103,7 @@ class ResNetFCN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, Cin, H, W) -> (N, width * 2^(stages - 1), ceil(H / stride), ceil(W / stride)), the head's input."""
-        if self.raw:
-            x = raw_to_planes(x)
+        x = self.layout.network_input(x)
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.stride, -width % self.stride
         if pad_h or pad_w:

@@ -439,12 +439,15 @@ class TrainConfig:
                 keys.append(method)
         return list(dict.fromkeys(keys))
 
+    def oracle_only(self, key: str) -> bool:
+        """Whether run key ``key`` is a supervised pre-training that is there only as the Oracle of its task
+        ('oracle' in --methods, 'sl-<task>' not)."""
+        return key.startswith(SUPERVISED_PREFIX) and key not in self.methods
+
     def evaluation_tasks(self, key: str) -> list[str]:
         """The tasks a run key is proxy-evaluated on: every task, except for a supervised pre-training that
         is there only as the Oracle of its own task."""
-        if key.startswith(SUPERVISED_PREFIX) and key not in self.methods:
-            return [key[len(SUPERVISED_PREFIX) :]]
-        return list(self.tasks)
+        return [key[len(SUPERVISED_PREFIX) :]] if self.oracle_only(key) else list(self.tasks)
 
 
 def label_count(spec: str, num_train: int) -> int:

@@ -458,6 +458,16 @@ class CropSampler:
         self.generator = generator
         self.step = 2 if raw else 1
         self.task, self.burst, self.margin = task, burst, margin
+        # the RGGB colours a burst crop was recorded with depend only on its frame's phase
+        self.burst_masks = (
+            {
+                (dy, dx): bayer_masks_at(crop_size, crop_size, (dy, dx), records[0].observed.dtype)
+                for dy in (0, 1)
+                for dx in (0, 1)
+            }
+            if burst
+            else {}
+        )
 
     def _corner(self, record: ImageRecord) -> tuple[int, int]:
         height, width = record.clean.shape[1:]
@@ -488,7 +498,7 @@ class CropSampler:
             frames = self.records[i].burst
             (dy, dx), frame = frames[int(torch.randint(len(frames), (1,), generator=self.generator))]
             crops.append(self._crop(frame, (y + dy, x + dx)))
-            masks.append(bayer_masks_at(self.crop_size, self.crop_size, (dy % 2, dx % 2), frame.dtype))
+            masks.append(self.burst_masks[dy % 2, dx % 2])
         return torch.stack(crops), torch.stack(masks)
 
     def sample(self, batch_size: int) -> CropBatch:

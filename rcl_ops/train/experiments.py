@@ -11,6 +11,7 @@ test the pipeline and show what happens at that scale, not whether the paper's c
 from __future__ import annotations
 
 from .data import TASK_TITLES
+from .losses import split_run_key
 
 # ---------------------------------------------------------------------------------------------
 # The paper's numbers ("Residual Contrastive Learning: Unsupervised Representation Learning on Noisy
@@ -205,20 +206,11 @@ def experiment_presets() -> dict[str, dict]:
     return {f"{name}-{scale}": options for name, scales in EXPERIMENTS.items() for scale, options in scales.items()}
 
 
-def _method_of(row_method: str) -> str:
-    return row_method.partition("+")[0]
-
-
-def _cell(stats: dict | None, digits: int) -> str:
-    if stats is None:
-        return "-"
-    text = f"{stats['mean']:.{digits}f}"
-    return text + (f" ± {stats['std']:.{digits}f}" if stats["n"] > 1 else "")
-
-
 def _pair(scores: dict | None) -> str:
     """'PSNR / SSIM' (mean ± std) of a row's task entry, '-' when missing."""
-    return "-" if scores is None else f"{_cell(scores['psnr'], 2)} / {_cell(scores['ssim'], 4)}"
+    from .report import mean_std_cell  # report imports config, which imports this module
+
+    return "-" if scores is None else f"{mean_std_cell(scores['psnr'], 2)} / {mean_std_cell(scores['ssim'], 4)}"
 
 
 def _paper_cell(value: tuple[float, float] | None) -> str:
@@ -260,7 +252,7 @@ def _proxy_comparison(table: dict, summary: dict) -> list[str]:
             if value is not None:
                 paper_ranking[column].append((name, value[0]))
         # one line per run of ours that stands for the paper's row (an RCL method runs once per encoder)
-        mine = [row for row in our_rows if _method_of(row["method"]) == PAPER_ROW_METHODS[name]] or [None]
+        mine = [row for row in our_rows if split_run_key(row["method"])[0] == PAPER_ROW_METHODS[name]] or [None]
         for row in mine:
             label = name if row is None or len(mine) == 1 else f"{name} [{row['title']}]"
             scores = [(row or {}).get("tasks", {}).get(t) for t in tasks]

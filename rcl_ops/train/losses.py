@@ -285,20 +285,17 @@ class Mosaic2MosaicObjective(nn.Module):
 
 
 class SupervisedObjective(nn.Module):
-    """Supervised pre-training, mean |f(x) - y| with clean targets y: on the noisy observations (the
-    denoising Oracle, ``task`` None) or on a downstream task's inputs (``task``: the batches' task crops)."""
+    """Supervised pre-training on a downstream task, mean |f(x) - y| with clean targets y, on the batches'
+    crops of the task's inputs (the Oracle of ``task``, or "SL (<task>)")."""
 
-    def __init__(self, task: str | None = None):
+    def __init__(self, task: str):
         super().__init__()
         self.task = task
 
     def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
-        if self.task is None:
-            inputs = torch.cat([batch.observed_q, batch.observed_k])
-        elif batch.task_q is None:
+        if batch.task_q is None:
             raise ValueError(f"supervised pre-training on {self.task} needs its task crops (CropSampler(task=...))")
-        else:
-            inputs = torch.cat([batch.task_q, batch.task_k])
+        inputs = torch.cat([batch.task_q, batch.task_k])
         clean = torch.cat([batch.clean_q, batch.clean_k])
         loss = F.l1_loss(model(inputs), clean)
         return loss, {"l1": loss.detach()}

@@ -80,8 +80,8 @@ def _method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
     'SL (<task>)' row leaves its own task to the Oracle row when there is one."""
     rows = []
     for method in config.run_keys():
-        if method.startswith(SUPERVISED_PREFIX) and method not in config.methods:
-            continue  # only there as an Oracle
+        if config.oracle_only(method):
+            continue
         tasks = list(config.tasks)
         if method.startswith(SUPERVISED_PREFIX) and "oracle" in config.methods:
             tasks = [t for t in tasks if SUPERVISED_PREFIX + t != method]
@@ -233,7 +233,7 @@ def _label_table(study: dict) -> list[str]:
     header = ["# Labels"] + [("SL" if p == "sl" else f"RCL+SL [{method_title(p)}]") + " PSNR / SSIM" for p in protocols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     zero = ["0", "-"] + [
-        f"{_cell(study['zero_labels'][p]['psnr'], 2)} / {_cell(study['zero_labels'][p]['ssim'], 4)}"
+        f"{mean_std_cell(study['zero_labels'][p]['psnr'], 2)} / {mean_std_cell(study['zero_labels'][p]['ssim'], 4)}"
         if p in study["zero_labels"]
         else "-"
         for p in protocols[1:]
@@ -243,7 +243,7 @@ def _label_table(study: dict) -> list[str]:
         cells = [str(count)]
         for protocol in protocols:
             entry = study["table"][protocol].get(str(count))
-            cells.append(f"{_cell(entry['psnr'], 2)} / {_cell(entry['ssim'], 4)}" if entry else "-")
+            cells.append(f"{mean_std_cell(entry['psnr'], 2)} / {mean_std_cell(entry['ssim'], 4)}" if entry else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -357,7 +357,8 @@ def compare(rows: list[dict], tasks: list[str], runs: list[dict], key: str, naiv
     return comparisons
 
 
-def _cell(stats: dict, digits: int) -> str:
+def mean_std_cell(stats: dict, digits: int) -> str:
+    """'mean' or 'mean ± std' (more than one value) of a _mean_std entry, to ``digits`` decimals."""
     text = f"{stats['mean']:.{digits}f}"
     if stats["n"] > 1:
         text += f" ± {stats['std']:.{digits}f}"
@@ -373,7 +374,7 @@ def _score_table(rows: list[dict], tasks: list[str]) -> list[str]:
         cells = [row["title"]]
         for task in tasks:
             scores = row["tasks"].get(task)
-            cells += [_cell(scores["psnr"], 2), _cell(scores["ssim"], 4)] if scores else ["-", "-"]
+            cells += [mean_std_cell(scores["psnr"], 2), mean_std_cell(scores["ssim"], 4)] if scores else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
