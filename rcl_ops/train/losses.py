@@ -34,6 +34,8 @@ METHOD_TITLES = {
     "pixcl": "PixCL (VADeR/PixContrast-style)",
     "oracle": "Oracle",
     "random": "Random init",
+    "consistency": "Consistency only (alpha 0)",  # the RCL controls: L_consistency alone, L_contrast alone
+    **{f"contrast-{distance}": f"Contrastive only ({distance.upper()})" for distance in DISTANCES},
 }
 SUPERVISED_PREFIX = "sl-"  # 'sl-<task>': supervised pre-training on that task, e.g. 'sl-denoise' = SL (Den)
 
