@@ -78,7 +78,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert set(rows) == {"Input (noisy, bicubic)", "RCL-EMD (g_e: random)", "N2N", "N2S", "Oracle", "Random init"}
     assert all(len(cells) == 4 for cells in rows.values())  # PSNR/SSIM for denoising and SR x2
     assert "Measured on this run:" in out
-    assert re.search(r"paired per-image PSNR difference [+-]\d+\.\d+ dB, 95% CI \[.*\] over 2 test images", out)
+    assert re.search(r"paired PSNR difference [+-]\d+\.\d+ dB, 95% CI \[.*\] over 2 photographs x 2 seeds", out)
     run = tmp_path / "tiny"
     summary = json.loads((run / "results.json").read_text())
     assert len(summary["runs"]) == 12  # 6 pre-trainings (the Oracle: one per task) x 2 seeds
@@ -106,7 +106,8 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     }
     assert {row["phase"] for row in logged} >= {"as-is", "proxy"}
     first = summary["comparisons"][0]
-    assert first["seeds"] == [0, 1] and first["paired_psnr"]["n"] == 2
+    assert first["seeds"] == [0, 1] and first["paired_psnr_per_image"]["n"] == 2
+    assert (first["paired_psnr"]["n_photographs"], first["paired_psnr"]["n_seeds"]) == (2, 2)  # untiled images
     diagnostics = summary["diagnostics"][0]
     assert diagnostics["method"] == "rcl-emd+random" and diagnostics["contrast_chance_last"] == pytest.approx(
         math.log(3)

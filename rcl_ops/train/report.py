@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from .config import TrainConfig, config_to_dict, label_count
 from .data import DENOISING_TASK, TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
-from .losses import SUPERVISED_PREFIX, method_title
+from .losses import SUPERVISED_PREFIX, method_title, split_run_key
 
 INPUT_TITLES = {
     "denoise": "noisy",
@@ -25,6 +26,7 @@ INPUT_TITLES = {
     "jdemsr2": "bilinear demosaic",
     "jddsr2": "bilinear demosaic",
 }
+_TILE_SUFFIX = re.compile(r"\d+,\d+")  # data.tile_images names a tile '<photograph>@<row>,<column>'
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -92,6 +94,19 @@ def _method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
         row = _row("oracle", method_title("oracle"), list(config.tasks), runs, key)
         if row is not None:
             rows.append(row)
+    return rows
+
+
+def flag_below_input(rows: list[dict]) -> list[dict]:
+    """``rows``: the input row, then method rows; each method row gets ``below_input``, the tasks on which its
+    mean PSNR is below the input row's (a network that scores below its own input ranks nothing there)."""
+    reference = rows[0]["tasks"]
+    for row in rows[1:]:
+        row["below_input"] = [
+            task
+            for task, scores in row["tasks"].items()
+            if task in reference and scores["psnr"]["mean"] < reference[task]["psnr"]["mean"]
+        ]
     return rows
 
 
@@ -163,11 +178,13 @@ def contrast_verdict(row: dict) -> str:
     return f"{row['title']}: {verdict}; {evidence}."
 
 
-def label_efficiency(config: TrainConfig, runs: list[dict], label_results: list[dict], num_train: int) -> dict:
+def label_efficiency(
+    config: TrainConfig, runs: list[dict], label_results: list[dict], num_train: int, names: list[str]
+) -> dict:
     """The label-efficiency study (Tables 3 and 5): per protocol ('sl' or an RCL run key) and number of
     labels, PSNR/SSIM mean and std over seeds; the RCL networks as is at 0 labels; and per level, each
-    RCL+SL against SL as a paired per-image difference (with Table 5's 30%-vs-all comparison when both
-    levels were run)."""
+    RCL+SL against SL as a paired PSNR difference over the test images ``names``' photographs x seeds
+    (_paired_psnr; with Table 5's 30%-vs-all comparison when both levels were run)."""
     if not label_results:
         return {}
     protocols = list(dict.fromkeys(r["protocol"] for r in label_results))
@@ -200,20 +217,17 @@ def label_efficiency(config: TrainConfig, runs: list[dict], label_results: list[
     def versus(protocol: str, count: int, baseline_count: int) -> dict | None:
         mine = {r["seed"]: r["psnr_per_image"] for r in pick(protocol, count)}
         theirs = {r["seed"]: r["psnr_per_image"] for r in pick("sl", baseline_count)}
-        seeds = sorted(set(mine) & set(theirs))
-        if not seeds:
+        paired = _paired_psnr(mine, theirs, names)
+        if paired is None:
             return None
-        per_image = [statistics.fmean(mine[s][i] - theirs[s][i] for s in seeds) for i in range(len(mine[seeds[0]]))]
-        paired = paired_difference(per_image)
-        noise = " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
-        interval = f", 95% CI [{paired['low']:+.2f}, {paired['high']:+.2f}]" if paired["n"] > 1 else ""
+        interval = paired["paired_psnr"]
         return {
             "protocol": protocol,
             "labels": count,
             "sl_labels": baseline_count,
-            "paired_psnr": paired,
+            **paired,
             "sentence": f"RCL+SL [{method_title(protocol)}] with {count} labels vs SL with {baseline_count}: "
-            f"{paired['mean']:+.2f} dB paired per-image PSNR difference{interval}, {len(seeds)} seed(s){noise}",
+            f"{interval['mean']:+.2f} dB paired PSNR difference, {interval_text(interval)}{_noise_note(interval)}",
         }
 
     comparisons = [versus(p, count, count) for p in protocols[1:] for count in levels]
@@ -255,13 +269,18 @@ def summarise(
     environment: dict,
     label_results: list[dict] = (),
 ) -> dict:
-    """Aggregate per-(method, seed) results into table rows (mean and std over seeds) for the proxy
-    evaluation and for the pre-trained networks as they are, the pre-training diagnostics, and plain-words
-    comparisons of every RCL variant with every baseline, as measured."""
+    """Aggregate per-(method, seed) results into table rows (mean and std over seeds, flagged where below the
+    input) for the proxy evaluation and for the pre-trained networks as they are, the pre-training
+    diagnostics, plain-words comparisons of every RCL variant with every baseline, as measured, and of each
+    RCL variant with its controls. ``environment['test_images']``: the test images' names, in the order of
+    every per-image score list (their photographs are the units of the intervals)."""
     input_row = _input_row(config, naive)
-    rows = [input_row, *_method_rows(config, runs, "tasks")] if config.finetune_steps > 0 else []
-    as_is_rows = [input_row, *_method_rows(config, runs, "as_is")]
+    rows = flag_below_input([input_row, *_method_rows(config, runs, "tasks")]) if config.finetune_steps > 0 else []
+    as_is_rows = flag_below_input([input_row, *_method_rows(config, runs, "as_is")])
     diagnostics = _diagnostic_rows(config, runs)
+    names = environment["test_images"]
+    comparisons = compare(rows, config.tasks, runs, "tasks", naive, names)
+    as_is_comparisons = compare(as_is_rows, config.tasks, runs, "as_is", naive, names)
     return {
         "config": config_to_dict(config),
         "environment": environment,
@@ -270,9 +289,12 @@ def summarise(
         "as_is_rows": as_is_rows,
         "diagnostics": diagnostics,
         "contrast_verdicts": [contrast_verdict(row) for row in diagnostics],
-        "comparisons": compare(rows, config.tasks, runs, "tasks", naive),
-        "as_is_comparisons": compare(as_is_rows, config.tasks, runs, "as_is", naive),
-        "label_efficiency": label_efficiency(config, runs, list(label_results), environment["num_train_images"]),
+        "comparisons": comparisons,
+        "as_is_comparisons": as_is_comparisons,
+        "control_comparisons": (
+            control_comparisons(rows, comparisons) if rows else control_comparisons(as_is_rows, as_is_comparisons)
+        ),
+        "label_efficiency": label_efficiency(config, runs, list(label_results), environment["num_train_images"], names),
         "label_runs": list(label_results),
         "runs": runs,
     }
@@ -297,64 +319,187 @@ def paired_difference(differences: list[float], confidence: float = 0.95) -> dic
     }
 
 
+def photograph_of(name: str) -> str:
+    """The photograph a test image comes from: a tile '<photograph>@<row>,<column>' (data.tile_images) ->
+    '<photograph>'; any other name is a photograph itself."""
+    head, at, tail = name.rpartition("@")
+    return head if at and _TILE_SUFFIX.fullmatch(tail) else name
+
+
+def photographs_seeds_interval(differences: dict[int, list[float]], names: list[str], confidence: float = 0.95) -> dict:
+    """Paired differences {seed: one per test image, in the order of ``names``} -> d[s, p], the mean over
+    photograph p's images (tiles) at seed s, an (S, P) table; the estimate is its grand mean (every photograph
+    and seed weighs the same). SE_p = std_p(mean_s d) / sqrt(P), SE_s = std_s(mean_p d) / sqrt(S); with P, S >= 2
+    the t interval is mean ± t(df) sqrt(SE_p^2 + SE_s^2), df = min(P, S) - 1 (conservative: the interaction
+    counts twice); with only one of P, S >= 2, that factor's SE alone (df = its count - 1); with neither, NaN.
+    ``could_be_noise``: no interval, or it contains 0."""
+    from scipy import stats
+
+    photographs = [photograph_of(name) for name in names]
+    members = {p: [i for i, q in enumerate(photographs) if q == p] for p in dict.fromkeys(photographs)}
+    table = []
+    for seed, values in differences.items():
+        if len(values) != len(names):
+            raise ValueError(f"{len(names)} test image names for {len(values)} per-image differences (seed {seed})")
+        table.append([statistics.fmean(values[i] for i in indices) for indices in members.values()])
+    d = np.array(table, dtype=np.float64).reshape(len(differences), len(members))
+    num_seeds, num_photographs = d.shape
+    errors = {
+        "photographs": d.mean(axis=0).std(ddof=1) / math.sqrt(num_photographs) if num_photographs > 1 else None,
+        "seeds": d.mean(axis=1).std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else None,
+    }
+    mean, half, df = float(d.mean()), math.nan, None
+    if all(e is not None for e in errors.values()):
+        basis, df = "photographs x seeds", min(num_photographs, num_seeds) - 1
+        half = stats.t.ppf(0.5 + confidence / 2, df) * math.hypot(*errors.values())
+    elif errors["seeds"] is not None:
+        basis, df = "seeds only (one photograph)", num_seeds - 1
+        half = stats.t.ppf(0.5 + confidence / 2, df) * errors["seeds"]
+    elif errors["photographs"] is not None:
+        basis, df = "photographs only (one seed)", num_photographs - 1
+        half = stats.t.ppf(0.5 + confidence / 2, df) * errors["photographs"]
+    else:
+        basis = "none (one photograph, one seed)"
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "n_photographs": num_photographs,
+        "n_seeds": num_seeds,
+        "df": df,
+        "basis": basis,
+        "could_be_noise": df is None or bool(mean - half <= 0 <= mean + half),
+    }
+
+
+def interval_text(paired: dict) -> str:
+    """'95% CI [-0.40, +0.12] over 2 photographs x 3 seeds' (or over the one factor that varies, saying which;
+    or 'no interval (one photograph, one seed)'), from photographs_seeds_interval."""
+    photographs, seeds = paired["n_photographs"], paired["n_seeds"]
+    if paired["df"] is None:
+        return "no interval (one photograph, one seed)"
+    if photographs > 1 and seeds > 1:
+        over = f"{photographs} photographs x {seeds} seeds"
+    else:
+        over = f"{seeds} seeds" if seeds > 1 else f"{photographs} photographs"
+        over += f", {paired['basis']}"
+    return f"95% CI [{paired['low']:+.2f}, {paired['high']:+.2f}] over {over}"
+
+
+def _noise_note(paired: dict) -> str:
+    """' (could be noise...)' after interval_text where photographs_seeds_interval says it could be."""
+    if paired["df"] is None:
+        return " (could be noise)"
+    return " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
+
+
+def _paired_psnr(mine: dict[int, list[float]], theirs: dict[int, list[float]], names: list[str]) -> dict | None:
+    """Per-image PSNR of two methods ({seed: one per test image}) paired on the seeds both have:
+    {'paired_psnr': photographs_seeds_interval of mine - theirs, 'paired_psnr_per_image': paired_difference
+    of each image's difference averaged over those seeds (tiles taken as independent), 'seeds'}; None
+    without a shared seed."""
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return None
+    differences = {s: [a - b for a, b in zip(mine[s], theirs[s])] for s in seeds}
+    paired = photographs_seeds_interval(differences, names)
+    per_image = [statistics.fmean(differences[s][i] for s in seeds) for i in range(len(names))]
+    return {"paired_psnr": paired, "paired_psnr_per_image": paired_difference(per_image), "seeds": seeds}
+
+
 def _per_image_psnr(runs: list[dict], key: str, method: str, task: str) -> dict[int, list[float]]:
     """{seed: per-image PSNR} of ``method``'s runs on ``task`` under ``key`` ("tasks" or "as_is")."""
     return {r["seed"]: r[key][task]["psnr_per_image"] for r in task_runs(runs, method, task, key)}
 
 
-def compare(rows: list[dict], tasks: list[str], runs: list[dict], key: str, naive: dict[str, TestScores]) -> list[dict]:
-    """Per (RCL variant, baseline, task): the difference of the mean PSNR/SSIM, and the paired per-image
-    PSNR difference (each test image's difference averaged over the seeds both have) with its 95% t
-    interval, and a sentence saying it, whichever way it goes."""
+def compare(
+    rows: list[dict], tasks: list[str], runs: list[dict], key: str, naive: dict[str, TestScores], names: list[str]
+) -> list[dict]:
+    """Per (RCL variant, baseline, task): the difference of the mean PSNR/SSIM, and the paired PSNR difference
+    (_paired_psnr, over the test images ``names``' photographs x the seeds both have) with its 95% t interval,
+    and a sentence saying it, whichever way it goes."""
     by_method = {row["method"]: row for row in rows}
     comparisons = []
     for method, row in by_method.items():
         if not method.startswith("rcl-"):
             continue
         for baseline in [m for m in by_method if not m.startswith("rcl-")]:
-            other = by_method[baseline]
             for task in tasks:
-                if task not in row["tasks"] or task not in other["tasks"]:
-                    continue
-                d_psnr = row["tasks"][task]["psnr"]["mean"] - other["tasks"][task]["psnr"]["mean"]
-                d_ssim = row["tasks"][task]["ssim"]["mean"] - other["tasks"][task]["ssim"]["mean"]
-                mine = _per_image_psnr(runs, key, method, task)
-                theirs = (
-                    {seed: naive[task].psnr for seed in mine}
-                    if baseline == "input"
-                    else _per_image_psnr(runs, key, baseline, task)
-                )
-                seeds = sorted(set(mine) & set(theirs))
-                per_image = [
-                    statistics.fmean(mine[s][i] - theirs[s][i] for s in seeds) for i in range(len(mine[seeds[0]]))
-                ]
-                paired = paired_difference(per_image)
-                verdict = (
-                    "beats"
-                    if d_psnr > 0 and d_ssim > 0
-                    else ("does not beat" if d_psnr <= 0 and d_ssim <= 0 else "is mixed against")
-                )
-                interval = (
-                    f"; paired per-image PSNR difference {paired['mean']:+.2f} dB, 95% CI "
-                    f"[{paired['low']:+.2f}, {paired['high']:+.2f}] over {paired['n']} test images"
-                    if paired["n"] > 1
-                    else ""
-                )
-                noise = " (could be noise: the interval contains 0)" if paired["could_be_noise"] else ""
-                comparisons.append(
-                    {
-                        "method": method,
-                        "baseline": baseline,
-                        "task": task,
-                        "psnr_difference": d_psnr,
-                        "ssim_difference": d_ssim,
-                        "paired_psnr": paired,
-                        "seeds": seeds,
-                        "sentence": f"{row['title']} {verdict} {other['title']} on {TASK_TITLES[task]}: "
-                        f"{d_psnr:+.2f} dB PSNR, {d_ssim:+.4f} SSIM{interval}{noise}",
-                    }
-                )
+                if task in row["tasks"] and task in by_method[baseline]["tasks"]:
+                    mine = _per_image_psnr(runs, key, method, task)
+                    theirs = (
+                        {seed: naive[task].psnr for seed in mine}
+                        if baseline == "input"
+                        else _per_image_psnr(runs, key, baseline, task)
+                    )
+                    paired = _paired_psnr(mine, theirs, names)
+                    if paired is not None:
+                        comparisons.append(_comparison(row, by_method[baseline], task, paired))
     return comparisons
+
+
+def _comparison(row: dict, other: dict, task: str, paired: dict) -> dict:
+    """compare()'s entry for ``row`` against ``other`` on ``task``, given their _paired_psnr."""
+    d_psnr = row["tasks"][task]["psnr"]["mean"] - other["tasks"][task]["psnr"]["mean"]
+    d_ssim = row["tasks"][task]["ssim"]["mean"] - other["tasks"][task]["ssim"]["mean"]
+    verdict = (
+        "beats"
+        if d_psnr > 0 and d_ssim > 0
+        else ("does not beat" if d_psnr <= 0 and d_ssim <= 0 else "is mixed against")
+    )
+    interval = paired["paired_psnr"]
+    return {
+        "method": row["method"],
+        "baseline": other["method"],
+        "task": task,
+        "psnr_difference": d_psnr,
+        "ssim_difference": d_ssim,
+        **paired,
+        "sentence": f"{row['title']} {verdict} {other['title']} on {TASK_TITLES[task]}: {d_psnr:+.2f} dB PSNR, "
+        f"{d_ssim:+.4f} SSIM; paired PSNR difference {interval['mean']:+.2f} dB, {interval_text(interval)}"
+        f"{_noise_note(interval)}",
+    }
+
+
+def control_keys(key: str) -> dict[str, str]:
+    """The controls of RCL run key 'rcl-<d>[+<encoder>]': {'consistency': 'consistency[+<encoder>]' (alpha 0:
+    the consistency loss alone, same encoder), 'contrast': 'contrast-<d>' (the contrastive term alone)}."""
+    method, encoder = split_run_key(key)
+    return {
+        "consistency": "consistency" + (f"+{encoder}" if encoder else ""),
+        "contrast": "contrast-" + method.removeprefix("rcl-"),
+    }
+
+
+# What an RCL row against each control asks: the term the control leaves out.
+CONTROL_QUESTIONS = {"consistency": "contrastive", "contrast": "consistency"}
+
+
+def control_comparisons(rows: list[dict], comparisons: list[dict]) -> list[dict]:
+    """From compare()'s entries over ``rows``, each RCL row against its own controls (control_keys) per task:
+    does the term the control leaves out help? 'yes' (the paired interval above 0), 'no (it hurts)' (below 0)
+    or 'could be noise', in a sentence."""
+    titles = {row["method"]: row["title"] for row in rows}
+    found = []
+    for entry in comparisons:
+        controls = control_keys(entry["method"])
+        control = next((kind for kind, key in controls.items() if key == entry["baseline"]), None)
+        if control is None:
+            continue
+        paired = entry["paired_psnr"]
+        answer = "could be noise" if paired["could_be_noise"] else ("yes" if paired["low"] > 0 else "no (it hurts)")
+        term = CONTROL_QUESTIONS[control]
+        found.append(
+            {
+                **{k: entry[k] for k in ("method", "baseline", "task", "paired_psnr", "seeds")},
+                "term": term,
+                "answer": answer,
+                "sentence": f"Does the {term} term help ({titles[entry['method']]} vs {titles[entry['baseline']]}, "
+                f"{TASK_TITLES[entry['task']]}, same seeds)? {paired['mean']:+.2f} dB, {interval_text(paired)}: "
+                f"{answer}",
+            }
+        )
+    return found
 
 
 def mean_std_cell(stats: dict, digits: int) -> str:
@@ -365,7 +510,12 @@ def mean_std_cell(stats: dict, digits: int) -> str:
     return text
 
 
+BELOW_INPUT = " (below input)"
+
+
 def _score_table(rows: list[dict], tasks: list[str]) -> list[str]:
+    """The markdown table of ``rows`` (mean ± std cells; a PSNR below the input row's marked BELOW_INPUT), and
+    a line saying what the mark means when a row has one."""
     header = ["Method"]
     for task in tasks:
         header += [f"{TASK_TITLES[task]} PSNR", f"{TASK_TITLES[task]} SSIM"]
@@ -374,8 +524,17 @@ def _score_table(rows: list[dict], tasks: list[str]) -> list[str]:
         cells = [row["title"]]
         for task in tasks:
             scores = row["tasks"].get(task)
-            cells += [mean_std_cell(scores["psnr"], 2), mean_std_cell(scores["ssim"], 4)] if scores else ["-", "-"]
+            flag = BELOW_INPUT if task in row.get("below_input", ()) else ""
+            cells += (
+                [mean_std_cell(scores["psnr"], 2) + flag, mean_std_cell(scores["ssim"], 4)] if scores else ["-", "-"]
+            )
         lines.append("| " + " | ".join(cells) + " |")
+    if any(row.get("below_input") for row in rows):
+        lines += [
+            "",
+            f"Rows marked{BELOW_INPUT} score below the input itself (the Input row) on that task: there, the row "
+            "ranks nothing.",
+        ]
     return lines
 
 
@@ -455,23 +614,44 @@ def format_table(summary: dict) -> str:
             "",
         ]
         lines += _label_table(study)
+    lines += _comparison_lines(summary)
+    return "\n".join(lines)
+
+
+def _comparison_lines(summary: dict) -> list[str]:
+    """results.md's comparisons: each RCL row against its controls, then every measured comparison, and how
+    the intervals are computed."""
+    config, lines = summary["config"], []
+    controls = summary.get("control_comparisons", [])
+    if controls:
+        evaluation = "proxy evaluation" if summary["rows"] else "as pre-trained"
+        lines += [
+            "",
+            f"Does each RCL term help? Each RCL row against its controls ({evaluation}; consistency only: alpha 0; "
+            "contrastive only: no consistency term), paired on the same seeds:",
+        ]
+        lines += [f"- {c['sentence']}" for c in controls]
     comparisons = [c["sentence"] for c in summary["comparisons"]]
     comparisons += [f"as is: {c['sentence']}" for c in summary["as_is_comparisons"]]
-    comparisons += [c["sentence"] for c in (study or {}).get("comparisons", [])]
+    comparisons += [c["sentence"] for c in (summary.get("label_efficiency") or {}).get("comparisons", [])]
     if comparisons:
+        tiles = f" (its {config['tile_size']}x{config['tile_size']} tiles)" if config.get("tile_size") else ""
         lines += ["", "Measured on this run:"]
         lines += [f"- {sentence}" for sentence in comparisons]
-        if config.get("tile_size"):
+        lines.append(
+            f"- Intervals: per seed and photograph, the paired PSNR difference is averaged over the photograph's "
+            f"test images{tiles}; the estimate is the mean over photographs and seeds, and its 95% t interval "
+            "combines the spread over photographs and over seeds, sqrt(SE_photographs^2 + SE_seeds^2) with "
+            "min(photographs, seeds) - 1 degrees of freedom (conservative), or uses the one of the two that "
+            "varies. results.json keeps the per-image interval (tiles taken as independent, usually narrower) as "
+            "paired_psnr_per_image."
+        )
+        if len(config["seeds"]) == 1:
             lines.append(
-                f"- The test images are {config['tile_size']}x{config['tile_size']} tiles of a few photographs: the "
-                "intervals treat the tiles as independent, which tiles of one photograph are not, so they are "
-                "narrower than intervals over photographs would be."
+                "- One seed only: no spread over seeds (no ± std, intervals over photographs alone), so "
+                "differences of a few tenths of a dB may be noise."
             )
-        if len(seeds) == 1:
-            lines.append(
-                "- One seed only: there is no spread estimate, and differences of a few tenths of a dB may be noise."
-            )
-    return "\n".join(lines)
+    return lines
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
