@@ -399,7 +399,8 @@ def test_help_documents_every_option(capsys):
 
 def test_config_precedence(tmp_path):
     config = build_config("quick")
-    assert config.crop_size == 48 and config.methods == ["rcl-emd", "n2n", "n2s", "oracle", "random"]
+    assert config.crop_size == 48
+    assert config.methods == ["rcl-emd", "consistency", "contrast-emd", "n2n", "n2s", "oracle", "random"]
     path = tmp_path / "run.toml"
     path.write_text('preset = "quick"\n[pre-training]\nbatch-size = 4\ndistance = "bd"\nmethods = ["rcl", "n2s"]\n')
     config = build_config(config_file=str(path), lr=5e-4)
@@ -709,8 +710,9 @@ def test_contrast_reduction_and_distance_scale():
     assert float(summed.contrast.detach()) == pytest.approx(
         4 * float(mean.contrast.detach()), rel=1e-5
     )  # Algorithm 1 sums
-    scaled = terms(distance_scale="8bit")
-    assert torch.allclose(scaled.distances, 255 * mean.distances, rtol=1e-4)  # EMD is linear in the scale
+    unit = terms(contrast_reduction="mean", distance_scale="unit")
+    assert build_config().distance_scale == "8bit"
+    assert torch.allclose(mean.distances, 255 * unit.distances, rtol=1e-4)  # EMD is linear in the scale
     per_crop = terms(consistency_reduction="sum")
     features = encoder(observed).shape[1:].numel()
     assert float(per_crop.consistency.detach()) == pytest.approx(features * float(mean.consistency.detach()), rel=1e-4)
@@ -827,7 +829,8 @@ def test_cpu_presets_use_colour_tiles_and_three_seeds(preset):
     assert config.bundled_images == "rgb" and config.tile_size >= config.crop_size and len(config.seeds) >= 3
     assert {"rcl-emd", "n2n", "n2s", "oracle", "random"} <= set(config.methods) and len(config.encoders) == 1
     if preset == "small":  # the paper's optimiser and loss weights; an encoder trained without labels
-        assert (config.lr, config.alpha, config.temperature, config.contrast_reduction) == (1e-3, 1e-3, 0.1, "sum")
+        assert (config.lr, config.alpha, config.contrast_reduction) == (1e-3, 1e-3, "sum")
+        assert config.temperature is None  # the per-distance defaults that pass the contrast check
         assert config.encoders == ["self"]
 
 

@@ -21,8 +21,8 @@ from .. import BACKEND_NAMES
 from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
 from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, experiment_presets
-from .losses import ENCODER_KINDS, SUPERVISED_PREFIX, canonical_method
-from .models import MODELS, RAW_INPUTS
+from .losses import CONTROL_PREFIX, DEFAULT_TEMPERATURES, ENCODER_KINDS, SUPERVISED_PREFIX, canonical_method
+from .models import MODELS, RAW_INPUTS, UNET_OUTPUTS
 
 
 def _option(default, help: str, group: str, **extra):
@@ -112,9 +112,18 @@ class TrainConfig:
     # model
     model: str = _option(
         "unet",
-        "restoration network: unet (predicts the image) or dncnn (predicts the residual, Sec. 4.4)",
+        "restoration network: unet (see --unet-output) or dncnn (predicts the residual, Sec. 4.4)",
         "model",
         choices=MODELS,
+    )
+    unet_output: str = _option(
+        "residual",
+        "what the U-Net predicts: residual (a global skip, f(x) = x - head(features), the RAW input's bilinear "
+        "demosaic in place of x: it starts within a hair of the identity, and the proxy evaluation's fresh head "
+        "starts at exactly the identity) or image (f(x) = head(features), no path from input to output: it must "
+        "learn the identity first, which a few hundred steps do not do)",
+        "model",
+        choices=UNET_OUTPUTS,
     )
     width: int | None = _option(
         None, "channels of the first U-Net level / of every DnCNN layer (default 32 for unet, 64 for dncnn)", "model"
@@ -127,7 +136,9 @@ class TrainConfig:
     methods: list[str] = _option(
         ["rcl", "n2n", "n2s", "oracle"],
         "pre-training methods to compare: rcl (with --distance), rcl-emd, rcl-mmd, rcl-bd, n2n (noise2noise), "
-        "n2s (noise2self), m2m (mosaic2mosaic, RAW: pairs of noisy mosaics under sensor shifts), moco (MoCo "
+        "n2s (noise2self), consistency (control: RCL with alpha 0, the consistency loss alone, once per encoder), "
+        "contrast / contrast-emd / -mmd / -bd (control: RCL's contrastive term alone, no consistency loss), "
+        "m2m (mosaic2mosaic, RAW: pairs of noisy mosaics under sensor shifts), moco (MoCo "
         "v2-style instance contrast of a ResNet-FCN's encoder; its decoder is what the proxy evaluation "
         "fine-tunes; RGB), pixcl (pixel-level contrast of a U-Net in the manner of VADeR/PixContrast; RGB), "
         "oracle (supervised pre-training on each --tasks task, evaluated on that task), sl-<task> (supervised "
@@ -142,7 +153,16 @@ class TrainConfig:
         "pre-training",
         choices=("emd", "mmd", "bd"),
     )
-    temperature: float = _option(0.1, "InfoNCE temperature tau (Eq. 5)", "pre-training")
+    temperature: float | None = _option(
+        None,
+        "InfoNCE temperature tau (Eq. 5). Default: per distance, "
+        + ", ".join(f"{d.upper()} {t:g}" for d, t in DEFAULT_TEMPERATURES.items())
+        + " (the paper follows SimCLR without a value): the distances' units differ (EMD in intensity units, "
+        "MMD and BD unitless), and these are where an ideal denoiser's residuals (the true noise) score a lower "
+        "L_contrast than the image content an untrained image-predicting U-Net leaves in its residuals, measured "
+        "on the quick and small presets' data (README)",
+        "pre-training",
+    )
     alpha: float = _option(
         1e-3, "weight of the contrastive term: alpha * L_contrast + L_consistency (Eq. 10)", "pre-training"
     )
@@ -165,10 +185,12 @@ class TrainConfig:
         choices=("sum", "mean"),
     )
     distance_scale: str = _option(
-        "unit",
+        "8bit",
         "intensity scale of the residuals the distances see: unit ([0, 1], as the images) or 8bit (x255, as "
         "PSNR's Eq. 12). The paper does not say; EMD grows with the scale, so with --temperature it sets how "
-        "sharply the contrastive loss separates positives (BD and the median-bandwidth MMD barely change)",
+        "sharply the contrastive loss separates positives (BD and the pooled-std-bandwidth MMD barely change). "
+        "On the unit scale at temperature 0.1 every EMD logit gap is ~0.1 and the true noise scores worse than an "
+        "untrained network's residuals (measured): 8bit is the default",
         "pre-training",
         choices=("unit", "8bit"),
     )
@@ -306,6 +328,13 @@ class TrainConfig:
         False, "also write TensorBoard logs (needs the tensorboard package); CSV logs are always written", "run"
     )
     progress: bool = _option(True, "show progress bars", "run")
+    ignore_contrast_check: bool = _option(
+        False,
+        "run an RCL pre-training even when its check fails (before pre-training, on a batch of the training data: "
+        "does the true noise score a lower L_contrast than the network at step 0? If not, the contrastive term "
+        "does not reward denoising and the run is refused without this flag)",
+        "run",
+    )
     plots: bool = _option(True, "write the residual-distance density plot (Fig. 2) and sample image grids", "run")
     density_batches: int = _option(8, "crop-pair batches used for the Fig. 2 densities", "run")
     grid_images: int = _option(3, "test images shown in the sample grids", "run")
@@ -336,7 +365,8 @@ class TrainConfig:
             if not 0 <= seed <= MAX_SEED:
                 raise ValueError(f"--seeds must be in [0, {MAX_SEED}], got {seed}")
         for name, (low, high, closed) in FLOAT_RANGES.items():
-            _check_float(name, getattr(self, name), low, high, closed)
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name), low, high, closed)
         if self.sigma_min > self.sigma_max:
             raise ValueError(f"need --sigma-min <= --sigma-max, got {self.sigma_min} > {self.sigma_max}")
         if self.device != "auto":
@@ -400,7 +430,7 @@ class TrainConfig:
             raise ValueError(f"--crop-size must be even for the tasks {self.tasks} and raw data, got {self.crop_size}")
         if self.model == "dncnn" and self.depth is not None and self.depth < 2:
             raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {self.depth}")
-        if any(m.startswith("rcl-") for m in self.methods) and self.batch_size < 2:
+        if any(m.startswith(("rcl-", CONTROL_PREFIX)) for m in self.methods) and self.batch_size < 2:
             raise ValueError(
                 f"--batch-size must be >= 2 for the rcl methods (the other images of a batch are the "
                 f"negatives of the contrastive loss), got {self.batch_size}"
@@ -431,7 +461,7 @@ class TrainConfig:
         ('sl-denoise', 'sl-sr2', ...: each evaluated on its own task, see ``evaluation_tasks``)."""
         keys = []
         for method in self.methods:
-            if method.startswith("rcl-") and self.modality == "rgb":
+            if (method.startswith("rcl-") or method == "consistency") and self.modality == "rgb":
                 keys += [f"{method}+{encoder}" for encoder in self.encoders]
             elif method == "oracle":
                 keys += [SUPERVISED_PREFIX + task for task in self.tasks]
@@ -579,6 +609,10 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
     return hint, False, optional
 
 
+# RCL-EMD and its two controls on the same seeds: the consistency loss alone (alpha 0) and the contrastive
+# term alone, so that a table answers whether each term helps.
+RCL_WITH_CONTROLS = ["rcl-emd", "consistency", "contrast-emd"]
+
 PRESETS: dict[str, dict] = {
     # A smoke-level demo of the whole pipeline on a 2-core CPU in about 3-4 minutes (``make demo``): the 7
     # colour sample images cut into 128x128 tiles after the split (200 training tiles of 5 photographs, 28
@@ -588,7 +622,7 @@ PRESETS: dict[str, dict] = {
     # --preset small. One torch thread: on a 2-core machine that is also busy with something else, two
     # OpenMP threads ran up to 10x slower per step (measured), one thread at most ~1.6x slower than two on
     # an idle machine.
-    "quick": {**QUICK_SCALE, "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"], "tasks": ["denoise"]},
+    "quick": {**QUICK_SCALE, "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"], "tasks": ["denoise"]},
     # The most faithful setting that a 2-core CPU runs in about 30 minutes: the paper's optimiser (Adam
     # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, temperature 0.1, L_contrast summed over the batch, three
     # seeds; the 7 colour sample images, each cut into 128x128 tiles after the split (200 training tiles
@@ -600,7 +634,7 @@ PRESETS: dict[str, dict] = {
         **QUICK_SCALE,
         "crop_size": 64,
         "depth": 3,
-        "methods": ["rcl-emd", "n2n", "n2s", "oracle", "random"],
+        "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"],
         "encoders": ["self"],
         "encoder_pretrain_steps": 200,
         "pretrain_steps": 200,

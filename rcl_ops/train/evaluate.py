@@ -1,7 +1,8 @@
 """Metrics (PSNR, SSIM with scikit-image's conventions) and the proxy evaluation of Sec. 4.1.3.
 
 Proxy evaluation: copy the pre-trained network, replace its last layer (``head``) by a freshly
-initialised one, freeze everything else (BatchNorm statistics included), fine-tune the head
+initialised one (all zeros for a network that predicts the residual, so that it starts at the identity,
+f(x) = x, or the bilinear demosaic for RAW), freeze everything else (BatchNorm statistics included), fine-tune the head
 with L1 on a labelled subset of the training images, and report PSNR/SSIM on the test set.
 """
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import CropSampler, ImageRecord, naive_restoration
-from .models import freeze_all_but_head, replace_head
+from .models import freeze_all_but_head, replace_head, scale_head_
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -215,6 +216,8 @@ def proxy_evaluate(
     """
     model = copy.deepcopy(pretrained).to(device)
     replace_head(model, generator)
+    if getattr(model, "predicts_residual", False):
+        scale_head_(model.head, 0.0)  # a residual network's fresh head starts at the identity: f(x) = base(x)
     head_parameters = freeze_all_but_head(model)
     model.eval()
 

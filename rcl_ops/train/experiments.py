@@ -18,15 +18,15 @@ from .losses import split_run_key
 # Images", under review at ICLR 2022; Tables 1-5), as printed: PSNR (dB) and SSIM, mean of five trials,
 # U-Net (DnCNN in Table 5), ImageNet ResNet-50 g_e, batch 64, crops 128, on a V100.
 
-# The paper's optimisation (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, alpha 1e-3,
-# temperature 0.1; shared by the presets that follow it.
+# The paper's optimisation (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, alpha 1e-3; shared by
+# the presets that follow it. The paper takes its temperature "following SimCLR" without a value: the
+# trainer's per-distance default applies (losses.DEFAULT_TEMPERATURES).
 PAPER_OPTIMISATION = {
     "lr": 1e-3,
     "adam_beta1": 0.9,
     "adam_beta2": 0.999,
     "adam_eps": 1e-7,
     "alpha": 1e-3,
-    "temperature": 0.1,
 }
 
 PAPER_SETTING = "U-Net, ImageNet ResNet-50 g_e, batch 64, crops 128, mean of 5 trials, on a V100"
@@ -136,6 +136,7 @@ PAPER_ROW_METHODS = {
 
 QUICK_SCALE = {
     "bundled_images": "rgb",
+    "sigma_max": 50.0,
     "tile_size": 128,
     "crop_size": 48,
     "width": 16,

@@ -38,25 +38,42 @@ METHOD_TITLES = {
     **{f"contrast-{distance}": f"Contrastive only ({distance.upper()})" for distance in DISTANCES},
 }
 SUPERVISED_PREFIX = "sl-"  # 'sl-<task>': supervised pre-training on that task, e.g. 'sl-denoise' = SL (Den)
+CONTROL_PREFIX = "contrast-"  # 'contrast-<distance>': the RCL control without its consistency term
+# The InfoNCE temperature of each distance when --temperature is not given. EMD is in intensity units (8-bit
+# scale by default), MMD and BD are unitless and ~100x smaller for the same change of noise level: at 0.1 the
+# true noise scored a higher L_contrast than the image content of an untrained image-predicting U-Net's
+# residuals for MMD and BD on the quick and small presets' data, at 0.01 a lower one (README, "Which
+# settings reward denoising").
+DEFAULT_TEMPERATURES = {"emd": 0.1, "mmd": 0.01, "bd": 0.01}
 
 
 def canonical_method(name: str, default_distance: str, modality: str = "rgb") -> str:
-    """'rcl' -> 'rcl-<default_distance>'; 'sl-<task>' with the modality's task name ('sl-denoise' on RAW
-    is 'sl-jdd'); 'rcl-emd', 'n2n', ... unchanged; ValueError otherwise (also for a method the modality
-    lacks)."""
+    """'rcl' -> 'rcl-<default_distance>', 'contrast' -> 'contrast-<default_distance>'; 'sl-<task>' with the
+    modality's task name ('sl-denoise' on RAW is 'sl-jdd'); 'rcl-emd', 'consistency', 'n2n', ... unchanged;
+    ValueError otherwise (also for a method the modality lacks)."""
     name = name.lower()
-    if name == "rcl":
-        name = f"rcl-{default_distance}"
+    if name in ("rcl", "contrast"):
+        name = f"{name}-{default_distance}"
     if name.startswith(SUPERVISED_PREFIX):
         return SUPERVISED_PREFIX + canonical_task(name[len(SUPERVISED_PREFIX) :], modality)
-    if name.startswith("rcl-") and name[4:] in DISTANCES or name in BASELINES:
+    distance = rcl_distance(name)
+    if distance in DISTANCES or name in BASELINES or name == "consistency":
         if modality == "raw" and name in RGB_ONLY_METHODS or modality == "rgb" and name in RAW_ONLY_METHODS:
             raise ValueError(f"method {name!r} is not defined for --modality {modality}")
         return name
     raise ValueError(
-        f"unknown method {name!r}; choose from rcl, {', '.join('rcl-' + d for d in DISTANCES)}, "
-        f"{', '.join(BASELINES)}, sl-<task>"
+        f"unknown method {name!r}; choose from rcl, {', '.join('rcl-' + d for d in DISTANCES)}, consistency, "
+        f"contrast, {', '.join(CONTROL_PREFIX + d for d in DISTANCES)}, {', '.join(BASELINES)}, sl-<task>"
     )
+
+
+def rcl_distance(method: str) -> str | None:
+    """The distance of a method with a contrastive term: 'rcl-emd' and 'contrast-emd' -> 'emd'; None for
+    the others (the 'consistency' control has no contrastive term)."""
+    for prefix in ("rcl-", CONTROL_PREFIX):
+        if method.startswith(prefix):
+            return method[len(prefix) :]
+    return None
 
 
 def supervised_task(method: str) -> str | None:
@@ -159,13 +176,15 @@ class RCLObjective(nn.Module):
 
     L_contrast is ``rcl_ops.ResidualContrastiveLoss`` on the residuals of the first crops
     (queries, B of them) against those of the second crops (keys): row i's positive is the
-    other crop of image i. L_consistency (Eq. 9, or Eq. 11 for RAW) is averaged over all 2B crops.
+    other crop of image i. L_consistency (Eq. 9, or Eq. 11 for RAW) is averaged over all 2B crops;
+    ``consistency`` None (with weight 0) leaves it out: the contrastive-only control. With alpha 0, the
+    consistency-only control, L_contrast is still computed for the diagnostics.
     """
 
     def __init__(
         self,
         contrastive: ResidualContrastiveLoss,
-        consistency: nn.Module,
+        consistency: nn.Module | None,
         alpha: float,
         consistency_weight: float,
         raw: bool,
@@ -185,7 +204,9 @@ class RCLObjective(nn.Module):
         c = self.contrastive
         distances = c.distance_fn(residuals[:half], residuals[half:], **c.distance_kwargs)
         contrast = residual_contrastive_loss(distances, c.temperature, c.symmetric, c.reduction)
-        if self.raw:
+        if self.consistency is None:
+            consistency = restored.new_zeros(())
+        elif self.raw:
             consistency = self.consistency(observed, restored, generator)
         else:
             consistency = self.consistency(observed, restored)

@@ -21,6 +21,12 @@ from .noise import demosaic_bilinear, pack_raw, raw_to_planes
 
 MODELS = ("unet", "dncnn")
 RAW_INPUTS = ("planes", "packed")
+UNET_OUTPUTS = ("residual", "image")
+# A residual network's head starts at this fraction of PyTorch's default initialisation, so that f(x) starts
+# within a hair of the identity (a 1e-3-sized residual) while every gradient, the contrastive term's included,
+# is nonzero from the first step; an exactly zero head would sit at a fixed point of RCL (a zero residual has
+# zero EMD/BD/MMD gradients and the consistency term is at its minimum there).
+RESIDUAL_HEAD_GAIN = 1e-2
 
 
 class RawLayout:
@@ -48,6 +54,20 @@ class RawLayout:
         return F.pixel_shuffle(head_output, 2) if self.packed else head_output
 
 
+def restoration_base(x: torch.Tensor, raw: bool) -> torch.Tensor:
+    """What a residual network subtracts its head from: the input itself (RGB), or its bilinear demosaic
+    (an RGGB mosaic (N, 1, H, W) -> (N, 3, H, W)), so that a zero head is the identity / plain demosaic."""
+    return demosaic_bilinear(x) if raw else x
+
+
+def scale_head_(head: nn.Module, gain: float) -> None:
+    """Multiply every parameter of ``head`` by ``gain`` in place (``RESIDUAL_HEAD_GAIN``; 0: exactly the
+    identity for a residual network)."""
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.mul_(gain)
+
+
 DEFAULT_WIDTH = {"unet": 32, "dncnn": 64}
 DEFAULT_DEPTH = {"unet": 4, "dncnn": 17}
 
@@ -65,7 +85,10 @@ class DoubleConv(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """U-Net (Ronneberger et al. 2015) that predicts the image: f(x) = head(features(x)).
+    """U-Net (Ronneberger et al. 2015). ``output="residual"`` (default) predicts the residual through a
+    global skip, f(x) = base(x) - head(features(x)) with base(x) = x (RGB) or its bilinear demosaic (RAW),
+    and starts within a hair of the identity (``RESIDUAL_HEAD_GAIN``); ``output="image"`` predicts the image,
+    f(x) = head(features(x)), with no path from input to output.
 
     ``depth`` 2x2 max-pool downsamplings, channels width * 2^level, transposed-conv
     upsampling with skip concatenation, and a 1x1 conv ``head`` to 3 channels. Any H, W:
@@ -74,11 +97,16 @@ class UNet(nn.Module):
     sparse colour planes, or packed 4-channel at half resolution with a pixel-shuffled head).
     """
 
-    def __init__(self, width: int = 32, depth: int = 4, raw: bool = False, raw_input: str = "planes"):
+    def __init__(
+        self, width: int = 32, depth: int = 4, raw: bool = False, raw_input: str = "planes", output: str = "residual"
+    ):
         super().__init__()
         if width < 1 or depth < 0:
             raise ValueError(f"UNet: width must be >= 1 and depth >= 0, got width={width}, depth={depth}")
+        if output not in UNET_OUTPUTS:
+            raise ValueError(f"UNet: output must be one of {UNET_OUTPUTS}, got {output!r}")
         self.raw, self.depth = raw, depth
+        self.predicts_residual = output == "residual"
         self.layout = RawLayout(raw, raw_input)
         channels = [width * 2**level for level in range(depth + 1)]
         self.encoders = nn.ModuleList([DoubleConv(self.layout.in_channels, channels[0])])
@@ -88,6 +116,8 @@ class UNet(nn.Module):
         )
         self.decoders = nn.ModuleList(DoubleConv(2 * channels[i], channels[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(channels[0], self.layout.out_channels, 1)
+        if self.predicts_residual:
+            scale_head_(self.head, RESIDUAL_HEAD_GAIN)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, Cin, H, W) -> (N, width, H, W) (H / 2, W / 2 for packed RAW), the input of the head."""
@@ -107,8 +137,10 @@ class UNet(nn.Module):
         return x[..., :height, :width]
 
     def from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """The output given ``features = self.features(x)``: head(features) (pixel-shuffled for packed RAW)."""
-        return self.layout.image(self.head(features))
+        """The output given ``features = self.features(x)``: base(x) - head(features), or head(features) for
+        ``output="image"`` (the head pixel-shuffled for packed RAW)."""
+        predicted = self.layout.image(self.head(features))
+        return restoration_base(x, self.raw) - predicted if self.predicts_residual else predicted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3 or 1, H, W) -> the restored image (N, 3, H, W)."""
@@ -121,8 +153,11 @@ class DnCNN(nn.Module):
     ``depth`` 3x3 conv layers: conv + ReLU, (depth - 2) x (conv + BatchNorm + ReLU), and the
     ``head`` conv to 3 channels. base(x) = x for RGB, the bilinear demosaic of x for RAW, so
     the residual x - f(x) (or x - mosaic(f(x))) is the predicted noise in both cases. RAW input as
-    ``raw_input`` (``RawLayout``).
+    ``raw_input`` (``RawLayout``). The head starts at ``RESIDUAL_HEAD_GAIN`` times PyTorch's default
+    initialisation, so f starts within a hair of the identity.
     """
+
+    predicts_residual = True
 
     def __init__(self, width: int = 64, depth: int = 17, raw: bool = False, raw_input: str = "planes"):
         super().__init__()
@@ -135,6 +170,7 @@ class DnCNN(nn.Module):
             layers += [nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         self.body = nn.Sequential(*layers)
         self.head = nn.Conv2d(width, self.layout.out_channels, 3, padding=1)
+        scale_head_(self.head, RESIDUAL_HEAD_GAIN)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, Cin, H, W) -> (N, width, H, W) (H / 2, W / 2 for packed RAW)."""
@@ -142,8 +178,7 @@ class DnCNN(nn.Module):
 
     def from_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The output given ``features = self.features(x)``: base(x) - head(features)."""
-        base = demosaic_bilinear(x) if self.raw else x
-        return base - self.layout.image(self.head(features))
+        return restoration_base(x, self.raw) - self.layout.image(self.head(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3 or 1, H, W) -> the restored image (N, 3, H, W)."""
@@ -151,15 +186,23 @@ class DnCNN(nn.Module):
 
 
 def build_model(
-    name: str, width: int | None = None, depth: int | None = None, raw: bool = False, raw_input: str = "planes"
+    name: str,
+    width: int | None = None,
+    depth: int | None = None,
+    raw: bool = False,
+    raw_input: str = "planes",
+    unet_output: str = "residual",
 ) -> nn.Module:
     """A restoration network by name ("unet" or "dncnn"); None width/depth take the model's default;
-    ``raw_input``: how RAW mosaics enter it (``RawLayout``)."""
+    ``raw_input``: how RAW mosaics enter it (``RawLayout``); ``unet_output``: what a U-Net predicts
+    ("residual" or "image"; a DnCNN always predicts the residual)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
     width = DEFAULT_WIDTH[name] if width is None else width
     depth = DEFAULT_DEPTH[name] if depth is None else depth
-    return (UNet if name == "unet" else DnCNN)(width=width, depth=depth, raw=raw, raw_input=raw_input)
+    if name == "unet":
+        return UNet(width=width, depth=depth, raw=raw, raw_input=raw_input, output=unet_output)
+    return DnCNN(width=width, depth=depth, raw=raw, raw_input=raw_input)
 
 
 def layer_output_count(model: nn.Module, inputs: torch.Tensor) -> int:
@@ -392,3 +435,11 @@ def state_sha256(module: nn.Module) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def configured_model(config) -> nn.Module:
+    """The restoration network a trainer configuration asks for (--model, --width, --depth, --modality,
+    --raw-input, --unet-output)."""
+    return build_model(
+        config.model, config.width, config.depth, config.modality == "raw", config.raw_input, config.unet_output
+    )

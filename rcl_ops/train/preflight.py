@@ -13,7 +13,7 @@ import torch
 
 from .._backend import resolve_backend
 from .config import TrainConfig
-from .models import DEFAULT_DEPTH, DEFAULT_WIDTH, ResNet50Encoder, build_model, layer_output_count
+from .models import DEFAULT_DEPTH, DEFAULT_WIDTH, ResNet50Encoder, configured_model, layer_output_count
 
 BYTES_PER_VALUE = 4  # float32 weights and activations
 # Copies of the network's weights alive at once: the seed's initial network and its saved state, the
@@ -115,9 +115,9 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
     instant even for a network that could never be built."""
     raw = config.modality == "raw"
     channels, size = (1 if raw else 3), config.crop_size
-    rcl_on_rgb = not raw and any(m.startswith("rcl-") for m in config.methods)
+    rcl_on_rgb = not raw and any(m.startswith("rcl-") or m == "consistency" for m in config.methods)
     with torch.device("meta"):
-        model = build_model(config.model, config.width, config.depth, raw, config.raw_input)
+        model = configured_model(config)
         parameters = sum(p.numel() for p in model.parameters())
         pretrain_crops = 2 * config.batch_size  # two crops of each image
         pretraining = layer_output_count(model.train(), torch.empty(pretrain_crops, channels, size, size))

@@ -15,7 +15,7 @@ from .config import TrainConfig, config_to_dict, label_count
 from .data import DENOISING_TASK, TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
-from .losses import SUPERVISED_PREFIX, method_title, split_run_key
+from .losses import DEFAULT_TEMPERATURES, SUPERVISED_PREFIX, method_title, split_run_key
 
 INPUT_TITLES = {
     "denoise": "noisy",
@@ -556,6 +556,31 @@ def _diagnostics_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _contrast_check_lines(checks: dict[str, dict[str, dict]]) -> list[str]:
+    """Per distance, the pre-training check (mean over seeds): L_contrast per query of the true noise, of the
+    networks at step 0 and of an over-smoothing denoiser, on the same crop pairs of the training data."""
+    lines = []
+    for distance, by_seed in checks.items():
+        if not by_seed:
+            continue
+        mean = {key: statistics.fmean(c[key] for c in by_seed.values()) for key in ("ideal", "step0", "oversmoothing")}
+        yes = sum(bool(c["rewards_denoising"]) for c in by_seed.values())
+        chance = next(iter(by_seed.values()))["chance"]
+        lines.append(
+            f"- Check before pre-training ({distance.upper()}, training crops, mean over {len(by_seed)} seed(s)): "
+            f"L_contrast per query of an ideal denoiser (the true noise) {mean['ideal']:.3f}, of the network at "
+            f"step 0 {mean['step0']:.3f}, of an over-smoothing denoiser (Gaussian blur) {mean['oversmoothing']:.3f} "
+            f"(chance {chance:.3f}): the contrastive term rewards denoising in {yes} of {len(by_seed)} seed(s)"
+            + (
+                "; it rewards the blur's residual (noise + image edges) even more"
+                if mean["oversmoothing"] < mean["ideal"]
+                else ""
+            )
+            + "."
+        )
+    return lines
+
+
 def format_table(summary: dict) -> str:
     """The markdown results: a header describing the run, the proxy-evaluation table (rows: methods;
     columns: PSNR/SSIM per downstream task), the as-is ("0 labels") table, the pre-training diagnostics,
@@ -577,9 +602,12 @@ def format_table(summary: dict) -> str:
         f"{env['wall_seconds']:.0f} s.",
     ]
     if any(m.startswith("rcl-") for m in config["methods"]):
+        temperature = config["temperature"]
+        if temperature is None:
+            temperature = "per distance: " + ", ".join(f"{d.upper()} {t:g}" for d, t in DEFAULT_TEMPERATURES.items())
         lines.append(
             f"RCL conventions: L_contrast {config['contrast_reduction']} over the batch (alpha {config['alpha']:g}, "
-            f"temperature {config['temperature']:g}), distances on the {config['distance_scale']} intensity scale, "
+            f"temperature {temperature}), distances on the {config['distance_scale']} intensity scale, "
             f"L_consistency {config['consistency_reduction']}, g_e = ResNet-50 stem + {config['encoder_stages']} "
             "stage(s)."
         )
@@ -595,13 +623,7 @@ def format_table(summary: dict) -> str:
     if summary["diagnostics"]:
         lines += ["", "RCL pre-training diagnostics (mean over seeds; end = mean of the last quarter of logged steps):"]
         lines += ["", *_diagnostics_table(summary["diagnostics"])]
-        for distance, ideal in env.get("true_noise_contrast", {}).items():
-            if ideal:
-                lines.append(
-                    f"- Reference, the true noise as residual ({distance.upper()}): L_contrast per query "
-                    f"{ideal['contrast_per_query']:.3f} (chance {ideal['contrast_chance']:.3f}), top-1 retrieval "
-                    f"{ideal['retrieval_top1']:.2f}: what an ideal denoiser would reach on this data."
-                )
+        lines += _contrast_check_lines(env.get("contrast_checks", {}))
         lines += ["", "Did the contrastive term do anything?"]
         lines += [f"- {contrast_verdict(row)}" for row in summary["diagnostics"]]
     study = summary.get("label_efficiency")

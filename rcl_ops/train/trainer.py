@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import zipfile
@@ -44,6 +43,7 @@ import rcl_ops
 from . import distributed
 from .baselines import MoCoObjective, PixelContrastObjective, ResNetFCN
 from .config import TrainConfig, config_to_dict, flag, label_count
+from .contrast_check import check_contrast, check_sentence, crop_pair_batches, distance_matrices_of
 from .data import (
     DENOISING_TASK,
     CropSampler,
@@ -54,7 +54,7 @@ from .data import (
     records_multiple,
     task_input,
 )
-from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy, summarise_history
+from .diagnostics import gradient_norm_ratio, summarise_history
 from .encoder_pretraining import self_supervised_encoder
 from .evaluate import (
     ProxySettings,
@@ -66,6 +66,8 @@ from .evaluate import (
 )
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
+    CONTROL_PREFIX,
+    DEFAULT_TEMPERATURES,
     DISTANCE_SCALES,
     FeatureConsistencyLoss,
     Mosaic2MosaicObjective,
@@ -76,13 +78,14 @@ from .losses import (
     SupervisedObjective,
     contrastive_loss,
     fraction_positive,
-    residual,
+    rcl_distance,
     residual_distance_gaps,
     split_run_key,
     supervised_task,
 )
-from .models import ResNet50Encoder, build_model, file_sha256, load_encoder_weights, state_sha256
+from .models import ResNet50Encoder, configured_model, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
+from .seeding import derive_seed, seeded_generator
 
 # Options that change no number a run produces: they may differ when resuming. (--threads is not one:
 # the thread count changes the summation order of CPU kernels and, through training, the results.)
@@ -100,17 +103,6 @@ RUN_MANAGEMENT_OPTIONS = {
     "grid_images",
     "device",
 }
-
-
-def derive_seed(seed: int, *tags: str) -> int:
-    """A 63-bit seed determined by ``seed`` and string tags (stable across runs and platforms)."""
-    entropy = [seed] + [zlib.crc32(tag.encode()) for tag in tags]
-    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def seeded_generator(seed: int, *tags: str) -> torch.Generator:
-    """A CPU torch.Generator seeded by ``derive_seed(seed, *tags)``."""
-    return torch.Generator().manual_seed(derive_seed(seed, *tags))
 
 
 def progress_bar(enabled: bool, description: str) -> Callable:
@@ -340,17 +332,22 @@ def make_objective(
     ``gather_distributed``: the contrastive loss takes its negatives from every rank (of
     ``world_size``)."""
     raw = config.modality == "raw"
-    if method.startswith("rcl-"):
+    if method.startswith("rcl-") or method == "consistency" or method.startswith(CONTROL_PREFIX):
+        # the consistency-only control keeps the first RCL method's distance for its diagnostics
+        distance = rcl_distance(method) or contrast_distance(config)
         contrastive = contrastive_loss(
-            method[4:],
-            config.temperature,
+            distance,
+            temperature_of(config, distance),
             config.symmetric,
             config.distance_backend,
             config.emd_quantiles,
             gather_distributed=gather_distributed,
             reduction=config.contrast_reduction,
         )
-        if raw:
+        consistency = None
+        if method.startswith(CONTROL_PREFIX):
+            pass  # the contrastive-only control
+        elif raw:
             consistency = RawConsistencyLoss(config.raw_max_shift, config.consistency_reduction)
         else:
             consistency = FeatureConsistencyLoss(encoder, config.consistency_reduction)
@@ -358,7 +355,9 @@ def make_objective(
         # A sum over this rank's queries, averaged over ranks by DDP, is 1/W of the sum over the
         # global batch that one process would take: alpha makes up for it.
         alpha = config.alpha * (world_size if gather_distributed and config.contrast_reduction == "sum" else 1)
-        return RCLObjective(contrastive, consistency, alpha, config.consistency_weight, raw, scale)
+        alpha = 0.0 if method == "consistency" else alpha
+        weight = 0.0 if consistency is None else config.consistency_weight
+        return RCLObjective(contrastive, consistency, alpha, weight, raw, scale)
     if method == "n2n":
         return Noise2NoiseObjective(raw)
     if method == "n2s":
@@ -372,6 +371,25 @@ def make_objective(
     if supervised_task(method) is not None:
         return SupervisedObjective(supervised_task(method))
     raise ValueError(f"method {method!r} has no pre-training objective")
+
+
+def initial_network_state(config: TrainConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The state dict of seed ``seed``'s initial network (what ``Experiment.run`` builds for the seed),
+    drawn without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init"))
+        return configured_model(config).state_dict()
+
+
+def contrast_distance(config: TrainConfig) -> str:
+    """The distance of the run's first method with a contrastive term (--distance if none): the one of the
+    Fig. 2 densities and of the consistency-only control's diagnostics."""
+    return next(filter(None, map(rcl_distance, config.methods)), config.distance)
+
+
+def temperature_of(config: TrainConfig, distance: str) -> float:
+    """--temperature, or the distance's default (``DEFAULT_TEMPERATURES``)."""
+    return DEFAULT_TEMPERATURES[distance] if config.temperature is None else config.temperature
 
 
 def pretrain(
@@ -429,7 +447,7 @@ def pretrain(
             raise FloatingPointError(f"pre-training loss became {float(global_loss)} at step {done}; try {advice}")
         # Extra backward passes that leave the training gradient unchanged; in one process only
         # (under DDP they would run rank 0's graph alone, outside DDP's gradient reduction).
-        if rcl and logging and run.world_size == 1:
+        if rcl and logging and run.world_size == 1 and objective.alpha > 0 and objective.consistency is not None:
             parts.update(gradient_norm_ratio(terms.contrast, terms.consistency, model.parameters()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -460,61 +478,6 @@ def pretrain(
         "final_loss": last_loss,
         "resumed_from": start,
         "diagnostics": summarise_history(history),
-    }
-
-
-@torch.no_grad()
-def residual_distance_matrices(
-    model: nn.Module | None,
-    records: list,
-    config: TrainConfig,
-    distance: str,
-    device: torch.device,
-) -> list[torch.Tensor]:
-    """The (B, B) distances d(r(x_i), r(x'_j)) of ``config.density_batches`` batches of crop pairs, on the
-    run's --distance-scale. ``model`` None uses the true noise x - obs(y) as the residual. The crops come
-    from a fixed generator, so every model is measured on the same pairs."""
-    raw = config.modality == "raw"
-    sampler = CropSampler(records, config.crop_size, seeded_generator(config.split_seed, "density"), raw)
-    batch_size = min(len(records), config.batch_size)
-    if batch_size < 2:
-        return []
-    distance_fn = {"emd": rcl_ops.pairwise_emd, "mmd": rcl_ops.pairwise_mmd, "bd": rcl_ops.pairwise_bd}[distance]
-    scale = DISTANCE_SCALES[config.distance_scale]
-    matrices = []
-    if model is not None:
-        model.eval()
-    for _ in range(config.density_batches):
-        batch = sampler.sample(batch_size).to(device)
-        if model is None:
-            q = residual(batch.observed_q, batch.clean_q, raw)
-            k = residual(batch.observed_k, batch.clean_k, raw)
-        else:
-            q = residual(batch.observed_q, model(batch.observed_q), raw)
-            k = residual(batch.observed_k, model(batch.observed_k), raw)
-        matrices.append(distance_fn(q * scale, k * scale, backend=config.distance_backend).cpu())
-    return matrices
-
-
-def distance_gaps(
-    model: nn.Module | None, records: list, config: TrainConfig, distance: str, device: torch.device
-) -> torch.Tensor:
-    """Gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, of ``residual_distance_matrices`` (Fig. 2)."""
-    matrices = residual_distance_matrices(model, records, config, distance, device)
-    return torch.cat([residual_distance_gaps(d) for d in matrices]) if matrices else torch.empty(0)
-
-
-def true_noise_contrast(records: list, config: TrainConfig, distance: str, device: torch.device) -> dict:
-    """What an ideal denoiser would score on the contrastive task: the InfoNCE loss per query and the top-1
-    retrieval with the true noise as residuals (same crops, scale and temperature as the diagnostics)."""
-    matrices = residual_distance_matrices(None, records, config, distance, device)
-    if not matrices:
-        return {}
-    losses = [float(rcl_ops.residual_contrastive_loss(d, config.temperature, config.symmetric)) for d in matrices]
-    return {
-        "contrast_per_query": statistics.fmean(losses),
-        "retrieval_top1": statistics.fmean(retrieval_accuracy(d) for d in matrices),
-        "contrast_chance": contrastive_chance(matrices[0].shape[0]),
     }
 
 
@@ -723,8 +686,12 @@ class Experiment:
             for task in (config.tasks if run.is_main else [])
         }
         self.examples: dict[str, dict[str, list]] = {task: {"Input": self.naive[task].examples} for task in self.naive}
-        self.density_distance = next((m[4:] for m in config.methods if m.startswith("rcl-")), config.distance)
+        self.density_distance = contrast_distance(config)
         self.densities: dict[str, np.ndarray] = {}
+        self.crop_pairs = crop_pair_batches(
+            self.train, config.crop_size, config.batch_size, config.density_batches, config.split_seed, self.raw
+        )
+        self.contrast_checks = self._check_contrast()  # before the run folder: a refusal leaves nothing behind
         self.proxy_settings = ProxySettings(
             config.finetune_steps,
             config.finetune_batch_size,
@@ -750,7 +717,7 @@ class Experiment:
         try:
             for seed_index, seed in enumerate(config.seeds):
                 torch.manual_seed(derive_seed(seed, "init"))
-                initial = build_model(config.model, config.width, config.depth, self.raw, config.raw_input)
+                initial = configured_model(config)
                 initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
                 if seed_index == 0 and config.plots and self.dist.is_main:
                     initial.to(self.device)
@@ -778,10 +745,9 @@ class Experiment:
         if not self.dist.is_main:
             return {}
         environment = self._environment()
-        environment["true_noise_contrast"] = {
-            m[4:]: true_noise_contrast(self.train, config, m[4:], self.device)
-            for m in config.methods
-            if m.startswith("rcl-")
+        environment["contrast_checks"] = {
+            distance: {str(seed): check for (d, seed), check in self.contrast_checks.items() if d == distance}
+            for distance in dict.fromkeys(d for d, _ in self.contrast_checks)
         }
         summary = report.summarise(config, results, self.naive, environment, label_results)
         report.write_summary(self.run_dir, summary)
@@ -814,7 +780,7 @@ class Experiment:
                 raise DamagedFileError(result_path, "it lacks the per-image scores")
             except DamagedFileError as error:
                 self.say(f"  {tag}: {error}; computing this result again")
-        model = build_model(config.model, config.width, config.depth, self.raw, config.raw_input)
+        model = configured_model(config)
         model.load_state_dict(initial_state)
         if protocol != "sl":
             load_checkpoint(self.run_dir / "checkpoints" / protocol / f"seed{seed}" / "pretrained.safetensors", model)
@@ -864,12 +830,58 @@ class Experiment:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(seed, "init", "resnet-fcn"))
                 return ResNetFCN(config.width or 32, max(1, config.depth or 3), self.raw)
-        model = build_model(config.model, config.width, config.depth, self.raw, config.raw_input)
+        model = configured_model(config)
         model.load_state_dict(initial_state)
         return model
 
     def _gaps(self, model: nn.Module | None) -> np.ndarray:
-        return distance_gaps(model, self.train, self.config, self.density_distance, self.device).numpy()
+        """Fig. 2's gaps d(r(x_i), r(x'_j)) - d(r(x_i), r(x'_i)), j != i, on the fixed crop pairs."""
+        config = self.config
+        matrices = distance_matrices_of(
+            model,
+            self.crop_pairs,
+            self.density_distance,
+            DISTANCE_SCALES[config.distance_scale],
+            config.distance_backend,
+            self.raw,
+            self.device,
+        )
+        return torch.cat([residual_distance_gaps(d) for d in matrices]).numpy() if matrices else np.empty(0)
+
+    def _check_contrast(self) -> dict[tuple[str, int], dict]:
+        """``check_contrast`` of every seed's initial network for each distance of the run's methods with a
+        contrastive term, keyed (distance, seed); RunError when the contrastive term does not reward
+        denoising, unless --ignore-contrast-check."""
+        config, checks = self.config, {}
+        keys = {rcl_distance(split_run_key(key)[0]): key for key in reversed(self.run_keys)}
+        keys.pop(None, None)
+        for distance, key in keys.items() if self.crop_pairs else ():
+            contrastive = self.objectives[key].contrastive
+            for seed in config.seeds:
+                model = configured_model(config)
+                model.load_state_dict(initial_network_state(config, seed))
+                checks[(distance, seed)] = check_contrast(
+                    model,
+                    self.crop_pairs,
+                    lambda q, k, c=contrastive: c.distance_fn(q, k, **c.distance_kwargs),
+                    DISTANCE_SCALES[config.distance_scale],
+                    contrastive.temperature,
+                    contrastive.symmetric,
+                    self.raw,
+                    self.device,
+                )
+        failing = [f"{d.upper()} seed {seed}: {check_sentence(c)}" for (d, seed), c in checks.items()]
+        failing = [line for line, c in zip(failing, checks.values()) if not c["rewards_denoising"]]
+        if failing and not config.ignore_contrast_check:
+            raise RunError(
+                "the contrastive term does not reward denoising under these settings, so RCL pre-training would "
+                "optimise the wrong thing: " + "; ".join(failing) + ". Change --distance-scale / --temperature "
+                "(defaults: 8bit and per distance) or the network (--unet-output residual), or pass "
+                "--ignore-contrast-check to run anyway"
+            )
+        for line in failing:
+            self.say(f"WARNING (--ignore-contrast-check): {line}")
+        return checks
 
     def _run_method(self, method: str, seed: int, initial_state: dict, first_seed: bool) -> dict:
         """Pre-train ``method`` from ``initial_state`` and proxy-evaluate it (or reuse a finished result)."""
@@ -892,6 +904,10 @@ class Experiment:
         encoder_kind = split_run_key(method)[1]
         if encoder_kind is not None:
             result["encoder"] = self.encoder_records[encoder_kind]
+        distance = rcl_distance(split_run_key(method)[0])
+        if (distance, seed) in self.contrast_checks and config.pretrain_steps > 0:
+            result["contrast_check"] = check = self.contrast_checks[(distance, seed)]
+            self.say(f"  {tag}: {check_sentence(check)}")
         if method != "random" and config.pretrain_steps > 0:
             sampler = CropSampler(
                 self.train,
