@@ -20,7 +20,9 @@ from tests.utils import denoising_records
 def quick_crop_pairs():
     """Four batches of 8 crop pairs (48x48) of the quick preset's training tiles at its noise levels."""
     config = build_config("quick")
-    train, _ = load_split(None, config.test_fraction, config.split_seed, None, "clean", "rgb", config.tile_size)
+    train, _ = load_split(
+        None, config.test_fraction, config.split_seed, None, "clean", config.bundled_images, config.tile_size
+    )
     records = make_records(train, "rgb", config.sigma_min, config.sigma_max, config.noise_seed, False)
     return crop_pair_batches(records, config.crop_size, config.batch_size, 4, config.split_seed, raw=False)
 

@@ -823,11 +823,15 @@ def test_tiles_and_colour_images(tmp_path):
         build_config(crop_size=64, tile_size=48)
 
 
-@pytest.mark.parametrize("preset", ["quick", "small"])
-def test_cpu_presets_use_colour_tiles_and_three_seeds(preset):
+@pytest.mark.parametrize("preset", ["quick", "small", "gpu-small"])
+def test_small_presets_use_tiles_of_four_test_photographs_three_seeds_and_the_controls(preset):
     config = build_config(preset)
-    assert config.bundled_images == "rgb" and config.tile_size >= config.crop_size and len(config.seeds) >= 3
-    assert {"rcl-emd", "n2n", "n2s", "oracle", "random"} <= set(config.methods) and len(config.encoders) == 1
+    assert config.bundled_images == "all" and config.tile_size > config.crop_size and len(config.seeds) >= 3
+    assert config.sigma_max == 50 and config.unet_output == "residual" and config.distance_scale == "8bit"
+    assert {"rcl-emd", "consistency", "contrast-emd", "n2n", "n2s", "oracle", "random"} <= set(config.methods)
+    assert len(config.encoders) == 1
+    if preset == "gpu-small":  # the paper's batch and crops
+        assert (config.batch_size, config.crop_size, config.width, config.depth) == (64, 128, 32, 4)
     if preset == "small":  # the paper's optimiser and loss weights; an encoder trained without labels
         assert (config.lr, config.alpha, config.contrast_reduction) == (1e-3, 1e-3, "sum")
         assert config.temperature is None  # the per-distance defaults that pass the contrast check

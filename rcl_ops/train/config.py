@@ -341,11 +341,12 @@ class TrainConfig:
     preset: str | None = _option(
         None,
         "quick (a smoke-level demo of the whole pipeline on a CPU in a few minutes, three seeds), small (the "
-        "most faithful setting a 2-core CPU runs in about 30 minutes, three seeds), paper (the paper's settings, "
-        "for a GPU), sidd (Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU), or one paper table's "
-        "experiment, table1-quick ... table5-full (as rcl-train experiment runs them)",
+        "most faithful setting a 2-core CPU runs in about 30 minutes, three seeds), gpu-small (the paper's batch "
+        "64 and crops 128 on the bundled images, about 4 minutes on one H100/H200, three seeds), paper (the "
+        "paper's settings, for a GPU), sidd (Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU), or "
+        "one paper table's experiment, table1-quick ... table5-full (as rcl-train experiment runs them)",
         "run",
-        choices=("quick", "small", "paper", "sidd", *experiment_presets()),
+        choices=("quick", "small", "gpu-small", "paper", "sidd", *experiment_presets()),
     )
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
@@ -614,22 +615,21 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
 RCL_WITH_CONTROLS = ["rcl-emd", "consistency", "contrast-emd"]
 
 PRESETS: dict[str, dict] = {
-    # A smoke-level demo of the whole pipeline on a 2-core CPU in about 3-4 minutes (``make demo``): the 7
-    # colour sample images cut into 128x128 tiles after the split (200 training tiles of 5 photographs, 28
-    # test tiles of 2 others), crops 48, a small U-Net, three seeds (so that a difference can be told from
-    # noise), denoising only, RCL-EMD with one (random) encoder, N2N, N2S, Oracle and a no-pre-training row,
-    # few steps and a larger fine-tuning learning rate, cosine-annealed. Too short to rank the methods: see
-    # --preset small. One torch thread: on a 2-core machine that is also busy with something else, two
-    # OpenMP threads ran up to 10x slower per step (measured), one thread at most ~1.6x slower than two on
-    # an idle machine.
+    # A smoke-level demo of the whole pipeline on a 2-core CPU in under 5 minutes (``make demo``): the 17
+    # sample images cut into 128x128 tiles after the split (287 training tiles of 13 photographs, 59 test
+    # tiles of 4 others), noise up to 50/255, crops 48, a small residual U-Net, three seeds (so that a
+    # difference can be told from noise), denoising only, RCL-EMD with one (random) encoder and its two
+    # controls, N2N, N2S, Oracle and a no-pre-training row, few steps and a larger fine-tuning learning rate,
+    # cosine-annealed. Too short to rank the methods: see --preset small. One torch thread: on a 2-core
+    # machine that is also busy with something else, two OpenMP threads ran up to 10x slower per step
+    # (measured), one thread at most ~1.6x slower than two on an idle machine.
     "quick": {**QUICK_SCALE, "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"], "tasks": ["denoise"]},
     # The most faithful setting that a 2-core CPU runs in about 30 minutes: the paper's optimiser (Adam
-    # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, temperature 0.1, L_contrast summed over the batch, three
-    # seeds; the 7 colour sample images, each cut into 128x128 tiles after the split (200 training tiles
-    # of 5 photographs, 28 test tiles of 2 others), so that a batch holds 16 distinct noise levels. Smaller
-    # than the paper where the time demands it: batch 16 (paper 64), crops 64 (paper 128), a U-Net of
-    # width 16 and depth 3, 200 pre-training steps. The paper's ImageNet encoder is not available offline:
-    # g_e is pre-trained on the noisy training tiles (--encoders self).
+    # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, L_contrast summed over the batch, three seeds; the quick data
+    # (128x128 tiles of the 17 sample images, noise up to 50/255), so that a batch holds 16 distinct noise
+    # levels. Smaller than the paper where the time demands it: batch 16 (paper 64), crops 64 (paper 128),
+    # a residual U-Net of width 16 and depth 3, 200 pre-training steps. The paper's ImageNet encoder is not
+    # available offline: g_e is pre-trained on the noisy training tiles (--encoders self).
     "small": {
         **QUICK_SCALE,
         "crop_size": 64,
@@ -664,6 +664,27 @@ PRESETS: dict[str, dict] = {
         "labels": ["30%", "all"],
         "sl_steps": 20000,
         "seeds": [0, 1, 2, 3, 4],
+    },
+    # The paper's batch 64 and crops 128 sized for one H100/H200 in about 4 minutes (not measured on a GPU
+    # yet; CPU step times in the README): the 17 sample images in 192x192 tiles (103 training tiles of 13
+    # photographs, 20 test tiles of 4), noise up to 50/255, the paper's U-Net (width 32, depth 4) and
+    # optimiser, RCL-EMD with its controls and the baselines, 300 pre-training and 300 fine-tuning steps,
+    # three seeds.
+    "gpu-small": {
+        **QUICK_SCALE,
+        "tile_size": 192,
+        "crop_size": 128,
+        "width": 32,
+        "depth": 4,
+        "batch_size": 64,
+        **PAPER_OPTIMISATION,
+        "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"],
+        "tasks": ["denoise"],
+        "pretrain_steps": 300,
+        "finetune_steps": 300,
+        "finetune_batch_size": 32,
+        "checkpoint_every": 300,
+        "threads": None,
     },
     # The paper's settings (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, batch 64,
     # crops 128, alpha 1e-3, five trials, all three distances. Needs >= 64 training images. The paper

@@ -288,7 +288,7 @@ def summarise(
         "rows": rows,
         "as_is_rows": as_is_rows,
         "diagnostics": diagnostics,
-        "contrast_verdicts": [contrast_verdict(row) for row in diagnostics],
+        "contrast_verdicts": [contrast_verdict(row) for row in diagnostics if row["method"].startswith("rcl-")],
         "comparisons": comparisons,
         "as_is_comparisons": as_is_comparisons,
         "control_comparisons": (
@@ -625,7 +625,7 @@ def format_table(summary: dict) -> str:
         lines += ["", *_diagnostics_table(summary["diagnostics"])]
         lines += _contrast_check_lines(env.get("contrast_checks", {}))
         lines += ["", "Did the contrastive term do anything?"]
-        lines += [f"- {contrast_verdict(row)}" for row in summary["diagnostics"]]
+        lines += [f"- {verdict}" for verdict in summary["contrast_verdicts"]]
     study = summary.get("label_efficiency")
     if study:
         lines += [
