@@ -20,7 +20,7 @@ import torch
 from .. import BACKEND_NAMES
 from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
-from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, experiment_presets
+from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, RCL_CONTROLS, experiment_presets
 from .losses import CONTROL_PREFIX, DEFAULT_TEMPERATURES, ENCODER_KINDS, SUPERVISED_PREFIX, canonical_method
 from .models import MODELS, RAW_INPUTS, UNET_OUTPUTS
 
@@ -612,7 +612,7 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
 
 # RCL-EMD and its two controls on the same seeds: the consistency loss alone (alpha 0) and the contrastive
 # term alone, so that a table answers whether each term helps.
-RCL_WITH_CONTROLS = ["rcl-emd", "consistency", "contrast-emd"]
+RCL_WITH_CONTROLS = ["rcl-emd", *RCL_CONTROLS]
 
 PRESETS: dict[str, dict] = {
     # A smoke-level demo of the whole pipeline on a 2-core CPU in under 5 minutes (``make demo``): the 17

@@ -731,7 +731,9 @@ class Experiment:
                 # The label study is rank 0's, like the proxy evaluation (the others wait at the
                 # next seed's pre-training).
                 label_protocols = (
-                    ["sl", *(k for k in self.run_keys if k.startswith("rcl-"))] if self.dist.is_main else []
+                    ["sl", *(k for k in self.run_keys if k.startswith(("rcl-", "consistency", CONTROL_PREFIX)))]
+                    if self.dist.is_main
+                    else []
                 )
                 for protocol in label_protocols:
                     for count in self.label_levels:
