@@ -49,12 +49,14 @@ def main() -> None:
     records = make_records(train, "rgb", config.sigma_min, config.sigma_max, config.noise_seed, False)
     batches = crop_pair_batches(records, config.crop_size, config.batch_size, args.batches, 0, raw=False)
     torch.manual_seed(0)
+    image_unet = build_model("unet", config.width, config.depth, unet_output="image")
+    residual_unet = build_model("unet", config.width, config.depth)
     networks = {
         "true noise": true_noise(False),
         "blur denoiser": oversmoothing_residual(False),
-        "untrained image U-Net": network_residual(build_model("unet", config.width, config.depth, unet_output="image"), False),
-        "untrained residual U-Net": network_residual(build_model("unet", config.width, config.depth), False),
-    }  # fmt: skip
+        "untrained image U-Net": network_residual(image_unet, False),
+        "untrained residual U-Net": network_residual(residual_unet, False),
+    }
     batch = batches[0].observed_q.shape[0]
     print(f"{args.preset}: {len(train)} training tiles, batch {batch}, crops {config.crop_size}, noise up to "
           f"{config.sigma_max:g}/255, {args.batches} batches; chance ln B = {math.log(batch):.3f}")  # fmt: skip
