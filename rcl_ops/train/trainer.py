@@ -344,9 +344,8 @@ def make_objective(
             gather_distributed=gather_distributed,
             reduction=config.contrast_reduction,
         )
-        consistency = None
         if method.startswith(CONTROL_PREFIX):
-            pass  # the contrastive-only control
+            consistency = None  # the contrastive-only control
         elif raw:
             consistency = RawConsistencyLoss(config.raw_max_shift, config.consistency_reduction)
         else:
@@ -872,8 +871,11 @@ class Experiment:
                     self.raw,
                     self.device,
                 )
-        failing = [f"{d.upper()} seed {seed}: {check_sentence(c)}" for (d, seed), c in checks.items()]
-        failing = [line for line, c in zip(failing, checks.values()) if not c["rewards_denoising"]]
+        failing = [
+            f"{d.upper()} seed {seed}: {check_sentence(check)}"
+            for (d, seed), check in checks.items()
+            if not check["rewards_denoising"]
+        ]
         if failing and not config.ignore_contrast_check:
             raise RunError(
                 "the contrastive term does not reward denoising under these settings, so RCL pre-training would "
