@@ -267,7 +267,9 @@ def _proxy_comparison(table: dict, summary: dict) -> list[str]:
         for row in mine:
             label = name if row is None or len(mine) == 1 else f"{name} [{row['title']}]"
             scores = [(row or {}).get("tasks", {}).get(t) for t in tasks]
-            lines.append("| " + " | ".join([label, *map(_paper_cell, values), *map(_pair, scores)]) + " |")
+            below = (row or {}).get("below_input", [])
+            ours = [_pair(score) + (" (below input)" if t in below else "") for t, score in zip(tasks, scores)]
+            lines.append("| " + " | ".join([label, *map(_paper_cell, values), *ours]) + " |")
             if name == "PixContrast":  # one method of ours stands for VADeR and PixContrast: ranked once
                 continue
             ranked = label.replace("VADeR", "VADeR/PixContrast")
@@ -284,6 +286,8 @@ def _proxy_comparison(table: dict, summary: dict) -> list[str]:
         cells += [_pair(inputs["tasks"].get(t)) for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if any(row.get("below_input") for row in our_rows):
+        lines += ["Our cells marked (below input) score below the task input itself: there, the row ranks nothing.", ""]
     for column, pairs in paper_ranking.items():
         lines.append(f"- Paper's ranking by PSNR, {column}: {_ranking(pairs)}")
     for task, pairs in ours_ranking.items():
