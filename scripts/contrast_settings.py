@@ -21,6 +21,7 @@ import torch
 
 from rcl_ops.train.config import build_config
 from rcl_ops.train.contrast_check import (
+    CHECK_BATCHES,
     PAIRWISE,
     contrast_per_query,
     crop_pair_batches,
@@ -39,7 +40,7 @@ TEMPERATURES = (0.1, 0.05, 0.02, 0.01)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick")
-    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=CHECK_BATCHES)
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = build_config(args.preset)

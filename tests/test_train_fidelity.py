@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rcl_ops.train.config import build_config
-from rcl_ops.train.contrast_check import PAIRWISE, check_contrast, crop_pair_batches, gaussian_blur
+from rcl_ops.train.contrast_check import CHECK_BATCHES, PAIRWISE, check_contrast, crop_pair_batches, gaussian_blur
 from rcl_ops.train.data import CropBatch, load_split, make_records
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
 from rcl_ops.train.models import ResNet50Encoder, UNet, build_model, configured_model
@@ -18,13 +18,13 @@ from tests.utils import denoising_records
 
 @pytest.fixture(scope="module")
 def quick_crop_pairs():
-    """Four batches of 8 crop pairs (48x48) of the quick preset's training tiles at its noise levels."""
+    """The check's 32 batches of 8 crop pairs (48x48) of the quick preset's training tiles at its noise levels."""
     config = build_config("quick")
     train, _ = load_split(
         None, config.test_fraction, config.split_seed, None, "clean", config.bundled_images, config.tile_size
     )
     records = make_records(train, "rgb", config.sigma_min, config.sigma_max, config.noise_seed, False)
-    return crop_pair_batches(records, config.crop_size, config.batch_size, 4, config.split_seed, raw=False)
+    return crop_pair_batches(records, config.crop_size, config.batch_size, CHECK_BATCHES, config.split_seed, raw=False)
 
 
 def _check(model, batches, distance, scale, temperature):

@@ -43,7 +43,7 @@ import rcl_ops
 from . import distributed
 from .baselines import MoCoObjective, PixelContrastObjective, ResNetFCN
 from .config import TrainConfig, config_to_dict, flag, label_count
-from .contrast_check import check_contrast, check_sentence, crop_pair_batches, distance_matrices_of
+from .contrast_check import CHECK_BATCHES, check_contrast, check_sentence, crop_pair_batches, distance_matrices_of
 from .data import (
     DENOISING_TASK,
     CropSampler,
@@ -688,7 +688,12 @@ class Experiment:
         self.density_distance = contrast_distance(config)
         self.densities: dict[str, np.ndarray] = {}
         self.crop_pairs = crop_pair_batches(
-            self.train, config.crop_size, config.batch_size, config.density_batches, config.split_seed, self.raw
+            self.train,
+            config.crop_size,
+            config.batch_size,
+            max(config.density_batches, CHECK_BATCHES),
+            config.split_seed,
+            self.raw,
         )
         self.contrast_checks = self._check_contrast()  # before the run folder: a refusal leaves nothing behind
         self.proxy_settings = ProxySettings(
@@ -840,7 +845,7 @@ class Experiment:
         config = self.config
         matrices = distance_matrices_of(
             model,
-            self.crop_pairs,
+            self.crop_pairs[: config.density_batches],
             self.density_distance,
             DISTANCE_SCALES[config.distance_scale],
             config.distance_backend,
