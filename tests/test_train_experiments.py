@@ -72,9 +72,11 @@ def test_each_table_runs_end_to_end(table, image_folder, tmp_path, capsys):
             if name.startswith("SL (") and cell == "-":  # an SL row's own task is the Oracle's cell
                 assert PAPER_ROW_METHODS[name] == f"sl-{task}"
                 continue
-            psnr, ssim = (float(part) for part in cell.split(" / "))
+            psnr, ssim = (float(part) for part in cell.removesuffix(" (below input)").split(" / "))
             assert math.isfinite(psnr) and -1 <= ssim <= 1, (name, task, cell)
     assert "Our ranking by PSNR" in comparison and "Paper's ranking by PSNR" in comparison
+    # our controls, which the paper does not have, on the same seeds
+    assert "Consistency only (alpha 0)" in comparison and "Contrastive only (EMD) (control, ours only)" in comparison
 
 
 def test_experiment_presets_are_valid_configurations():

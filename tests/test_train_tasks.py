@@ -250,12 +250,12 @@ def test_packed_raw_holds_each_pattern_position_in_its_channel():
         pack_raw(torch.rand(1, 1, 5, 8))
 
 
-@pytest.mark.parametrize("model", ["unet", "dncnn"])
-def test_packed_raw_networks_return_full_resolution_rgb(model):
+@pytest.mark.parametrize(("model", "output"), [("unet", "residual"), ("unet", "image"), ("dncnn", "residual")])
+def test_packed_raw_networks_return_full_resolution_rgb(model, output):
     """Footnote 3's packed input: the network works at half resolution and its 12-channel head is
     pixel-shuffled into the RGB image, one colour triple per pixel of each 2x2 block."""
     torch.manual_seed(0)
-    network = build_model(model, 4, 2 if model == "unet" else 3, raw=True, raw_input="packed")
+    network = build_model(model, 4, 2 if model == "unet" else 3, raw=True, raw_input="packed", unet_output=output)
     x = torch.rand(2, 1, 12, 20)
     features = network.features(x)
     assert features.shape[-2:] == (6, 10) and network.head.out_channels == 12
@@ -266,8 +266,9 @@ def test_packed_raw_networks_return_full_resolution_rgb(model):
         network.head.bias.zero_()
         network.head.bias[1 * 4 + 2] = 1.0  # green at (1, 0) of every block
     image = network.from_features(x, features)
-    base = demosaic_bilinear(x) if model == "dncnn" else torch.zeros_like(image)
-    sign = -1 if model == "dncnn" else 1  # DnCNN subtracts its head's output from the base image
+    residual = output == "residual"  # f = demosaic(x) - head, or f = head for a U-Net that predicts the image
+    base = demosaic_bilinear(x) if residual else torch.zeros_like(image)
+    sign = -1 if residual else 1
     expected = torch.zeros_like(image)
     expected[:, 1, 1::2, 0::2] = 1.0
     torch.testing.assert_close(image, base + sign * expected)

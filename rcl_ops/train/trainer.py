@@ -885,8 +885,9 @@ class Experiment:
             raise RunError(
                 "the contrastive term does not reward denoising under these settings, so RCL pre-training would "
                 "optimise the wrong thing: " + "; ".join(failing) + ". Change --distance-scale / --temperature "
-                "(defaults: 8bit and per distance) or the network (--unet-output residual), or pass "
-                "--ignore-contrast-check to run anyway"
+                "(defaults: 8bit and per distance)"
+                + (" or --unet-output (default residual)" if config.unet_output == "image" else "")
+                + ", or pass --ignore-contrast-check to run anyway"
             )
         for line in failing:
             self.say(f"WARNING (--ignore-contrast-check): {line}")
