@@ -49,8 +49,8 @@ test: build lint
 	$(PY) -m pytest -q tests
 
 # Distances between residuals of real images, then the reference trainer's quick preset, a
-# smoke-level demo (RCL-EMD, N2N, N2S, Oracle, no pre-training; three seeds: pre-train,
-# proxy-evaluate, table, diagnostics, plots) on the bundled colour images; under 5 minutes in all.
+# smoke-level demo (RCL-EMD with its two controls, N2N, N2S, Oracle, no pre-training; three seeds: the
+# contrast check, pre-train, proxy-evaluate, table, diagnostics, plots) on the bundled images.
 demo: build
 	$(PY) -m rcl_ops.demo
 	$(PY) -m rcl_ops.train --preset quick --output-dir runs
