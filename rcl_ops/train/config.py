@@ -619,11 +619,12 @@ PRESETS: dict[str, dict] = {
     # sample images cut into 128x128 tiles after the split (287 training tiles of 13 photographs, 59 test
     # tiles of 4 others), noise up to 50/255, crops 48, a small residual U-Net, three seeds (so that a
     # difference can be told from noise), denoising only, RCL-EMD with one (random) encoder and its two
-    # controls, N2N, N2S, Oracle and a no-pre-training row, few steps and a larger fine-tuning learning rate,
+    # controls, N2N and the Oracle (N2S and the no-pre-training row are left to --preset small, for time:
+    # with them the demo took 6.3 minutes on 2 idle cores), few steps and a larger fine-tuning learning rate,
     # cosine-annealed. Too short to rank the methods: see --preset small. One torch thread: on a 2-core
     # machine that is also busy with something else, two OpenMP threads ran up to 10x slower per step
     # (measured), one thread at most ~1.6x slower than two on an idle machine.
-    "quick": {**QUICK_SCALE, "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"], "tasks": ["denoise"]},
+    "quick": {**QUICK_SCALE, "methods": [*RCL_WITH_CONTROLS, "n2n", "oracle"], "tasks": ["denoise"]},
     # The most faithful setting that a 2-core CPU runs in about 30 minutes: the paper's optimiser (Adam
     # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, L_contrast summed over the batch, three seeds; the quick data
     # (128x128 tiles of the 17 sample images, noise up to 50/255), so that a batch holds 16 distinct noise

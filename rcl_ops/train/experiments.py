@@ -230,7 +230,8 @@ def _paper_cell(value: tuple[float, float] | None) -> str:
 
 def _our_scale(summary: dict) -> str:
     config, env = summary["config"], summary["environment"]
-    data = config["data_dir"] or "the bundled scikit-image colour photographs"
+    bundled = "colour photographs" if config.get("bundled_images") == "rgb" else "sample photographs"
+    data = config["data_dir"] or f"the bundled scikit-image {bundled}"
     tile = config.get("tile_size")
     tiles = f" cut into {tile}x{tile} tiles (smaller images whole)" if tile else ""
     noise = "real noisy pairs" if config.get("data_format") == "sidd" else "simulated noise"
