@@ -67,9 +67,9 @@ class TrainConfig:
         None,
         "after the train/test split, cut every image into non-overlapping NxN tiles (remainders dropped, an "
         "image smaller than N kept whole), each a separate image with its own noise level: more distinct "
-        "images per batch (the contrastive loss's negatives) and more test images for the paired intervals "
-        "from a few large photographs. Tiles of one photograph share its content, so they are not independent "
-        "samples of scenes",
+        "images per batch (the contrastive loss's negatives) from a few large photographs. Tiles of one "
+        "photograph share its content, so they are not independent samples of scenes: the paired intervals "
+        "average each photograph's tiles and count photographs (x seeds), not tiles",
         "data",
     )
     test_fraction: float = _option(0.25, "share of the images held out as the test set", "data")
