@@ -431,9 +431,10 @@ class TrainConfig:
             raise ValueError(f"--crop-size must be even for the tasks {self.tasks} and raw data, got {self.crop_size}")
         if self.model == "dncnn" and self.depth is not None and self.depth < 2:
             raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {self.depth}")
-        if any(m.startswith(("rcl-", CONTROL_PREFIX)) for m in self.methods) and self.batch_size < 2:
+        contrastive = [m for m in self.methods if m.startswith(("rcl-", CONTROL_PREFIX)) or m == "consistency"]
+        if contrastive and self.batch_size < 2:
             raise ValueError(
-                f"--batch-size must be >= 2 for the rcl methods (the other images of a batch are the "
+                f"--batch-size must be >= 2 for {contrastive} (the other images of a batch are the "
                 f"negatives of the contrastive loss), got {self.batch_size}"
             )
         if "n2s" in self.methods:
