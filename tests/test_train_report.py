@@ -11,8 +11,9 @@ from scipy import stats
 
 from rcl_ops.train import report
 from rcl_ops.train.config import TrainConfig, build_config
+from rcl_ops.train.data import photograph_of
 from rcl_ops.train.evaluate import TestScores as Scores
-from rcl_ops.train.report import format_table, photograph_of, photographs_seeds_interval, summarise
+from rcl_ops.train.report import format_table, photographs_seeds_interval, summarise
 
 
 def test_photograph_of_a_tile_name():

@@ -21,7 +21,14 @@ from .. import BACKEND_NAMES
 from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
 from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, RCL_CONTROLS, experiment_presets
-from .losses import CONTROL_PREFIX, DEFAULT_TEMPERATURES, ENCODER_KINDS, SUPERVISED_PREFIX, canonical_method
+from .losses import (
+    DEFAULT_TEMPERATURES,
+    ENCODER_KINDS,
+    SUPERVISED_PREFIX,
+    canonical_method,
+    is_rcl_objective,
+    uses_consistency_loss,
+)
 from .models import MODELS, RAW_INPUTS, UNET_OUTPUTS
 
 
@@ -431,7 +438,7 @@ class TrainConfig:
             raise ValueError(f"--crop-size must be even for the tasks {self.tasks} and raw data, got {self.crop_size}")
         if self.model == "dncnn" and self.depth is not None and self.depth < 2:
             raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {self.depth}")
-        contrastive = [m for m in self.methods if m.startswith(("rcl-", CONTROL_PREFIX)) or m == "consistency"]
+        contrastive = [m for m in self.methods if is_rcl_objective(m)]
         if contrastive and self.batch_size < 2:
             raise ValueError(
                 f"--batch-size must be >= 2 for {contrastive} (the other images of a batch are the "
@@ -463,7 +470,7 @@ class TrainConfig:
         ('sl-denoise', 'sl-sr2', ...: each evaluated on its own task, see ``evaluation_tasks``)."""
         keys = []
         for method in self.methods:
-            if (method.startswith("rcl-") or method == "consistency") and self.modality == "rgb":
+            if uses_consistency_loss(method) and self.modality == "rgb":
                 keys += [f"{method}+{encoder}" for encoder in self.encoders]
             elif method == "oracle":
                 keys += [SUPERVISED_PREFIX + task for task in self.tasks]

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import rcl_ops
+from rcl_ops.losses import DISTANCES
 
 from .data import CropBatch, CropSampler
 from .diagnostics import contrastive_chance, retrieval_accuracy
 from .losses import residual
-from .models import restoration_base
+from .noise import restoration_base
 from .seeding import seeded_generator
 
 OVERSMOOTHING_SIGMA = 1.5  # pixels: a blur that removes most noise and the finest image detail
@@ -37,7 +38,7 @@ OVERSMOOTHING_SIGMA = 1.5  # pixels: a blur that removes most noise and the fine
 # had median 0.24 and maximum 17 over 32 batches), so a mean over a handful of batches can flip the answer
 # (6 batches did, 32 did not).
 CHECK_BATCHES = 32
-PAIRWISE = {"emd": rcl_ops.pairwise_emd, "mmd": rcl_ops.pairwise_mmd, "bd": rcl_ops.pairwise_bd}
+PAIRWISE = DISTANCES  # the library's distance functions by name
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float = OVERSMOOTHING_SIGMA) -> torch.Tensor:
@@ -101,6 +102,37 @@ def contrast_per_query(matrices: list[torch.Tensor], temperature: float, symmetr
     )
 
 
+def _score(residual_of: ResidualFn, batches, distance_fn, scale, temperature, symmetric, device) -> tuple[float, float]:
+    """(InfoNCE loss per query, top-1 retrieval) of ``residual_of``'s residuals, averaged over the batches."""
+    matrices = residual_distances(residual_of, batches, distance_fn, scale, device)
+    return contrast_per_query(matrices, temperature, symmetric), statistics.fmean(map(retrieval_accuracy, matrices))
+
+
+def reference_scores(
+    batches: list[CropBatch],
+    distance_fn: Callable,
+    scale: float,
+    temperature: float,
+    symmetric: bool,
+    raw: bool,
+    device: torch.device,
+) -> dict:
+    """The scores that do not depend on the network: the true noise's ("ideal") and the over-smoothing
+    denoiser's, with their top-1 retrieval and chance (ln B); computed once per distance, shared by the seeds."""
+    options = (batches, distance_fn, scale, temperature, symmetric, device)
+    (ideal, ideal_top1), (smooth, smooth_top1) = (
+        _score(true_noise(raw), *options),
+        _score(oversmoothing_residual(raw), *options),
+    )
+    return {
+        "ideal": ideal,
+        "oversmoothing": smooth,
+        "ideal_top1": ideal_top1,
+        "oversmoothing_top1": smooth_top1,
+        "chance": contrastive_chance(batches[0].observed_q.shape[0]),
+    }
+
+
 def check_contrast(
     model: nn.Module,
     batches: list[CropBatch],
@@ -110,30 +142,27 @@ def check_contrast(
     symmetric: bool,
     raw: bool,
     device: torch.device,
+    references: dict | None = None,
 ) -> dict:
     """The InfoNCE loss per query of the true noise ("ideal"), of ``model``'s residuals as at step 0 of
     training ("step0": a copy in train mode, so BatchNorm uses batch statistics and ``model`` is left
-    untouched) and of the over-smoothing denoiser; ``rewards_denoising``: ideal < step0."""
+    untouched) and of the over-smoothing denoiser; ``rewards_denoising``: ideal < step0. ``references``:
+    ``reference_scores`` of the same batches and settings, when already computed."""
+    options = (batches, distance_fn, scale, temperature, symmetric, raw, device)
+    references = references or reference_scores(*options)
     network = copy.deepcopy(model).to(device).train()
-
-    def score(residual_of: ResidualFn) -> tuple[float, float]:
-        matrices = residual_distances(residual_of, batches, distance_fn, scale, device)
-        return (
-            contrast_per_query(matrices, temperature, symmetric),
-            statistics.fmean(retrieval_accuracy(d) for d in matrices),
-        )
-
-    (ideal, ideal_top1), (step0, step0_top1) = score(true_noise(raw)), score(network_residual(network, raw))
-    smooth, smooth_top1 = score(oversmoothing_residual(raw))
+    step0, step0_top1 = _score(
+        network_residual(network, raw), batches, distance_fn, scale, temperature, symmetric, device
+    )
     return {
-        "ideal": ideal,
+        "ideal": references["ideal"],
         "step0": step0,
-        "oversmoothing": smooth,
-        "ideal_top1": ideal_top1,
+        "oversmoothing": references["oversmoothing"],
+        "ideal_top1": references["ideal_top1"],
         "step0_top1": step0_top1,
-        "oversmoothing_top1": smooth_top1,
-        "chance": contrastive_chance(batches[0].observed_q.shape[0]),
-        "rewards_denoising": ideal < step0,
+        "oversmoothing_top1": references["oversmoothing_top1"],
+        "chance": references["chance"],
+        "rewards_denoising": references["ideal"] < step0,
     }
 
 

@@ -9,6 +9,7 @@ noisy data set, as a real collection of noisy photographs would be.
 
 from __future__ import annotations
 
+import re
 import warnings
 import zlib
 from dataclasses import dataclass, field, fields
@@ -199,6 +200,16 @@ def load_split(
     if tile_size:
         train, test = tile_images(train, tile_size), tile_images(test, tile_size)
     return train, test
+
+
+_TILE_SUFFIX = re.compile(r"\d+,\d+")  # tile_images names a tile '<photograph>@<row>,<column>'
+
+
+def photograph_of(name: str) -> str:
+    """The photograph a test image comes from: a tile '<photograph>@<row>,<column>' (tile_images) ->
+    '<photograph>'; any other name is a photograph itself."""
+    head, at, tail = name.rpartition("@")
+    return head if at and _TILE_SUFFIX.fullmatch(tail) else name
 
 
 def tile_images(images: list[CleanImage], tile: int) -> list[CleanImage]:
@@ -393,14 +404,6 @@ def task_input(task: str, record: ImageRecord, modality: str, noise_seed: int = 
     if modality == "raw":
         return raw_on_high_resolution_grid(low, scale)[0]
     return upsample(low, scale)[0]
-
-
-def naive_restoration(task_inputs: torch.Tensor, modality: str, task: str) -> torch.Tensor:
-    """The no-network reference for a (N, C, H, W) batch of task inputs: the input itself, bilinear-
-    demosaicked for RAW data."""
-    if modality == "raw":
-        return demosaic_bilinear(task_inputs)
-    return task_inputs
 
 
 @dataclass

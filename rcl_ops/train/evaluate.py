@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import CropSampler, ImageRecord, naive_restoration
+from .data import CropSampler, ImageRecord
 from .models import freeze_all_but_head, replace_head, scale_head_
+from .noise import restoration_base
 
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
@@ -131,7 +132,7 @@ def evaluate_naive(
 ) -> TestScores:
     """Scores of the task input itself (no network): the floor every method should beat."""
     return evaluate_restorer(
-        lambda x: naive_restoration(x, modality, task), records, task, torch.device("cpu"), eval_crop, keep_examples
+        lambda x: restoration_base(x, modality == "raw"), records, task, torch.device("cpu"), eval_crop, keep_examples
     )
 
 
@@ -219,7 +220,9 @@ def proxy_evaluate(
     model = copy.deepcopy(pretrained).to(device)
     replace_head(model, generator)
     if getattr(model, "predicts_residual", False):
-        scale_head_(model.head, 0.0)  # a residual network's fresh head starts at the identity: f(x) = base(x)
+        # a residual network's fresh head starts at the identity, f(x) = base(x); replace_head's draws are kept,
+        # so the fine-tuning crops that follow from ``generator`` are those of any other network
+        scale_head_(model.head, 0.0)
     head_parameters = freeze_all_but_head(model)
     model.eval()
 

@@ -56,8 +56,7 @@ def canonical_method(name: str, default_distance: str, modality: str = "rgb") ->
         name = f"{name}-{default_distance}"
     if name.startswith(SUPERVISED_PREFIX):
         return SUPERVISED_PREFIX + canonical_task(name[len(SUPERVISED_PREFIX) :], modality)
-    distance = rcl_distance(name)
-    if distance in DISTANCES or name in BASELINES or name == "consistency":
+    if rcl_distance(name) in DISTANCES or name in BASELINES or name == "consistency":
         if modality == "raw" and name in RGB_ONLY_METHODS or modality == "rgb" and name in RAW_ONLY_METHODS:
             raise ValueError(f"method {name!r} is not defined for --modality {modality}")
         return name
@@ -74,6 +73,17 @@ def rcl_distance(method: str) -> str | None:
         if method.startswith(prefix):
             return method[len(prefix) :]
     return None
+
+
+def is_rcl_objective(method: str) -> bool:
+    """Whether a method (without its encoder) is trained by ``RCLObjective``: RCL or one of its controls."""
+    return rcl_distance(method) is not None or method == "consistency"
+
+
+def uses_consistency_loss(method: str) -> bool:
+    """Whether a method (without its encoder) has the consistency term: RCL and the alpha-0 control (on RGB
+    data they run once per encoder g_e)."""
+    return method.startswith("rcl-") or method == "consistency"
 
 
 def supervised_task(method: str) -> str | None:

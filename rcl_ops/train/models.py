@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise import demosaic_bilinear, pack_raw, raw_to_planes
+from .noise import pack_raw, raw_to_planes, restoration_base
 
 MODELS = ("unet", "dncnn")
 RAW_INPUTS = ("planes", "packed")
@@ -52,12 +52,6 @@ class RawLayout:
 
     def image(self, head_output: torch.Tensor) -> torch.Tensor:
         return F.pixel_shuffle(head_output, 2) if self.packed else head_output
-
-
-def restoration_base(x: torch.Tensor, raw: bool) -> torch.Tensor:
-    """What a residual network subtracts its head from: the input itself (RGB), or its bilinear demosaic
-    (an RGGB mosaic (N, 1, H, W) -> (N, 3, H, W)), so that a zero head is the identity / plain demosaic."""
-    return demosaic_bilinear(x) if raw else x
 
 
 def scale_head_(head: nn.Module, gain: float) -> None:

@@ -124,6 +124,12 @@ def demosaic_bilinear(raw: torch.Tensor) -> torch.Tensor:
     return F.conv2d(planes, kernel[:, None], groups=3)
 
 
+def restoration_base(x: torch.Tensor, raw: bool) -> torch.Tensor:
+    """The no-network restoration of an observation, and what a residual network subtracts its head from:
+    the input itself (RGB), or its bilinear demosaic (an RGGB mosaic (N, 1, H, W) -> (N, 3, H, W))."""
+    return demosaic_bilinear(x) if raw else x
+
+
 def keys_weights(fraction: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     """Keys (1981) cubic-convolution weights of the 4 taps at offsets (-1, 0, 1, 2) for a sample
     at fractional position ``fraction`` in [0, 1): (..., 4), summing to 1."""

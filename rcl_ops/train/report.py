@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, config_to_dict, label_count
-from .data import DENOISING_TASK, TASK_TITLES
+from .data import DENOISING_TASK, TASK_TITLES, photograph_of
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
-from .losses import DEFAULT_TEMPERATURES, SUPERVISED_PREFIX, method_title, split_run_key
+from .losses import CONTROL_PREFIX, DEFAULT_TEMPERATURES, SUPERVISED_PREFIX, method_title, split_run_key
 
 INPUT_TITLES = {
     "denoise": "noisy",
@@ -26,7 +25,6 @@ INPUT_TITLES = {
     "jdemsr2": "bilinear demosaic",
     "jddsr2": "bilinear demosaic",
 }
-_TILE_SUFFIX = re.compile(r"\d+,\d+")  # data.tile_images names a tile '<photograph>@<row>,<column>'
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -319,13 +317,6 @@ def paired_difference(differences: list[float], confidence: float = 0.95) -> dic
     }
 
 
-def photograph_of(name: str) -> str:
-    """The photograph a test image comes from: a tile '<photograph>@<row>,<column>' (data.tile_images) ->
-    '<photograph>'; any other name is a photograph itself."""
-    head, at, tail = name.rpartition("@")
-    return head if at and _TILE_SUFFIX.fullmatch(tail) else name
-
-
 def photographs_seeds_interval(differences: dict[int, list[float]], names: list[str], confidence: float = 0.95) -> dict:
     """Paired differences {seed: one per test image, in the order of ``names``} -> d[s, p], the mean over
     photograph p's images (tiles) at seed s, an (S, P) table; the estimate is its grand mean (every photograph
@@ -467,7 +458,7 @@ def control_keys(key: str) -> dict[str, str]:
     method, encoder = split_run_key(key)
     return {
         "consistency": "consistency" + (f"+{encoder}" if encoder else ""),
-        "contrast": "contrast-" + method.removeprefix("rcl-"),
+        "contrast": CONTROL_PREFIX + method.removeprefix("rcl-"),
     }
 
 

@@ -43,7 +43,14 @@ import rcl_ops
 from . import distributed
 from .baselines import MoCoObjective, PixelContrastObjective, ResNetFCN
 from .config import TrainConfig, config_to_dict, flag, label_count
-from .contrast_check import CHECK_BATCHES, check_contrast, check_sentence, crop_pair_batches, distance_matrices_of
+from .contrast_check import (
+    CHECK_BATCHES,
+    check_contrast,
+    check_sentence,
+    crop_pair_batches,
+    distance_matrices_of,
+    reference_scores,
+)
 from .data import (
     DENOISING_TASK,
     CropSampler,
@@ -66,7 +73,6 @@ from .evaluate import (
 )
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import (
-    CONTROL_PREFIX,
     DEFAULT_TEMPERATURES,
     DISTANCE_SCALES,
     FeatureConsistencyLoss,
@@ -78,10 +84,12 @@ from .losses import (
     SupervisedObjective,
     contrastive_loss,
     fraction_positive,
+    is_rcl_objective,
     rcl_distance,
     residual_distance_gaps,
     split_run_key,
     supervised_task,
+    uses_consistency_loss,
 )
 from .models import ResNet50Encoder, configured_model, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
@@ -332,7 +340,7 @@ def make_objective(
     ``gather_distributed``: the contrastive loss takes its negatives from every rank (of
     ``world_size``)."""
     raw = config.modality == "raw"
-    if method.startswith("rcl-") or method == "consistency" or method.startswith(CONTROL_PREFIX):
+    if is_rcl_objective(method):
         # the consistency-only control keeps the first RCL method's distance for its diagnostics
         distance = rcl_distance(method) or contrast_distance(config)
         contrastive = contrastive_loss(
@@ -344,7 +352,7 @@ def make_objective(
             gather_distributed=gather_distributed,
             reduction=config.contrast_reduction,
         )
-        if method.startswith(CONTROL_PREFIX):
+        if not uses_consistency_loss(method):
             consistency = None  # the contrastive-only control
         elif raw:
             consistency = RawConsistencyLoss(config.raw_max_shift, config.consistency_reduction)
@@ -372,12 +380,10 @@ def make_objective(
     raise ValueError(f"method {method!r} has no pre-training objective")
 
 
-def initial_network_state(config: TrainConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The state dict of seed ``seed``'s initial network (what ``Experiment.run`` builds for the seed),
-    drawn without touching the global random state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "init"))
-        return configured_model(config).state_dict()
+def initial_network(config: TrainConfig, seed: int) -> nn.Module:
+    """Seed ``seed``'s initial network, drawn from the global random state seeded by (seed, "init")."""
+    torch.manual_seed(derive_seed(seed, "init"))
+    return configured_model(config)
 
 
 def contrast_distance(config: TrainConfig) -> str:
@@ -720,8 +726,7 @@ class Experiment:
         config, results, label_results = self.config, [], []
         try:
             for seed_index, seed in enumerate(config.seeds):
-                torch.manual_seed(derive_seed(seed, "init"))
-                initial = configured_model(config)
+                initial = initial_network(config, seed)
                 initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
                 if seed_index == 0 and config.plots and self.dist.is_main:
                     initial.to(self.device)
@@ -735,7 +740,7 @@ class Experiment:
                 # The label study is rank 0's, like the proxy evaluation (the others wait at the
                 # next seed's pre-training).
                 label_protocols = (
-                    ["sl", *(k for k in self.run_keys if k.startswith(("rcl-", "consistency", CONTROL_PREFIX)))]
+                    ["sl", *(k for k in self.run_keys if is_rcl_objective(split_run_key(k)[0]))]
                     if self.dist.is_main
                     else []
                 )
@@ -859,23 +864,26 @@ class Experiment:
         contrastive term, keyed (distance, seed); RunError when the contrastive term does not reward
         denoising, unless --ignore-contrast-check."""
         config, checks = self.config, {}
-        keys = {rcl_distance(split_run_key(key)[0]): key for key in reversed(self.run_keys)}
-        keys.pop(None, None)
-        for distance, key in keys.items() if self.crop_pairs else ():
+        first_key = {}  # distance -> the first run key that contrasts with it (its objective has the settings)
+        for key in self.run_keys:
+            first_key.setdefault(rcl_distance(split_run_key(key)[0]), key)
+        first_key.pop(None, None)
+        for distance, key in first_key.items() if self.crop_pairs else ():
             contrastive = self.objectives[key].contrastive
+            options = (
+                self.crop_pairs,
+                lambda q, k, c=contrastive: c.distance_fn(q, k, **c.distance_kwargs),
+                DISTANCE_SCALES[config.distance_scale],
+                contrastive.temperature,
+                contrastive.symmetric,
+                self.raw,
+                self.device,
+            )
+            references = reference_scores(*options)  # the true noise and the blur: the same for every seed
             for seed in config.seeds:
-                model = configured_model(config)
-                model.load_state_dict(initial_network_state(config, seed))
-                checks[(distance, seed)] = check_contrast(
-                    model,
-                    self.crop_pairs,
-                    lambda q, k, c=contrastive: c.distance_fn(q, k, **c.distance_kwargs),
-                    DISTANCE_SCALES[config.distance_scale],
-                    contrastive.temperature,
-                    contrastive.symmetric,
-                    self.raw,
-                    self.device,
-                )
+                with torch.random.fork_rng(devices=[]):  # the run draws each seed's network again later
+                    model = initial_network(config, seed)
+                checks[(distance, seed)] = check_contrast(model, *options, references=references)
         failing = [
             f"{d.upper()} seed {seed}: {check_sentence(check)}"
             for (d, seed), check in checks.items()
