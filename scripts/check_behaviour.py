@@ -1,0 +1,97 @@
+"""Check that a change to the trainer leaves its numbers unchanged: tiny runs of ``rcl-train experiment
+table1 .. table5`` and of ``--preset quick``, through the command line, then every number they wrote.
+
+    python scripts/check_behaviour.py record runs/behaviour-before     # on the commit before the change
+    python scripts/check_behaviour.py compare runs/behaviour-before    # after it: exit 1 on any difference
+
+Compared byte for byte: each run's results.json (without the fields that measure time or name the run
+folder and command line, listed in ``MACHINE_FIELDS``), results.md and paper_comparison.md (without their
+lines of times). "Tiny": 3 pre-training, fine-tuning and label-study steps, seeds 0 and 1, everything else
+as the preset (the contrast check, every method, task, encoder and the figures' data included). About
+8 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from rcl_ops.train.cli import main as rcl_train
+
+TINY = ["--pretrain-steps", "3", "--finetune-steps", "3", "--sl-steps", "3", "--seeds", "0", "1", "--threads", "1"]
+RUNS = {
+    **{f"table{n}": ["experiment", f"table{n}"] for n in range(1, 6)},
+    "quick": ["--preset", "quick"],
+}
+# Fields that measure time or name where and how the run was launched: they differ between any two runs.
+MACHINE_FIELDS = {"seconds", "wall_seconds", "finetune_seconds", "pretrain_seconds", "run_dir", "command"}
+TIME_LINE = re.compile(r"\d+(\.\d+)? s\b|wall|seconds", re.IGNORECASE)
+
+
+def _without_machine_fields(value):
+    if isinstance(value, dict):
+        return {k: _without_machine_fields(v) for k, v in value.items() if k not in MACHINE_FIELDS}
+    if isinstance(value, list):
+        return [_without_machine_fields(v) for v in value]
+    return value
+
+
+def _without_time_lines(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not TIME_LINE.search(line))
+
+
+def record(folder: Path) -> None:
+    """Run every tiny experiment and write its comparable files into ``folder``/<name>/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rcl-behaviour-") as runs:
+        for name, command in RUNS.items():
+            argv = [*command, *TINY, "--output-dir", runs, "--run-name", name]
+            with contextlib.redirect_stdout(io.StringIO()):
+                status = rcl_train(argv)
+            if status != 0:
+                sys.exit(f"rcl-train {' '.join(argv)} exited with {status}")
+            run_dir, out = Path(runs) / name, folder / name
+            out.mkdir(exist_ok=True)
+            summary = _without_machine_fields(json.loads((run_dir / "results.json").read_text()))
+            (out / "results.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            for text_file in ("results.md", "paper_comparison.md"):
+                if (run_dir / text_file).exists():
+                    (out / text_file).write_text(_without_time_lines((run_dir / text_file).read_text()) + "\n")
+            print(f"{name}: recorded", flush=True)
+
+
+def compare(baseline: Path) -> int:
+    """Record afresh and compare with ``baseline``; the number of files that differ."""
+    with tempfile.TemporaryDirectory(prefix="rcl-behaviour-now-") as now:
+        record(Path(now))
+        differ = 0
+        for before in sorted(baseline.rglob("*")):
+            if before.is_file():
+                after = Path(now) / before.relative_to(baseline)
+                same = after.exists() and after.read_bytes() == before.read_bytes()
+                differ += not same
+                print(f"{'same' if same else 'DIFFERS'}: {before.relative_to(baseline)}")
+        return differ
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("record", "compare"))
+    parser.add_argument("folder", type=Path)
+    options = parser.parse_args()
+    if options.action == "record":
+        record(options.folder)
+        return 0
+    differ = compare(options.folder)
+    print("bit-identical" if differ == 0 else f"{differ} files differ")
+    return int(differ > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
