@@ -35,6 +35,7 @@ from torch import nn
 
 from .data import CropBatch
 from .encoder_pretraining import random_flip
+from .losses import Objective
 from .models import RawLayout
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +249,9 @@ def _jitter(views: torch.Tensor, strength: float, generator: torch.Generator) ->
     return ((views - mean) * contrast + mean) * brightness
 
 
-class _MomentumObjective(nn.Module):
-    """The state API both objectives share: start, extra_parameters, after_step (state_dict from nn.Module)."""
+class _MomentumObjective(Objective):
+    """The state both objectives share (momentum encoders, queues, a projection head): start,
+    extra_parameters, after_step, and the whole objective saved with the checkpoints."""
 
     contrast: MomentumContrast
     projection_dim: int
@@ -281,6 +283,9 @@ class _MomentumObjective(nn.Module):
         """The momentum update of the key copies, after optimizer.step()."""
         self._check_started()
         self.contrast.update({"model": model, "projection": self.projection})
+
+    def checkpoint_state(self) -> nn.Module:
+        return self
 
 
 class MoCoObjective(_MomentumObjective):

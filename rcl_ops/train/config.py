@@ -21,14 +21,7 @@ from .. import BACKEND_NAMES
 from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
 from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, RCL_CONTROLS, experiment_presets
-from .losses import (
-    DEFAULT_TEMPERATURES,
-    ENCODER_KINDS,
-    SUPERVISED_PREFIX,
-    canonical_method,
-    is_rcl_objective,
-    uses_consistency_loss,
-)
+from .methods import DEFAULT_TEMPERATURES, ENCODER_KINDS, METHODS, canonical_method, variant, variants
 from .models import MODELS, RAW_INPUTS, UNET_OUTPUTS
 
 
@@ -363,34 +356,7 @@ class TrainConfig:
         What depends on the machine (device, backend, memory, files) is checked by
         ``preflight.check_machine`` before a run starts."""
         _check_types(self)
-        for name, (low, high) in INTEGER_RANGES.items():
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-                why = f" ({RANGE_REASONS[name]})" if name in RANGE_REASONS else ""
-                raise ValueError(f"{flag(name)} must be {allowed}{why}, got {value}")
-        for seed in self.seeds:
-            if not 0 <= seed <= MAX_SEED:
-                raise ValueError(f"--seeds must be in [0, {MAX_SEED}], got {seed}")
-        for name, (low, high, closed) in FLOAT_RANGES.items():
-            if getattr(self, name) is not None:
-                _check_float(name, getattr(self, name), low, high, closed)
-        if self.sigma_min > self.sigma_max:
-            raise ValueError(f"need --sigma-min <= --sigma-max, got {self.sigma_min} > {self.sigma_max}")
-        if self.device != "auto":
-            try:
-                device_type = torch.device(self.device).type
-            except RuntimeError:
-                device_type = None
-            if device_type not in ("cpu", "cuda"):
-                raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.run_name is not None and (
-            Path(self.run_name).name != self.run_name or self.run_name in ("", ".", "..")
-        ):
-            raise ValueError(f"--run-name must be a folder name (no path separators), got {self.run_name!r}")
-        if not self.output_dir:
-            raise ValueError("--output-dir must not be empty")
-
+        _check_ranges(self)
         self.methods = list(dict.fromkeys(canonical_method(m, self.distance, self.modality) for m in self.methods))
         self.tasks = list(dict.fromkeys(canonical_task(t, self.modality) for t in self.tasks))
         self.seeds = list(dict.fromkeys(self.seeds))
@@ -401,92 +367,124 @@ class TrainConfig:
         denoising = DENOISING_TASK[self.modality]
         if self.labels and denoising not in self.tasks:
             raise ValueError(f"--labels runs the label-efficiency study on {denoising}: add {denoising} to --tasks")
-        if not self.encoders:
-            raise ValueError("--encoders needs at least one encoder")
-        if "file" in self.encoders and self.encoder_weights is None:
-            paper = " (--preset paper uses ImageNet weights, as the paper did)" if self.preset == "paper" else ""
-            raise ValueError(
-                f"--encoders file needs --encoder-weights resnet50.pth{paper}; without weights pass "
-                "--encoders random explicitly for a random-feature consistency loss"
-            )
-        if self.encoder_weights is not None and "file" not in self.encoders:
-            raise ValueError("--encoder-weights is given but --encoders does not include file; add file to --encoders")
-        if not self.methods:
-            raise ValueError("--methods needs at least one method")
-        if not self.tasks:
-            raise ValueError(f"--tasks needs at least one task; choose from {TASKS}")
-        if not self.seeds:
-            raise ValueError("--seeds needs at least one seed")
-        raw = self.modality == "raw"
+        _check_encoders(self)
+        for name, values in (("methods", self.methods), ("tasks", self.tasks), ("seeds", self.seeds)):
+            if not values:
+                choices = f"; choose from {TASKS}" if name == "tasks" else ""
+                raise ValueError(f"--{name} needs at least one {name[:-1]}{choices}")
         if self.data_format == "sidd":
-            if self.data_dir is None:
-                raise ValueError("--data-format sidd needs --data-dir: a folder of SIDD-layout noisy/clean pairs")
-            if raw:
-                raise ValueError("--data-format sidd holds sRGB images: use --modality rgb")
-            if "n2n" in self.methods:
-                raise ValueError("--data-format sidd has one noisy shot per scene: remove n2n from --methods")
-            supervised = [m[len(SUPERVISED_PREFIX) :] for m in self.methods if m.startswith(SUPERVISED_PREFIX)]
-            simulated = [t for t in [*self.tasks, *supervised] if t in NOISY_TASKS and t != "denoise"]
-            if simulated:
-                raise ValueError(
-                    f"the tasks {simulated} (of --tasks or an sl-<task> method) simulate noise, which --data-format "
-                    "sidd does not: remove them"
-                )
-        if self.raw_input == "packed" and not raw:
-            raise ValueError("--raw-input packed packs RGGB mosaics: use it with --modality raw")
-        if (self.tasks != ["denoise"] or raw) and self.crop_size % 2:
-            raise ValueError(f"--crop-size must be even for the tasks {self.tasks} and raw data, got {self.crop_size}")
-        if self.model == "dncnn" and self.depth is not None and self.depth < 2:
-            raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {self.depth}")
-        contrastive = [m for m in self.methods if is_rcl_objective(m)]
+            _check_sidd(self)
+        _check_shapes(self)
+        contrastive = [m for m in self.methods if METHODS[m].family == "rcl"]
         if contrastive and self.batch_size < 2:
             raise ValueError(
                 f"--batch-size must be >= 2 for {contrastive} (the other images of a batch are the "
                 f"negatives of the contrastive loss), got {self.batch_size}"
             )
-        if "n2s" in self.methods:
-            low = 3 if raw else 2  # RAW masks same-colour neighbours two pixels away
-            if not low <= self.n2s_grid <= self.crop_size:
-                raise ValueError(
-                    f"--n2s-grid must be in [{low}, --crop-size {self.crop_size}] for {self.modality} data "
-                    f"(every lattice phase must fall inside a crop), got {self.n2s_grid}"
-                )
-        if self.tile_size is not None and self.tile_size < self.crop_size:
-            raise ValueError(
-                f"--tile-size must be at least --crop-size {self.crop_size} (a crop lies inside one tile), "
-                f"got {self.tile_size}"
-            )
-        values_per_residual = (1 if raw else 3) * self.crop_size**2
-        if self.emd_quantiles is not None and self.emd_quantiles > values_per_residual:
-            raise ValueError(
-                f"--emd-quantiles must be at most the {values_per_residual} values of a residual "
-                f"(channels x --crop-size^2), got {self.emd_quantiles}"
-            )
+        for method in self.methods:
+            if METHODS[method].check_options is not None:
+                METHODS[method].check_options(self)
         return self
 
     def run_keys(self) -> list[str]:
-        """What is pre-trained, in order: each method, each RCL method on RGB data once per encoder
-        ('rcl-emd+random', 'rcl-emd+file', ...), and the Oracle as supervised pre-training on each task
-        ('sl-denoise', 'sl-sr2', ...: each evaluated on its own task, see ``evaluation_tasks``)."""
-        keys = []
-        for method in self.methods:
-            if uses_consistency_loss(method) and self.modality == "rgb":
-                keys += [f"{method}+{encoder}" for encoder in self.encoders]
-            elif method == "oracle":
-                keys += [SUPERVISED_PREFIX + task for task in self.tasks]
-            else:
-                keys.append(method)
-        return list(dict.fromkeys(keys))
+        """The keys of what is pre-trained, in order (``methods.variants``): 'rcl-emd+random', 'n2n', ..."""
+        return [v.key for v in variants(self)]
 
     def oracle_only(self, key: str) -> bool:
         """Whether run key ``key`` is a supervised pre-training that is there only as the Oracle of its task
         ('oracle' in --methods, 'sl-<task>' not)."""
-        return key.startswith(SUPERVISED_PREFIX) and key not in self.methods
+        return variant(key).method.task is not None and key not in self.methods
 
     def evaluation_tasks(self, key: str) -> list[str]:
         """The tasks a run key is proxy-evaluated on: every task, except for a supervised pre-training that
         is there only as the Oracle of its own task."""
-        return [key[len(SUPERVISED_PREFIX) :]] if self.oracle_only(key) else list(self.tasks)
+        return [variant(key).method.task] if self.oracle_only(key) else list(self.tasks)
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Every numeric option within its range (``INTEGER_RANGES``, ``FLOAT_RANGES``), and the free-form ones."""
+    for name, (low, high) in INTEGER_RANGES.items():
+        value = getattr(config, name)
+        if value is not None and not low <= value <= high:
+            allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            why = f" ({RANGE_REASONS[name]})" if name in RANGE_REASONS else ""
+            raise ValueError(f"{flag(name)} must be {allowed}{why}, got {value}")
+    for seed in config.seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"--seeds must be in [0, {MAX_SEED}], got {seed}")
+    for name, (low, high, closed) in FLOAT_RANGES.items():
+        if getattr(config, name) is not None:
+            _check_float(name, getattr(config, name), low, high, closed)
+    if config.sigma_min > config.sigma_max:
+        raise ValueError(f"need --sigma-min <= --sigma-max, got {config.sigma_min} > {config.sigma_max}")
+    if config.device != "auto":
+        try:
+            device_type = torch.device(config.device).type
+        except RuntimeError:
+            device_type = None
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    if config.run_name is not None and (
+        Path(config.run_name).name != config.run_name or config.run_name in ("", ".", "..")
+    ):
+        raise ValueError(f"--run-name must be a folder name (no path separators), got {config.run_name!r}")
+    if not config.output_dir:
+        raise ValueError("--output-dir must not be empty")
+
+
+def _check_encoders(config: TrainConfig) -> None:
+    if not config.encoders:
+        raise ValueError("--encoders needs at least one encoder")
+    if "file" in config.encoders and config.encoder_weights is None:
+        paper = " (--preset paper uses ImageNet weights, as the paper did)" if config.preset == "paper" else ""
+        raise ValueError(
+            f"--encoders file needs --encoder-weights resnet50.pth{paper}; without weights pass "
+            "--encoders random explicitly for a random-feature consistency loss"
+        )
+    if config.encoder_weights is not None and "file" not in config.encoders:
+        raise ValueError("--encoder-weights is given but --encoders does not include file; add file to --encoders")
+
+
+def _check_sidd(config: TrainConfig) -> None:
+    """--data-format sidd: real sRGB noisy/clean pairs, one noisy shot per scene, no simulated noise."""
+    if config.data_dir is None:
+        raise ValueError("--data-format sidd needs --data-dir: a folder of SIDD-layout noisy/clean pairs")
+    if config.modality == "raw":
+        raise ValueError("--data-format sidd holds sRGB images: use --modality rgb")
+    second_draw = [m for m in config.methods if METHODS[m].second_draw]
+    if second_draw:
+        raise ValueError(
+            f"--data-format sidd has one noisy shot per scene: remove {', '.join(second_draw)} from --methods"
+        )
+    supervised = [METHODS[m].task for m in config.methods if METHODS[m].task is not None]
+    simulated = [t for t in [*config.tasks, *supervised] if t in NOISY_TASKS and t != "denoise"]
+    if simulated:
+        raise ValueError(
+            f"the tasks {simulated} (of --tasks or an sl-<task> method) simulate noise, which --data-format "
+            "sidd does not: remove them"
+        )
+
+
+def _check_shapes(config: TrainConfig) -> None:
+    """Crop, tile, network and quantile sizes that fit each other."""
+    raw = config.modality == "raw"
+    if config.raw_input == "packed" and not raw:
+        raise ValueError("--raw-input packed packs RGGB mosaics: use it with --modality raw")
+    if (config.tasks != ["denoise"] or raw) and config.crop_size % 2:
+        raise ValueError(f"--crop-size must be even for the tasks {config.tasks} and raw data, got {config.crop_size}")
+    if config.model == "dncnn" and config.depth is not None and config.depth < 2:
+        raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {config.depth}")
+    if config.tile_size is not None and config.tile_size < config.crop_size:
+        raise ValueError(
+            f"--tile-size must be at least --crop-size {config.crop_size} (a crop lies inside one tile), "
+            f"got {config.tile_size}"
+        )
+    values_per_residual = (1 if raw else 3) * config.crop_size**2
+    if config.emd_quantiles is not None and config.emd_quantiles > values_per_residual:
+        raise ValueError(
+            f"--emd-quantiles must be at most the {values_per_residual} values of a residual "
+            f"(channels x --crop-size^2), got {config.emd_quantiles}"
+        )
 
 
 def label_count(spec: str, num_train: int) -> int:

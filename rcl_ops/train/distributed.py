@@ -20,7 +20,7 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class DistributedRun:
+class DistributedState:
     """This process's place in the run: rank and world size (0 and 1 without torchrun)."""
 
     rank: int = 0
@@ -35,10 +35,10 @@ class DistributedRun:
         return self.world_size > 1
 
 
-SINGLE = DistributedRun()
+SINGLE = DistributedState()
 
 
-def start(device: torch.device) -> tuple[DistributedRun, torch.device]:
+def start(device: torch.device) -> tuple[DistributedState, torch.device]:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
     LOCAL_RANK, MASTER_ADDR/PORT): nccl for CUDA, gloo for CPU; on CUDA each rank takes the
     GPU of its LOCAL_RANK. Without torchrun (WORLD_SIZE unset or 1): the single process."""
@@ -50,22 +50,22 @@ def start(device: torch.device) -> tuple[DistributedRun, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    return DistributedRun(dist.get_rank(), dist.get_world_size()), device
+    return DistributedState(dist.get_rank(), dist.get_world_size()), device
 
 
-def barrier(run: DistributedRun) -> None:
+def barrier(run: DistributedState) -> None:
     """Wait for every rank (a no-op in one process). Before stop on the success path: a rank
     that tears gloo down while another still talks to it can abort the other."""
     if run.active:
         dist.barrier()
 
 
-def stop(run: DistributedRun) -> None:
+def stop(run: DistributedState) -> None:
     if run.active and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def broadcast(value, run: DistributedRun):
+def broadcast(value, run: DistributedState):
     """Rank 0's ``value`` (any picklable object) on every rank."""
     if not run.active:
         return value
@@ -74,12 +74,12 @@ def broadcast(value, run: DistributedRun):
     return box[0]
 
 
-def wrap(model: nn.Module, run: DistributedRun) -> nn.Module:
+def wrap(model: nn.Module, run: DistributedState) -> nn.Module:
     """The model DDP-wrapped (gradients averaged over ranks), or itself for one process."""
     return nn.parallel.DistributedDataParallel(model) if run.active else model
 
 
-def shard(batch, run: DistributedRun):
+def shard(batch, run: DistributedState):
     """This rank's B of the global batch's N B rows (every tensor field of a dataclass batch)."""
     if not run.active:
         return batch
@@ -91,7 +91,7 @@ def shard(batch, run: DistributedRun):
     return dataclasses.replace(batch, **{f.name: own(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
-def mean_over_ranks(value: torch.Tensor, run: DistributedRun) -> torch.Tensor:
+def mean_over_ranks(value: torch.Tensor, run: DistributedState) -> torch.Tensor:
     """The mean of a scalar over ranks (the global batch's loss with a per-rank mean loss)."""
     if not run.active:
         return value
@@ -100,7 +100,7 @@ def mean_over_ranks(value: torch.Tensor, run: DistributedRun) -> torch.Tensor:
     return total / run.world_size
 
 
-def share_training_state(model: nn.Module, optimizer, generator: torch.Generator, saved, run: DistributedRun):
+def share_training_state(model: nn.Module, optimizer, generator: torch.Generator, saved, run: DistributedState):
     """Rank 0's restored checkpoint metadata, model, optimizer and sampler states on every rank."""
     if not run.active:
         return saved

@@ -14,15 +14,18 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrainConfig
 from .data import CropSampler, ImageRecord
 from .files import DamagedFileError, atomic_path
 from .models import ResNet50Encoder, file_sha256
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 ENCODER_TEMPERATURE = 0.2  # SimCLR's and MoCo v2's value
 PROJECTION_DIM = 128

@@ -17,97 +17,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ResidualContrastiveLoss, residual_contrastive_loss
-from .data import TASK_TITLES, CropBatch, canonical_task
-from .diagnostics import contrastive_chance, retrieval_accuracy
+from .data import CropBatch
+from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accuracy
 from .models import ResNet50Encoder
 from .noise import keys_translate, mosaic
 
-DISTANCES = ("emd", "mmd", "bd")
-BASELINES = ("n2n", "n2s", "m2m", "moco", "pixcl", "oracle", "random")
-RGB_ONLY_METHODS = ("moco", "pixcl")
-RAW_ONLY_METHODS = ("m2m",)
-METHOD_TITLES = {
-    "n2n": "N2N",
-    "n2s": "N2S",
-    "m2m": "M2M",
-    "moco": "MoCo (ResNet-FCN)",
-    "pixcl": "PixCL (VADeR/PixContrast-style)",
-    "oracle": "Oracle",
-    "random": "Random init",
-    "consistency": "Consistency only (alpha 0)",  # the RCL controls: L_consistency alone, L_contrast alone
-    **{f"contrast-{distance}": f"Contrastive only ({distance.upper()})" for distance in DISTANCES},
-}
-SUPERVISED_PREFIX = "sl-"  # 'sl-<task>': supervised pre-training on that task, e.g. 'sl-denoise' = SL (Den)
-CONTROL_PREFIX = "contrast-"  # 'contrast-<distance>': the RCL control without its consistency term
-# The InfoNCE temperature of each distance when --temperature is not given. EMD is in intensity units (8-bit
-# scale by default), MMD and BD are unitless and ~100x smaller for the same change of noise level: at 0.1 the
-# true noise scored a higher L_contrast than the image content of an untrained image-predicting U-Net's
-# residuals for MMD and BD on the quick and small presets' data, at 0.01 a lower one (README, "Which
-# settings reward denoising").
+# Kept for report.py and experiments.py until they read the registry (methods.py).
+SUPERVISED_PREFIX = "sl-"
+CONTROL_PREFIX = "contrast-"
 DEFAULT_TEMPERATURES = {"emd": 0.1, "mmd": 0.01, "bd": 0.01}
 
 
-def canonical_method(name: str, default_distance: str, modality: str = "rgb") -> str:
-    """'rcl' -> 'rcl-<default_distance>', 'contrast' -> 'contrast-<default_distance>'; 'sl-<task>' with the
-    modality's task name ('sl-denoise' on RAW is 'sl-jdd'); 'rcl-emd', 'consistency', 'n2n', ... unchanged;
-    ValueError otherwise (also for a method the modality lacks)."""
-    name = name.lower()
-    if name in ("rcl", "contrast"):
-        name = f"{name}-{default_distance}"
-    if name.startswith(SUPERVISED_PREFIX):
-        return SUPERVISED_PREFIX + canonical_task(name[len(SUPERVISED_PREFIX) :], modality)
-    if rcl_distance(name) in DISTANCES or name in BASELINES or name == "consistency":
-        if modality == "raw" and name in RGB_ONLY_METHODS or modality == "rgb" and name in RAW_ONLY_METHODS:
-            raise ValueError(f"method {name!r} is not defined for --modality {modality}")
-        return name
-    raise ValueError(
-        f"unknown method {name!r}; choose from rcl, {', '.join('rcl-' + d for d in DISTANCES)}, consistency, "
-        f"contrast, {', '.join(CONTROL_PREFIX + d for d in DISTANCES)}, {', '.join(BASELINES)}, sl-<task>"
-    )
+def method_title(key: str) -> str:
+    from .methods import method_title as title
 
-
-def rcl_distance(method: str) -> str | None:
-    """The distance of a method with a contrastive term: 'rcl-emd' and 'contrast-emd' -> 'emd'; None for
-    the others (the 'consistency' control has no contrastive term)."""
-    for prefix in ("rcl-", CONTROL_PREFIX):
-        if method.startswith(prefix):
-            return method[len(prefix) :]
-    return None
-
-
-def is_rcl_objective(method: str) -> bool:
-    """Whether a method (without its encoder) is trained by ``RCLObjective``: RCL or one of its controls."""
-    return rcl_distance(method) is not None or method == "consistency"
-
-
-def uses_consistency_loss(method: str) -> bool:
-    """Whether a method (without its encoder) has the consistency term: RCL and the alpha-0 control (on RGB
-    data they run once per encoder g_e)."""
-    return method.startswith("rcl-") or method == "consistency"
-
-
-def supervised_task(method: str) -> str | None:
-    """The task a supervised pre-training key learns: 'sl-sr2' -> 'sr2'; None for other methods."""
-    return method[len(SUPERVISED_PREFIX) :] if method.startswith(SUPERVISED_PREFIX) else None
-
-
-ENCODER_KINDS = ("random", "self", "file")
-ENCODER_TITLES = {"random": "random", "self": "self-pre-trained", "file": "weights file"}
-
-
-def method_title(method: str) -> str:
-    """Display name: 'rcl-emd' -> 'RCL-EMD', 'rcl-emd+random' -> 'RCL-EMD (g_e: random)', 'n2n' -> 'N2N',
-    'sl-denoise' -> 'SL (Denoising)'."""
-    method, _, encoder = method.partition("+")
-    task = supervised_task(method)
-    title = f"SL ({TASK_TITLES[task]})" if task else METHOD_TITLES.get(method, method.upper())
-    return f"{title} (g_e: {ENCODER_TITLES.get(encoder, encoder)})" if encoder else title
+    return title(key)
 
 
 def split_run_key(key: str) -> tuple[str, str | None]:
-    """'rcl-emd+random' -> ('rcl-emd', 'random'); 'n2n' -> ('n2n', None)."""
     method, _, encoder = key.partition("+")
     return method, encoder or None
+
+
+class Objective(nn.Module):
+    """The protocol of every pre-training objective: ``objective(model, batch, generator) -> (loss, parts)``
+    plus hooks that default to nothing, so the pre-training loop treats every method alike.
+
+    start: called once before the first step (and before a checkpoint is restored) with the model and the
+    sampler's generator. extra_parameters: trainable parameters that are not the model's (optimised with
+    it). after_step: after each optimizer step. checkpoint_state: the module whose state is saved with the
+    pre-training checkpoints (None: nothing besides the model). step_diagnostics: extra logged numbers of
+    the step just computed, on logging steps in a single process (before the backward pass).
+    divergence_advice: what to try when the loss becomes non-finite.
+    """
+
+    divergence_advice = "a lower --lr"
+
+    def start(self, model: nn.Module, generator: torch.Generator) -> None:
+        pass
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def checkpoint_state(self) -> nn.Module | None:
+        return None
+
+    def step_diagnostics(self, model: nn.Module) -> dict[str, float]:
+        return {}
 
 
 def observe(restored: torch.Tensor, raw: bool) -> torch.Tensor:
@@ -181,7 +140,7 @@ class RCLTerms:
         return self.contrast + self.consistency
 
 
-class RCLObjective(nn.Module):
+class RCLObjective(Objective):
     """L_total = alpha * L_contrast + consistency_weight * L_consistency (Eq. 10).
 
     L_contrast is ``rcl_ops.ResidualContrastiveLoss`` on the residuals of the first crops
@@ -230,12 +189,26 @@ class RCLObjective(nn.Module):
         }
         return RCLTerms(self.alpha * contrast, self.consistency_weight * consistency, distances, parts)
 
+    divergence_advice = "a lower --lr or a larger --temperature"
+
     def forward(self, model: nn.Module, batch: CropBatch, generator: torch.Generator):
         terms = self.compute(model, batch, generator)
-        return terms.loss, terms.parts
+        self._last_terms = terms
+        return terms.loss, dict(terms.parts)
+
+    def step_diagnostics(self, model: nn.Module) -> dict[str, float]:
+        """How the two terms' gradients compare (``gradient_norm_ratio``), when both train the network: extra
+        backward passes through the last step's graph that leave its training gradient unchanged."""
+        terms = getattr(self, "_last_terms", None)
+        if terms is None or not self.alpha > 0 or self.consistency is None:
+            return {}
+        return gradient_norm_ratio(terms.contrast, terms.consistency, model.parameters())
+
+    def after_step(self, model: nn.Module) -> None:
+        self._last_terms = None  # the step's graph is spent
 
 
-class Noise2NoiseObjective(nn.Module):
+class Noise2NoiseObjective(Objective):
     """noise2noise: mean (x' - obs(f(x)))^2 with x' a second noisy draw at the same noise level."""
 
     def __init__(self, raw: bool):
@@ -274,7 +247,7 @@ def neighbour_interpolation(x: torch.Tensor, raw: bool) -> torch.Tensor:
     return weighted / total_weight
 
 
-class Noise2SelfObjective(nn.Module):
+class Noise2SelfObjective(Objective):
     """noise2self (J-invariant masking): the pixels of one random phase of a ``grid`` x ``grid``
     lattice are replaced by the mean of their neighbours, and the loss is the mean squared
     error between obs(f(masked x)) and x on those pixels only."""
@@ -297,7 +270,7 @@ class Noise2SelfObjective(nn.Module):
         return loss, {"n2s": loss.detach()}
 
 
-class Mosaic2MosaicObjective(nn.Module):
+class Mosaic2MosaicObjective(Objective):
     """mosaic2mosaic (Ehret et al. 2019) in the simulated setting: the network's RGB output for one noisy
     mosaic, sampled with the RGGB colours of another noisy mosaic of the same scene recorded under a sensor
     shift (a burst frame), against that mosaic: mean |masks_b * f(x_a) - x_b|, summed over colours. The
@@ -317,7 +290,7 @@ class Mosaic2MosaicObjective(nn.Module):
         return loss, {"m2m": loss.detach()}
 
 
-class SupervisedObjective(nn.Module):
+class SupervisedObjective(Objective):
     """Supervised pre-training on a downstream task, mean |f(x) - y| with clean targets y, on the batches'
     crops of the task's inputs (the Oracle of ``task``, or "SL (<task>)")."""
 

@@ -13,7 +13,7 @@ import torch
 
 from .._backend import resolve_backend
 from .config import TrainConfig
-from .losses import uses_consistency_loss
+from .methods import METHODS
 from .models import DEFAULT_DEPTH, DEFAULT_WIDTH, ResNet50Encoder, configured_model, layer_output_count
 
 BYTES_PER_VALUE = 4  # float32 weights and activations
@@ -116,7 +116,7 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
     instant even for a network that could never be built."""
     raw = config.modality == "raw"
     channels, size = (1 if raw else 3), config.crop_size
-    rcl_on_rgb = not raw and any(map(uses_consistency_loss, config.methods))
+    rcl_on_rgb = not raw and any(METHODS[m].consistency for m in config.methods)
     with torch.device("meta"):
         model = configured_model(config)
         parameters = sum(p.numel() for p in model.parameters())
