@@ -22,7 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rcl_ops.train.cli import main as rcl_train
+# The checkout this script lives in, not whichever rcl_ops is installed: a baseline recorded in a worktree of
+# the old commit must run the old code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rcl_ops.train.cli import main as rcl_train  # noqa: E402
 
 TINY = ["--pretrain-steps", "3", "--finetune-steps", "3", "--sl-steps", "3", "--seeds", "0", "1", "--threads", "1"]
 RUNS = {
