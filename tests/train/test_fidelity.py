@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from utils import denoising_records
 
 from rcl_ops.train.config import build_config
 from rcl_ops.train.contrast_check import CHECK_BATCHES, PAIRWISE, check_contrast, crop_pair_batches, gaussian_blur
@@ -13,7 +14,6 @@ from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
 from rcl_ops.train.models import ResNet50Encoder, UNet, build_model, configured_model
 from rcl_ops.train.noise import demosaic_bilinear
 from rcl_ops.train.trainer import RunError, make_objective, run_experiment, temperature_of
-from tests.utils import denoising_records
 
 
 @pytest.fixture(scope="module")
