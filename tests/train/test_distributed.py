@@ -14,7 +14,7 @@ import time
 import numpy as np
 from skimage import io
 
-from train.test_e2e import smooth_image
+from train.helpers import smooth_image
 
 STEPS = 400
 
