@@ -70,6 +70,7 @@ def test_gaussian_blur_keeps_constants_and_smooths_noise():
     assert gaussian_blur(noise).std() < 0.25 * noise.std()
 
 
+@pytest.mark.slow
 def test_settings_that_reward_the_wrong_thing_are_refused_before_any_file(tmp_path):
     options = dict(
         bundled_images="rgb", tile_size=64, crop_size=32, width=4, depth=1, batch_size=8, max_images=4,
@@ -89,6 +90,7 @@ def test_settings_that_reward_the_wrong_thing_are_refused_before_any_file(tmp_pa
     assert "rewards denoising in 0 of 1 seed(s)" in text
 
 
+@pytest.mark.slow
 def test_default_run_records_a_passing_check(tmp_path):
     config = build_config(
         bundled_images="rgb", tile_size=64, crop_size=32, width=4, depth=1, batch_size=8, max_images=4,

@@ -28,6 +28,7 @@ def read_table_rows(text: str, title: str = "Proxy evaluation") -> dict[str, lis
     return rows
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     args = [
         "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", "tiny",
@@ -88,6 +89,7 @@ def test_tiny_end_to_end_and_resume(image_folder, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raw_input", ["planes", "packed"])
 def test_raw_dncnn_end_to_end(raw_input, image_folder, tmp_path, capsys):
     args = [
@@ -107,6 +109,7 @@ def test_too_few_images_for_the_batch(image_folder, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # failed before creating a run folder
 
 
+@pytest.mark.slow
 def test_tensorboard_logs(image_folder, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     args = [
@@ -117,6 +120,7 @@ def test_tensorboard_logs(image_folder, tmp_path, capsys):
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
     import subprocess
     import sys
@@ -132,6 +136,7 @@ def test_module_entry_point_help():
 # what a run reports: networks as they are, the encoder weights, label efficiency, SIDD pairs
 
 
+@pytest.mark.slow
 def test_zero_finetune_steps_reports_the_networks_as_is(image_folder, tmp_path, capsys):
     args = tiny_run(image_folder, tmp_path, "as-is", "--finetune-steps", "0")
     args[args.index("n2n")] = "rcl-emd"
@@ -146,6 +151,7 @@ def test_zero_finetune_steps_reports_the_networks_as_is(image_folder, tmp_path, 
     assert "reused finished result" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_results_record_the_encoder_weights(image_folder, tmp_path, capsys):
     import hashlib
 
@@ -173,6 +179,7 @@ def test_results_record_the_encoder_weights(image_folder, tmp_path, capsys):
     assert f"sha256 {digest[:16]}" in out
 
 
+@pytest.mark.slow
 def test_label_efficiency_study(image_folder, tmp_path, capsys):
     args = tiny_run(
         image_folder, tmp_path, "labels", "--labels", "2", "30%", "all", "--sl-steps", "2", "--seeds", "0", "1"
@@ -195,6 +202,7 @@ def test_label_efficiency_study(image_folder, tmp_path, capsys):
     assert read_table_rows(capsys.readouterr().out, "Label efficiency") == rows
 
 
+@pytest.mark.slow
 def test_sidd_dncnn_thirty_percent_of_the_labels(tmp_path, capsys):
     root = make_sidd_folder(tmp_path / "sidd")
     args = [
@@ -215,6 +223,7 @@ def test_sidd_dncnn_thirty_percent_of_the_labels(tmp_path, capsys):
 # issue 14: the contrastive term's diagnostics reach the results
 
 
+@pytest.mark.slow
 def test_rcl_run_results_hold_finite_diagnostics(image_folder, tmp_path, capsys):
     args = tiny_run(image_folder, tmp_path, "diag", "--log-every", "1")
     args[args.index("n2n")] = "rcl-emd"

@@ -75,6 +75,7 @@ def assert_no_duplicate_rows(run_dir) -> None:
     assert all(None not in row.values() for row in metric_rows(run_dir))  # no torn rows
 
 
+@pytest.mark.slow
 def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, capsys):
     (tmp_path / "notes.pth").write_text("not a state dict")
     (tmp_path / "a_file").write_text("")
@@ -119,6 +120,7 @@ def test_too_small_test_image_advice(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, monkeypatch, capsys):
     from rcl_ops.train import trainer
 
@@ -151,6 +153,7 @@ def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, m
     assert pretrain_steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_damaged_run_files_are_named_on_resume(image_folder, tmp_path, capsys):
     args = tiny_run(image_folder, tmp_path, "r")
     assert main(args) == 0
@@ -178,6 +181,7 @@ def test_damaged_run_files_are_named_on_resume(image_folder, tmp_path, capsys):
     assert f"{run / 'config.json'} is damaged" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_thread_count(image_folder, tmp_path, capsys):
     assert main(tiny_run(image_folder, tmp_path, "default")) == 0
     recorded = json.loads((tmp_path / "default" / "config.json").read_text())["threads"]
