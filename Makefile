@@ -45,6 +45,8 @@ format: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/clang-format -i $(CSRC)
 
+# All the tests, the slow ones too; `$(PY) -m pytest -m "not slow" tests` is the fast subset (no whole
+# trainer runs or experiments, no torchrun or other subprocesses).
 test: build lint
 	$(PY) -m pytest -q tests
 

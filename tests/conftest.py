@@ -19,6 +19,11 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs CUDA kernels or compiled Triton (`make gpu-check` runs only these)")
+    config.addinivalue_line(
+        "markers",
+        "slow: trains a network end to end, runs a whole experiment or spawns processes "
+        '(`pytest -m "not slow"` leaves these out)',
+    )
 
 
 def pytest_collection_modifyitems(config, items):

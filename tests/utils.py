@@ -1,6 +1,6 @@
 """Shared helpers of the tests: the backends to parametrise over, their devices, tolerances
-against float64 oracles, the torch.compile comparison, and tiny trainer records. (conftest.py holds only pytest
-hooks and fixtures; it sets TRITON_INTERPRET before rcl_ops is imported.)"""
+against float64 oracles and the torch.compile comparison (trainer-only helpers: tests/train/helpers.py).
+(conftest.py holds only pytest hooks and fixtures; it sets TRITON_INTERPRET before rcl_ops is imported.)"""
 
 from __future__ import annotations
 
@@ -55,15 +55,3 @@ def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"
     torch.testing.assert_close(got, eager)
     for a, b in zip(got_grads, eager_grads):
         torch.testing.assert_close(a, b)
-
-
-def denoising_records(count: int, size: int, modality: str = "rgb") -> list:
-    """``count`` random clean ``size`` x ``size`` images (from torch's global generator) as trainer records
-    whose denoising task input (``jdd`` for RAW) is their noisy observation."""
-    from rcl_ops.train.data import DENOISING_TASK, CleanImage, make_records
-
-    images = [CleanImage(f"im{i}", torch.rand(3, size, size)) for i in range(count)]
-    records = make_records(images, modality, 0, 20, 0, second_draw=False)
-    for record in records:
-        record.task_inputs[DENOISING_TASK[modality]] = record.observed
-    return records

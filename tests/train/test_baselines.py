@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from utils import denoising_records
 
 from rcl_ops.train.baselines import (
     MoCoObjective,
@@ -22,6 +21,7 @@ from rcl_ops.train.baselines import (
 from rcl_ops.train.data import CropBatch
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
 from rcl_ops.train.models import UNet, freeze_all_but_head, replace_head
+from train.helpers import denoising_records
 
 
 @pytest.fixture(autouse=True)

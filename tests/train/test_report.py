@@ -199,3 +199,31 @@ def test_label_efficiency_comparisons_use_photographs_x_seeds(monkeypatch):
     assert versus["paired_psnr"]["mean"] == pytest.approx(0.4) and versus["paired_psnr"]["n_seeds"] == 2
     assert versus["paired_psnr_per_image"]["n"] == 4
     assert "over 2 photographs x 2 seeds" in versus["sentence"]
+
+
+def test_paired_difference_t_interval():
+    from rcl_ops.train.report import paired_difference
+
+    differences = [0.5, 1.0, 1.5, 2.0]
+    found = paired_difference(differences)
+    half = stats.t.ppf(0.975, 3) * np.std(differences, ddof=1) / 2  # sqrt(4) = 2
+    assert found["mean"] == pytest.approx(1.25) and found["n"] == 4
+    assert (found["low"], found["high"]) == (pytest.approx(1.25 - half), pytest.approx(1.25 + half))
+    assert not found["could_be_noise"]
+    assert paired_difference([-1.0, 1.5, 0.2])["could_be_noise"]
+    assert paired_difference([0.3])["could_be_noise"] and math.isnan(paired_difference([0.3])["low"])
+
+
+def test_contrast_verdict_says_whether_the_term_did_anything():
+    from rcl_ops.train.report import contrast_verdict
+
+    row = {
+        "title": "RCL-EMD", "contrast_per_query_first": 2.0, "contrast_per_query_end": 1.9,
+        "contrast_chance_last": math.log(8), "retrieval_top1_first": 0.5, "retrieval_top1_end": 0.6,
+        "grad_norm_ratio_last": 0.3, "seeds_at_chance": 0, "n": 3,
+    }  # fmt: skip
+    assert "YES" in contrast_verdict(row)
+    assert "A LITTLE" in contrast_verdict({**row, "grad_norm_ratio_last": 0.05})
+    assert "HARDLY" in contrast_verdict({**row, "grad_norm_ratio_last": 0.001})
+    assert "HARDLY" in contrast_verdict({**row, "grad_norm_ratio_last": math.nan})
+    assert contrast_verdict({**row, "seeds_at_chance": 2}).startswith("RCL-EMD: NO: its loss ended at chance in 2 of 3")

@@ -42,6 +42,7 @@ def our_cells(markdown: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table", sorted(EXPERIMENTS))
 def test_each_table_runs_end_to_end(table, image_folder, tmp_path, capsys):
     labels = ["--labels", "2", "all"] if table == "table3" else []
@@ -101,6 +102,7 @@ def test_experiment_command_refuses_unknown_tables(capsys):
     assert "invalid choice: 'table9'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_comparison_names_each_encoder_and_says_when_nothing_was_fine_tuned(image_folder, tmp_path, capsys):
     args = [
         "experiment", "table2", "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", "t",

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from utils import denoising_records
 
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import (
@@ -32,6 +31,7 @@ from rcl_ops.train.noise import (
     pack_raw,
     upsample,
 )
+from train.helpers import denoising_records
 
 
 def pil_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

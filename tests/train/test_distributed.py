@@ -12,9 +12,10 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from skimage import io
 
-from tests.test_train_e2e import smooth_image
+from train.helpers import smooth_image
 
 STEPS = 400
 
@@ -59,6 +60,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_two_rank_training_resumes_after_a_kill(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

@@ -1,0 +1,57 @@
+"""Helpers of the trainer tests: tiny records, generated images and the arguments of tiny runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage import io
+
+
+def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A random smooth RGB uint8 image (a few sinusoids), so denoising has something to recover."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = [
+        0.5 + 0.4 * np.sin(2 * np.pi * (rng.uniform(0.5, 3) * x + rng.uniform(0.5, 3) * y + rng.uniform()))
+        for _ in range(3)
+    ]
+    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+
+
+def denoising_records(count: int, size: int, modality: str = "rgb") -> list:
+    """``count`` random clean ``size`` x ``size`` images (from torch's global generator) as trainer records
+    whose denoising task input (``jdd`` for RAW) is their noisy observation."""
+    from rcl_ops.train.data import DENOISING_TASK, CleanImage, make_records
+
+    images = [CleanImage(f"im{i}", torch.rand(3, size, size)) for i in range(count)]
+    records = make_records(images, modality, 0, 20, 0, second_draw=False)
+    for record in records:
+        record.task_inputs[DENOISING_TASK[modality]] = record.observed
+    return records
+
+
+TINY = [
+    "--crop-size", "16", "--width", "4", "--depth", "1", "--pretrain-steps", "3", "--finetune-steps", "3",
+    "--batch-size", "3", "--finetune-batch-size", "4", "--eval-crop", "24", "--no-progress",
+    "--checkpoint-every", "2", "--density-batches", "1", "--grid-images", "2",
+]  # fmt: skip
+
+
+def tiny_run(image_folder, output, name: str, *extra: str) -> list[str]:
+    """Arguments of a one-method, one-seed, one-task tiny run."""
+    return [
+        "--data-dir", str(image_folder), "--output-dir", str(output), "--run-name", name, "--methods", "n2n",
+        "--tasks", "denoise", "--seeds", "0", "--no-plots", *TINY, *extra,
+    ]  # fmt: skip
+
+
+def make_sidd_folder(root, scenes: int = 6, size: int = 36):
+    """A tiny folder in the SIDD layout: Data/<scene>/<id>_NOISY_SRGB_010.PNG next to <id>_GT_SRGB_010.PNG."""
+    rng = np.random.default_rng(1)
+    for index in range(scenes):
+        scene = root / "Data" / f"{index + 1:04d}_001_S6_00100_00060_3200_L"
+        scene.mkdir(parents=True)
+        clean = smooth_image(rng, size)
+        noisy = np.clip(clean + rng.normal(0, 12, clean.shape), 0, 255).astype(np.uint8)
+        io.imsave(scene / f"{index + 1:04d}_GT_SRGB_010.PNG", clean, check_contrast=False)
+        io.imsave(scene / f"{index + 1:04d}_NOISY_SRGB_010.PNG", noisy, check_contrast=False)
+    return root
