@@ -55,3 +55,22 @@ def make_sidd_folder(root, scenes: int = 6, size: int = 36):
         io.imsave(scene / f"{index + 1:04d}_GT_SRGB_010.PNG", clean, check_contrast=False)
         io.imsave(scene / f"{index + 1:04d}_NOISY_SRGB_010.PNG", noisy, check_contrast=False)
     return root
+
+
+def objective_of(name: str, config, encoder=None):
+    """The registry's objective of method ``name`` under ``config`` (one process)."""
+    from rcl_ops.train.methods import ObjectiveInputs, build_objective
+
+    return build_objective(name, ObjectiveInputs(config, encoder))
+
+
+def pretrain_quietly(model, objective, sampler, config, checkpoint_dir, resume: bool, say=print) -> dict:
+    """``pretrain`` on the CPU without a log or progress bars, resuming from ``checkpoint_dir`` if ``resume``."""
+    import dataclasses
+
+    import torch
+
+    from rcl_ops.train.pretraining import RunContext, pretrain
+
+    config = dataclasses.replace(config, resume=resume)
+    return pretrain(model, objective, sampler, config, RunContext(torch.device("cpu"), say), checkpoint_dir, "test", 0)

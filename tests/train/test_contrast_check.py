@@ -9,8 +9,10 @@ import torch
 from rcl_ops.train.config import build_config
 from rcl_ops.train.contrast_check import CHECK_BATCHES, PAIRWISE, check_contrast, crop_pair_batches, gaussian_blur
 from rcl_ops.train.data import load_split, make_records
+from rcl_ops.train.methods import temperature_of
 from rcl_ops.train.models import build_model, configured_model
-from rcl_ops.train.trainer import RunError, run_experiment, temperature_of
+from rcl_ops.train.preflight import RunError
+from rcl_ops.train.trainer import run_experiment
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ from rcl_ops.train.data import (
 from rcl_ops.train.losses import (
     Noise2SelfObjective,
     RawConsistencyLoss,
-    canonical_method,
     n2s_mask,
     neighbour_interpolation,
     residual_distance_gaps,
-    supervised_task,
 )
+from rcl_ops.train.methods import METHODS, canonical_method
 from rcl_ops.train.models import (
     ResNet50Encoder,
     UNet,
@@ -34,9 +33,7 @@ from rcl_ops.train.models import (
 from rcl_ops.train.noise import (
     mosaic,
 )
-from rcl_ops.train.trainer import (
-    make_objective,
-)
+from train.helpers import objective_of
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -108,7 +105,6 @@ def test_rcl_parts_report_chance_and_retrieval():
 
 def test_contrast_reduction_and_distance_scale():
     from rcl_ops.train.data import CropBatch
-    from rcl_ops.train.trainer import make_objective
 
     generator = torch.Generator().manual_seed(0)
     observed = torch.rand(4, 3, 16, 16, generator=generator)
@@ -118,7 +114,7 @@ def test_contrast_reduction_and_distance_scale():
 
     def terms(**options):
         config = build_config(crop_size=16, batch_size=4, alpha=1.0, **options)
-        return make_objective("rcl-emd", config, encoder).compute(model, batch, torch.Generator())
+        return objective_of("rcl-emd", config, encoder).compute(model, batch, torch.Generator())
 
     mean, summed = terms(contrast_reduction="mean"), terms(contrast_reduction="sum")
     assert float(summed.contrast.detach()) == pytest.approx(
@@ -141,9 +137,9 @@ def test_rcl_controls_leave_out_one_term():
     assert config.methods == ["rcl-emd", "consistency", "contrast-emd"]
     assert config.run_keys() == ["rcl-emd+random", "consistency+random", "contrast-emd"]
     with torch.no_grad():
-        full = make_objective("rcl-emd", config, encoder).compute(model, batch, generator)
-        consistency_only = make_objective("consistency", config, encoder).compute(model, batch, generator)
-        contrast_only = make_objective("contrast-emd", config, None).compute(model, batch, generator)
+        full = objective_of("rcl-emd", config, encoder).compute(model, batch, generator)
+        consistency_only = objective_of("consistency", config, encoder).compute(model, batch, generator)
+        contrast_only = objective_of("contrast-emd", config, None).compute(model, batch, generator)
     assert float(consistency_only.contrast) == 0 and float(consistency_only.consistency) == float(full.consistency)
     assert float(contrast_only.consistency) == 0 and float(contrast_only.contrast) == float(full.contrast)
     assert float(full.contrast) > 0 and float(full.consistency) > 0
@@ -165,9 +161,9 @@ def test_objectives_give_finite_gradients(method, modality):
     for record in records:
         record.task_inputs = {task: task_input(task, record, modality)}
     model = build_model("unet", 4, 1, raw=raw)
-    objective = make_objective(method, config, None if raw else ResNet50Encoder(1))
+    objective = objective_of(method, config, None if raw else ResNet50Encoder(1))
     sampler = CropSampler(
-        records, 8, torch.Generator().manual_seed(0), raw=raw, task=supervised_task(method), burst=method == "m2m"
+        records, 8, torch.Generator().manual_seed(0), raw=raw, task=METHODS[method].task, burst=METHODS[method].burst
     )
     loss, parts = objective(model, sampler.sample(3), sampler.generator)
     loss.backward()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rcl_ops.train.checkpoints import load_checkpoint, save_checkpoint
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import (
     CleanImage,
@@ -16,14 +17,9 @@ from rcl_ops.train.models import (
     ResNet50Encoder,
     build_model,
 )
-from rcl_ops.train.trainer import (
-    RunError,
-    load_checkpoint,
-    make_objective,
-    pretrain,
-    save_checkpoint,
-    seeded_generator,
-)
+from rcl_ops.train.preflight import RunError
+from rcl_ops.train.seeding import seeded_generator
+from train.helpers import objective_of, pretrain_quietly
 
 
 def tiny_records(num_images: int = 4, size: int = 24):
@@ -39,28 +35,24 @@ def fresh_pretraining(records, seed: int = 0):
 
 
 def run_pretraining(model, sampler, config, checkpoint_dir, resume, say=print) -> dict:
-    objective = make_objective("n2n", config, None)
-    return pretrain(model, objective, sampler, config, torch.device("cpu"), checkpoint_dir,
-                    lambda *_: None, lambda it, **_: it, resume, say)  # fmt: skip
+    objective = objective_of("n2n", config, None)
+    return pretrain_quietly(model, objective, sampler, config, checkpoint_dir, resume, say)
 
 
 def test_pretraining_resumes_exactly(tmp_path):
     config = build_config(crop_size=12, batch_size=3, pretrain_steps=4, checkpoint_every=2, log_every=1)
     records = tiny_records()
     encoder = ResNet50Encoder(1, seed=0)
-    objective = make_objective("rcl-emd", config, encoder)
+    objective = objective_of("rcl-emd", config, encoder)
 
     model, sampler = fresh_pretraining(records)
-    pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / "a",
-             lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
+    pretrain_quietly(model, objective, sampler, config, tmp_path / "a", resume=False)
 
     interrupted = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2)
     model_b, sampler_b = fresh_pretraining(records)
-    pretrain(model_b, objective, sampler_b, interrupted, torch.device("cpu"), tmp_path / "b",
-             lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
+    pretrain_quietly(model_b, objective, sampler_b, interrupted, tmp_path / "b", resume=False)
     model_c, sampler_c = fresh_pretraining(records)  # a new process: state from the checkpoint
-    summary = pretrain(model_c, objective, sampler_c, config, torch.device("cpu"), tmp_path / "b",
-                       lambda *_: None, lambda it, **_: it, resume=True)  # fmt: skip
+    summary = pretrain_quietly(model_c, objective, sampler_c, config, tmp_path / "b", resume=True)
     assert summary["resumed_from"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(model_c.state_dict()[key], value), key
@@ -81,12 +73,11 @@ def test_stateful_objectives_resume_exactly(method, tmp_path):
         if method == "moco":
             torch.manual_seed(1)
             model = ResNetFCN(4, 2)
-        return model, sampler, make_objective(method, config, None)
+        return model, sampler, objective_of(method, config, None)
 
     def run(config, folder, resume, parts):
         model, sampler, objective = parts
-        summary = pretrain(model, objective, sampler, config, torch.device("cpu"), tmp_path / folder,
-                           lambda *_: None, lambda it, **_: it, resume=resume)  # fmt: skip
+        summary = pretrain_quietly(model, objective, sampler, config, tmp_path / folder, resume)
         return model, objective, summary
 
     whole, whole_objective, _ = run(config, "a", False, fresh())
@@ -155,8 +146,7 @@ def test_alpha_changes_the_trained_weights(tmp_path):
     def trained(alpha: float, folder: str) -> dict[str, torch.Tensor]:
         config = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=2, alpha=alpha)
         model, sampler = fresh_pretraining(records)
-        pretrain(model, make_objective("rcl-emd", config, encoder), sampler, config, torch.device("cpu"),
-                 tmp_path / folder, lambda *_: None, lambda it, **_: it, resume=False)  # fmt: skip
+        pretrain_quietly(model, objective_of("rcl-emd", config, encoder), sampler, config, tmp_path / folder, False)
         return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
     without, again = trained(0.0, "a0"), trained(0.0, "a0-again")
