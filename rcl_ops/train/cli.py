@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from .config import PRESETS, TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
+from .config import TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
 from .data import DataError
+from .presets import EXPERIMENTS, PRESETS, SCALES
 
 DESCRIPTION = """\
 Residual contrastive learning (RCL) pre-training on noisy images and its proxy evaluation.
@@ -107,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 def experiment_main(argv: list[str]) -> int:
     """``rcl-train experiment tableN [--scale quick|full] [options]``: the preset ``tableN-<scale>`` with the
     options given, then paper_comparison.md beside results.md."""
-    from .experiments import EXPERIMENTS, SCALES
-
     chooser = argparse.ArgumentParser(
         prog="rcl-train experiment",
         description="Run the experiment of one table of the paper and write paper_comparison.md (the paper's "
