@@ -13,7 +13,9 @@ from rcl_ops.train import report
 from rcl_ops.train.config import TrainConfig, build_config
 from rcl_ops.train.data import photograph_of
 from rcl_ops.train.evaluate import TestScores as Scores
-from rcl_ops.train.report import format_table, photographs_seeds_interval, summarise
+from rcl_ops.train.intervals import photographs_seeds_interval
+from rcl_ops.train.report import summarise
+from rcl_ops.train.tables import format_table
 
 
 def test_photograph_of_a_tile_name():

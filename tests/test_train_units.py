@@ -765,7 +765,7 @@ def test_self_supervised_encoder_is_cached_and_keyed(tmp_path):
 
 
 def test_paired_difference_t_interval():
-    from rcl_ops.train.report import paired_difference
+    from rcl_ops.train.intervals import paired_difference
 
     differences = [0.5, 1.0, 1.5, 2.0]
     found = paired_difference(differences)

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None, experiment: tuple[str, str] | None = Non
     if print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
-    from . import report
+    from .tables import format_table
     from .trainer import RunError, run_experiment
 
     try:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None, experiment: tuple[str, str] | None = Non
     if not summary:  # a rank > 0 of a torchrun launch: rank 0 reports
         return 0
     print()
-    print(report.format_table(summary))
+    print(format_table(summary))
     run_dir = summary["environment"]["run_dir"]
     print(f"\nresults: {run_dir}/results.md (and results.json, figures/)")
     if experiment is not None:

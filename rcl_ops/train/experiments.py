@@ -13,7 +13,7 @@ from __future__ import annotations
 from .data import TASK_TITLES
 from .losses import split_run_key
 from .presets import RCL_CONTROLS, TABLE_TASKS
-from .report import mean_std_cell
+from .tables import mean_std_cell
 
 # ---------------------------------------------------------------------------------------------
 # The paper's numbers ("Residual Contrastive Learning: Unsupervised Representation Learning on Noisy
