@@ -14,7 +14,8 @@ from skimage import io
 
 from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
-from rcl_ops.train.data import DENOISING_TASK, CleanImage, CropSampler, load_embedded_images, make_records, task_input
+from rcl_ops.train.data import DENOISING_TASK, CropSampler, make_records, task_input
+from rcl_ops.train.images import CleanImage, load_embedded_images
 from rcl_ops.train.losses import supervised_task
 from rcl_ops.train.models import ResNet50Encoder, build_model
 from rcl_ops.train.trainer import (
@@ -533,7 +534,7 @@ def make_sidd_folder(root, scenes: int = 6, size: int = 36):
 
 
 def test_sidd_loader_reads_a_tiny_folder(tmp_path):
-    from rcl_ops.train.data import DataError, load_sidd_pairs
+    from rcl_ops.train.images import DataError, load_sidd_pairs
 
     root = make_sidd_folder(tmp_path / "sidd", scenes=3)
     pairs = load_sidd_pairs(root)

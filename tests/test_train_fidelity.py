@@ -8,8 +8,9 @@ import torch
 
 from rcl_ops.train.config import build_config
 from rcl_ops.train.contrast_check import CHECK_BATCHES, PAIRWISE, check_contrast, crop_pair_batches, gaussian_blur
-from rcl_ops.train.data import CropBatch, load_split, make_records
+from rcl_ops.train.data import CropBatch, make_records
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
+from rcl_ops.train.images import load_split
 from rcl_ops.train.models import ResNet50Encoder, UNet, build_model, configured_model
 from rcl_ops.train.noise import demosaic_bilinear
 from rcl_ops.train.trainer import RunError, make_objective, run_experiment, temperature_of

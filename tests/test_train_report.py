@@ -11,8 +11,8 @@ from scipy import stats
 
 from rcl_ops.train import report
 from rcl_ops.train.config import TrainConfig, build_config
-from rcl_ops.train.data import photograph_of
 from rcl_ops.train.evaluate import TestScores as Scores
+from rcl_ops.train.images import photograph_of
 from rcl_ops.train.intervals import photographs_seeds_interval
 from rcl_ops.train.report import summarise
 from rcl_ops.train.tables import format_table

@@ -15,17 +15,9 @@ from utils import denoising_records
 
 from rcl_ops.train.cli import build_parser, main
 from rcl_ops.train.config import TrainConfig, build_config, config_fields
-from rcl_ops.train.data import (
-    CleanImage,
-    CropSampler,
-    DataError,
-    check_image_sizes,
-    load_folder,
-    load_split,
-    make_records,
-    to_rgb_float,
-)
+from rcl_ops.train.data import CropSampler, make_records
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate, psnr, ssim
+from rcl_ops.train.images import CleanImage, DataError, check_image_sizes, load_folder, load_split, to_rgb_float
 from rcl_ops.train.losses import (
     Noise2SelfObjective,
     RawConsistencyLoss,
@@ -808,7 +800,7 @@ def test_label_counts():
 
 
 def test_tiles_and_colour_images(tmp_path):
-    from rcl_ops.train.data import EMBEDDED_RGB, tile_images
+    from rcl_ops.train.images import EMBEDDED_RGB, tile_images
 
     image = CleanImage("im", torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7) / 105)
     tiles = tile_images([image, CleanImage("small", torch.zeros(3, 1, 4))], 2)

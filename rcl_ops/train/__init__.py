@@ -8,7 +8,7 @@ Python use::
 """
 
 from .config import TrainConfig, build_config
-from .data import DataError
+from .images import DataError
 from .presets import PRESETS
 from .trainer import run_experiment
 

@@ -11,7 +11,7 @@ import json
 import sys
 
 from .config import TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
-from .data import DataError
+from .images import DataError
 from .presets import EXPERIMENTS, PRESETS, SCALES
 
 DESCRIPTION = """\

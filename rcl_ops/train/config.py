@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
+from .data import DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
+from .images import BUNDLED_SETS, DATA_FORMATS
 from .losses import (
     DEFAULT_TEMPERATURES,
     ENCODER_KINDS,

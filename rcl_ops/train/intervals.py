@@ -9,7 +9,7 @@ import statistics
 
 import numpy as np
 
-from .data import photograph_of
+from .images import photograph_of
 
 
 def paired_difference(differences: list[float], confidence: float = 0.95) -> dict:

@@ -51,16 +51,7 @@ from .contrast_check import (
     distance_matrices_of,
     reference_scores,
 )
-from .data import (
-    DENOISING_TASK,
-    CropSampler,
-    DataError,
-    check_image_sizes,
-    load_split,
-    make_records,
-    records_multiple,
-    task_input,
-)
+from .data import DENOISING_TASK, CropSampler, make_records, records_multiple, task_input
 from .diagnostics import gradient_norm_ratio, summarise_history
 from .encoder_pretraining import self_supervised_encoder
 from .evaluate import (
@@ -72,6 +63,7 @@ from .evaluate import (
     train_supervised,
 )
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
+from .images import DataError, check_image_sizes, load_split
 from .losses import (
     DEFAULT_TEMPERATURES,
     DISTANCE_SCALES,
