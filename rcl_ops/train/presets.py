@@ -71,6 +71,7 @@ PAPER_SCALE = {
 # Every RCL table also runs RCL-EMD's two controls on the same seeds (not in the paper): the consistency loss
 # alone (alpha 0) and the contrastive term alone, so that each table says whether each term helps.
 RCL_CONTROLS = ["consistency", "contrast-emd"]
+RCL_WITH_CONTROLS = ["rcl-emd", *RCL_CONTROLS]
 
 # The downstream tasks of each table of the paper (experiments.PAPER_TABLES: its columns).
 TABLE_TASKS: dict[str, list[str]] = {
@@ -84,9 +85,9 @@ TABLE_TASKS: dict[str, list[str]] = {
 _TABLE_OPTIONS: dict[str, dict] = {
     "table1": {"methods": ["moco", "pixcl", "n2n", "n2s", "rcl-bd", "rcl-emd", "rcl-mmd", *RCL_CONTROLS, "oracle"]},
     "table2": {"methods": ["n2n", "n2s", "sl-denoise", "rcl-bd", "rcl-emd", "rcl-mmd", *RCL_CONTROLS, "oracle"]},
-    "table3": {"methods": ["rcl-emd", *RCL_CONTROLS]},
-    "table4": {"modality": "raw", "methods": ["sl-jdd", "m2m", "rcl-emd", *RCL_CONTROLS, "oracle"]},
-    "table5": {"model": "dncnn", "methods": ["rcl-emd", *RCL_CONTROLS], "labels": ["30%", "all"]},
+    "table3": {"methods": [*RCL_WITH_CONTROLS]},
+    "table4": {"modality": "raw", "methods": ["sl-jdd", "m2m", *RCL_WITH_CONTROLS, "oracle"]},
+    "table5": {"model": "dncnn", "methods": [*RCL_WITH_CONTROLS], "labels": ["30%", "all"]},
 }
 
 EXPERIMENTS: dict[str, dict[str, dict]] = {
@@ -107,7 +108,7 @@ EXPERIMENTS["table5"]["full"].update(
 )
 # The full Table 4 runs on RAW data: the consistency loss of Eq. 11 needs no encoder.
 EXPERIMENTS["table4"]["full"]["encoders"] = ["random"]
-EXPERIMENTS["table3"]["full"]["methods"] = ["rcl-emd", *RCL_CONTROLS]
+EXPERIMENTS["table3"]["full"]["methods"] = [*RCL_WITH_CONTROLS]
 
 SCALES = ("quick", "full")
 
@@ -115,10 +116,6 @@ SCALES = ("quick", "full")
 EXPERIMENT_PRESETS = {
     f"{name}-{scale}": options for name, scales in EXPERIMENTS.items() for scale, options in scales.items()
 }
-
-# RCL-EMD and its two controls on the same seeds: the consistency loss alone (alpha 0) and the contrastive
-# term alone, so that a table answers whether each term helps.
-RCL_WITH_CONTROLS = ["rcl-emd", *RCL_CONTROLS]
 
 PRESETS: dict[str, dict] = {
     # A smoke-level demo of the whole pipeline on a 2-core CPU in under 5 minutes (``make demo``): the 17
