@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from rcl_ops.train.config import build_config
-from rcl_ops.train.data import load_split, make_records, task_input
+from rcl_ops.train.data import make_records, task_input
 from rcl_ops.train.evaluate import evaluate_naive, evaluate_restorer
+from rcl_ops.train.images import load_split
 from rcl_ops.train.models import configured_model
 from rcl_ops.train.trainer import load_checkpoint, run_experiment
 

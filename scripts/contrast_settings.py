@@ -30,7 +30,8 @@ from rcl_ops.train.contrast_check import (
     residual_distances,
     true_noise,
 )
-from rcl_ops.train.data import load_split, make_records
+from rcl_ops.train.data import make_records
+from rcl_ops.train.images import load_split
 from rcl_ops.train.models import build_model
 
 SETTINGS = [("emd", 1.0), ("emd", 255.0), ("mmd", 255.0), ("bd", 255.0)]

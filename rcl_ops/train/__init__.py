@@ -7,8 +7,9 @@ Python use::
     summary = run_experiment(build_config("quick", methods=["rcl-emd", "n2n"]))
 """
 
-from .config import PRESETS, TrainConfig, build_config
-from .data import DataError
+from .config import TrainConfig, build_config
+from .images import DataError
+from .presets import PRESETS
 from .trainer import run_experiment
 
 __all__ = ["PRESETS", "DataError", "TrainConfig", "build_config", "run_experiment"]

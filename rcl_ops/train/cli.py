@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 
-from .config import PRESETS, TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
-from .data import DataError
+from .config import TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
+from .images import DataError
+from .presets import EXPERIMENTS, PRESETS, SCALES
 
 DESCRIPTION = """\
 Residual contrastive learning (RCL) pre-training on noisy images and its proxy evaluation.
@@ -107,8 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 def experiment_main(argv: list[str]) -> int:
     """``rcl-train experiment tableN [--scale quick|full] [options]``: the preset ``tableN-<scale>`` with the
     options given, then paper_comparison.md beside results.md."""
-    from .experiments import EXPERIMENTS, SCALES
-
     chooser = argparse.ArgumentParser(
         prog="rcl-train experiment",
         description="Run the experiment of one table of the paper and write paper_comparison.md (the paper's "
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None, experiment: tuple[str, str] | None = Non
     if print_config:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
-    from . import report
+    from .tables import format_table
     from .trainer import RunError, run_experiment
 
     try:
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None, experiment: tuple[str, str] | None = Non
     if not summary:  # a rank > 0 of a torchrun launch: rank 0 reports
         return 0
     print()
-    print(report.format_table(summary))
+    print(format_table(summary))
     run_dir = summary["environment"]["run_dir"]
     print(f"\nresults: {run_dir}/results.md (and results.json, figures/)")
     if experiment is not None:

@@ -1,4 +1,4 @@
-"""Trainer configuration: one dataclass, presets, and config files (TOML or JSON).
+"""Trainer configuration: one dataclass, the presets (presets.py), and config files (TOML or JSON).
 
 Precedence, lowest first: the dataclass defaults, the preset (``--preset``), the config file
 (``--config``), then command-line flags. Every field is a command-line flag
@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from .. import BACKEND_NAMES
-from .data import BUNDLED_SETS, DATA_FORMATS, DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
+from .data import DENOISING_TASK, MODALITIES, NOISY_TASKS, TASKS, canonical_task
 from .evaluate import SCHEDULES
-from .experiments import PAPER_OPTIMISATION, PAPER_SCALE, QUICK_SCALE, RCL_CONTROLS, experiment_presets
+from .images import BUNDLED_SETS, DATA_FORMATS
 from .methods import DEFAULT_TEMPERATURES, ENCODER_KINDS, METHODS, canonical_method, variant, variants
 from .models import MODELS, RAW_INPUTS, UNET_OUTPUTS
+from .presets import EXPERIMENT_PRESETS, PRESETS
 
 
 def _option(default, help: str, group: str, **extra):
@@ -346,7 +347,7 @@ class TrainConfig:
         "paper's settings, for a GPU), sidd (Table 5 on SIDD-layout real noisy data in --data-dir, for a GPU), or "
         "one paper table's experiment, table1-quick ... table5-full (as rcl-train experiment runs them)",
         "run",
-        choices=("quick", "small", "gpu-small", "paper", "sidd", *experiment_presets()),
+        choices=("quick", "small", "gpu-small", "paper", "sidd", *EXPERIMENT_PRESETS),
     )
     config: str | None = _option(None, "TOML or JSON file of options (keys as the long flags, with - or _)", "run")
 
@@ -614,95 +615,6 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, bool]:
     if typing.get_origin(hint) is list:
         return typing.get_args(hint)[0], True, optional
     return hint, False, optional
-
-
-# RCL-EMD and its two controls on the same seeds: the consistency loss alone (alpha 0) and the contrastive
-# term alone, so that a table answers whether each term helps.
-RCL_WITH_CONTROLS = ["rcl-emd", *RCL_CONTROLS]
-
-PRESETS: dict[str, dict] = {
-    # A smoke-level demo of the whole pipeline on a 2-core CPU in under 5 minutes (``make demo``): the 17
-    # sample images cut into 128x128 tiles after the split (287 training tiles of 13 photographs, 59 test
-    # tiles of 4 others), noise up to 50/255, crops 48, a small residual U-Net, three seeds (so that a
-    # difference can be told from noise), denoising only, RCL-EMD with one (random) encoder and its two
-    # controls, N2N and the Oracle (N2S and the no-pre-training row are left to --preset small, for time:
-    # with them the demo took 6.3 minutes on 2 idle cores), few steps and a larger fine-tuning learning rate,
-    # cosine-annealed. Too short to rank the methods: see --preset small. One torch thread: on a 2-core
-    # machine that is also busy with something else, two OpenMP threads ran up to 10x slower per step
-    # (measured), one thread at most ~1.6x slower than two on an idle machine.
-    "quick": {**QUICK_SCALE, "methods": [*RCL_WITH_CONTROLS, "n2n", "oracle"], "tasks": ["denoise"]},
-    # The most faithful setting that a 2-core CPU runs in about 30 minutes: the paper's optimiser (Adam
-    # (0.9, 0.999, 1e-7), lr 1e-3), alpha 1e-3, L_contrast summed over the batch, three seeds; the quick data
-    # (128x128 tiles of the 17 sample images, noise up to 50/255), so that a batch holds 16 distinct noise
-    # levels. Smaller than the paper where the time demands it: batch 16 (paper 64), crops 64 (paper 128),
-    # a residual U-Net of width 16 and depth 3, 200 pre-training steps. The paper's ImageNet encoder is not
-    # available offline: g_e is pre-trained on the noisy training tiles (--encoders self).
-    "small": {
-        **QUICK_SCALE,
-        "crop_size": 64,
-        "depth": 3,
-        "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"],
-        "encoders": ["self"],
-        "encoder_pretrain_steps": 200,
-        "pretrain_steps": 200,
-        "batch_size": 16,
-        **PAPER_OPTIMISATION,
-        "contrast_reduction": "sum",
-        "tasks": ["denoise"],
-        "finetune_steps": 300,
-        "finetune_batch_size": 16,
-    },
-    # Sec. 4.4 / Table 5 on real noisy data in the SIDD layout (--data-dir, supplied by the user): a DnCNN,
-    # 80/20 split, crops 128, batch 64, constant lr 1e-3; RCL pre-training on all training images, then
-    # RCL+SL on 30% of the labels against SL on all of them. ImageNet encoder weights as in the paper.
-    "sidd": {
-        "data_format": "sidd",
-        "test_fraction": 0.2,
-        "model": "dncnn",
-        "crop_size": 128,
-        "methods": ["rcl-emd"],
-        "encoders": ["file"],
-        "pretrain_steps": 20000,
-        "batch_size": 64,
-        **PAPER_OPTIMISATION,
-        "tasks": ["denoise"],
-        "finetune_steps": 2000,
-        "finetune_batch_size": 32,
-        "labels": ["30%", "all"],
-        "sl_steps": 20000,
-        "seeds": [0, 1, 2, 3, 4],
-    },
-    # The paper's batch 64 and crops 128 sized for one H100/H200 in about 4 minutes (not measured on a GPU
-    # yet; CPU step times in the README): the 17 sample images in 192x192 tiles (103 training tiles of 13
-    # photographs, 20 test tiles of 4), noise up to 50/255, the paper's U-Net (width 32, depth 4) and
-    # optimiser, RCL-EMD with its controls and the baselines, 300 pre-training and 300 fine-tuning steps,
-    # three seeds.
-    "gpu-small": {
-        **QUICK_SCALE,
-        "tile_size": 192,
-        "crop_size": 128,
-        "width": 32,
-        "depth": 4,
-        "batch_size": 64,
-        **PAPER_OPTIMISATION,
-        "methods": [*RCL_WITH_CONTROLS, "n2n", "n2s", "oracle", "random"],
-        "tasks": ["denoise"],
-        "pretrain_steps": 300,
-        "finetune_steps": 300,
-        "finetune_batch_size": 32,
-        "checkpoint_every": 300,
-        "threads": None,
-    },
-    # The paper's settings (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, batch 64,
-    # crops 128, alpha 1e-3, five trials, all three distances. Needs >= 64 training images. The paper
-    # states no step counts; 20000 pre-training and 2000 fine-tuning steps are our choice. RCL-MMD at
-    # crops 128 needs a native backend (cpu/cuda "grid" method): the reference backend's exact O(M^2)
-    # sum over M = 49152 values per residual is far too slow.
-    "paper": {**PAPER_SCALE, "methods": ["rcl-emd", "rcl-mmd", "rcl-bd", "n2n", "n2s", "oracle"]},
-}
-
-
-PRESETS.update(experiment_presets())
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -1,33 +1,24 @@
 """One command per table of the paper: ``rcl-train experiment table1 ... table5 [--scale quick|full]``.
 
-Each experiment is a preset (``table1-quick``, ``table1-full``, ...; also usable as ``--preset``) and the
-paper's numbers for that table. After the run, ``paper_comparison.md`` in the run folder shows the paper's
-table (marked as the paper's: its data, network and device) beside ours (marked with our scale, seeds and
-device), and the two rankings by PSNR. The quick settings run on a CPU in minutes on the bundled sample
-images; they are far smaller than the paper's (a few hundred steps on tiles of seven photographs), so they
-test the pipeline and show what happens at that scale, not whether the paper's claims hold.
+Each experiment is a preset (``table1-quick``, ``table1-full``, ...; also usable as ``--preset``; in
+presets.py) and the paper's numbers for that table (here). After the run, ``paper_comparison.md`` in the run
+folder shows the paper's table (marked as the paper's: its data, network and device) beside ours (marked with
+our scale, seeds and device), and the two rankings by PSNR. The quick settings run on a CPU in minutes on the
+bundled sample images; they are far smaller than the paper's (a few hundred steps on tiles of seven photographs),
+so they test the pipeline and show what happens at that scale, not whether the paper's claims hold.
 """
 
 from __future__ import annotations
 
 from .data import TASK_TITLES
-from .losses import split_run_key
+from .methods import spec_of
+from .presets import RCL_CONTROLS, TABLE_TASKS
+from .tables import mean_std_cell
 
 # ---------------------------------------------------------------------------------------------
 # The paper's numbers ("Residual Contrastive Learning: Unsupervised Representation Learning on Noisy
 # Images", under review at ICLR 2022; Tables 1-5), as printed: PSNR (dB) and SSIM, mean of five trials,
 # U-Net (DnCNN in Table 5), ImageNet ResNet-50 g_e, batch 64, crops 128, on a V100.
-
-# The paper's optimisation (Sec. 4.1.5, Appendix A): Adam (0.9, 0.999, 1e-7), lr 1e-3, alpha 1e-3; shared by
-# the presets that follow it. The paper takes its temperature "following SimCLR" without a value: the
-# trainer's per-distance default applies (losses.DEFAULT_TEMPERATURES).
-PAPER_OPTIMISATION = {
-    "lr": 1e-3,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_eps": 1e-7,
-    "alpha": 1e-3,
-}
 
 PAPER_SETTING = "U-Net, ImageNet ResNet-50 g_e, batch 64, crops 128, mean of 5 trials, on a V100"
 
@@ -46,7 +37,7 @@ PAPER_TABLES: dict[str, dict] = {
             "RCL-MMD": [(28.68, 0.8864), (34.87, 0.8687), (31.53, 0.8316)],
             "Oracle": [(31.26, 0.9187), (38.25, 0.9422), (33.65, 0.9038)],
         },
-        "tasks": ["denoise"],
+        "tasks": TABLE_TASKS["table1"],
         "notes": [
             "MoCo: our MoCo v2-style ResNet-FCN (only its decoder fine-tuned); VADeR and PixContrast: both against "
             "our one pixel-level contrastive U-Net (pixcl). Re-implementations in their essentials, not the "
@@ -65,7 +56,7 @@ PAPER_TABLES: dict[str, dict] = {
             "RCL-MMD": [(38.31, 0.9634), (31.95, 0.8068)],
             "Oracle": [(38.93, 0.9603), (35.98, 0.9175)],
         },
-        "tasks": ["sr2", "jdensr2"],
+        "tasks": TABLE_TASKS["table2"],
         "notes": [
             "SL (Den): supervised pre-training on denoising, then the proxy evaluation on each task; Oracle: "
             "supervised pre-training on the task itself. The paper's SR is Stanford's 512 -> 1024 pairs; ours is "
@@ -82,7 +73,7 @@ PAPER_TABLES: dict[str, dict] = {
             "1000": [(31.31, 0.9184), (32.09, 0.9280)],
             "10000": [(33.41, 0.9437), (33.85, 0.9514)],
         },
-        "tasks": ["denoise"],
+        "tasks": TABLE_TASKS["table3"],
         "notes": ["Our label counts differ from the paper's where the data is smaller (quick: 200 training tiles)."],
     },
     "table4": {
@@ -94,7 +85,7 @@ PAPER_TABLES: dict[str, dict] = {
             "RCL": [(27.37, 0.7514), (28.00, 0.8160), (26.87, 0.7331)],
             "Oracle": [(33.60, 0.8979), (36.63, 0.9431), (31.56, 0.8490)],
         },
-        "tasks": ["jdd", "jdemsr2", "jddsr2"],
+        "tasks": TABLE_TASKS["table4"],
         "notes": [
             "RCL is RCL-EMD; M2M: mosaic2mosaic on simulated bursts (pairs of noisy mosaics under known sensor "
             "shifts); SL (JDD): supervised pre-training on JDD, its JDD cell is the Oracle's."
@@ -105,7 +96,7 @@ PAPER_TABLES: dict[str, dict] = {
         "RCL pre-training + SL on 30% of them",
         "columns": ["SL (all labels)", "RCL + SL (30% of the labels)"],
         "rows": {"SIDD": [(37.21, 0.936), (37.64, 0.944)]},
-        "tasks": ["denoise"],
+        "tasks": TABLE_TASKS["table5"],
         "setting": "DnCNN, ImageNet ResNet-50 g_e, batch 64, crops 128, SIDD sRGB 80/20 split",
     },
 }
@@ -127,100 +118,15 @@ PAPER_ROW_METHODS = {
     "M2M": "m2m",
 }
 
-# ---------------------------------------------------------------------------------------------
-# The two scales, shared with the quick and paper presets (config.py). quick: CPU minutes on the 17
-# bundled photographs cut into 128x128 tiles (287 train tiles of 13 photographs / 59 test tiles of 4), noise
-# up to 50/255, crops 48, a residual U-Net of width 16 and depth 2, 100 pre-training steps at batch 8, 150
-# fine-tuning steps, three seeds. full (the paper's
-# settings, Sec. 4.1.5): for a GPU and the user's data (--data-dir; ImageNet g_e weights via
-# --encoder-weights); the paper states no step counts, 20000 pre-training and 2000 fine-tuning are ours.
 
-QUICK_SCALE = {
-    # all 17 sample images (10 grey ones replicated to RGB), so that the test set holds 4 photographs (coffee,
-    # gravel, moon, rocket: 59 tiles) and the intervals over photographs x seeds have 3 degrees of freedom; the
-    # 7 colour images alone leave 2 test photographs (1 degree of freedom)
-    "bundled_images": "all",
-    # noise std up to 50/255 (input PSNR 22.2 dB on the test tiles): where N2N and the Oracle beat the noisy
-    # input within 100 steps; at 20/255 no network beat it within the CPU budget (README)
-    "sigma_max": 50.0,
-    "tile_size": 128,
-    "crop_size": 48,
-    "width": 16,
-    "depth": 2,
-    "encoders": ["random"],
-    "pretrain_steps": 100,
-    "batch_size": 8,
-    "finetune_steps": 150,
-    "finetune_batch_size": 8,
-    "finetune_lr": 1e-2,
-    "finetune_schedule": "cosine",
-    "seeds": [0, 1, 2],
-    "checkpoint_every": 100,
-    "log_every": 10,
-    "density_batches": 4,
-    # One torch thread: on a 2-core machine that is also busy with something else, two OpenMP threads ran up
-    # to 10x slower per step (measured), one thread at most ~1.6x slower than two on an idle machine.
-    "threads": 1,
-}
-
-PAPER_SCALE = {
-    "crop_size": 128,
-    "width": 32,
-    "depth": 4,
-    "pretrain_steps": 20000,
-    "batch_size": 64,
-    **PAPER_OPTIMISATION,
-    "contrast_reduction": "sum",
-    "encoders": ["file"],  # ImageNet weights: refused without --encoder-weights unless --encoders is given
-    "finetune_steps": 2000,
-    "finetune_batch_size": 32,
-    "seeds": [0, 1, 2, 3, 4],
-}
-
-# Every RCL table also runs RCL-EMD's two controls on the same seeds (not in the paper): the consistency loss
-# alone (alpha 0) and the contrastive term alone, so that each table says whether each term helps.
-RCL_CONTROLS = ["consistency", "contrast-emd"]
-
-_TABLE_OPTIONS: dict[str, dict] = {
-    "table1": {"methods": ["moco", "pixcl", "n2n", "n2s", "rcl-bd", "rcl-emd", "rcl-mmd", *RCL_CONTROLS, "oracle"]},
-    "table2": {"methods": ["n2n", "n2s", "sl-denoise", "rcl-bd", "rcl-emd", "rcl-mmd", *RCL_CONTROLS, "oracle"]},
-    "table3": {"methods": ["rcl-emd", *RCL_CONTROLS]},
-    "table4": {"modality": "raw", "methods": ["sl-jdd", "m2m", "rcl-emd", *RCL_CONTROLS, "oracle"]},
-    "table5": {"model": "dncnn", "methods": ["rcl-emd", *RCL_CONTROLS], "labels": ["30%", "all"]},
-}
-
-EXPERIMENTS: dict[str, dict[str, dict]] = {
-    name: {
-        "quick": {**QUICK_SCALE, **options, "tasks": PAPER_TABLES[name]["tasks"]},
-        "full": {**PAPER_SCALE, **options, "tasks": PAPER_TABLES[name]["tasks"]},
-    }
-    for name, options in _TABLE_OPTIONS.items()
-}
-# Table 3: the paper's 10 ... 10^4 labels; the quick data has 200 training tiles.
-EXPERIMENTS["table3"]["quick"].update(labels=["10", "50", "all"], sl_steps=150, sl_lr=1e-3)
-EXPERIMENTS["table3"]["full"].update(labels=["10", "100", "1000", "10000"], sl_steps=20000)
-# Table 5 needs real noisy pairs (SIDD layout, --data-dir): full reads them. quick has none bundled, so it
-# runs the same protocol on the bundled images with simulated noise, a stand-in that says so in its table.
-EXPERIMENTS["table5"]["quick"].update(width=16, depth=5, sl_steps=150, sl_lr=1e-3)
-EXPERIMENTS["table5"]["full"].update(
-    data_format="sidd", test_fraction=0.2, width=None, depth=None, sl_steps=20000, finetune_steps=2000
-)
-# The full Table 4 runs on RAW data: the consistency loss of Eq. 11 needs no encoder.
-EXPERIMENTS["table4"]["full"]["encoders"] = ["random"]
-EXPERIMENTS["table3"]["full"]["methods"] = ["rcl-emd", *RCL_CONTROLS]
-
-SCALES = ("quick", "full")
-
-
-def experiment_presets() -> dict[str, dict]:
-    """Every experiment as a preset: 'table1-quick', 'table1-full', ..."""
-    return {f"{name}-{scale}": options for name, scales in EXPERIMENTS.items() for scale, options in scales.items()}
+def _method_name(row: dict) -> str | None:
+    """The registry name of a table row's method (None for the input row)."""
+    spec = spec_of(row["method"])
+    return None if spec is None else spec.name
 
 
 def _pair(scores: dict | None) -> str:
     """'PSNR / SSIM' (mean ± std) of a row's task entry, '-' when missing."""
-    from .report import mean_std_cell  # report imports config, which imports this module
-
     return "-" if scores is None else f"{mean_std_cell(scores['psnr'], 2)} / {mean_std_cell(scores['ssim'], 4)}"
 
 
@@ -264,7 +170,7 @@ def _proxy_comparison(table: dict, summary: dict) -> list[str]:
             if value is not None:
                 paper_ranking[column].append((name, value[0]))
         # one line per run of ours that stands for the paper's row (an RCL method runs once per encoder)
-        mine = [row for row in our_rows if split_run_key(row["method"])[0] == PAPER_ROW_METHODS[name]] or [None]
+        mine = [row for row in our_rows if _method_name(row) == PAPER_ROW_METHODS[name]] or [None]
         for row in mine:
             label = name if row is None or len(mine) == 1 else f"{name} [{row['title']}]"
             scores = [(row or {}).get("tasks", {}).get(t) for t in tasks]
@@ -278,7 +184,7 @@ def _proxy_comparison(table: dict, summary: dict) -> list[str]:
                 if score is not None:
                     ours_ranking[task].append((ranked, score["psnr"]["mean"]))
     for row in our_rows:  # our controls, which the paper does not have
-        if split_run_key(row["method"])[0] in RCL_CONTROLS:
+        if _method_name(row) in RCL_CONTROLS:
             cells = [f"{row['title']} (control, ours only)"] + ["-"] * len(table["columns"])
             lines.append("| " + " | ".join(cells + [_pair(row["tasks"].get(t)) for t in tasks]) + " |")
     inputs = next((row for row in our_rows if row["method"] == "input"), None)

@@ -22,22 +22,6 @@ from .diagnostics import contrastive_chance, gradient_norm_ratio, retrieval_accu
 from .models import ResNet50Encoder
 from .noise import keys_translate, mosaic
 
-# Kept for report.py and experiments.py until they read the registry (methods.py).
-SUPERVISED_PREFIX = "sl-"
-CONTROL_PREFIX = "contrast-"
-DEFAULT_TEMPERATURES = {"emd": 0.1, "mmd": 0.01, "bd": 0.01}
-
-
-def method_title(key: str) -> str:
-    from .methods import method_title as title
-
-    return title(key)
-
-
-def split_run_key(key: str) -> tuple[str, str | None]:
-    method, _, encoder = key.partition("+")
-    return method, encoder or None
-
 
 class Objective(nn.Module):
     """The protocol of every pre-training objective: ``objective(model, batch, generator) -> (loss, parts)``

@@ -89,6 +89,11 @@ class MethodSpec:
     per_task: bool = False
     check_options: Callable[[TrainConfig], None] | None = None
 
+    @property
+    def is_rcl(self) -> bool:
+        """RCL itself, with both terms (not one of its controls)."""
+        return self.family == "rcl" and self.consistency and self.distance is not None
+
 
 def contrast_distance(config: TrainConfig) -> str:
     """The distance of the run's first method with a contrastive term (--distance if none): the one of the
@@ -249,11 +254,21 @@ def variant(key: str) -> Variant:
     return Variant(METHODS[name], encoder or None)
 
 
+def spec_of(key: str) -> MethodSpec | None:
+    """The method of a variant key ('rcl-emd+random' -> RCL-EMD's spec); None for a name outside the registry
+    (the report's 'input' row, a result written by another version)."""
+    return METHODS.get(key.partition("+")[0])
+
+
 def method_title(key: str) -> str:
     """Display name of a variant key or method name ('rcl-emd+random' -> 'RCL-EMD (g_e: random)'); the key
-    itself in capitals for a name outside the registry (a result written by another version)."""
-    name, _, encoder = key.partition("+")
-    return variant(key).title if name in METHODS else key.upper()
+    itself in capitals for a name outside the registry."""
+    return variant(key).title if spec_of(key) is not None else key.upper()
+
+
+def supervised_method(task: str) -> MethodSpec:
+    """Supervised pre-training on ``task``: what the Oracle of ``task`` is."""
+    return next(spec for spec in METHODS.values() if spec.task == task)
 
 
 def variants(config: TrainConfig) -> list[Variant]:
@@ -266,7 +281,7 @@ def variants(config: TrainConfig) -> list[Variant]:
         if spec.consistency and config.modality == "rgb":
             chosen = [Variant(spec, encoder) for encoder in config.encoders]
         elif spec.per_task:
-            chosen = [Variant(METHODS[SUPERVISED_PREFIX + task]) for task in config.tasks]
+            chosen = [Variant(supervised_method(task)) for task in config.tasks]
         else:
             chosen = [Variant(spec)]
         found.update((v.key, v) for v in chosen if v.key not in found)
@@ -278,7 +293,7 @@ def controls_of(key: str) -> dict[str, str]:
     0: the consistency loss alone, same encoder), 'contrast': 'contrast-<d>' (the contrastive term alone)};
     empty for any other variant."""
     v = variant(key)
-    if v.method.family != "rcl" or not v.method.consistency or v.method.distance is None:
+    if not v.method.is_rcl:
         return {}
     contrast_only = next(
         s for s in METHODS.values() if s.family == "rcl" and not s.consistency and s.distance == v.method.distance

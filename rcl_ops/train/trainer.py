@@ -26,9 +26,10 @@ import rcl_ops
 from . import distributed
 from .config import TrainConfig, label_count
 from .contrast_check import CHECK_BATCHES, check_contrast, check_sentence, crop_pair_batches, reference_scores
-from .data import DataError, check_image_sizes, load_split, make_records, records_multiple, task_input
+from .data import make_records, records_multiple, task_input
 from .encoder_pretraining import self_supervised_encoder
 from .evaluate import ProxySettings, evaluate_naive
+from .images import DataError, check_image_sizes, load_split
 from .losses import DISTANCE_SCALES
 from .methods import METHODS, ObjectiveInputs, build_objective, contrast_distance, variant
 from .models import ResNet50Encoder, file_sha256, load_encoder_weights, state_sha256

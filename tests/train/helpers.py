@@ -20,7 +20,8 @@ def smooth_image(rng: np.random.Generator, size: int) -> np.ndarray:
 def denoising_records(count: int, size: int, modality: str = "rgb") -> list:
     """``count`` random clean ``size`` x ``size`` images (from torch's global generator) as trainer records
     whose denoising task input (``jdd`` for RAW) is their noisy observation."""
-    from rcl_ops.train.data import DENOISING_TASK, CleanImage, make_records
+    from rcl_ops.train.data import DENOISING_TASK, make_records
+    from rcl_ops.train.images import CleanImage
 
     images = [CleanImage(f"im{i}", torch.rand(3, size, size)) for i in range(count)]
     records = make_records(images, modality, 0, 20, 0, second_draw=False)

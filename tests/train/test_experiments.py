@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from skimage import io
 
+import rcl_ops.train
 from rcl_ops.train.cli import main
 from rcl_ops.train.config import PRESETS, build_config
-from rcl_ops.train.experiments import EXPERIMENTS, PAPER_ROW_METHODS, PAPER_TABLES
+from rcl_ops.train.experiments import PAPER_ROW_METHODS, PAPER_TABLES
+from rcl_ops.train.presets import EXPERIMENTS
 
 # The experiment's own settings, shrunk: one seed, a few steps, tiny networks and crops.
 TINY = [
@@ -94,6 +99,15 @@ def test_experiment_presets_are_valid_configurations():
     assert {k: v for k, v in PRESETS["quick"].items() if k not in ("methods", "tasks")} == {
         k: v for k, v in PRESETS["table1-quick"].items() if k not in ("methods", "tasks")
     }
+
+
+def test_trainer_modules_import_without_a_cycle():
+    """No import cycle among rcl_ops.train's modules, imports inside functions included (presets.py is data)."""
+    graph = {}
+    for path in Path(rcl_ops.train.__file__).parent.glob("*.py"):
+        nodes = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.level == 1]
+        graph[path.stem] = {n.module or a.name for n in nodes for a in n.names}
+    graphlib.TopologicalSorter(graph).prepare()  # CycleError naming the cycle
 
 
 def test_experiment_command_refuses_unknown_tables(capsys):

@@ -11,9 +11,12 @@ from scipy import stats
 
 from rcl_ops.train import report
 from rcl_ops.train.config import TrainConfig, build_config
-from rcl_ops.train.data import photograph_of
 from rcl_ops.train.evaluate import TestScores as Scores
-from rcl_ops.train.report import format_table, photographs_seeds_interval, summarise
+from rcl_ops.train.images import photograph_of
+from rcl_ops.train.intervals import photographs_seeds_interval
+from rcl_ops.train.methods import controls_of
+from rcl_ops.train.report import summarise
+from rcl_ops.train.tables import format_table
 
 
 def test_photograph_of_a_tile_name():
@@ -141,8 +144,9 @@ def test_rows_below_the_input_are_flagged_in_the_json_and_the_table(monkeypatch)
 
 
 def test_control_keys():
-    assert report.control_keys("rcl-emd+random") == {"consistency": "consistency+random", "contrast": "contrast-emd"}
-    assert report.control_keys("rcl-mmd") == {"consistency": "consistency", "contrast": "contrast-mmd"}  # RAW
+    assert controls_of("rcl-emd+random") == {"consistency": "consistency+random", "contrast": "contrast-emd"}
+    assert controls_of("rcl-mmd") == {"consistency": "consistency", "contrast": "contrast-mmd"}  # RAW
+    assert controls_of("contrast-emd") == {} and controls_of("sl-denoise") == {}
 
 
 def test_control_comparisons_appear_when_the_controls_ran(monkeypatch):

@@ -11,7 +11,6 @@ from rcl_ops.train.config import build_config
 from rcl_ops.train.data import (
     BURST_SHIFTS,
     MODALITY_TASKS,
-    CleanImage,
     CropSampler,
     canonical_task,
     make_records,
@@ -20,6 +19,7 @@ from rcl_ops.train.data import (
     task_input,
 )
 from rcl_ops.train.evaluate import ProxySettings, proxy_evaluate
+from rcl_ops.train.images import CleanImage
 from rcl_ops.train.losses import Mosaic2MosaicObjective, SupervisedObjective
 from rcl_ops.train.models import build_model
 from rcl_ops.train.noise import (
