@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from rcl_ops.train.checkpoints import load_checkpoint
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import make_records, task_input
 from rcl_ops.train.evaluate import evaluate_naive, evaluate_restorer
 from rcl_ops.train.images import load_split
 from rcl_ops.train.models import configured_model
-from rcl_ops.train.trainer import load_checkpoint, run_experiment
+from rcl_ops.train.trainer import run_experiment
 
 PAPER_ALPHA = 1e-3
 MARGIN_DB = 0.05

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from .config import TrainConfig, build_config, config_fields, config_to_dict, field_type, flag
+from .config import TrainConfig, build_config, config_fields, config_to_dict
+from .config_checks import field_type, flag
 from .images import DataError
 from .presets import EXPERIMENTS, PRESETS, SCALES
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in config_fields():
         group_name = f.metadata["group"]
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        scalar, is_list, optional = field_type(f)
+        scalar, is_list, optional = field_type(f, TrainConfig)
         option = flag(f.name)
         default = getattr(defaults, f.name)
         shown = " ".join(map(str, default)) if is_list else default

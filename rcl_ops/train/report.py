@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig, config_to_dict, label_count
+from .config import TrainConfig, config_to_dict
+from .config_checks import label_count
 from .data import DENOISING_TASK, TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically

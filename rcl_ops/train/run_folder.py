@@ -22,7 +22,8 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from .config import TrainConfig, config_to_dict, flag
+from .config import TrainConfig, config_to_dict
+from .config_checks import flag
 from .files import DamagedFileError, read_json, write_json_atomically
 from .preflight import RunError
 

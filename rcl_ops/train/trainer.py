@@ -24,7 +24,8 @@ from torch import nn
 import rcl_ops
 
 from . import distributed
-from .config import TrainConfig, label_count
+from .config import TrainConfig
+from .config_checks import label_count
 from .contrast_check import CHECK_BATCHES, check_contrast, check_sentence, crop_pair_batches, reference_scores
 from .data import make_records, records_multiple, task_input
 from .encoder_pretraining import self_supervised_encoder

@@ -195,7 +195,7 @@ def test_paper_preset_refuses_a_random_encoder_unless_asked(tmp_path):
 
 
 def test_label_counts():
-    from rcl_ops.train.config import label_count
+    from rcl_ops.train.config_checks import label_count
 
     assert [label_count(s, 13) for s in ("1", "30%", "100%", "all", "0.1%")] == [1, 4, 13, 13, 1]
     for bad in ("0", "-3", "150%", "0%", "nan%", "some"):
