@@ -197,11 +197,6 @@ def grid_bin(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, num_bins: in
     return _kernels.grid_bin(x.contiguous(), lo, step, num_bins)
 
 
-@grid_bin.register_fake
-def _(x, lo, step, num_bins):
-    return x.new_empty((x.shape[0], num_bins), dtype=torch.float64)
-
-
 @_op("grid_interpolate")
 def grid_interpolate(field: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """(B, G) float64 field, (B, M) values -> (B, M) in x's dtype: the field at each value,
@@ -214,11 +209,6 @@ def grid_interpolate(field: torch.Tensor, x: torch.Tensor, lo: torch.Tensor, ste
     _check_grid_point(lo, x, "grid_interpolate", "lo")
     _check_grid_point(step, x, "grid_interpolate", "step")
     return _kernels.grid_interpolate(field.contiguous(), x.contiguous(), lo, step)
-
-
-@grid_interpolate.register_fake
-def _(field, x, lo, step):
-    return torch.empty_like(x)
 
 
 # The composite below mirrors csrc/mmd_grid.cpp step for step (same grid, centring, FFT sizes
@@ -321,7 +311,7 @@ def mmd_grid_backward(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased
     return mmd_grid_backward_impl(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased, tuple(output_mask))
 
 
-# ---- fake kernels and autograd, shared with the native ops ----------------------------------------
+# ---- fake kernels (rcl_ops/_fakes.py) and autograd, shared with the native ops --------------------
 
 register_fake_kernels(NAMESPACE)
 register_sketch_and_pair_autograd(NAMESPACE)
