@@ -27,7 +27,7 @@ if "triton" not in _backend._registry:
         f"the triton backend did not register: {_backend._unavailable_reasons.get('triton')}", allow_module_level=True
     )
 
-from rcl_ops.triton import _kernels, _ops  # noqa: E402
+from rcl_ops.triton import _common, _register  # noqa: E402
 
 TRITON = _backend._registry["triton"]
 DEVICES = [d for d in ("cpu", "cuda") if d in TRITON.device_types and (d == "cpu" or torch.cuda.is_available())]
@@ -36,7 +36,7 @@ DEVICES = [d for d in ("cpu", "cuda") if d in TRITON.device_types and (d == "cpu
 HAS_NATIVE_CPU = "cpu" in rcl_ops.available_backends("cpu")
 ops = torch.ops.rcl_ops_triton
 
-if _kernels.INTERPRET:
+if _common.INTERPRET:
     try:  # a kernel with loops over runtime bounds (they break triton 3.6's interpreter on numpy >= 2.4)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -160,7 +160,7 @@ def test_half_inputs(device):
 
 def test_backend_registration():
     assert TRITON.mmd_methods == ("grid",)
-    assert set(TRITON.device_types) == ({"cpu", "cuda"} if _kernels.INTERPRET else {"cuda"})
+    assert set(TRITON.device_types) == ({"cpu", "cuda"} if _common.INTERPRET else {"cuda"})
     # "auto" never picks triton on CPU, and prefers the native CUDA kernels until
     # `make gpu-check` measurements say otherwise (see rcl_ops/triton/__init__.py).
     assert "triton" not in _backend._AUTO_ORDER.get("cpu", ())
@@ -279,8 +279,8 @@ DIFFERENTIABLE = {"moments", "bd_pair", "sorted_quantiles", "emd_pair", "mmd_gri
 def test_opcheck_every_op(device):
     samples = _op_samples(device, torch.float64)
     checked = {op._name for op, _ in samples}
-    defined = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith(f"{_ops.NAMESPACE}::")}
-    assert defined == {f"{op._namespace}::{op._name}" for op in _ops.OPS}
+    defined = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith(f"{_common.NAMESPACE}::")}
+    assert defined == {f"{op._namespace}::{op._name}" for op in _register.OPS}
     assert defined <= checked, f"ops without an opcheck sample: {sorted(defined - checked)}"
     for op, args in samples:
         differentiable = op._name.split("::")[1] in DIFFERENTIABLE
@@ -321,7 +321,7 @@ def test_compiled_loss_fullgraph(device, distance):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+@pytest.mark.skipif(_common.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 def test_autotuning_keeps_first_calls_quick():
     # Compile every config once at a small size (cold: seconds, or milliseconds from the
     # Triton disk cache), then the first call at the benchmarks' B=64, 3x64x64 only re-tunes:
@@ -380,7 +380,7 @@ def test_launchers_switch_to_the_tensors_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
-    launched = _kernels.on_tensor_device(lambda x, y: (x, y))
+    launched = _common.on_tensor_device(lambda x, y: (x, y))
     assert launched(FakeCudaTensor(1), 7)[1] == 7 and entered == [torch.device("cuda", 1)]
     launched(FakeCudaTensor(0), 7)
     launched(torch.zeros(1), 7)
@@ -388,7 +388,7 @@ def test_launchers_switch_to_the_tensors_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+@pytest.mark.skipif(_common.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_grid_binning_honours_deterministic_mode(backend):
     if backend not in rcl_ops.available_backends("cuda"):

@@ -1,17 +1,20 @@
 """The "triton" backend: Triton kernels for the pairwise EMD, binned-grid MMD and BD.
 
-Same sketch-then-pair structure as the native kernels (rcl_ops/_native.py):
+Same sketch-then-pair structure as the native kernels (rcl_ops/_native.py), one module per op
+(kernels, launchers and custom ops):
 
-- EMD: ``quantiles`` (torch.sort, then a Triton kernel interpolating the K mid-level
-  quantiles) and ``emd_pair``, a GEMM-like (Bq, Bk) tiling that loops over K (split over K
-  into partial sums when the tile grid alone would not fill the GPU); the backward is two
+- ``emd.py``: ``sorted_quantiles`` (torch.sort, then a Triton kernel interpolating the K
+  mid-level quantiles) and ``emd_pair``, a GEMM-like (Bq, Bk) tiling that loops over K (split
+  over K into partial sums when the tile grid alone would not fill the GPU); the backward is two
   deterministic kernels (q side, k side) and one kernel adding each quantile's gradient onto
   its order statistics through the sort order.
-- BD: ``moments`` (one program per row, corrected two-pass mean/variance) and ``bd_pair``
-  (element-wise over (Bq, Bk) tiles, log1p form of Eq. 6); backward kernels for both.
-- MMD: ``mmd_grid``, the algorithm of csrc/mmd_grid.cpp composed in Python from two Triton
-  kernels (linear binning with fp64 atomics, interpolation of the gradient field) and
+- ``bd.py``: ``moments`` (one program per row, corrected two-pass mean/variance) and
+  ``bd_pair`` (element-wise over (Bq, Bk) tiles, log1p form of Eq. 6); backward kernels for both.
+- ``mmd.py``: ``mmd_grid``, the algorithm of csrc/mmd_grid.cpp composed in Python from two
+  Triton kernels (linear binning with fp64 atomics, interpolation of the gradient field) and
   torch.fft / float64 GEMMs. Only method="grid".
+- ``_common.py``: what they share (autotuning, launch helpers, argument checks);
+  ``_register.py``: the fake kernels, autograd and the backend's registration.
 
 All are ``torch.library.custom_op``s in the ``rcl_ops_triton`` namespace with fake kernels
 and autograd, so torch.compile(fullgraph=True) and opcheck work. The backend runs on CUDA
@@ -55,7 +58,7 @@ except ImportError as error:
     UNAVAILABLE_REASON = f"triton is not installed ({error})"
 else:
     try:
-        from . import _ops  # noqa: F401  defines the ops and registers the backend
+        from . import _register  # noqa: F401  defines the ops and registers the backend
     except Exception as error:
         # An incompatible triton (the error comes from inside triton) leaves the backend
         # unavailable and rcl_ops importable; an error of our own code propagates.
