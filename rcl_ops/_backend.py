@@ -76,6 +76,15 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 
+def select_backend(backend: str = "auto", device: torch.device | str = "cpu", *, where: str = "select_backend") -> str:
+    """The name of the backend that ``backend=...`` runs on tensors of ``device``, as the distances
+    and the loss would pick it: "auto" gives the fastest one loaded for the device (the reference,
+    with a one-time RuntimeWarning, where none is). Raises ValueError for an unknown name or a
+    backend that does not run on ``device``, RuntimeError for one that is not loaded here (the
+    message says why); ``where`` starts the messages (e.g. the command-line option that named it)."""
+    return resolve_backend(backend, torch.device(device), where).name
+
+
 def resolve_backend(name: str, device: torch.device, where: str) -> Backend:
     """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest loaded."""
     if not isinstance(name, str) or name not in BACKEND_NAMES:
