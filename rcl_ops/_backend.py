@@ -68,11 +68,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 # Preferred native backend per device type when backend="auto". On CUDA the C++ kernels
-# are faster than the Triton ones for every distance, so "cuda" comes first for all three
-# (H200, B=64 query and key residuals of 3x128x128, forward+backward, CUDA events;
-# benchmarks/results/cuda-h200-headline.json, commit 2428801): EMD 0.84 vs 1.49 ms, grid
-# MMD 1.82 vs 3.17 ms, BD 0.22 vs 1.28 ms; and at B=8, M=16 (host overhead) 182 vs 1455,
-# 1371 vs 2711 and 163 vs 1369 us. "triton" is the fallback when the extension was built without CUDA.
+# are faster than the Triton ones for every distance, on the GPU and on the host, so "cuda"
+# comes first for all three (the measurements: benchmarks/results/design-measurements.md).
+# "triton" is the fallback when the extension was built without CUDA.
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 

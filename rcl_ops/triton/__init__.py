@@ -23,9 +23,9 @@ tensors through the Triton interpreter, which is how the test suite exercises th
 on CPU-only machines.
 
 backend="auto" on CUDA: rcl_ops/_backend.py's _AUTO_ORDER tries "cuda" first, then
-"triton": measured on an H200 (`make gpu-check`), the C++ kernels are 1.8x (EMD), 1.7x (grid
-MMD) and 5.8x (BD) faster than these at B=64, 3x128x128, and 2.0-8.4x lighter on the host at
-B=8, M=16; the numbers are in _backend.py and the README. On a GPU the grid binning and, for
+"triton": measured on an H200 (`make gpu-check`), the C++ kernels are faster than these for
+every distance, and lighter on the host (the numbers: benchmarks/results/design-measurements.md
+and the README). On a GPU the grid binning and, for
 K != M, the quantile scatter add with float atomics (last bits vary between runs); both honour
 torch.use_deterministic_algorithms (error, or a warning with warn_only=True). The compiled
 kernels use Triton's default fp32 division and FMA contraction, where math.h's shared CPU/CUDA

@@ -116,7 +116,7 @@ def _launch_emd_pair(sq: torch.Tensor, sk: torch.Tensor) -> torch.Tensor:
 # (BLOCK_X rows x BLOCK_D values) register blocks; the key rows are swept one at a time, so
 # no 3-D intermediate goes through shared memory.
 # (16 x 128, 4 warps and 16 x 256, 8 warps: 16 values per thread, no spills in fp64 on
-# sm_80/sm_90 by ptxas -v; 32 x 128 spills ~96 bytes in fp64 only.)
+# sm_80/sm_90 by ptxas -v; 32 x 128 spills in fp64 only: benchmarks/results/design-measurements.md.)
 _EMD_SIDE_CONFIGS = [
     cfg(BLOCK_X=16, BLOCK_D=128, num_warps=4),
     cfg(BLOCK_X=16, BLOCK_D=256, num_warps=8),
