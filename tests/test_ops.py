@@ -1,5 +1,5 @@
 """Per-op tests of the public distances on every backend that runs here, against float64
-oracles written independently of the library (numpy double sums and closed forms): values at
+oracles written independently of the library (tests/utils.py: numpy double sums and closed forms): values at
 the edges of the float range, accuracy of the exact MMD, gradients over several seeds, second
 derivatives (supported or refused, never silently zero), option validation in the compute
 precision, and one contract for the native and Triton op libraries. Property-based fuzzing of
@@ -7,61 +7,25 @@ the same oracles is in test_fuzz.py."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from utils import ALL_BACKENDS, NATIVE_BACKENDS, assert_close_to_oracle, backend_device, relative_error
+from utils import (
+    ALL_BACKENDS,
+    NATIVE_BACKENDS,
+    as_numpy,
+    assert_close_to_oracle,
+    backend_device,
+    bd_oracle,
+    emd_oracle,
+    mmd_oracle,
+    relative_error,
+    seeded_pair,
+)
 
 import rcl_ops
-
-# ---- float64 oracles (numpy, independent of rcl_ops) ----------------------------------------
-
-
-def emd_oracle(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Exact W1 between equal-size empirical distributions: mean |sorted q - sorted k|."""
-    sq, sk = np.sort(q, axis=1), np.sort(k, axis=1)
-    return np.abs(sq[:, None, :] - sk[None, :, :]).mean(axis=2)
-
-
-def mmd_oracle(q: np.ndarray, k: np.ndarray, bandwidths, unbiased: bool = False) -> np.ndarray:
-    """Squared MMD by the double sum over all value pairs, in float64."""
-
-    def kernel_mean(a, b, drop_diagonal):
-        d = a[:, None] - b[None, :]
-        values = sum(np.exp(-(d * d) / (2.0 * h * h)) for h in bandwidths)
-        if drop_diagonal:
-            return (values.sum() - np.trace(values)) / (len(a) * (len(a) - 1))
-        return values.mean()
-
-    out = np.empty((len(q), len(k)))
-    for i, x in enumerate(q):
-        for j, y in enumerate(k):
-            out[i, j] = kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y, False)
-    return out
-
-
-def bd_oracle(q: np.ndarray, k: np.ndarray, eps: float) -> np.ndarray:
-    """Eq. 6 between the fitted Gaussians, with math.log1p of (a - b)^2 / (4 a b)."""
-    out = np.empty((len(q), len(k)))
-    for i, x in enumerate(q):
-        for j, y in enumerate(k):
-            a, b = np.var(x, ddof=1) + eps, np.var(y, ddof=1) + eps
-            out[i, j] = 0.25 * math.log1p((a - b) ** 2 / (4 * a * b)) + 0.25 * (x.mean() - y.mean()) ** 2 / (a + b)
-    return out
-
-
-def _as_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().double().cpu().reshape(x.shape[0], -1).numpy()
-
-
-def _pair(dtype=torch.float32, bq=3, bk=4, m=24, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(bq, m, generator=generator, dtype=torch.float64)
-    k = 1.3 * torch.randn(bk, m, generator=generator, dtype=torch.float64) + 0.2
-    return q.to(dtype), k.to(dtype)
 
 
 def _mmd_method(backend: str) -> str:
@@ -81,9 +45,9 @@ SCALE_CASES = [(dtype, s) for dtype, scales in SCALES.items() for s in scales]
 @pytest.mark.parametrize(("dtype", "scale"), SCALE_CASES, ids=[f"{d}-{s:g}" for d, s in SCALE_CASES])
 def test_values_at_extreme_scales(backend, dtype, scale):
     device = backend_device(backend)
-    q0, k0 = _pair(torch.float64)
+    q0, k0 = seeded_pair(torch.float64)
     q, k = (q0 * scale).to(dtype).to(device), (k0 * scale).to(dtype).to(device)
-    qn, kn = _as_numpy(q) / scale, _as_numpy(k) / scale
+    qn, kn = as_numpy(q) / scale, as_numpy(k) / scale
     assert_close_to_oracle(rcl_ops.pairwise_emd(q, k, backend=backend) / scale, emd_oracle(qn, kn), dtype)
     assert_close_to_oracle(
         rcl_ops.pairwise_bd(q, k, eps=1e-6 * scale**2, backend=backend), bd_oracle(qn, kn, 1e-6), dtype
@@ -101,10 +65,10 @@ def test_values_at_extreme_scales(backend, dtype, scale):
 def test_default_bandwidth_and_moments_do_not_overflow_float32(backend):
     # Values near 1e20: the variance (1e40) overflows float32, the distances do not.
     device = backend_device(backend)
-    q, k = (t * 1e20 for t in _pair(torch.float32))
+    q, k = (t * 1e20 for t in seeded_pair(torch.float32))
     q, k = q.to(device), k.to(device)
     bandwidth = rcl_ops.default_bandwidth(q, k)
-    pooled = np.concatenate([_as_numpy(q).ravel(), _as_numpy(k).ravel()])
+    pooled = np.concatenate([as_numpy(q).ravel(), as_numpy(k).ravel()])
     assert bandwidth.dtype == torch.float64 and abs(bandwidth.item() / pooled.std() - 1) < 1e-6
     mmd = rcl_ops.pairwise_mmd(q, k, method=_mmd_method(backend), backend=backend)
     assert torch.isfinite(mmd).all() and (mmd > 0).all()
@@ -150,7 +114,7 @@ def test_direct_mmd_of_close_distributions_is_accurate(backend, unbiased):
     got = rcl_ops.pairwise_mmd(
         q.to(device), k.to(device), bandwidth=1.0, method="direct", unbiased=unbiased, backend=backend
     )
-    want = mmd_oracle(_as_numpy(q), _as_numpy(k), [1.0], unbiased)
+    want = mmd_oracle(as_numpy(q), as_numpy(k), [1.0], unbiased)
     assert relative_error(got, want, floor=1e-9) < 1e-4
     if not unbiased:
         assert (got >= 0).all()
@@ -168,11 +132,11 @@ def test_reference_is_float64_accurate_in_float32():
     x = torch.randn(1, 4096, generator=generator, dtype=torch.float64)
     q, k = x.float(), (x * (1 + 1e-9)).float()
     assert_close_to_oracle(
-        rcl_ops.pairwise_bd(q, k, backend="reference"), bd_oracle(_as_numpy(q), _as_numpy(k), 1e-6), torch.float32
+        rcl_ops.pairwise_bd(q, k, backend="reference"), bd_oracle(as_numpy(q), as_numpy(k), 1e-6), torch.float32
     )
     big_q = torch.randn(2, 1 << 20, generator=generator)
     big_k = 0.5 * torch.randn(2, 1 << 20, generator=generator) + 3.0
-    want = np.abs(np.sort(_as_numpy(big_q), axis=1)[:, None] - np.sort(_as_numpy(big_k), axis=1)[None]).mean(axis=2)
+    want = np.abs(np.sort(as_numpy(big_q), axis=1)[:, None] - np.sort(as_numpy(big_k), axis=1)[None]).mean(axis=2)
     assert relative_error(rcl_ops.pairwise_emd(big_q, big_k, backend="reference"), want) < 1e-6
 
 
@@ -196,7 +160,7 @@ def test_gradcheck_over_seeds(backend, distance, seed):
         if backend == "triton":  # the grid is smooth in the values only between bin edges
             options["num_bins"] = 1 << 14
     device = backend_device(backend)
-    q, k = _pair(torch.float64, bq=2, bk=3, m=6, seed=seed)
+    q, k = seeded_pair(torch.float64, bq=2, bk=3, m=6, seed=seed)
     q, k = q.to(device).requires_grad_(True), k.to(device).requires_grad_(True)
     atol = 1e-4 if options.get("method") == "grid" else 1e-5
     assert torch.autograd.gradcheck(lambda a, b: fn(a, b, backend=backend, **options), (q, k), atol=atol)
@@ -205,7 +169,7 @@ def test_gradcheck_over_seeds(backend, distance, seed):
 @pytest.mark.parametrize("distance", ["emd", "bd"])
 def test_reference_supports_double_backward(distance):
     fn, options = DISTANCES[distance]
-    q, k = _pair(torch.float64, bq=2, bk=3, m=6)
+    q, k = seeded_pair(torch.float64, bq=2, bk=3, m=6)
     q, k = q.requires_grad_(True), k.requires_grad_(True)
     assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b, backend="reference", **options), (q, k))
 
@@ -222,7 +186,7 @@ def test_second_derivative_raises_where_not_implemented(backend, distance):
     if distance == "mmd":
         options = {**options, "method": _mmd_method(backend)}
     device = backend_device(backend)
-    q, k = _pair(torch.float64, bq=3, bk=3, m=6)
+    q, k = seeded_pair(torch.float64, bq=3, bk=3, m=6)
     q = q.to(device).requires_grad_(True)
     k = k.to(device)
     loss = rcl_ops.residual_contrastive_loss(-fn(q, k, backend=backend, **options), temperature=0.5)
@@ -237,7 +201,7 @@ def test_second_derivative_raises_where_not_implemented(backend, distance):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_bandwidth_limits(backend):
     device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float32))
+    q, k = (t.to(device) for t in seeded_pair(torch.float32))
     method = _mmd_method(backend)
     # 1e-30 is 0 after squaring in float32, finite in float64 (where the kernels evaluate it):
     # the limit h -> 0 of the V-statistic, 1/M + 1/N for distinct values.
@@ -256,7 +220,7 @@ def test_bandwidth_limits(backend):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_eps_limits(backend):
     device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float32))
+    q, k = (t.to(device) for t in seeded_pair(torch.float32))
     # eps = 1e39 is inf in float32, but BD is computed from float64 moments: the limit ~0.
     huge = rcl_ops.pairwise_bd(q, k, eps=1e39, backend=backend)
     assert torch.isfinite(huge).all() and huge.max() < 1e-30
@@ -270,7 +234,7 @@ def test_eps_limits(backend):
 @pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "reference"])
 def test_grid_warns_where_its_accuracy_is_untested(backend):
     device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float32))
+    q, k = (t.to(device) for t in seeded_pair(torch.float32))
     with rcl_ops_check_finite(True):
         with pytest.warns(rcl_ops.GridAccuracyWarning, match=r"raise num_bins \(to \d+\) or use method='direct'"):
             rcl_ops.pairwise_mmd(q, k, bandwidth=0.01, method="grid", num_bins=256, backend=backend)
@@ -310,7 +274,7 @@ def test_native_and_triton_ops_share_their_schema(name):
 def test_native_and_triton_ops_agree_on_dtypes_and_values(dtype):
     device = backend_device("triton")
     native_device = "cuda" if device == "cuda" and "cuda" in NATIVE_BACKENDS else "cpu"
-    q, k = _pair(dtype)
+    q, k = seeded_pair(dtype)
     h = torch.tensor([0.8], dtype=torch.float64)
     outputs = {}
     for namespace, dev in (("rcl_ops", native_device), ("rcl_ops_triton", device)):
@@ -345,7 +309,7 @@ def test_gradient_of_one_side_only(backend, distance, side):
     if distance == "mmd":
         options = {**options, "method": _mmd_method(backend)}
     device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float64, bq=3, bk=4, m=10))
+    q, k = (t.to(device) for t in seeded_pair(torch.float64, bq=3, bk=4, m=10))
     weights = torch.randn(3, 4, dtype=torch.float64, device=device)
 
     def grads(requires_q, requires_k):
@@ -364,7 +328,7 @@ def test_backward_ops_return_placeholders_for_masked_sides(namespace):
         pytest.skip(f"{namespace} is not loaded")
     device = backend_device("triton" if namespace == "rcl_ops_triton" else NATIVE_BACKENDS[0])
     ops = getattr(torch.ops, namespace)
-    q, k = (t.to(device) for t in _pair(torch.float32))
+    q, k = (t.to(device) for t in seeded_pair(torch.float32))
     grad = torch.randn(3, 4, device=device)
     sq, sk = ops.sorted_quantiles(q, 24)[0], ops.sorted_quantiles(k, 24)[0]
     full_q, full_k = ops.emd_pair_backward(grad, sq, sk, [True, True])

@@ -1,9 +1,14 @@
-"""Shared helpers of the tests: the backends to parametrise over, their devices, tolerances
-against float64 oracles, the torch.compile comparison, and tiny trainer records. (conftest.py holds only pytest
-hooks and fixtures; it sets TRITON_INTERPRET before rcl_ops is imported.)"""
+"""Shared helpers of the tests: the backends to parametrise over, their devices, the float64
+oracles of the distances (numpy, independent of rcl_ops) and tolerances against them, the
+torch.compile comparison, and tiny trainer
+records. (conftest.py holds only pytest hooks and fixtures; it sets TRITON_INTERPRET before
+rcl_ops is imported.) Tests import them as ``from utils import ...``."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 import rcl_ops
@@ -27,6 +32,15 @@ def backend_device(backend: str) -> str:
     return "cpu"
 
 
+def seeded_pair(dtype=torch.float32, bq=3, bk=4, m=24, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k): bq and bk rows of m values from a generator seeded with ``seed`` (k wider and
+    shifted), drawn in float64 and rounded to ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(bq, m, generator=generator, dtype=torch.float64)
+    k = 1.3 * torch.randn(bk, m, generator=generator, dtype=torch.float64) + 0.2
+    return q.to(dtype), k.to(dtype)
+
+
 def _float64(x) -> torch.Tensor:
     return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
 
@@ -42,6 +56,47 @@ def assert_close_to_oracle(got: torch.Tensor, want: torch.Tensor, dtype: torch.d
     |want| (or to floor where |want| is smaller)."""
     error = relative_error(got, want, floor)
     assert error <= ORACLE_RTOL[dtype], f"relative error {error:.3g} > {ORACLE_RTOL[dtype]} ({dtype})"
+
+
+# ---- float64 oracles (numpy, independent of rcl_ops) ----------------------------------------
+
+
+def emd_oracle(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Exact W1 between equal-size empirical distributions: mean |sorted q - sorted k|."""
+    sq, sk = np.sort(q, axis=1), np.sort(k, axis=1)
+    return np.abs(sq[:, None, :] - sk[None, :, :]).mean(axis=2)
+
+
+def mmd_oracle(q: np.ndarray, k: np.ndarray, bandwidths, unbiased: bool = False) -> np.ndarray:
+    """Squared MMD by the double sum over all value pairs, in float64."""
+
+    def kernel_mean(a, b, drop_diagonal):
+        d = a[:, None] - b[None, :]
+        values = sum(np.exp(-(d * d) / (2.0 * h * h)) for h in bandwidths)
+        if drop_diagonal:
+            return (values.sum() - np.trace(values)) / (len(a) * (len(a) - 1))
+        return values.mean()
+
+    out = np.empty((len(q), len(k)))
+    for i, x in enumerate(q):
+        for j, y in enumerate(k):
+            out[i, j] = kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y, False)
+    return out
+
+
+def bd_oracle(q: np.ndarray, k: np.ndarray, eps: float) -> np.ndarray:
+    """Eq. 6 between the fitted Gaussians, with math.log1p of (a - b)^2 / (4 a b)."""
+    out = np.empty((len(q), len(k)))
+    for i, x in enumerate(q):
+        for j, y in enumerate(k):
+            a, b = np.var(x, ddof=1) + eps, np.var(y, ddof=1) + eps
+            out[i, j] = 0.25 * math.log1p((a - b) ** 2 / (4 * a * b)) + 0.25 * (x.mean() - y.mean()) ** 2 / (a + b)
+    return out
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A batch as float64 (B, M) numpy rows, the oracles' input."""
+    return x.detach().double().cpu().reshape(x.shape[0], -1).numpy()
 
 
 def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"):
