@@ -1,6 +1,6 @@
 """Shared helpers of the tests: the backends to parametrise over, their devices, the float64
 oracles of the distances (numpy, independent of rcl_ops) and tolerances against them, the
-torch.compile comparison, and tiny trainer
+comparison of a backend with the reference, the torch.compile comparison, and tiny trainer
 records. (conftest.py holds only pytest hooks and fixtures; it sets TRITON_INTERPRET before
 rcl_ops is imported.) Tests import them as ``from utils import ...``."""
 
@@ -17,6 +17,8 @@ NATIVE_BACKENDS = [name for name in ("cpu", "cuda") if name in rcl_ops.available
 # Every backend that runs in this session: the reference, the native ones, and Triton (compiled
 # on a GPU, interpreted on CPU tensors otherwise).
 ALL_BACKENDS = ["reference", *NATIVE_BACKENDS] + (["triton"] if "triton" in rcl_ops.available_backends() else [])
+# The backends with kernels of their own (native and Triton): compared with the reference.
+KERNEL_BACKENDS = [name for name in ALL_BACKENDS if name != "reference"]
 
 # Backend results against the reference (same dtype): float32 kernels round differently.
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
@@ -56,6 +58,23 @@ def assert_close_to_oracle(got: torch.Tensor, want: torch.Tensor, dtype: torch.d
     |want| (or to floor where |want| is smaller)."""
     error = relative_error(got, want, floor)
     assert error <= ORACLE_RTOL[dtype], f"relative error {error:.3g} > {ORACLE_RTOL[dtype]} ({dtype})"
+
+
+def compare_with_reference(fn, options, backend, q, k) -> None:
+    """Values and input gradients of ``fn(q, k, backend=backend, **options)`` against the
+    reference backend's (without the ``method`` option, which the reference does not take), for
+    the same random non-unit grad_output, within TOLERANCE of q's dtype."""
+    results, weights = [], None
+    reference_options = {key: value for key, value in options.items() if key != "method"}
+    for name, opts in ((backend, options), ("reference", reference_options)):
+        qa = q.detach().clone().requires_grad_(True)
+        ka = k.detach().clone().requires_grad_(True)
+        out = fn(qa, ka, backend=name, **opts)
+        weights = torch.randn_like(out) if weights is None else weights
+        grad_q, grad_k = torch.autograd.grad((out * weights).sum(), (qa, ka))
+        results.append((out, grad_q, grad_k))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **TOLERANCE[q.dtype])
 
 
 # ---- float64 oracles (numpy, independent of rcl_ops) ----------------------------------------
