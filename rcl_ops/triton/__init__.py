@@ -25,12 +25,11 @@ on CPU-only machines.
 backend="auto" on CUDA: rcl_ops/_backend.py's _AUTO_ORDER tries "cuda" first, then
 "triton": measured on an H200 (`make gpu-check`), the C++ kernels are faster than these for
 every distance, and lighter on the host (the numbers: benchmarks/results/design-measurements.md
-and the README). On a GPU the grid binning and, for
-K != M, the quantile scatter add with float atomics (last bits vary between runs); both honour
-torch.use_deterministic_algorithms (error, or a warning with warn_only=True). The compiled
-kernels use Triton's default fp32 division and FMA contraction, where math.h's shared CPU/CUDA
-code rounds each step: GPU Triton results differ from the native ones in the last bits, within
-the tests' float32 tolerances (rtol 1e-4).
+and the README). On a GPU the grid binning and, for K != M, the quantile scatter add with float
+atomics (last bits vary between runs); both honour torch.use_deterministic_algorithms (error,
+or a warning with warn_only=True). The compiled kernels use Triton's default fp32 division and
+FMA contraction, where math.h's shared CPU/CUDA code rounds each step: GPU Triton results differ
+from the native ones in the last bits, within the tests' float32 tolerances (rtol 1e-4).
 
 Needs triton (tested with 3.6.0, as shipped beside the CUDA builds of torch 2.11). When
 triton cannot be imported, or the kernels fail to load, nothing is registered and
