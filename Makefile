@@ -75,13 +75,14 @@ bench: build
 # of scripts/gpu_check.sh, each stage appending to $(GPU_RESULTS)/ as it goes (a run cut off
 # by its time limit keeps what it measured):
 #   1. build for this GPU's architecture only, MAX_JOBS=nproc;
-#   2. the tests marked "gpu" (CUDA backend, compiled Triton), 8 xdist workers, 240 s per test,
-#      no stop at the first failure, JUnit XML in tests.xml;
+#   2. the tests marked "gpu" (CUDA backend, compiled Triton; `pytest --collect-only -q -m gpu tests`
+#      on that machine lists them), 8 xdist workers, 240 s per test, no stop at the first
+#      failure, JUnit XML in tests.xml;
 #   3. the headline case (B=64, 3x128x128, every distance and the loss step, CUDA events, peak
 #      memory) and the host-overhead case;
 #   4. the B and M sweep, only with GPU_CHECK_FULL=1; 5. torch.profiler tables of the loss steps.
 # Budget: stages 1-3 must fit in ~7 minutes on a 16-core H100/H200 machine. Measured on H200s
-# (2026-11-26): build 30-46 s, 117 gpu tests 41-47 s, headline + overhead 37-44 s, profiles
+# (2026-11-26): build 30-46 s, the gpu tests 41-47 s, headline + overhead 37-44 s, profiles
 # 10-12 s: 2-2.6 min in all, plus ~30 s to start and transfer. Each stage also has a wall limit
 # (GPU_CHECK_TESTS_LIMIT, _BENCH_LIMIT, _PROFILE_LIMIT). Pick stages: GPU_CHECK_STAGES="2 3".
 PYTHON ?= python3

@@ -1,8 +1,8 @@
 // Autograd of the fused distance ops (emd_exact, mmd_grid, bd) in C++, on every device.
 //
 // Why C++: a loss step calls one of these per step, and torch.library's Python autograd
-// costs ~45 us of host time per op and per backward on top of the kernels (measured on
-// CPU at B=8, M=16), which is more than the whole Bhattacharyya step on a GPU. Here the
+// adds host time per op and per backward on top of the kernels, more than the whole
+// Bhattacharyya step takes on a GPU (benchmarks/results/design-measurements.md). Here the
 // forward is one dispatcher call and the backward runs in the autograd engine's C++ thread.
 // The primitive ops (moments, bd_pair, sorted_quantiles, emd_pair) keep their Python
 // autograd (rcl_ops/_autograd.py) for direct use.

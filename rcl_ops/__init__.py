@@ -1,7 +1,7 @@
 """rcl_ops: fused pairwise statistical distances and the residual contrastive loss (RCL)."""
 
 from . import reference  # noqa: F401  registers the "reference" backend (the tests' oracle)
-from ._backend import BACKEND_NAMES, available_backends, mark_unavailable
+from ._backend import BACKEND_NAMES, available_backends, mark_unavailable, select_backend
 from ._checks import check_finite_enabled, set_check_finite
 from .losses import ResidualContrastiveLoss, residual_contrastive_loss
 from .ops import GridAccuracyWarning, default_bandwidth, pairwise_bd, pairwise_emd, pairwise_mmd
@@ -39,5 +39,6 @@ __all__ = [
     "pairwise_emd",
     "pairwise_mmd",
     "residual_contrastive_loss",
+    "select_backend",
     "set_check_finite",
 ]

@@ -68,12 +68,19 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 # Preferred native backend per device type when backend="auto". On CUDA the C++ kernels
-# are faster than the Triton ones for every distance, so "cuda" comes first for all three
-# (H200, B=64 query and key residuals of 3x128x128, forward+backward, CUDA events;
-# benchmarks/results/cuda-h200-headline.json, commit 2428801): EMD 0.84 vs 1.49 ms, grid
-# MMD 1.82 vs 3.17 ms, BD 0.22 vs 1.28 ms; and at B=8, M=16 (host overhead) 182 vs 1455,
-# 1371 vs 2711 and 163 vs 1369 us. "triton" is the fallback when the extension was built without CUDA.
+# are faster than the Triton ones for every distance, on the GPU and on the host, so "cuda"
+# comes first for all three (the measurements: benchmarks/results/design-measurements.md).
+# "triton" is the fallback when the extension was built without CUDA.
 _AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+def select_backend(backend: str = "auto", device: torch.device | str = "cpu", *, where: str = "select_backend") -> str:
+    """The name of the backend that ``backend=...`` runs on tensors of ``device``, as the distances
+    and the loss would pick it: "auto" gives the fastest one loaded for the device (the reference,
+    with a one-time RuntimeWarning, where none is). Raises ValueError for an unknown name or a
+    backend that does not run on ``device``, RuntimeError for one that is not loaded here (the
+    message says why); ``where`` starts the messages (e.g. the command-line option that named it)."""
+    return resolve_backend(backend, torch.device(device), where).name
 
 
 def resolve_backend(name: str, device: torch.device, where: str) -> Backend:

@@ -1,8 +1,11 @@
-"""Fake (shape-only) kernels of the ops that the native (``rcl_ops::``) and Triton
-(``rcl_ops_triton::``) libraries both implement, with the same schemas and output dtypes.
-Written once, registered for each namespace, so that torch.compile traces both alike.
-Backward ops take ``output_mask`` (bool[2]: which input side, q or k, needs a gradient) and
-return a 0-element placeholder for a side that does not.
+"""Fake (shape-only) kernels of every op of the native (``rcl_ops::``) and Triton
+(``rcl_ops_triton::``) libraries, all in this one module (as torchvision keeps
+``_meta_registrations.py``), so that torch.compile traces them and opcheck passes. The ops both
+libraries implement, with the same schemas and output dtypes, have one fake kernel written once
+and registered for each namespace; each library's own ops follow. Backward ops take
+``output_mask`` (bool[2]: which input side, q or k, needs a gradient) and return a 0-element
+placeholder for a side that does not. A library registers its fakes once its ops are defined:
+``register_fake_kernels(namespace)``.
 
 The shared contract, per op (B rows of M values; K quantiles; G grid points):
 - ``sorted_quantiles(x, K) -> (quantiles (B, K) x.dtype, order (B, M) int32)``;
@@ -17,6 +20,11 @@ The shared contract, per op (B rows of M values; K quantiles; G grid points):
   grid (2,) float64 [lo, step], w_q (Bq, G) float64, w_k (Bk, G) float64)``;
   ``mmd_grid_backward(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased, output_mask)
   -> (gq, gk)``.
+
+The native library's own ops: the fused ``emd_exact``, ``bd`` (with the sorted values and orders,
+or the moments, that their backward reuses), and the direct MMD's ``gaussian_kernel_sums``
+(float64), with their backward ops. The Triton library's own ops: the grid MMD's per-value
+kernels ``grid_bin`` ((B, G) float64 weights) and ``grid_interpolate`` ((B, M) in x's dtype).
 """
 
 from __future__ import annotations
@@ -38,10 +46,21 @@ def masked_gradients(inputs, output_mask) -> tuple[torch.Tensor, ...]:
 
 
 def register_fake_kernels(namespace: str) -> None:
-    """Register the fake kernels of the shared ops of ``namespace``."""
+    """Register the fake kernels of every op of ``namespace`` ("rcl_ops" or "rcl_ops_triton"):
+    the shared ops, then the library's own. Call it once the namespace's ops are defined."""
+    _register_shared_fakes(namespace)
+    _OWN_FAKES[namespace](namespace)
+
+
+def _fake(namespace: str, name: str):
+    return torch.library.register_fake(f"{namespace}::{name}")
+
+
+def _register_shared_fakes(namespace: str) -> None:
+    """The fake kernels of the ops that both libraries implement."""
 
     def fake(name):
-        return torch.library.register_fake(f"{namespace}::{name}")
+        return _fake(namespace, name)
 
     @fake("sorted_quantiles")
     def _sorted_quantiles(x, num_quantiles):
@@ -92,3 +111,57 @@ def register_fake_kernels(namespace: str) -> None:
     @fake("mmd_grid_backward")
     def _mmd_grid_backward(grad, q, k, bandwidths, grid, w_q, w_k, num_bins, unbiased, output_mask):
         return masked_gradients((q, k), output_mask)
+
+
+def _register_native_fakes(namespace: str) -> None:
+    """The fake kernels of the native library's own ops."""
+
+    @_fake(namespace, "emd_exact")
+    def _emd_exact(q, k):
+        torch._check(q.shape[1] == k.shape[1], lambda: f"{namespace}::emd_exact: q and k need the same M")
+        return (
+            q.new_empty(q.shape[0], k.shape[0]),
+            torch.empty_like(q),
+            q.new_empty(q.shape, dtype=torch.int32),
+            torch.empty_like(k),
+            k.new_empty(k.shape, dtype=torch.int32),
+        )
+
+    @_fake(namespace, "emd_exact_backward")
+    def _emd_exact_backward(grad, sorted_q, order_q, sorted_k, order_k, output_mask):
+        return masked_gradients((sorted_q, sorted_k), output_mask)
+
+    @_fake(namespace, "bd")
+    def _bd(q, k, eps):
+        torch._check(q.dim() == 2 and k.dim() == 2, lambda: f"{namespace}::bd: q and k must be 2-D")
+        bq, bk = q.shape[0], k.shape[0]
+        moments = [q.new_empty(n, dtype=torch.float64) for n in (bq, bq, bk, bk)]
+        return q.new_empty(bq, bk), *moments
+
+    @_fake(namespace, "bd_backward")
+    def _bd_backward(grad, q, k, mean_q, var_q, mean_k, var_k, eps, output_mask):
+        return masked_gradients((q, k), output_mask)
+
+    @_fake(namespace, "gaussian_kernel_sums")
+    def _gaussian_kernel_sums(x, y, bandwidths, paired):
+        shape = (x.shape[0],) if paired else (x.shape[0], y.shape[0])
+        return x.new_empty(shape, dtype=torch.float64)
+
+    @_fake(namespace, "gaussian_kernel_sums_backward")
+    def _gaussian_kernel_sums_backward(grad, x, y, bandwidths, paired, output_mask):
+        return masked_gradients((x, y), output_mask)
+
+
+def _register_triton_fakes(namespace: str) -> None:
+    """The fake kernels of the Triton library's own ops."""
+
+    @_fake(namespace, "grid_bin")
+    def _grid_bin(x, lo, step, num_bins):
+        return x.new_empty((x.shape[0], num_bins), dtype=torch.float64)
+
+    @_fake(namespace, "grid_interpolate")
+    def _grid_interpolate(field, x, lo, step):
+        return torch.empty_like(x)
+
+
+_OWN_FAKES = {"rcl_ops": _register_native_fakes, "rcl_ops_triton": _register_triton_fakes}

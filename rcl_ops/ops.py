@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import Backend, resolve_backend
 from ._checks import check_finite_enabled, check_positive_float, check_positive_int, check_result, prepare_pair
 from .sketch import (
     Sketch,
@@ -209,16 +209,7 @@ def pairwise_mmd(
         q, k, "mmd", where, lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1])
     )
     if sketches is not None:
-        if method == "direct":
-            raise ValueError(f"{where}: sketches and value_range pair on the grid; use method='grid' or 'auto'")
-        sketch_q, sketch_k = sketches
-        if unbiased and min(sketch_q.num_values, sketch_k.num_values) < 2:
-            raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
-        if bandwidth is None:
-            bandwidths = sketch_bandwidth(sketch_q, sketch_k)
-        else:
-            bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
-        return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, bool(unbiased)), where)
+        return _pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
     q2, k2 = prepare_pair(q, k, where)
     num_bins = check_positive_int(num_bins, "num_bins", where)
     if not 2 <= num_bins <= MAX_NUM_BINS:
@@ -226,14 +217,34 @@ def pairwise_mmd(
     if unbiased and min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     impl = resolve_backend(backend, q2.device, where)
+    method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], num_bins, where)
+    bandwidths = _bandwidths(bandwidth, q2, k2, where)
+    return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
+
+
+def _pair_mmd_sketches(sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: bool, method: str, where: str):
+    """pairwise_mmd of two MMD sketches on one grid."""
+    if method == "direct":
+        raise ValueError(f"{where}: sketches and value_range pair on the grid; use method='grid' or 'auto'")
+    if unbiased and min(sketch_q.num_values, sketch_k.num_values) < 2:
+        raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
+    if bandwidth is None:
+        bandwidths = sketch_bandwidth(sketch_q, sketch_k)
+    else:
+        bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
+    return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, bool(unbiased)), where)
+
+
+def _mmd_method(impl: Backend, method: str, value_pairs: int, num_bins: int, where: str) -> str:
+    """The method ``impl`` computes: "auto" is its first, or the exact sum where it has one and
+    DIRECT_SUM_COST per pair of values costs no more than the grid's num_bins."""
     if method == "auto":
         method = impl.mmd_methods[0]
-        if "direct" in impl.mmd_methods and DIRECT_SUM_COST * q2.shape[1] * k2.shape[1] <= num_bins:
+        if "direct" in impl.mmd_methods and DIRECT_SUM_COST * value_pairs <= num_bins:
             method = "direct"
     elif method not in impl.mmd_methods:
         raise ValueError(f"{where}: backend {impl.name!r} supports methods {impl.mmd_methods}, not {method!r}")
-    bandwidths = _bandwidths(bandwidth, q2, k2, where)
-    return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
+    return method
 
 
 def pairwise_bd(

@@ -25,8 +25,6 @@ from . import _grid
 from ._backend import resolve_backend
 from ._checks import as_rows, check_all_finite, check_positive_int, check_residuals, compute_dtype
 
-SKETCH_DISTANCES = ("emd", "mmd", "bd")
-
 
 @dataclass(frozen=True, eq=False)
 class Sketch:

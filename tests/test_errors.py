@@ -164,6 +164,22 @@ def test_unknown_and_unavailable_backend():
             rcl_ops.pairwise_emd(q, k, backend="cuda")
 
 
+def test_select_backend_names_the_backend_or_says_why_not():
+    # The public check of a backend name (the trainer's preflight uses it): the same choice and
+    # the same errors as the distances, with messages starting with `where`.
+    assert rcl_ops.select_backend("reference", "cpu") == "reference"
+    if "cpu" in NATIVE_BACKENDS:
+        assert rcl_ops.select_backend("auto", torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match=r"^--option: unknown backend 'fast'.*available on cpu: \['reference'"):
+        rcl_ops.select_backend("fast", "cpu", where="--option")
+    if "cuda" not in rcl_ops.available_backends():
+        with pytest.raises(RuntimeError, match="^select_backend: backend 'cuda' is unavailable"):
+            rcl_ops.select_backend("cuda", "cpu")
+    elif not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^select_backend: backend 'cuda' does not run on cpu tensors"):
+            rcl_ops.select_backend("cuda", "cpu")
+
+
 def test_reference_has_no_grid_mmd():
     q, k = _pair("reference")
     with pytest.raises(ValueError, match="supports methods"):

@@ -1,5 +1,5 @@
 """Property-based fuzzing (hypothesis) of every backend against the float64 oracles of
-test_ops.py: odd shapes, ties, heavy tails and extreme magnitudes. The exact distances (EMD,
+tests/utils.py: odd shapes, ties, heavy tails and extreme magnitudes. The exact distances (EMD,
 direct MMD, BD) must match the oracle to the rounding of their dtype."""
 
 import numpy as np
@@ -10,8 +10,7 @@ pytest.importorskip("hypothesis")  # a GPU image without it still runs the other
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_ops import bd_oracle, emd_oracle, mmd_oracle
-from utils import ALL_BACKENDS, ORACLE_RTOL, backend_device
+from utils import ALL_BACKENDS, ORACLE_RTOL, backend_device, bd_oracle, emd_oracle, mmd_oracle
 
 import rcl_ops
 

@@ -1,106 +1,14 @@
-"""Native (C++ CPU / CUDA) ops against the reference backend; opcheck; torch.compile."""
+"""The native (C++ CPU / CUDA) op library itself: the sort order, the choice of backend and of
+MMD method, opcheck of every op, argument checks, strided gradients. (The distances on every
+backend against the reference, torch.compile included: test_ops.py.)"""
 
 import pytest
 import torch
-from utils import NATIVE_BACKENDS, TOLERANCE, assert_compiled_loss_matches_eager, backend_device
+from utils import NATIVE_BACKENDS, backend_device
 
 import rcl_ops
 
 pytestmark = pytest.mark.skipif(not NATIVE_BACKENDS, reason="the native extension rcl_ops._C is not built")
-
-# (name, function, options). MMD uses the exact direct method here: the grid method is an
-# approximation with its own accuracy tests (test_mmd_grid.py).
-DISTANCES = [
-    ("emd", rcl_ops.pairwise_emd, {}),
-    ("emd_quantiles", rcl_ops.pairwise_emd, {"num_quantiles": 37}),
-    ("mmd_direct", rcl_ops.pairwise_mmd, {"method": "direct", "bandwidth": 0.8}),
-    ("mmd_direct_unbiased", rcl_ops.pairwise_mmd, {"method": "direct", "bandwidth": [0.4, 2.0], "unbiased": True}),
-    ("bd", rcl_ops.pairwise_bd, {}),
-]
-
-
-def _reference_options(options):
-    return {key: value for key, value in options.items() if key != "method"}
-
-
-def _compare(fn, options, backend, q, k, grad_out=None):
-    """Values and input gradients of backend vs reference, for a non-unit grad_output."""
-    results = []
-    for name, opts in ((backend, options), ("reference", _reference_options(options))):
-        qa = q.detach().clone().requires_grad_(True)
-        ka = k.detach().clone().requires_grad_(True)
-        out = fn(qa, ka, backend=name, **opts)
-        weights = grad_out if grad_out is not None else torch.randn_like(out)
-        grad_q, grad_k = torch.autograd.grad((out * weights).sum(), (qa, ka))
-        results.append((out, grad_q, grad_k))
-        grad_out = weights
-    tol = TOLERANCE[q.dtype]
-    for got, expected in zip(results[0], results[1]):
-        torch.testing.assert_close(got, expected, **tol)
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
-def test_matches_reference(backend, dtype, name, fn, options):
-    device = backend_device(backend)
-    q = torch.randn(5, 3, 6, 7, dtype=dtype, device=device)
-    k = (1.3 * torch.randn(7, 3, 6, 7, dtype=dtype) + 0.1).to(device)  # Bq != Bk, ragged tiles
-    _compare(fn, options, backend, q, k)
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
-def test_gradcheck(backend, name, fn, options):
-    device = backend_device(backend)
-    q = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
-    k = torch.randn(4, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, backend=backend, **options), (q, k))
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
-def test_layouts_and_edge_shapes(backend, name, fn, options):
-    device = backend_device(backend)
-    base = torch.randn(4, 8, 6, 3, device=device, dtype=torch.float64)
-    channels_last = base.permute(0, 3, 1, 2)  # (4, 3, 8, 6), channels-last strides
-    assert not channels_last.is_contiguous()
-    k = torch.randn(6, 3, 8, 6, device=device, dtype=torch.float64)[::2]  # strided batch
-    _compare(fn, options, backend, channels_last, k)
-    _compare(fn, options, backend, channels_last[:1], k[:1])  # B = 1
-    _compare(fn, options, backend, channels_last[:, 0, 0, :2], k[:, 0, 0, :2])  # M = 2
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=[d[0] for d in DISTANCES])
-def test_constant_residuals(backend, name, fn, options):
-    device = backend_device(backend)
-    q = torch.full((3, 2, 4, 4), 0.25, dtype=torch.float64, device=device)
-    k = torch.randn(2, 2, 4, 4, dtype=torch.float64, device=device)
-    k[1] = -1.0
-    for a, b in ((q, k), (q, q)):
-        expected = fn(a, b, backend="reference", **_reference_options(options))
-        got = fn(a, b, backend=backend, **options)
-        torch.testing.assert_close(got, expected, **TOLERANCE[torch.float64])
-        assert torch.isfinite(got).all()
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@pytest.mark.parametrize("name, fn, options", DISTANCES[:2] + DISTANCES[-1:], ids=["emd", "emd_quantiles", "bd"])
-def test_large_residuals(backend, name, fn, options):
-    device = backend_device(backend)
-    q = torch.randn(3, 3, 128, 128, device=device)
-    k = 0.5 * torch.randn(2, 3, 128, 128, device=device) + 0.01
-    _compare(fn, options, backend, q, k)
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-def test_emd_ties_in_sort(backend):
-    device = backend_device(backend)
-    q = torch.randint(-3, 4, (4, 200), device=device).float()
-    k = torch.randint(-2, 3, (3, 200), device=device).float()
-    expected = rcl_ops.pairwise_emd(q, k, backend="reference")
-    torch.testing.assert_close(rcl_ops.pairwise_emd(q, k, backend=backend), expected)
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
@@ -137,21 +45,6 @@ def test_int64_sort_order_is_rejected(backend):
         )
     with pytest.raises(RuntimeError, match="order must be int32"):
         torch.ops.rcl_ops.sorted_quantiles_backward(sorted_x, order.long())
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-def test_half_inputs(backend):
-    device = backend_device(backend)
-    q, k = torch.randn(4, 3, 16, 16, device=device), torch.randn(4, 3, 16, 16, device=device)
-    for fn in (rcl_ops.pairwise_emd, rcl_ops.pairwise_bd, rcl_ops.pairwise_mmd):
-        expected = fn(q, k, backend=backend)
-        for dtype in (torch.float16, torch.bfloat16):
-            qh = q.to(dtype).requires_grad_(True)
-            got = fn(qh, k.to(dtype), backend=backend)
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
-            got.sum().backward()
-            assert qh.grad.dtype == dtype and torch.isfinite(qh.grad.float()).all()
 
 
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
@@ -272,17 +165,7 @@ def test_native_ops_reject_bad_arguments(backend):
             ops.gaussian_kernel_sums(x, x, -torch.ones(1, device=device), False)
 
 
-# ---- torch.compile ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-@pytest.mark.parametrize("distance", ["emd", "mmd", "bd"])
-def test_compiled_loss_fullgraph(backend, distance):
-    device = backend_device(backend)
-    loss_fn = rcl_ops.ResidualContrastiveLoss(distance, temperature=0.2, backend=backend)
-    q = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
-    k = torch.randn(6, 3, 8, 8, device=device, requires_grad=True)
-    assert_compiled_loss_matches_eager(loss_fn, q, k)
+# ---- the MMD method, strided gradients ----------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)

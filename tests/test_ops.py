@@ -1,125 +1,48 @@
-"""Per-op tests of the public distances on every backend that runs here, against float64
-oracles written independently of the library (numpy double sums and closed forms): values at
-the edges of the float range, accuracy of the exact MMD, gradients over several seeds, second
-derivatives (supported or refused, never silently zero), option validation in the compute
-precision, and one contract for the native and Triton op libraries. Property-based fuzzing of
-the same oracles is in test_fuzz.py."""
+"""Per-op tests of the public distances: one tester class per op (TestEMD, TestMMD, TestBD),
+each test parametrised over the backends that run here (utils.ALL_BACKENDS; the comparisons
+with the reference over utils.KERNEL_BACKENDS, every backend but the reference). Against float64
+oracles written independently of the library (utils: numpy double sums and closed forms) and
+against the reference backend: values at the edges of the float range, accuracy of the exact
+MMD, values and gradients on ragged tiles, odd layouts, constant and long residuals, half
+inputs, gradients over several seeds and of one side only, second derivatives (supported or
+refused, never silently zero), option validation in the compute precision, and torch.compile.
+The tests every distance shares are written once, in DistanceTester (as torchvision's
+RoIOpTester). Property-based fuzzing of the same oracles is in test_fuzz.py; the contract that
+the native and Triton op libraries share is in test_op_contract.py."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from utils import ALL_BACKENDS, NATIVE_BACKENDS, assert_close_to_oracle, backend_device, relative_error
+from utils import (
+    ALL_BACKENDS,
+    KERNEL_BACKENDS,
+    NATIVE_BACKENDS,
+    TOLERANCE,
+    as_numpy,
+    assert_close_to_oracle,
+    assert_compiled_loss_matches_eager,
+    backend_device,
+    bd_oracle,
+    compare_with_reference,
+    emd_oracle,
+    mmd_oracle,
+    relative_error,
+    seeded_pair,
+)
 
 import rcl_ops
 
-# ---- float64 oracles (numpy, independent of rcl_ops) ----------------------------------------
-
-
-def emd_oracle(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Exact W1 between equal-size empirical distributions: mean |sorted q - sorted k|."""
-    sq, sk = np.sort(q, axis=1), np.sort(k, axis=1)
-    return np.abs(sq[:, None, :] - sk[None, :, :]).mean(axis=2)
-
-
-def mmd_oracle(q: np.ndarray, k: np.ndarray, bandwidths, unbiased: bool = False) -> np.ndarray:
-    """Squared MMD by the double sum over all value pairs, in float64."""
-
-    def kernel_mean(a, b, drop_diagonal):
-        d = a[:, None] - b[None, :]
-        values = sum(np.exp(-(d * d) / (2.0 * h * h)) for h in bandwidths)
-        if drop_diagonal:
-            return (values.sum() - np.trace(values)) / (len(a) * (len(a) - 1))
-        return values.mean()
-
-    out = np.empty((len(q), len(k)))
-    for i, x in enumerate(q):
-        for j, y in enumerate(k):
-            out[i, j] = kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y, False)
-    return out
-
-
-def bd_oracle(q: np.ndarray, k: np.ndarray, eps: float) -> np.ndarray:
-    """Eq. 6 between the fitted Gaussians, with math.log1p of (a - b)^2 / (4 a b)."""
-    out = np.empty((len(q), len(k)))
-    for i, x in enumerate(q):
-        for j, y in enumerate(k):
-            a, b = np.var(x, ddof=1) + eps, np.var(y, ddof=1) + eps
-            out[i, j] = 0.25 * math.log1p((a - b) ** 2 / (4 * a * b)) + 0.25 * (x.mean() - y.mean()) ** 2 / (a + b)
-    return out
-
-
-def _as_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().double().cpu().reshape(x.shape[0], -1).numpy()
-
-
-def _pair(dtype=torch.float32, bq=3, bk=4, m=24, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(bq, m, generator=generator, dtype=torch.float64)
-    k = 1.3 * torch.randn(bk, m, generator=generator, dtype=torch.float64) + 0.2
-    return q.to(dtype), k.to(dtype)
+# triton 3.6's interpreter warns on every loop with a runtime bound (numpy >= 1.25); harmless
+# with the numpy < 2.4 of requirements-test.txt.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def _mmd_method(backend: str) -> str:
     return "grid" if backend == "triton" else "direct"
-
-
-# ---- values at the edges of the float range --------------------------------------------------
-# Each distance has a scaling law: EMD(s q, s k) = s EMD(q, k); MMD with bandwidth s h equals
-# MMD with h at scale 1; BD with eps s^2 eps equals BD with eps. The oracle runs at scale 1 on
-# the very values the backend saw (divided back by s in float64).
-
-SCALES = {torch.float32: [1e-20, 1e20, 1e30], torch.float64: [1e-150, 1e150]}
-SCALE_CASES = [(dtype, s) for dtype, scales in SCALES.items() for s in scales]
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize(("dtype", "scale"), SCALE_CASES, ids=[f"{d}-{s:g}" for d, s in SCALE_CASES])
-def test_values_at_extreme_scales(backend, dtype, scale):
-    device = backend_device(backend)
-    q0, k0 = _pair(torch.float64)
-    q, k = (q0 * scale).to(dtype).to(device), (k0 * scale).to(dtype).to(device)
-    qn, kn = _as_numpy(q) / scale, _as_numpy(k) / scale
-    assert_close_to_oracle(rcl_ops.pairwise_emd(q, k, backend=backend) / scale, emd_oracle(qn, kn), dtype)
-    assert_close_to_oracle(
-        rcl_ops.pairwise_bd(q, k, eps=1e-6 * scale**2, backend=backend), bd_oracle(qn, kn, 1e-6), dtype
-    )
-    method = _mmd_method(backend)
-    mmd = rcl_ops.pairwise_mmd(q, k, bandwidth=0.9 * scale, method=method, backend=backend)
-    want = mmd_oracle(qn, kn, [0.9])
-    if method == "grid":  # the grid's own accuracy: 1e-3 relative (test_mmd_grid.py)
-        assert relative_error(mmd, want) < 1e-3
-    else:
-        assert_close_to_oracle(mmd, want, dtype)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_default_bandwidth_and_moments_do_not_overflow_float32(backend):
-    # Values near 1e20: the variance (1e40) overflows float32, the distances do not.
-    device = backend_device(backend)
-    q, k = (t * 1e20 for t in _pair(torch.float32))
-    q, k = q.to(device), k.to(device)
-    bandwidth = rcl_ops.default_bandwidth(q, k)
-    pooled = np.concatenate([_as_numpy(q).ravel(), _as_numpy(k).ravel()])
-    assert bandwidth.dtype == torch.float64 and abs(bandwidth.item() / pooled.std() - 1) < 1e-6
-    mmd = rcl_ops.pairwise_mmd(q, k, method=_mmd_method(backend), backend=backend)
-    assert torch.isfinite(mmd).all() and (mmd > 0).all()
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_a_true_overflow_is_reported(backend):
-    # |q - k| = 6e38 overflows float32: with the finite check on (CPU default) it is an error.
-    device = backend_device(backend)
-    q = torch.full((2, 8), 3e38, device=device)
-    with rcl_ops_check_finite(True):
-        with pytest.raises(OverflowError, match="pairwise_emd: the distances are not finite in torch.float32"):
-            rcl_ops.pairwise_emd(q, -q, backend=backend)
-    # ... and in float64 it is an ordinary number.
-    assert torch.isfinite(rcl_ops.pairwise_emd(q.double(), -q.double(), backend=backend)).all()
 
 
 class rcl_ops_check_finite:
@@ -135,248 +58,369 @@ class rcl_ops_check_finite:
         rcl_ops.set_check_finite(None)
 
 
-# ---- accuracy of the exact MMD and of the reference ------------------------------------------
+# Each distance has a scaling law: EMD(s q, s k) = s EMD(q, k); MMD with bandwidth s h equals
+# MMD with h at scale 1; BD with eps s^2 eps equals BD with eps. The oracle runs at scale 1 on
+# the very values the backend saw (divided back by s in float64).
+SCALES = {torch.float32: [1e-20, 1e20, 1e30], torch.float64: [1e-150, 1e150]}
+SCALE_CASES = [(dtype, s) for dtype, scales in SCALES.items() for s in scales]
+
+# torch.compile per kernel backend: the native ops under inductor on 3x8x8 residuals, the Triton
+# ops (interpreted on CPU tensors) under aot_eager on 3x5x7 ones.
+COMPILE_SETTINGS = {"triton": ("aot_eager", (3, 5, 7))}
+NATIVE_COMPILE_SETTINGS = ("inductor", (3, 8, 8))
 
 
-@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "triton"])
-@pytest.mark.parametrize("unbiased", [False, True])
-def test_direct_mmd_of_close_distributions_is_accurate(backend, unbiased):
-    # q and k differ by 1e-3 noise: MMD^2 ~ 1e-10..1e-3 of kernel means ~ 1, where float32
-    # sums cancelled to 1e-3 relative errors (and negative V-statistics).
-    device = backend_device(backend)
-    generator = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 1500, generator=generator)
-    k = q + 1e-3 * torch.randn(2, 1500, generator=generator)
-    got = rcl_ops.pairwise_mmd(
-        q.to(device), k.to(device), bandwidth=1.0, method="direct", unbiased=unbiased, backend=backend
+class DistanceTester:
+    """The tests every distance shares. A subclass names its public function (``fn``), its
+    name for the loss (``distance``), its cases against the reference (the ``options``
+    fixture), its cases for the gradient tests (``gradient_options``) and how it checks values
+    at an extreme scale (``check_at_scale``)."""
+
+    fn = None
+    distance = ""
+    reference_has_double_backward = True
+
+    @pytest.fixture(params=KERNEL_BACKENDS)
+    def kernel_backend(self, request):
+        """The backends with kernels of their own: every backend but the reference."""
+        return request.param
+
+    @pytest.fixture(params=KERNEL_BACKENDS)
+    def compared_backend(self, request):
+        """The backends compared with the reference on the ``options`` cases."""
+        return request.param
+
+    def with_method(self, backend: str, options: dict) -> dict:
+        """``options`` with what ``backend`` needs beyond them (the MMD method)."""
+        return options
+
+    def gradcheck_options(self, backend: str, options: dict) -> dict:
+        return self.with_method(backend, options)
+
+    def check_at_scale(self, backend, q, k, qn, kn, scale, dtype) -> None:
+        raise NotImplementedError
+
+    # ---- every backend ---------------------------------------------------------------------
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    @pytest.mark.parametrize(("dtype", "scale"), SCALE_CASES, ids=[f"{d}-{s:g}" for d, s in SCALE_CASES])
+    def test_values_at_extreme_scales(self, backend, dtype, scale):
+        device = backend_device(backend)
+        q0, k0 = seeded_pair(torch.float64)
+        q, k = (q0 * scale).to(dtype).to(device), (k0 * scale).to(dtype).to(device)
+        self.check_at_scale(backend, q, k, as_numpy(q) / scale, as_numpy(k) / scale, scale, dtype)
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    @pytest.mark.parametrize("seed", [0, 1, 2])
+    def test_gradcheck_over_seeds(self, backend, gradient_options, seed):
+        options = self.gradcheck_options(backend, gradient_options)
+        device = backend_device(backend)
+        q, k = seeded_pair(torch.float64, bq=2, bk=3, m=6, seed=seed)
+        q, k = q.to(device).requires_grad_(True), k.to(device).requires_grad_(True)
+        atol = 1e-4 if options.get("method") == "grid" else 1e-5
+        assert torch.autograd.gradcheck(lambda a, b: self.fn(a, b, backend=backend, **options), (q, k), atol=atol)
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    def test_second_derivative(self, backend, gradient_options):
+        # A gradient penalty on the contrastive loss: d/dq ||dL/dq||^2 needs second derivatives.
+        # The reference's EMD and BD have them; everywhere else they raise, never silently zero.
+        options = self.with_method(backend, gradient_options)
+        if backend == "reference" and self.reference_has_double_backward:
+            q, k = seeded_pair(torch.float64, bq=2, bk=3, m=6)
+            q, k = q.requires_grad_(True), k.requires_grad_(True)
+            assert torch.autograd.gradgradcheck(lambda a, b: self.fn(a, b, backend=backend, **options), (q, k))
+            return
+        device = backend_device(backend)
+        q, k = seeded_pair(torch.float64, bq=3, bk=3, m=6)
+        q = q.to(device).requires_grad_(True)
+        k = k.to(device)
+        loss = rcl_ops.residual_contrastive_loss(-self.fn(q, k, backend=backend, **options), temperature=0.5)
+        (grad_q,) = torch.autograd.grad(loss, q, create_graph=True)
+        with pytest.raises(
+            RuntimeError, match="not implemented|no autograd formula was registered|once_differentiable"
+        ):
+            grad_q.square().sum().backward()
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    @pytest.mark.parametrize("side", ["q", "k"])
+    def test_gradient_of_one_side_only(self, backend, gradient_options, side):
+        # One side held fixed (e.g. keys from a momentum encoder): the other's gradient is the one
+        # computed with both sides differentiable.
+        options = self.with_method(backend, gradient_options)
+        device = backend_device(backend)
+        q, k = (t.to(device) for t in seeded_pair(torch.float64, bq=3, bk=4, m=10))
+        weights = torch.randn(3, 4, dtype=torch.float64, device=device)
+
+        def grads(requires_q, requires_k):
+            a, b = q.clone().requires_grad_(requires_q), k.clone().requires_grad_(requires_k)
+            wanted = [t for t in (a, b) if t.requires_grad]
+            return torch.autograd.grad((self.fn(a, b, backend=backend, **options) * weights).sum(), wanted)
+
+        both = grads(True, True)
+        (only,) = grads(side == "q", side == "k")
+        torch.testing.assert_close(only, both[0 if side == "q" else 1])
+
+    # ---- the kernel backends: against the reference, half inputs, torch.compile ---------
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_matches_reference(self, compared_backend, options, dtype):
+        device = backend_device(compared_backend)
+        # Bq = 5 != Bk = 7: ragged tiles; M = 126, and M = K = 105: one ragged tile each way, K
+        # not a multiple of BLOCK_D.
+        for shape in ((3, 6, 7), (3, 5, 7)):
+            q = torch.randn(5, *shape, dtype=dtype, device=device)
+            k = (1.3 * torch.randn(7, *shape, dtype=dtype) + 0.1).to(device)
+            compare_with_reference(self.fn, options, compared_backend, q, k)
+
+    def test_gradcheck(self, compared_backend, options):
+        device = backend_device(compared_backend)
+        q = torch.randn(3, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+        k = torch.randn(4, 2, 5, dtype=torch.float64, device=device, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b: self.fn(a, b, backend=compared_backend, **options), (q, k))
+
+    def test_layouts_and_edge_shapes(self, compared_backend, options):
+        device = backend_device(compared_backend)
+        base = torch.randn(4, 8, 6, 3, device=device, dtype=torch.float64)
+        channels_last = base.permute(0, 3, 1, 2)  # (4, 3, 8, 6), channels-last strides
+        assert not channels_last.is_contiguous()
+        k = torch.randn(6, 3, 8, 6, device=device, dtype=torch.float64)[::2]  # strided batch
+        compare_with_reference(self.fn, options, compared_backend, channels_last, k)
+        compare_with_reference(self.fn, options, compared_backend, channels_last[:1], k[:1])  # B = 1
+        compare_with_reference(self.fn, options, compared_backend, channels_last[:, 0, 0, :2], k[:, 0, 0, :2])  # M = 2
+
+    def test_constant_residuals(self, compared_backend, options):
+        device = backend_device(compared_backend)
+        q = torch.full((3, 2, 4, 4), 0.25, dtype=torch.float64, device=device)
+        k = torch.randn(2, 2, 4, 4, dtype=torch.float64, device=device)
+        k[1] = -1.0
+        reference_options = {key: value for key, value in options.items() if key != "method"}
+        for a, b in ((q, k), (q, q)):
+            expected = self.fn(a, b, backend="reference", **reference_options)
+            got = self.fn(a, b, backend=compared_backend, **options)
+            torch.testing.assert_close(got, expected, **TOLERANCE[torch.float64])
+            assert torch.isfinite(got).all()
+
+    def test_half_inputs(self, kernel_backend):
+        device = backend_device(kernel_backend)
+        for shape in ((3, 16, 16), (3, 6, 6)):
+            q, k = torch.randn(4, *shape, device=device), torch.randn(4, *shape, device=device)
+            expected = self.fn(q, k, backend=kernel_backend)
+            for dtype in (torch.float16, torch.bfloat16):
+                qh = q.to(dtype).requires_grad_(True)
+                got = self.fn(qh, k.to(dtype), backend=kernel_backend)
+                assert got.dtype == torch.float32
+                torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
+                got.sum().backward()
+                assert qh.grad.dtype == dtype and torch.isfinite(qh.grad.float()).all()
+
+    def test_compiled_loss_fullgraph(self, kernel_backend):
+        device = backend_device(kernel_backend)
+        compile_backend, shape = COMPILE_SETTINGS.get(kernel_backend, NATIVE_COMPILE_SETTINGS)
+        loss_fn = rcl_ops.ResidualContrastiveLoss(self.distance, temperature=0.2, backend=kernel_backend)
+        q = torch.randn(6, *shape, device=device, requires_grad=True)
+        k = torch.randn(6, *shape, device=device, requires_grad=True)
+        assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend=compile_backend)
+
+
+class LinearDistanceTester(DistanceTester):
+    """The shared tests of the distances whose reference is cheap on long rows (EMD and BD; the
+    exact MMD is O(M N)): several tiles, long rows, 3x128x128 residuals."""
+
+    def test_several_ragged_tiles(self, compared_backend, options):
+        # Bq = 17, Bk = 19, K = 130: two tiles each way (the last ragged) over several K chunks.
+        device = backend_device(compared_backend)
+        q = torch.randn(17, 130, dtype=torch.float64, device=device)
+        k = torch.randn(19, 130, dtype=torch.float64, device=device) * 0.7 - 0.2
+        compare_with_reference(self.fn, options, compared_backend, q, k)
+
+    def test_long_rows(self, compared_backend, options):
+        # M = 5000: several blocks per row in the sketch, scatter and moments loops.
+        device = backend_device(compared_backend)
+        q = torch.randn(2, 5000, dtype=torch.float64, device=device) + 3.0
+        k = torch.randn(3, 5000, dtype=torch.float64, device=device) * 2.0
+        compare_with_reference(self.fn, options, compared_backend, q, k)
+
+    def test_large_residuals(self, compared_backend, options):
+        device = backend_device(compared_backend)
+        q = torch.randn(3, 3, 128, 128, device=device)
+        k = 0.5 * torch.randn(2, 3, 128, 128, device=device) + 0.01
+        compare_with_reference(self.fn, options, compared_backend, q, k)
+
+
+class TestEMD(LinearDistanceTester):
+    fn = staticmethod(rcl_ops.pairwise_emd)
+    distance = "emd"
+
+    @pytest.fixture(params=[{}, {"num_quantiles": 37}, {"num_quantiles": 150}], ids=["exact", "k37", "k150"])
+    def options(self, request):
+        return request.param
+
+    @pytest.fixture(params=[{}, {"num_quantiles": 5}], ids=["exact", "k5"])
+    def gradient_options(self, request):
+        return request.param
+
+    def check_at_scale(self, backend, q, k, qn, kn, scale, dtype):
+        assert_close_to_oracle(rcl_ops.pairwise_emd(q, k, backend=backend) / scale, emd_oracle(qn, kn), dtype)
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    def test_a_true_overflow_is_reported(self, backend):
+        # |q - k| = 6e38 overflows float32: with the finite check on (CPU default) it is an error.
+        device = backend_device(backend)
+        q = torch.full((2, 8), 3e38, device=device)
+        with rcl_ops_check_finite(True):
+            with pytest.raises(OverflowError, match="pairwise_emd: the distances are not finite in torch.float32"):
+                rcl_ops.pairwise_emd(q, -q, backend=backend)
+        # ... and in float64 it is an ordinary number.
+        assert torch.isfinite(rcl_ops.pairwise_emd(q.double(), -q.double(), backend=backend)).all()
+
+    def test_ties_in_sort(self, compared_backend):
+        device = backend_device(compared_backend)
+        q = torch.randint(-3, 4, (4, 200), device=device).float()
+        k = torch.randint(-2, 3, (3, 200), device=device).float()
+        expected = rcl_ops.pairwise_emd(q, k, backend="reference")
+        torch.testing.assert_close(rcl_ops.pairwise_emd(q, k, backend=compared_backend), expected)
+
+
+class TestMMD(DistanceTester):
+    fn = staticmethod(rcl_ops.pairwise_mmd)
+    distance = "mmd"
+    reference_has_double_backward = False  # the reference's exact sum is once_differentiable
+
+    @pytest.fixture(params=NATIVE_BACKENDS)
+    def compared_backend(self, request):
+        """The backends whose exact sum is compared with the reference's: the Triton backend has
+        only the grid (test_triton.py compares it with the native grid and the exact sum)."""
+        return request.param
+
+    @pytest.fixture(
+        params=[
+            {"method": "direct", "bandwidth": 0.8},
+            {"method": "direct", "bandwidth": [0.4, 2.0], "unbiased": True},
+        ],
+        ids=["direct", "direct_unbiased"],
     )
-    want = mmd_oracle(_as_numpy(q), _as_numpy(k), [1.0], unbiased)
-    assert relative_error(got, want, floor=1e-9) < 1e-4
-    if not unbiased:
-        assert (got >= 0).all()
-    if backend in NATIVE_BACKENDS:  # at least as accurate as the grid
-        grid = rcl_ops.pairwise_mmd(
-            q.to(device), k.to(device), bandwidth=1.0, method="grid", unbiased=unbiased, backend=backend
-        )
-        assert relative_error(got, want, floor=1e-9) <= relative_error(grid, want, floor=1e-9)
+    def options(self, request):
+        return request.param
 
+    @pytest.fixture(params=[{"bandwidth": [0.7, 2.0]}], ids=["two_h"])
+    def gradient_options(self, request):
+        return request.param
 
-def test_reference_is_float64_accurate_in_float32():
-    # BD near equal variances (the log term ~1e-20: 7 digits lost by ln(1/4 (a/b + b/a + 2)))
-    # and EMD over a million values (float32 cdist: 1e-3 off at M = 4e6).
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(1, 4096, generator=generator, dtype=torch.float64)
-    q, k = x.float(), (x * (1 + 1e-9)).float()
-    assert_close_to_oracle(
-        rcl_ops.pairwise_bd(q, k, backend="reference"), bd_oracle(_as_numpy(q), _as_numpy(k), 1e-6), torch.float32
-    )
-    big_q = torch.randn(2, 1 << 20, generator=generator)
-    big_k = 0.5 * torch.randn(2, 1 << 20, generator=generator) + 3.0
-    want = np.abs(np.sort(_as_numpy(big_q), axis=1)[:, None] - np.sort(_as_numpy(big_k), axis=1)[None]).mean(axis=2)
-    assert relative_error(rcl_ops.pairwise_emd(big_q, big_k, backend="reference"), want) < 1e-6
+    def with_method(self, backend, options):
+        return {**options, "method": _mmd_method(backend)}
 
-
-# ---- gradients ----------------------------------------------------------------------------------
-
-DISTANCES = {
-    "emd": (rcl_ops.pairwise_emd, {}),
-    "emd_quantiles": (rcl_ops.pairwise_emd, {"num_quantiles": 5}),
-    "mmd": (rcl_ops.pairwise_mmd, {"bandwidth": [0.7, 2.0]}),
-    "bd": (rcl_ops.pairwise_bd, {}),
-}
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_gradcheck_over_seeds(backend, distance, seed):
-    fn, options = DISTANCES[distance]
-    if distance == "mmd":
-        options = {**options, "method": _mmd_method(backend)}
+    def gradcheck_options(self, backend, options):
+        options = self.with_method(backend, options)
         if backend == "triton":  # the grid is smooth in the values only between bin edges
             options["num_bins"] = 1 << 14
-    device = backend_device(backend)
-    q, k = _pair(torch.float64, bq=2, bk=3, m=6, seed=seed)
-    q, k = q.to(device).requires_grad_(True), k.to(device).requires_grad_(True)
-    atol = 1e-4 if options.get("method") == "grid" else 1e-5
-    assert torch.autograd.gradcheck(lambda a, b: fn(a, b, backend=backend, **options), (q, k), atol=atol)
+        return options
+
+    def check_at_scale(self, backend, q, k, qn, kn, scale, dtype):
+        method = _mmd_method(backend)
+        mmd = rcl_ops.pairwise_mmd(q, k, bandwidth=0.9 * scale, method=method, backend=backend)
+        want = mmd_oracle(qn, kn, [0.9])
+        if method == "grid":  # the grid's own accuracy: 1e-3 relative (test_mmd_grid.py)
+            assert relative_error(mmd, want) < 1e-3
+        else:
+            assert_close_to_oracle(mmd, want, dtype)
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    def test_default_bandwidth_and_moments_do_not_overflow_float32(self, backend):
+        # Values near 1e20: the variance (1e40) overflows float32, the distances do not.
+        device = backend_device(backend)
+        q, k = (t * 1e20 for t in seeded_pair(torch.float32))
+        q, k = q.to(device), k.to(device)
+        bandwidth = rcl_ops.default_bandwidth(q, k)
+        pooled = np.concatenate([as_numpy(q).ravel(), as_numpy(k).ravel()])
+        assert bandwidth.dtype == torch.float64 and abs(bandwidth.item() / pooled.std() - 1) < 1e-6
+        mmd = rcl_ops.pairwise_mmd(q, k, method=_mmd_method(backend), backend=backend)
+        assert torch.isfinite(mmd).all() and (mmd > 0).all()
+
+    @pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "triton"])
+    @pytest.mark.parametrize("unbiased", [False, True])
+    def test_direct_mmd_of_close_distributions_is_accurate(self, backend, unbiased):
+        # q and k differ by 1e-3 noise: MMD^2 ~ 1e-10..1e-3 of kernel means ~ 1, where float32
+        # sums cancelled to 1e-3 relative errors (and negative V-statistics).
+        device = backend_device(backend)
+        generator = torch.Generator().manual_seed(1)
+        q = torch.randn(2, 1500, generator=generator)
+        k = q + 1e-3 * torch.randn(2, 1500, generator=generator)
+        got = rcl_ops.pairwise_mmd(
+            q.to(device), k.to(device), bandwidth=1.0, method="direct", unbiased=unbiased, backend=backend
+        )
+        want = mmd_oracle(as_numpy(q), as_numpy(k), [1.0], unbiased)
+        assert relative_error(got, want, floor=1e-9) < 1e-4
+        if not unbiased:
+            assert (got >= 0).all()
+        if backend in NATIVE_BACKENDS:  # at least as accurate as the grid
+            grid = rcl_ops.pairwise_mmd(
+                q.to(device), k.to(device), bandwidth=1.0, method="grid", unbiased=unbiased, backend=backend
+            )
+            assert relative_error(got, want, floor=1e-9) <= relative_error(grid, want, floor=1e-9)
+
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    def test_bandwidth_limits(self, backend):
+        device = backend_device(backend)
+        q, k = (t.to(device) for t in seeded_pair(torch.float32))
+        method = _mmd_method(backend)
+        # 1e-30 is 0 after squaring in float32, finite in float64 (where the kernels evaluate it):
+        # the limit h -> 0 of the V-statistic, 1/M + 1/N for distinct values.
+        if method == "direct":
+            tiny = rcl_ops.pairwise_mmd(q, k, bandwidth=1e-30, method=method, backend=backend)
+            torch.testing.assert_close(tiny.cpu(), torch.full((3, 4), 2 / 24))
+        # Far beyond the data's range: every kernel value is 1, the MMD 0.
+        assert rcl_ops.pairwise_mmd(q, k, bandwidth=1e30, method=method, backend=backend).abs().max() < 1e-6
+        with pytest.raises(ValueError, match="overflows float64"):
+            rcl_ops.pairwise_mmd(q, k, bandwidth=1e-200, backend=backend)
+        for bad in (b"\x01", "1", bytearray(b"\x01")):
+            with pytest.raises(TypeError, match="bandwidth must be a float or a sequence"):
+                rcl_ops.pairwise_mmd(q, k, bandwidth=bad, backend=backend)
+
+    @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+    def test_grid_warns_where_its_accuracy_is_untested(self, backend):
+        device = backend_device(backend)
+        q, k = (t.to(device) for t in seeded_pair(torch.float32))
+        with rcl_ops_check_finite(True):
+            with pytest.warns(rcl_ops.GridAccuracyWarning, match=r"raise num_bins \(to \d+\) or use method='direct'"):
+                rcl_ops.pairwise_mmd(q, k, bandwidth=0.01, method="grid", num_bins=256, backend=backend)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", rcl_ops.GridAccuracyWarning)
+                rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)  # default bandwidth: range / h ~ 8
 
 
-@pytest.mark.parametrize("distance", ["emd", "bd"])
-def test_reference_supports_double_backward(distance):
-    fn, options = DISTANCES[distance]
-    q, k = _pair(torch.float64, bq=2, bk=3, m=6)
-    q, k = q.requires_grad_(True), k.requires_grad_(True)
-    assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b, backend="reference", **options), (q, k))
+class TestBD(LinearDistanceTester):
+    fn = staticmethod(rcl_ops.pairwise_bd)
+    distance = "bd"
 
+    @pytest.fixture(params=[{}], ids=["default"])
+    def options(self, request):
+        return request.param
 
-@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "reference"] + ["reference-mmd"])
-@pytest.mark.parametrize("distance", ["emd", "emd_quantiles", "mmd", "bd"])
-def test_second_derivative_raises_where_not_implemented(backend, distance):
-    # A gradient penalty on the contrastive loss: d/dq ||dL/dq||^2 needs second derivatives.
-    if backend == "reference-mmd":
-        if distance != "mmd":
-            pytest.skip("the reference supports double backward of EMD and BD")
-        backend = "reference"
-    fn, options = DISTANCES[distance]
-    if distance == "mmd":
-        options = {**options, "method": _mmd_method(backend)}
-    device = backend_device(backend)
-    q, k = _pair(torch.float64, bq=3, bk=3, m=6)
-    q = q.to(device).requires_grad_(True)
-    k = k.to(device)
-    loss = rcl_ops.residual_contrastive_loss(-fn(q, k, backend=backend, **options), temperature=0.5)
-    (grad_q,) = torch.autograd.grad(loss, q, create_graph=True)
-    with pytest.raises(RuntimeError, match="not implemented|no autograd formula was registered|once_differentiable"):
-        grad_q.square().sum().backward()
+    @pytest.fixture(params=[{}], ids=["default"])
+    def gradient_options(self, request):
+        return request.param
 
+    def check_at_scale(self, backend, q, k, qn, kn, scale, dtype):
+        assert_close_to_oracle(
+            rcl_ops.pairwise_bd(q, k, eps=1e-6 * scale**2, backend=backend), bd_oracle(qn, kn, 1e-6), dtype
+        )
 
-# ---- options validated in the precision of the computation ------------------------------------
+    @pytest.mark.parametrize("backend", ALL_BACKENDS)
+    def test_eps_limits(self, backend):
+        device = backend_device(backend)
+        q, k = (t.to(device) for t in seeded_pair(torch.float32))
+        # eps = 1e39 is inf in float32, but BD is computed from float64 moments: the limit ~0.
+        huge = rcl_ops.pairwise_bd(q, k, eps=1e39, backend=backend)
+        assert torch.isfinite(huge).all() and huge.max() < 1e-30
+        for bad in (float("inf"), float("nan"), -1.0):
+            with pytest.raises(ValueError, match="eps must be a non-negative finite float"):
+                rcl_ops.pairwise_bd(q, k, eps=bad, backend=backend)
+        with pytest.raises(TypeError, match="eps must be a real number"):
+            rcl_ops.pairwise_bd(q, k, eps=b"1", backend=backend)
 
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_bandwidth_limits(backend):
-    device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float32))
-    method = _mmd_method(backend)
-    # 1e-30 is 0 after squaring in float32, finite in float64 (where the kernels evaluate it):
-    # the limit h -> 0 of the V-statistic, 1/M + 1/N for distinct values.
-    if method == "direct":
-        tiny = rcl_ops.pairwise_mmd(q, k, bandwidth=1e-30, method=method, backend=backend)
-        torch.testing.assert_close(tiny.cpu(), torch.full((3, 4), 2 / 24))
-    # Far beyond the data's range: every kernel value is 1, the MMD 0.
-    assert rcl_ops.pairwise_mmd(q, k, bandwidth=1e30, method=method, backend=backend).abs().max() < 1e-6
-    with pytest.raises(ValueError, match="overflows float64"):
-        rcl_ops.pairwise_mmd(q, k, bandwidth=1e-200, backend=backend)
-    for bad in (b"\x01", "1", bytearray(b"\x01")):
-        with pytest.raises(TypeError, match="bandwidth must be a float or a sequence"):
-            rcl_ops.pairwise_mmd(q, k, bandwidth=bad, backend=backend)
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_eps_limits(backend):
-    device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float32))
-    # eps = 1e39 is inf in float32, but BD is computed from float64 moments: the limit ~0.
-    huge = rcl_ops.pairwise_bd(q, k, eps=1e39, backend=backend)
-    assert torch.isfinite(huge).all() and huge.max() < 1e-30
-    for bad in (float("inf"), float("nan"), -1.0):
-        with pytest.raises(ValueError, match="eps must be a non-negative finite float"):
-            rcl_ops.pairwise_bd(q, k, eps=bad, backend=backend)
-    with pytest.raises(TypeError, match="eps must be a real number"):
-        rcl_ops.pairwise_bd(q, k, eps=b"1", backend=backend)
-
-
-@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "reference"])
-def test_grid_warns_where_its_accuracy_is_untested(backend):
-    device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float32))
-    with rcl_ops_check_finite(True):
-        with pytest.warns(rcl_ops.GridAccuracyWarning, match=r"raise num_bins \(to \d+\) or use method='direct'"):
-            rcl_ops.pairwise_mmd(q, k, bandwidth=0.01, method="grid", num_bins=256, backend=backend)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", rcl_ops.GridAccuracyWarning)
-            rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)  # default bandwidth: range / h ~ 8
-
-
-# ---- one contract for the native and Triton op libraries ---------------------------------------
-
-SHARED_OPS = [
-    "sorted_quantiles",
-    "sorted_quantiles_backward",
-    "emd_pair",
-    "emd_pair_backward",
-    "moments",
-    "moments_backward",
-    "bd_pair",
-    "bd_pair_backward",
-    "mmd_grid",
-    "mmd_grid_backward",
-]
-BOTH_LIBRARIES = NATIVE_BACKENDS and "triton" in rcl_ops.available_backends()
-
-
-@pytest.mark.skipif(not BOTH_LIBRARIES, reason="needs the native and the Triton backends")
-@pytest.mark.parametrize("name", SHARED_OPS)
-def test_native_and_triton_ops_share_their_schema(name):
-    native = getattr(torch.ops.rcl_ops, name).default._schema
-    triton = getattr(torch.ops.rcl_ops_triton, name).default._schema
-    assert [(a.name, str(a.type)) for a in native.arguments] == [(a.name, str(a.type)) for a in triton.arguments]
-    assert [str(r.type) for r in native.returns] == [str(r.type) for r in triton.returns]
-
-
-@pytest.mark.skipif(not BOTH_LIBRARIES, reason="needs the native and the Triton backends")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_native_and_triton_ops_agree_on_dtypes_and_values(dtype):
-    device = backend_device("triton")
-    native_device = "cuda" if device == "cuda" and "cuda" in NATIVE_BACKENDS else "cpu"
-    q, k = _pair(dtype)
-    h = torch.tensor([0.8], dtype=torch.float64)
-    outputs = {}
-    for namespace, dev in (("rcl_ops", native_device), ("rcl_ops_triton", device)):
-        ops = getattr(torch.ops, namespace)
-        qd, kd, hd = q.to(dev), k.to(dev), h.to(dev)
-        sq, order = ops.sorted_quantiles(qd, 7)
-        sk, _ = ops.sorted_quantiles(kd, 7)
-        moments_q, moments_k = ops.moments(qd), ops.moments(kd)
-        outputs[namespace] = [
-            sq,
-            order,
-            ops.emd_pair(sq, sk),
-            *moments_q,
-            ops.bd_pair(*moments_q, *moments_k, 1e-6),
-            *ops.mmd_grid(qd, kd, hd, 64, False),
-        ]
-    for native, triton in zip(outputs["rcl_ops"], outputs["rcl_ops_triton"]):
-        assert native.dtype == triton.dtype and native.shape == triton.shape
-        torch.testing.assert_close(triton.cpu(), native.cpu(), rtol=1e-4, atol=1e-6)
-
-
-# ---- backward ops skip the gradients nobody needs --------------------------------------------
-
-
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("side", ["q", "k"])
-def test_gradient_of_one_side_only(backend, distance, side):
-    # One side held fixed (e.g. keys from a momentum encoder): the other's gradient is the one
-    # computed with both sides differentiable.
-    fn, options = DISTANCES[distance]
-    if distance == "mmd":
-        options = {**options, "method": _mmd_method(backend)}
-    device = backend_device(backend)
-    q, k = (t.to(device) for t in _pair(torch.float64, bq=3, bk=4, m=10))
-    weights = torch.randn(3, 4, dtype=torch.float64, device=device)
-
-    def grads(requires_q, requires_k):
-        a, b = q.clone().requires_grad_(requires_q), k.clone().requires_grad_(requires_k)
-        wanted = [t for t in (a, b) if t.requires_grad]
-        return torch.autograd.grad((fn(a, b, backend=backend, **options) * weights).sum(), wanted)
-
-    both = grads(True, True)
-    (only,) = grads(side == "q", side == "k")
-    torch.testing.assert_close(only, both[0 if side == "q" else 1])
-
-
-@pytest.mark.parametrize("namespace", ["rcl_ops", "rcl_ops_triton"])
-def test_backward_ops_return_placeholders_for_masked_sides(namespace):
-    if namespace == "rcl_ops" and not NATIVE_BACKENDS or namespace == "rcl_ops_triton" and "triton" not in ALL_BACKENDS:
-        pytest.skip(f"{namespace} is not loaded")
-    device = backend_device("triton" if namespace == "rcl_ops_triton" else NATIVE_BACKENDS[0])
-    ops = getattr(torch.ops, namespace)
-    q, k = (t.to(device) for t in _pair(torch.float32))
-    grad = torch.randn(3, 4, device=device)
-    sq, sk = ops.sorted_quantiles(q, 24)[0], ops.sorted_quantiles(k, 24)[0]
-    full_q, full_k = ops.emd_pair_backward(grad, sq, sk, [True, True])
-    only_q, skipped_k = ops.emd_pair_backward(grad, sq, sk, [True, False])
-    skipped_q, only_k = ops.emd_pair_backward(grad, sq, sk, [False, True])
-    assert skipped_k.numel() == 0 and skipped_q.numel() == 0
-    torch.testing.assert_close(only_q, full_q)
-    torch.testing.assert_close(only_k, full_k)
-    moments = (*ops.moments(q), *ops.moments(k))
-    grads = ops.bd_pair_backward(grad, *moments, 1e-6, [False, True])
-    assert [g.numel() for g in grads] == [0, 0, 4, 4]
-    h = torch.tensor([0.8], dtype=torch.float64, device=device)
-    _, grid, w_q, w_k = ops.mmd_grid(q, k, h, 64, False)
-    grad_q, grad_k = ops.mmd_grid_backward(grad, q, k, h, grid, w_q, w_k, 64, False, [True, False])
-    assert grad_q.shape == q.shape and grad_k.numel() == 0
+    def test_many_rows(self, compared_backend):
+        # More residuals than one BD tile (64 when interpreting, 32 compiled) on both sides.
+        device = backend_device(compared_backend)
+        q = torch.randn(67, 4, dtype=torch.float64, device=device)
+        k = torch.randn(70, 4, dtype=torch.float64, device=device) + 0.5
+        compare_with_reference(rcl_ops.pairwise_bd, {}, compared_backend, q, k)

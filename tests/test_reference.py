@@ -1,10 +1,12 @@
-"""The reference backend against independent formulas, and the loss against InfoNCE."""
+"""The reference backend against independent formulas (and in float32 against the float64 oracles of
+tests/utils.py), and the loss against InfoNCE."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import wasserstein_distance
+from utils import as_numpy, assert_close_to_oracle, bd_oracle, relative_error
 
 import rcl_ops
 from rcl_ops import reference
@@ -102,6 +104,21 @@ def test_bd_matches_closed_form():
         for j in range(k.shape[0]):
             expected = _bd_closed_form(q[i].flatten().numpy(), k[j].flatten().numpy(), 1e-6)
             assert got[i, j].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_reference_is_float64_accurate_in_float32():
+    # BD near equal variances (the log term ~1e-20: 7 digits lost by ln(1/4 (a/b + b/a + 2)))
+    # and EMD over a million values (float32 cdist: 1e-3 off at M = 4e6).
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4096, generator=generator, dtype=torch.float64)
+    q, k = x.float(), (x * (1 + 1e-9)).float()
+    assert_close_to_oracle(
+        rcl_ops.pairwise_bd(q, k, backend="reference"), bd_oracle(as_numpy(q), as_numpy(k), 1e-6), torch.float32
+    )
+    big_q = torch.randn(2, 1 << 20, generator=generator)
+    big_k = 0.5 * torch.randn(2, 1 << 20, generator=generator) + 3.0
+    want = np.abs(np.sort(as_numpy(big_q), axis=1)[:, None] - np.sort(as_numpy(big_k), axis=1)[None]).mean(axis=2)
+    assert relative_error(rcl_ops.pairwise_emd(big_q, big_k, backend="reference"), want) < 1e-6
 
 
 def test_distances_vanish_on_identical_inputs():

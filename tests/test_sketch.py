@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from utils import ALL_BACKENDS, backend_device
 
 import rcl_ops
-from tests.utils import ALL_BACKENDS, backend_device
 
 
 def _inputs(device, dtype=torch.float64):

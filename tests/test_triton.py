@@ -1,9 +1,11 @@
-"""The "triton" backend against the reference (and, for the binned-grid MMD, the native CPU op).
+"""The "triton" backend itself: its registration, the binned-grid MMD against the native CPU op
+and the exact sum, its kernels and ops (opcheck, argument checks), compilation for NVIDIA GPUs,
+autotuning and launches. (The distances on every backend against the reference, Triton
+included: test_ops.py.)
 
 On CPU-only machines the kernels run through the Triton interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1 before anything imports triton), so sizes are small and chosen to leave
-ragged tiles: Bq, Bk and K not multiples of the block sizes. On a GPU machine run with
-TRITON_INTERPRET=0 and the same tests run compiled on CUDA tensors.
+TRITON_INTERPRET=1 before anything imports triton), so sizes are small. On a GPU machine run
+with TRITON_INTERPRET=0 and the same tests run compiled on CUDA tensors.
 """
 
 import os
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from utils import TOLERANCE, assert_compiled_loss_matches_eager
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -27,7 +28,7 @@ if "triton" not in _backend._registry:
         f"the triton backend did not register: {_backend._unavailable_reasons.get('triton')}", allow_module_level=True
     )
 
-from rcl_ops.triton import _kernels, _ops  # noqa: E402
+from rcl_ops.triton import _common, _register  # noqa: E402
 
 TRITON = _backend._registry["triton"]
 DEVICES = [d for d in ("cpu", "cuda") if d in TRITON.device_types and (d == "cpu" or torch.cuda.is_available())]
@@ -36,7 +37,7 @@ DEVICES = [d for d in ("cpu", "cuda") if d in TRITON.device_types and (d == "cpu
 HAS_NATIVE_CPU = "cpu" in rcl_ops.available_backends("cpu")
 ops = torch.ops.rcl_ops_triton
 
-if _kernels.INTERPRET:
+if _common.INTERPRET:
     try:  # a kernel with loops over runtime bounds (they break triton 3.6's interpreter on numpy >= 2.4)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -47,56 +48,6 @@ if _kernels.INTERPRET:
 # triton 3.6's interpreter warns on every loop with a runtime bound (numpy >= 1.25); harmless
 # with the numpy < 2.4 of requirements-test.txt.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
-DISTANCES = [
-    ("emd", rcl_ops.pairwise_emd, {}),
-    ("emd_k_below_m", rcl_ops.pairwise_emd, {"num_quantiles": 37}),
-    ("emd_k_above_m", rcl_ops.pairwise_emd, {"num_quantiles": 150}),
-    ("bd", rcl_ops.pairwise_bd, {}),
-]
-DISTANCE_IDS = [d[0] for d in DISTANCES]
-
-
-def _compare(fn, options, q, k):
-    """Values and input gradients of the triton backend vs the reference, for a non-unit
-    grad_output."""
-    results, weights = [], None
-    for name in ("triton", "reference"):
-        qa = q.detach().clone().requires_grad_(True)
-        ka = k.detach().clone().requires_grad_(True)
-        out = fn(qa, ka, backend=name, **options)
-        weights = torch.randn_like(out) if weights is None else weights
-        grad_q, grad_k = torch.autograd.grad((out * weights).sum(), (qa, ka))
-        results.append((out, grad_q, grad_k))
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, **TOLERANCE[q.dtype])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=DISTANCE_IDS)
-def test_matches_reference(device, dtype, name, fn, options):
-    # Bq = 5, Bk = 7, M = K = 105: one ragged tile each way, K not a multiple of BLOCK_D.
-    q = torch.randn(5, 3, 5, 7, dtype=dtype, device=device)
-    k = (1.3 * torch.randn(7, 3, 5, 7, dtype=dtype) + 0.1).to(device)
-    _compare(fn, options, q, k)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=DISTANCE_IDS)
-def test_several_ragged_tiles(device, name, fn, options):
-    # Bq = 17, Bk = 19, K = 130: two tiles each way (the last ragged) over several K chunks.
-    q = torch.randn(17, 130, dtype=torch.float64, device=device)
-    k = torch.randn(19, 130, dtype=torch.float64, device=device) * 0.7 - 0.2
-    _compare(fn, options, q, k)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=DISTANCE_IDS)
-def test_long_rows(device, name, fn, options):
-    # M = 5000: several blocks per row in the sketch, scatter and moments loops.
-    q = torch.randn(2, 5000, dtype=torch.float64, device=device) + 3.0
-    k = torch.randn(3, 5000, dtype=torch.float64, device=device) * 2.0
-    _compare(fn, options, q, k)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,59 +59,9 @@ def test_moments_far_from_zero_in_float32(device):
     torch.testing.assert_close(var.double(), x.var(1), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bd_many_rows(device):
-    # More residuals than one BD tile (64 when interpreting, 32 compiled) on both sides.
-    q = torch.randn(67, 4, dtype=torch.float64, device=device)
-    k = torch.randn(70, 4, dtype=torch.float64, device=device) + 0.5
-    _compare(rcl_ops.pairwise_bd, {}, q, k)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name, fn, options", DISTANCES, ids=DISTANCE_IDS)
-def test_layouts_and_edge_shapes(device, name, fn, options):
-    base = torch.randn(4, 8, 6, 3, device=device, dtype=torch.float64)
-    channels_last = base.permute(0, 3, 1, 2)  # (4, 3, 8, 6), channels-last strides
-    assert not channels_last.is_contiguous()
-    k = torch.randn(6, 3, 8, 6, device=device, dtype=torch.float64)[::2]  # strided batch
-    _compare(fn, options, channels_last, k)
-    _compare(fn, options, channels_last[:1], k[:1])  # B = 1
-    _compare(fn, options, channels_last[:, 0, 0, :2], k[:, 0, 0, :2])  # M = 2
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_constant_residuals_and_ties(device):
-    q = torch.full((3, 2, 4, 4), 0.25, dtype=torch.float64, device=device)
-    k = torch.randn(2, 2, 4, 4, dtype=torch.float64, device=device)
-    k[1] = -1.0
-    for a, b in ((q, k), (q, q)):
-        for fn in (rcl_ops.pairwise_emd, rcl_ops.pairwise_bd):
-            got = fn(a, b, backend="triton")
-            torch.testing.assert_close(got, fn(a, b, backend="reference"), **TOLERANCE[torch.float64])
-            assert torch.isfinite(got).all()
-    q = torch.randint(-3, 4, (4, 200), device=device).float()  # ties in the sort
-    k = torch.randint(-2, 3, (3, 200), device=device).float()
-    expected = rcl_ops.pairwise_emd(q, k, backend="reference")
-    torch.testing.assert_close(rcl_ops.pairwise_emd(q, k, backend="triton"), expected)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_half_inputs(device):
-    q, k = torch.randn(4, 3, 6, 6, device=device), torch.randn(4, 3, 6, 6, device=device)
-    for fn in (rcl_ops.pairwise_emd, rcl_ops.pairwise_bd):
-        expected = fn(q, k, backend="triton")
-        for dtype in (torch.float16, torch.bfloat16):
-            qh = q.to(dtype).requires_grad_(True)
-            got = fn(qh, k.to(dtype), backend="triton")
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
-            got.sum().backward()
-            assert qh.grad.dtype == dtype and torch.isfinite(qh.grad.float()).all()
-
-
 def test_backend_registration():
     assert TRITON.mmd_methods == ("grid",)
-    assert set(TRITON.device_types) == ({"cpu", "cuda"} if _kernels.INTERPRET else {"cuda"})
+    assert set(TRITON.device_types) == ({"cpu", "cuda"} if _common.INTERPRET else {"cuda"})
     # "auto" never picks triton on CPU, and prefers the native CUDA kernels until
     # `make gpu-check` measurements say otherwise (see rcl_ops/triton/__init__.py).
     assert "triton" not in _backend._AUTO_ORDER.get("cpu", ())
@@ -234,7 +135,7 @@ def test_grid_kernels_match_definition(device):
         torch.testing.assert_close(got, interpolated.to(dtype))
 
 
-# ---- opcheck of every op, torch.compile ---------------------------------------------------
+# ---- opcheck of every op ------------------------------------------------------------------
 
 
 def _op_samples(device, dtype):
@@ -279,8 +180,8 @@ DIFFERENTIABLE = {"moments", "bd_pair", "sorted_quantiles", "emd_pair", "mmd_gri
 def test_opcheck_every_op(device):
     samples = _op_samples(device, torch.float64)
     checked = {op._name for op, _ in samples}
-    defined = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith(f"{_ops.NAMESPACE}::")}
-    assert defined == {f"{op._namespace}::{op._name}" for op in _ops.OPS}
+    defined = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith(f"{_common.NAMESPACE}::")}
+    assert defined == {f"{op._namespace}::{op._name}" for op in _register.OPS}
     assert defined <= checked, f"ops without an opcheck sample: {sorted(defined - checked)}"
     for op, args in samples:
         differentiable = op._name.split("::")[1] in DIFFERENTIABLE
@@ -311,17 +212,8 @@ def test_ops_reject_bad_arguments(device):
         ops.bd_pair_backward(torch.ones(2, 2, device=device), *ops.moments(x), *ops.moments(x), 1e-6, [True, True])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("distance", ["emd", "bd"])
-def test_compiled_loss_fullgraph(device, distance):
-    loss_fn = rcl_ops.ResidualContrastiveLoss(distance, temperature=0.2, backend="triton")
-    q = torch.randn(6, 3, 5, 7, device=device, requires_grad=True)
-    k = torch.randn(6, 3, 5, 7, device=device, requires_grad=True)
-    assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="aot_eager")
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+@pytest.mark.skipif(_common.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 def test_autotuning_keeps_first_calls_quick():
     # Compile every config once at a small size (cold: seconds, or milliseconds from the
     # Triton disk cache), then the first call at the benchmarks' B=64, 3x64x64 only re-tunes:
@@ -380,7 +272,7 @@ def test_launchers_switch_to_the_tensors_gpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
-    launched = _kernels.on_tensor_device(lambda x, y: (x, y))
+    launched = _common.on_tensor_device(lambda x, y: (x, y))
     assert launched(FakeCudaTensor(1), 7)[1] == 7 and entered == [torch.device("cuda", 1)]
     launched(FakeCudaTensor(0), 7)
     launched(torch.zeros(1), 7)
@@ -388,7 +280,7 @@ def test_launchers_switch_to_the_tensors_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_kernels.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
+@pytest.mark.skipif(_common.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_grid_binning_honours_deterministic_mode(backend):
     if backend not in rcl_ops.available_backends("cuda"):

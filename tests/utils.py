@@ -1,9 +1,14 @@
-"""Shared helpers of the tests: the backends to parametrise over, their devices, tolerances
-against float64 oracles and the torch.compile comparison (trainer-only helpers: tests/train/helpers.py).
-(conftest.py holds only pytest hooks and fixtures; it sets TRITON_INTERPRET before rcl_ops is imported.)"""
+"""Shared helpers of the tests: the backends to parametrise over, their devices, the float64
+oracles of the distances (numpy, independent of rcl_ops) and tolerances against them, the
+comparison of a backend with the reference and the torch.compile comparison (trainer-only helpers:
+tests/train/helpers.py). (conftest.py holds only pytest hooks and fixtures; it sets TRITON_INTERPRET
+before rcl_ops is imported.) Tests import them as ``from utils import ...``."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 import rcl_ops
@@ -12,6 +17,8 @@ NATIVE_BACKENDS = [name for name in ("cpu", "cuda") if name in rcl_ops.available
 # Every backend that runs in this session: the reference, the native ones, and Triton (compiled
 # on a GPU, interpreted on CPU tensors otherwise).
 ALL_BACKENDS = ["reference", *NATIVE_BACKENDS] + (["triton"] if "triton" in rcl_ops.available_backends() else [])
+# The backends with kernels of their own (native and Triton): compared with the reference.
+KERNEL_BACKENDS = [name for name in ALL_BACKENDS if name != "reference"]
 
 # Backend results against the reference (same dtype): float32 kernels round differently.
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.float64: {"atol": 1e-10, "rtol": 1e-9}}
@@ -25,6 +32,15 @@ def backend_device(backend: str) -> str:
     if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
         return "cuda"
     return "cpu"
+
+
+def seeded_pair(dtype=torch.float32, bq=3, bk=4, m=24, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k): bq and bk rows of m values from a generator seeded with ``seed`` (k wider and
+    shifted), drawn in float64 and rounded to ``dtype``."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(bq, m, generator=generator, dtype=torch.float64)
+    k = 1.3 * torch.randn(bk, m, generator=generator, dtype=torch.float64) + 0.2
+    return q.to(dtype), k.to(dtype)
 
 
 def _float64(x) -> torch.Tensor:
@@ -42,6 +58,64 @@ def assert_close_to_oracle(got: torch.Tensor, want: torch.Tensor, dtype: torch.d
     |want| (or to floor where |want| is smaller)."""
     error = relative_error(got, want, floor)
     assert error <= ORACLE_RTOL[dtype], f"relative error {error:.3g} > {ORACLE_RTOL[dtype]} ({dtype})"
+
+
+def compare_with_reference(fn, options, backend, q, k) -> None:
+    """Values and input gradients of ``fn(q, k, backend=backend, **options)`` against the
+    reference backend's (without the ``method`` option, which the reference does not take), for
+    the same random non-unit grad_output, within TOLERANCE of q's dtype."""
+    results, weights = [], None
+    reference_options = {key: value for key, value in options.items() if key != "method"}
+    for name, opts in ((backend, options), ("reference", reference_options)):
+        qa = q.detach().clone().requires_grad_(True)
+        ka = k.detach().clone().requires_grad_(True)
+        out = fn(qa, ka, backend=name, **opts)
+        weights = torch.randn_like(out) if weights is None else weights
+        grad_q, grad_k = torch.autograd.grad((out * weights).sum(), (qa, ka))
+        results.append((out, grad_q, grad_k))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **TOLERANCE[q.dtype])
+
+
+# ---- float64 oracles (numpy, independent of rcl_ops) ----------------------------------------
+
+
+def emd_oracle(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Exact W1 between equal-size empirical distributions: mean |sorted q - sorted k|."""
+    sq, sk = np.sort(q, axis=1), np.sort(k, axis=1)
+    return np.abs(sq[:, None, :] - sk[None, :, :]).mean(axis=2)
+
+
+def mmd_oracle(q: np.ndarray, k: np.ndarray, bandwidths, unbiased: bool = False) -> np.ndarray:
+    """Squared MMD by the double sum over all value pairs, in float64."""
+
+    def kernel_mean(a, b, drop_diagonal):
+        d = a[:, None] - b[None, :]
+        values = sum(np.exp(-(d * d) / (2.0 * h * h)) for h in bandwidths)
+        if drop_diagonal:
+            return (values.sum() - np.trace(values)) / (len(a) * (len(a) - 1))
+        return values.mean()
+
+    out = np.empty((len(q), len(k)))
+    for i, x in enumerate(q):
+        for j, y in enumerate(k):
+            out[i, j] = kernel_mean(x, x, unbiased) + kernel_mean(y, y, unbiased) - 2 * kernel_mean(x, y, False)
+    return out
+
+
+def bd_oracle(q: np.ndarray, k: np.ndarray, eps: float) -> np.ndarray:
+    """Eq. 6 between the fitted Gaussians, with math.log1p of (a - b)^2 / (4 a b)."""
+    out = np.empty((len(q), len(k)))
+    for i, x in enumerate(q):
+        for j, y in enumerate(k):
+            a, b = np.var(x, ddof=1) + eps, np.var(y, ddof=1) + eps
+            out[i, j] = 0.25 * math.log1p((a - b) ** 2 / (4 * a * b)) + 0.25 * (x.mean() - y.mean()) ** 2 / (a + b)
+    return out
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A batch as float64 (B, M) numpy rows, the oracles' input."""
+    return x.detach().double().cpu().reshape(x.shape[0], -1).numpy()
 
 
 def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"):

@@ -96,7 +96,8 @@ constexpr int64_t kGradChunk = 256;  // K values per backward task
 // Adds one (kTile x kTile) block of D's sums over K values [c, end) to acc (row stride n).
 // Per 64-byte vector of K values, the block's kTile q rows and kTile key rows are loaded
 // once and all kTile^2 sums of |difference| accumulate in registers (AVX-512: 16
-// accumulators; 1.5x faster than streaming each pair, as fast on AVX2), as float lanes
+// accumulators; faster than streaming each pair, as fast on AVX2: see
+// benchmarks/results/design-measurements.md), as float lanes
 // within the chunk, then in double. Edge blocks repeat their last row (results unused).
 struct Block {
   int64_t i0, j0, ni, nj;

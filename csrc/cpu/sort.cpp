@@ -124,19 +124,19 @@ bool finish_nearly_sorted(float* sorted, order_t* order, int64_t count, int64_t 
 
 // Sorts one row of float32, writing the sorted values and the source index of each; stable.
 // Rows of up to kTwoPassMaxCount values: two radix passes on the top 24 bits of the keys
-// (12-bit digits: 10% faster than 11-bit ones at 12,288 values per row, whose 22 bits leave
-// four times as many values out of order) leave only values within a relative 2^-15 of each
-// other out of order, which an insertion pass puts right; rows where it would move too much
-// (values crowded into a tiny range) get the full three passes. Longer rows hold more such
-// near-ties, so the insertion pass costs more than the third radix pass it saves (measured:
-// two passes 5-10% faster at 24,576 values per row, 20% slower at 49,152): they get the
-// three 11-bit passes directly.
+// (12-bit digits: faster than 11-bit ones, whose 22 bits leave four times as many values out
+// of order) leave only values within a relative 2^-15 of each other out of order, which an
+// insertion pass puts right; rows where it would move too much (values crowded into a tiny
+// range) get the full three passes. Longer rows hold more such near-ties, so the insertion
+// pass costs more than the third radix pass it saves: they get the three 11-bit passes
+// directly. (The digit width and the threshold are measured:
+// benchmarks/results/design-measurements.md.)
 constexpr int64_t kTwoPassMaxCount = 24576;
 
 // Rows of at most kInsertionMaxCount values: a stable insertion sort on the same keys (same
 // order, ties and signed zeros as the radix passes), since zeroing and scanning the radix
-// passes' 4096-bucket histograms costs more than the whole sort of a short row (8 rows of
-// 16 values: 47 us by radix).
+// passes' 4096-bucket histograms costs more than the whole sort of a short row
+// (benchmarks/results/design-measurements.md).
 constexpr int64_t kInsertionMaxCount = 64;
 
 void insertion_sort_row(const float* x, int64_t count, float* sorted, order_t* order) {

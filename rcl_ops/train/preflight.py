@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .._backend import resolve_backend
+from .. import select_backend
 from .config import TrainConfig
 from .methods import METHODS
 from .models import DEFAULT_DEPTH, DEFAULT_WIDTH, ResNet50Encoder, configured_model, layer_output_count
@@ -68,7 +68,7 @@ def check_machine(config: TrainConfig, device: torch.device) -> None:
         raise RunError(f"--threads {config.threads} exceeds the {cpus} CPUs of this machine")
     if any(m.startswith("rcl-") for m in config.methods) or config.plots:
         try:
-            resolve_backend(config.distance_backend, device, "--distance-backend")
+            select_backend(config.distance_backend, device, where="--distance-backend")
         except (ValueError, RuntimeError) as error:
             raise RunError(str(error)) from error
     estimate = estimate_memory(config)

@@ -1,17 +1,20 @@
 """The "triton" backend: Triton kernels for the pairwise EMD, binned-grid MMD and BD.
 
-Same sketch-then-pair structure as the native kernels (rcl_ops/_native.py):
+Same sketch-then-pair structure as the native kernels (rcl_ops/_native.py), one module per op
+(kernels, launchers and custom ops):
 
-- EMD: ``quantiles`` (torch.sort, then a Triton kernel interpolating the K mid-level
-  quantiles) and ``emd_pair``, a GEMM-like (Bq, Bk) tiling that loops over K (split over K
-  into partial sums when the tile grid alone would not fill the GPU); the backward is two
+- ``emd.py``: ``sorted_quantiles`` (torch.sort, then a Triton kernel interpolating the K
+  mid-level quantiles) and ``emd_pair``, a GEMM-like (Bq, Bk) tiling that loops over K (split
+  over K into partial sums when the tile grid alone would not fill the GPU); the backward is two
   deterministic kernels (q side, k side) and one kernel adding each quantile's gradient onto
   its order statistics through the sort order.
-- BD: ``moments`` (one program per row, corrected two-pass mean/variance) and ``bd_pair``
-  (element-wise over (Bq, Bk) tiles, log1p form of Eq. 6); backward kernels for both.
-- MMD: ``mmd_grid``, the algorithm of csrc/mmd_grid.cpp composed in Python from two Triton
-  kernels (linear binning with fp64 atomics, interpolation of the gradient field) and
+- ``bd.py``: ``moments`` (one program per row, corrected two-pass mean/variance) and
+  ``bd_pair`` (element-wise over (Bq, Bk) tiles, log1p form of Eq. 6); backward kernels for both.
+- ``mmd.py``: ``mmd_grid``, the algorithm of csrc/mmd_grid.cpp composed in Python from two
+  Triton kernels (linear binning with fp64 atomics, interpolation of the gradient field) and
   torch.fft / float64 GEMMs. Only method="grid".
+- ``_common.py``: what they share (autotuning, launch helpers, argument checks);
+  ``_register.py``: the fake kernels, autograd and the backend's registration.
 
 All are ``torch.library.custom_op``s in the ``rcl_ops_triton`` namespace with fake kernels
 and autograd, so torch.compile(fullgraph=True) and opcheck work. The backend runs on CUDA
@@ -20,14 +23,13 @@ tensors through the Triton interpreter, which is how the test suite exercises th
 on CPU-only machines.
 
 backend="auto" on CUDA: rcl_ops/_backend.py's _AUTO_ORDER tries "cuda" first, then
-"triton": measured on an H200 (`make gpu-check`), the C++ kernels are 1.8x (EMD), 1.7x (grid
-MMD) and 5.8x (BD) faster than these at B=64, 3x128x128, and 2.0-8.4x lighter on the host at
-B=8, M=16; the numbers are in _backend.py and the README. On a GPU the grid binning and, for
-K != M, the quantile scatter add with float atomics (last bits vary between runs); both honour
-torch.use_deterministic_algorithms (error, or a warning with warn_only=True). The compiled
-kernels use Triton's default fp32 division and FMA contraction, where math.h's shared CPU/CUDA
-code rounds each step: GPU Triton results differ from the native ones in the last bits, within
-the tests' float32 tolerances (rtol 1e-4).
+"triton": measured on an H200 (`make gpu-check`), the C++ kernels are faster than these for
+every distance, and lighter on the host (the numbers: benchmarks/results/design-measurements.md
+and the README). On a GPU the grid binning and, for K != M, the quantile scatter add with float
+atomics (last bits vary between runs); both honour torch.use_deterministic_algorithms (error,
+or a warning with warn_only=True). The compiled kernels use Triton's default fp32 division and
+FMA contraction, where math.h's shared CPU/CUDA code rounds each step: GPU Triton results differ
+from the native ones in the last bits, within the tests' float32 tolerances (rtol 1e-4).
 
 Needs triton (tested with 3.6.0, as shipped beside the CUDA builds of torch 2.11). When
 triton cannot be imported, or the kernels fail to load, nothing is registered and
@@ -55,7 +57,7 @@ except ImportError as error:
     UNAVAILABLE_REASON = f"triton is not installed ({error})"
 else:
     try:
-        from . import _ops  # noqa: F401  defines the ops and registers the backend
+        from . import _register  # noqa: F401  defines the ops and registers the backend
     except Exception as error:
         # An incompatible triton (the error comes from inside triton) leaves the backend
         # unavailable and rcl_ops importable; an error of our own code propagates.

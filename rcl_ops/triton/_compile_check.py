@@ -25,7 +25,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from . import _kernels as K  # noqa: E402
+from . import bd, emd, mmd  # noqa: E402
+from ._common import ELEMENT_BLOCK  # noqa: E402
 
 # Pointer arguments whose element type does not follow the values' dtype.
 _POINTER_TYPES = {"order_ptr": "*i64", "lo_ptr": "*fp64", "step_ptr": "*fp64", "field_ptr": "*fp64"}
@@ -63,25 +64,25 @@ def _jobs():
             yield kernel, dict(config.kwargs), config.num_warps, config.num_stages, ()
         yield kernel, dict(configs[0].kwargs), configs[0].num_warps, configs[0].num_stages, ones
 
-    yield from from_configs(K._emd_pair_kernel, K._EMD_PAIR_CONFIGS, ("Bq", "Bk", "K", "chunk"))
-    yield from from_configs(K._emd_side_grad_kernel, K._EMD_SIDE_CONFIGS, ("Bx", "By", "K", "stride_gy"))
-    element = {"BLOCK": K._ELEMENT_BLOCK}
+    yield from from_configs(emd._emd_pair_kernel, emd._EMD_PAIR_CONFIGS, ("Bq", "Bk", "K", "chunk"))
+    yield from from_configs(emd._emd_side_grad_kernel, emd._EMD_SIDE_CONFIGS, ("Bx", "By", "K", "stride_gy"))
+    element = {"BLOCK": ELEMENT_BLOCK}
     rows_of_one = ("num_values", "num_quantiles", "blocks_per_row")
     for ones in ((), rows_of_one):
-        yield K._quantile_interpolate_kernel, element, 4, 2, ones
+        yield emd._quantile_interpolate_kernel, element, 4, 2, ones
         for interpolate in (True, False):
-            yield K._quantile_scatter_kernel, {**element, "INTERPOLATE": interpolate}, 4, 2, ones
+            yield emd._quantile_scatter_kernel, {**element, "INTERPOLATE": interpolate}, 4, 2, ones
     for ones in ((), ("count", "count_minus_one")):
-        yield K._moments_kernel, {"BLOCK": K._MOMENTS_BLOCK}, 8, 2, ones
-        yield K._moments_backward_kernel, element, 4, 2, ones + ("blocks_per_row",)
-    bd_tile = {"BLOCK_Q": K._BD_BLOCK, "BLOCK_K": K._BD_BLOCK}
+        yield bd._moments_kernel, {"BLOCK": bd._MOMENTS_BLOCK}, 8, 2, ones
+        yield bd._moments_backward_kernel, element, 4, 2, ones + ("blocks_per_row",)
+    bd_tile = {"BLOCK_Q": bd._BD_BLOCK, "BLOCK_K": bd._BD_BLOCK}
     for ones in ((), ("Bq", "Bk")):
-        yield K._bd_pair_kernel, bd_tile, 4, 2, ones
+        yield bd._bd_pair_kernel, bd_tile, 4, 2, ones
     for ones in ((), ("Bx", "By", "stride_gy")):
-        yield K._bd_side_grad_kernel, {"BLOCK_X": 32, "BLOCK_Y": 64}, 4, 2, ones
+        yield bd._bd_side_grad_kernel, {"BLOCK_X": 32, "BLOCK_Y": 64}, 4, 2, ones
     for ones in ((), ("count", "blocks_per_row")):
-        yield K._grid_bin_kernel, element, 4, 2, ones
-        yield K._grid_interpolate_kernel, element, 4, 2, ones
+        yield mmd._grid_bin_kernel, element, 4, 2, ones
+        yield mmd._grid_interpolate_kernel, element, 4, 2, ones
 
 
 def _ptxas_info(ptx: str, arch: int) -> str:
