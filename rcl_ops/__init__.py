@@ -3,7 +3,7 @@
 from . import reference  # noqa: F401  registers the "reference" backend (the tests' oracle)
 from ._backend import BACKEND_NAMES, available_backends, mark_unavailable, select_backend
 from ._checks import check_finite_enabled, set_check_finite
-from .losses import ResidualContrastiveLoss, residual_contrastive_loss
+from .losses import DISTANCES, ResidualContrastiveLoss, residual_contrastive_loss
 from .ops import GridAccuracyWarning, default_bandwidth, pairwise_bd, pairwise_emd, pairwise_mmd
 from .sketch import Sketch, bd_sketch, emd_sketch, mmd_sketch
 
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKEND_NAMES",
+    "DISTANCES",
     "GridAccuracyWarning",
     "ResidualContrastiveLoss",
     "Sketch",

@@ -37,8 +37,16 @@ RUNS = {
 # check refuses it (trainer README): run it anyway, the check's numbers are compared like the rest.
 RUNS["table5"] += ["--ignore-contrast-check"]
 # Fields that measure time or name where and how the run was launched: they differ between any two runs.
-MACHINE_FIELDS = {"seconds", "wall_seconds", "finetune_seconds", "pretrain_seconds", "run_dir", "command"}
-TIME_LINE = re.compile(r"\d+(\.\d+)? s\b|wall|seconds", re.IGNORECASE)
+MACHINE_FIELDS = {
+    "seconds",
+    "wall_seconds",
+    "finetune_seconds",
+    "pretrain_seconds",
+    "run_dir",
+    "output_dir",
+    "command",
+}
+TIME_LINE = re.compile(r"\d+(\.\d+)? (s|min)\b|wall|seconds|minutes", re.IGNORECASE)
 
 
 def _without_machine_fields(value):
@@ -74,6 +82,15 @@ def record(folder: Path, names: list[str] | None = None) -> None:
             print(f"{name}: recorded", flush=True)
 
 
+def _comparable(path: Path) -> bytes:
+    """A recorded file without what differs between any two runs (applied again at comparison time, so a
+    baseline recorded with fewer exclusions still compares)."""
+    if path.suffix == ".json":
+        summary = _without_machine_fields(json.loads(path.read_text()))
+        return (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode()
+    return (_without_time_lines(path.read_text()) + "\n").encode()
+
+
 def compare(baseline: Path) -> int:
     """Record afresh and compare with ``baseline``; the number of files that differ."""
     with tempfile.TemporaryDirectory(prefix="rcl-behaviour-now-") as now:
@@ -82,7 +99,7 @@ def compare(baseline: Path) -> int:
         for before in sorted(baseline.rglob("*")):
             if before.is_file():
                 after = Path(now) / before.relative_to(baseline)
-                same = after.exists() and after.read_bytes() == before.read_bytes()
+                same = after.exists() and _comparable(after) == _comparable(before)
                 differ += not same
                 print(f"{'same' if same else 'DIFFERS'}: {before.relative_to(baseline)}")
         return differ

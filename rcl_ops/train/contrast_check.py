@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import rcl_ops
-from rcl_ops.losses import DISTANCES
 
 from .data import CropBatch, CropSampler
 from .diagnostics import contrastive_chance, retrieval_accuracy
@@ -38,7 +37,7 @@ OVERSMOOTHING_SIGMA = 1.5  # pixels: a blur that removes most noise and the fine
 # had median 0.24 and maximum 17 over 32 batches), so a mean over a handful of batches can flip the answer
 # (6 batches did, 32 did not).
 CHECK_BATCHES = 32
-PAIRWISE = DISTANCES  # the library's distance functions by name
+PAIRWISE = rcl_ops.DISTANCES  # the library's distance functions by name
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float = OVERSMOOTHING_SIGMA) -> torch.Tensor:

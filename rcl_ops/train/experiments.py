@@ -11,7 +11,7 @@ so they test the pipeline and show what happens at that scale, not whether the p
 from __future__ import annotations
 
 from .data import TASK_TITLES
-from .methods import spec_of
+from .methods import SL_PROTOCOL, spec_of
 from .presets import RCL_CONTROLS, TABLE_TASKS
 from .tables import mean_std_cell
 
@@ -211,12 +211,12 @@ def _label_comparison(table: dict, summary: dict, name: str) -> list[str]:
     lines += ["", "Ours (PSNR / SSIM, mean ± std over seeds; RCL+SL fine-tunes every layer of the RCL network):", ""]
     if not study:
         return [*lines, "(no label-efficiency results in this run)"]
-    rcl = next((p for p in study["protocols"] if p != "sl"), None)
+    rcl = next((p for p in study["protocols"] if p != SL_PROTOCOL), None)
     lines += ["| # labels | SL | RCL + SL |", "|---|---|---|"]
     zero = study["zero_labels"].get(rcl)
     lines.append(f"| 0 | - | {_pair(zero)} |")
     for count in study["levels"]:
-        cells = [_pair(study["table"].get(protocol, {}).get(str(count))) for protocol in ("sl", rcl)]
+        cells = [_pair(study["table"].get(protocol, {}).get(str(count))) for protocol in (SL_PROTOCOL, rcl)]
         lines.append(f"| {count} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"- {c['sentence']}" for c in study.get("comparisons", [])]

@@ -208,6 +208,7 @@ def _registry() -> dict[str, MethodSpec]:
 METHODS: dict[str, MethodSpec] = _registry()
 # Names that stand for a method with --distance: 'rcl' -> 'rcl-<distance>', 'contrast' -> 'contrast-<distance>'.
 DISTANCE_ALIASES = ("rcl", "contrast")
+SL_PROTOCOL = "sl"  # the label study's baseline: supervised training from the seed's initialisation (not a method)
 SUPERVISED_PREFIX = "sl-"  # 'sl-<task>': its task by any of the task's names ('sl-denoise' on RAW is 'sl-jdd')
 
 
@@ -264,6 +265,11 @@ def method_title(key: str) -> str:
     """Display name of a variant key or method name ('rcl-emd+random' -> 'RCL-EMD (g_e: random)'); the key
     itself in capitals for a name outside the registry."""
     return variant(key).title if spec_of(key) is not None else key.upper()
+
+
+def protocol_title(protocol: str) -> str:
+    """A label-study protocol's title: 'SL', or 'RCL+SL [<the RCL variant's title>]'."""
+    return "SL" if protocol == SL_PROTOCOL else f"RCL+SL [{method_title(protocol)}]"
 
 
 def supervised_method(task: str) -> MethodSpec:

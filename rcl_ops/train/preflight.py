@@ -66,7 +66,8 @@ def check_machine(config: TrainConfig, device: torch.device) -> None:
     cpus = os.cpu_count()
     if config.threads is not None and cpus is not None and config.threads > cpus:
         raise RunError(f"--threads {config.threads} exceeds the {cpus} CPUs of this machine")
-    if any(m.startswith("rcl-") for m in config.methods) or config.plots:
+    # every RCL objective (controls included) computes the distances, so do the figures
+    if any(METHODS[m].family == "rcl" for m in config.methods) or config.plots:
         try:
             select_backend(config.distance_backend, device, where="--distance-backend")
         except (ValueError, RuntimeError) as error:

@@ -17,7 +17,7 @@ from .data import DENOISING_TASK, TASK_TITLES
 from .evaluate import TestScores
 from .files import atomic_path, write_json_atomically, write_text_atomically
 from .intervals import paired_psnr
-from .methods import controls_of, method_title, spec_of
+from .methods import SL_PROTOCOL, controls_of, method_title, protocol_title, spec_of
 from .rows import flag_below_input, input_row, mean_std, method_rows, task_runs
 from .tables import format_table
 
@@ -116,7 +116,7 @@ def _label_versus(
     """RCL+SL (``protocol``) with ``count`` labels against SL with ``baseline_count``: their paired_psnr and
     a sentence; None without a shared seed."""
     mine = {r["seed"]: r["psnr_per_image"] for r in _label_runs(label_results, protocol, count)}
-    theirs = {r["seed"]: r["psnr_per_image"] for r in _label_runs(label_results, "sl", baseline_count)}
+    theirs = {r["seed"]: r["psnr_per_image"] for r in _label_runs(label_results, SL_PROTOCOL, baseline_count)}
     paired = paired_psnr(mine, theirs, names)
     if paired is None:
         return None
@@ -428,7 +428,7 @@ def plot_label_efficiency(path: Path, study: dict) -> None:
     for protocol in study["protocols"]:
         entries = study["table"][protocol]
         counts = [int(c) for c in entries]
-        label = "SL" if protocol == "sl" else f"RCL+SL [{method_title(protocol)}]"
+        label = protocol_title(protocol)
         means = [entries[str(c)]["psnr"]["mean"] for c in counts]
         stds = [entries[str(c)]["psnr"]["std"] for c in counts]
         line = ax.errorbar(counts, means, yerr=stds, marker="o", capsize=3, label=label)

@@ -7,7 +7,7 @@ import math
 import statistics
 
 from .data import DENOISING_TASK, TASK_TITLES
-from .methods import DEFAULT_TEMPERATURES, METHODS, method_title
+from .methods import DEFAULT_TEMPERATURES, METHODS, protocol_title
 
 
 def mean_std_cell(stats: dict, digits: int) -> str:
@@ -91,7 +91,7 @@ def _contrast_check_lines(checks: dict[str, dict[str, dict]]) -> list[str]:
 
 def _label_table(study: dict) -> list[str]:
     protocols = study["protocols"]
-    header = ["# Labels"] + [("SL" if p == "sl" else f"RCL+SL [{method_title(p)}]") + " PSNR / SSIM" for p in protocols]
+    header = ["# Labels"] + [protocol_title(p) + " PSNR / SSIM" for p in protocols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     zero = ["0", "-"] + [
         f"{mean_std_cell(study['zero_labels'][p]['psnr'], 2)} / {mean_std_cell(study['zero_labels'][p]['ssim'], 4)}"

@@ -32,7 +32,7 @@ from .encoder_pretraining import self_supervised_encoder
 from .evaluate import ProxySettings, evaluate_naive
 from .images import DataError, check_image_sizes, load_split
 from .losses import DISTANCE_SCALES
-from .methods import METHODS, ObjectiveInputs, build_objective, contrast_distance, variant
+from .methods import METHODS, SL_PROTOCOL, ObjectiveInputs, build_objective, contrast_distance, variant
 from .models import ResNet50Encoder, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
 from .pretraining import RunContext, initial_network
@@ -257,7 +257,7 @@ class Experiment:
         """SL and RCL+SL (each RCL variant) at every label count. Rank 0's, like the proxy evaluation (the
         others wait at the next seed's pre-training)."""
         rcl_keys = [k for k in self.keys if variant(k).method.family == "rcl"]
-        protocols = ["sl", *rcl_keys] if self.ranks.is_main else []
+        protocols = [SL_PROTOCOL, *rcl_keys] if self.ranks.is_main else []
         found = []
         for protocol in protocols:
             for count in self.label_levels:

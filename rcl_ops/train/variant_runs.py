@@ -20,7 +20,7 @@ from .data import DENOISING_TASK, CropSampler
 from .evaluate import ProxySettings, TestScores, evaluate_restorer, proxy_evaluate, train_supervised
 from .files import DamagedFileError, atomic_path, read_json, write_json_atomically
 from .losses import DISTANCE_SCALES, fraction_positive, residual_distance_gaps
-from .methods import variant
+from .methods import SL_PROTOCOL, variant
 from .models import configured_model
 from .pretraining import pretrain
 from .seeding import seeded_generator
@@ -230,7 +230,7 @@ class VariantRunner:
                 self.context.say(f"  {tag}: {error}; computing this result again")
         model = configured_model(config)
         model.load_state_dict(initial_state)
-        if protocol != "sl":
+        if protocol != SL_PROTOCOL:
             load_checkpoint(self.run_dir / "checkpoints" / protocol / f"seed{seed}" / "pretrained.safetensors", model)
         settings = dataclasses.replace(self.proxy_settings, steps=config.sl_steps, lr=config.sl_lr)
 
