@@ -2,7 +2,8 @@
 table1 .. table5`` and of ``--preset quick``, through the command line, then every number they wrote.
 
     python scripts/check_behaviour.py record runs/behaviour-before     # on the commit before the change
-    python scripts/check_behaviour.py compare runs/behaviour-before    # after it: exit 1 on any difference
+    python scripts/check_behaviour.py compare runs/behaviour-before    # after it (into runs/behaviour-before-now):
+                                                                       # exit 1 on any difference
 
 Compared byte for byte: each run's results.json (without the fields that measure time or name the run
 folder and command line, listed in ``MACHINE_FIELDS``), results.md and paper_comparison.md (without their
@@ -91,18 +92,18 @@ def _comparable(path: Path) -> bytes:
     return (_without_time_lines(path.read_text()) + "\n").encode()
 
 
-def compare(baseline: Path) -> int:
-    """Record afresh and compare with ``baseline``; the number of files that differ."""
-    with tempfile.TemporaryDirectory(prefix="rcl-behaviour-now-") as now:
-        record(Path(now))
-        differ = 0
-        for before in sorted(baseline.rglob("*")):
-            if before.is_file():
-                after = Path(now) / before.relative_to(baseline)
-                same = after.exists() and _comparable(after) == _comparable(before)
-                differ += not same
-                print(f"{'same' if same else 'DIFFERS'}: {before.relative_to(baseline)}")
-        return differ
+def compare(baseline: Path, now: Path) -> int:
+    """Record afresh into ``now`` (kept, to inspect a difference) and compare with ``baseline``; the number
+    of files that differ."""
+    record(now)
+    differ = 0
+    for before in sorted(baseline.rglob("*")):
+        if before.is_file():
+            after = now / before.relative_to(baseline)
+            same = after.exists() and _comparable(after) == _comparable(before)
+            differ += not same
+            print(f"{'same' if same else 'DIFFERS'}: {before.relative_to(baseline)}")
+    return differ
 
 
 def main() -> int:
@@ -114,7 +115,7 @@ def main() -> int:
     if options.action == "record":
         record(options.folder, options.only)
         return 0
-    differ = compare(options.folder)
+    differ = compare(options.folder, options.folder.with_name(options.folder.name + "-now"))
     print("bit-identical" if differ == 0 else f"{differ} files differ")
     return int(differ > 0)
 
