@@ -42,7 +42,7 @@ EPILOG = (
         for name, values in PRESETS.items()
         if not name.startswith("table")
     )
-    + "\n  table1-quick ... table5-full: the experiments of rcl-train experiment (see rcl_ops/train/experiments.py)"
+    + "\n  table1-quick ... table5-full: the experiments of rcl-train experiment (see rcl_ops/train/presets.py)"
     + """
 
 one command per table of the paper (a quick CPU setting on the bundled images, or --scale full, the paper's):
