@@ -390,17 +390,17 @@ class TrainConfig:
                 METHODS[method].check_options(self)
         return self
 
-    def run_keys(self) -> list[str]:
+    def variant_keys(self) -> list[str]:
         """The keys of what is pre-trained, in order (``methods.variants``): 'rcl-emd+random', 'n2n', ..."""
         return [v.key for v in variants(self)]
 
     def oracle_only(self, key: str) -> bool:
-        """Whether run key ``key`` is a supervised pre-training that is there only as the Oracle of its task
+        """Whether variant key ``key`` is a supervised pre-training that is there only as the Oracle of its task
         ('oracle' in --methods, 'sl-<task>' not)."""
         return variant(key).method.task is not None and key not in self.methods
 
     def evaluation_tasks(self, key: str) -> list[str]:
-        """The tasks a run key is proxy-evaluated on: every task, except for a supervised pre-training that
+        """The tasks a variant key is proxy-evaluated on: every task, except for a supervised pre-training that
         is there only as the Oracle of its own task."""
         return [variant(key).method.task] if self.oracle_only(key) else list(self.tasks)
 

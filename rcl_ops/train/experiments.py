@@ -101,7 +101,7 @@ PAPER_TABLES: dict[str, dict] = {
     },
 }
 
-# Our method (run key without its encoder) standing for each of the paper's rows.
+# Our method (variant key without its encoder) standing for each of the paper's rows.
 PAPER_ROW_METHODS = {
     "MoCo": "moco",
     "VADeR": "pixcl",

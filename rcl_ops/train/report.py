@@ -26,7 +26,7 @@ def _diagnostic_rows(config: TrainConfig, runs: list[dict]) -> list[dict]:
     """Per RCL method, the pre-training diagnostics averaged over seeds, and whether any seed's
     contrastive loss ended at chance."""
     rows = []
-    for method in config.run_keys():
+    for method in config.variant_keys():
         summaries = [r["pretrain"]["diagnostics"] for r in runs if r["method"] == method and "pretrain" in r]
         summaries = [d for d in summaries if "at_chance" in d]
         if not summaries:
@@ -91,7 +91,7 @@ def contrast_verdict(row: dict) -> str:
 
 
 def _label_runs(label_results: list[dict], protocol: str, count: int) -> list[dict]:
-    """The label-study results of ``protocol`` ('sl' or an RCL run key) with ``count`` labels."""
+    """The label-study results of ``protocol`` ('sl' or an RCL variant key) with ``count`` labels."""
     return [r for r in label_results if r["protocol"] == protocol and r["labels"] == count]
 
 
@@ -134,7 +134,7 @@ def _label_versus(
 def label_efficiency(
     config: TrainConfig, runs: list[dict], label_results: list[dict], num_train: int, names: list[str]
 ) -> dict:
-    """The label-efficiency study (Tables 3 and 5): per protocol ('sl' or an RCL run key) and number of
+    """The label-efficiency study (Tables 3 and 5): per protocol ('sl' or an RCL variant key) and number of
     labels, PSNR/SSIM mean and std over seeds; the RCL networks as is at 0 labels; and per level, each
     RCL+SL against SL as a paired PSNR difference over the test images ``names``' photographs x seeds
     (paired_psnr; with Table 5's 30%-vs-all comparison when both levels were run)."""
@@ -282,7 +282,7 @@ def _comparison(row: dict, other: dict, task: str, paired: dict) -> dict:
 
 
 def _is_rcl(key: str) -> bool:
-    """Whether a row or run key is an RCL variant (both terms; not a control, not the input row)."""
+    """Whether a row or variant key is an RCL variant (both terms; not a control, not the input row)."""
     spec = spec_of(key)
     return spec is not None and spec.is_rcl
 

@@ -74,7 +74,7 @@ def method_rows(config: TrainConfig, runs: list[dict], key: str) -> list[dict]:
     'SL (<task>)' row leaves its own task to the Oracle row when there is one."""
     rows = []
     per_task = [name for name in config.methods if METHODS[name].per_task]
-    for method in config.run_keys():
+    for method in config.variant_keys():
         if config.oracle_only(method):
             continue
         task_of_its_own = spec_of(method).task if per_task else None

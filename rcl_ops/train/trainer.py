@@ -100,7 +100,7 @@ class Experiment:
         self.config, self.run_dir, self.started = config, run_dir, time.perf_counter()
         self.context, self.say, self.ranks = context, context.say, context.ranks
         self.raw = config.modality == "raw"
-        self.keys = config.run_keys()
+        self.keys = config.variant_keys()
         self._prepare_data()
         self._prepare_objectives()
         self.naive = {  # the evaluation is rank 0's

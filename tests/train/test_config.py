@@ -190,8 +190,8 @@ def test_paper_preset_refuses_a_random_encoder_unless_asked(tmp_path):
     with pytest.raises(ValueError, match="--encoders must be one of"):
         build_config(encoders=["imagenet"])
     config = build_config(methods=["rcl-emd", "n2n"], encoders=["random", "file"], encoder_weights="w.pth")
-    assert config.run_keys() == ["rcl-emd+random", "rcl-emd+file", "n2n"]
-    assert build_config(methods=["rcl-emd"], modality="raw", tasks=["denoise"]).run_keys() == ["rcl-emd"]
+    assert config.variant_keys() == ["rcl-emd+random", "rcl-emd+file", "n2n"]
+    assert build_config(methods=["rcl-emd"], modality="raw", tasks=["denoise"]).variant_keys() == ["rcl-emd"]
 
 
 def test_label_counts():

@@ -135,7 +135,7 @@ def test_rcl_controls_leave_out_one_term():
     model, encoder = UNet(width=4, depth=1), ResNet50Encoder(1)
     config = build_config(crop_size=16, batch_size=2, methods=["rcl", "consistency", "contrast"])
     assert config.methods == ["rcl-emd", "consistency", "contrast-emd"]
-    assert config.run_keys() == ["rcl-emd+random", "consistency+random", "contrast-emd"]
+    assert config.variant_keys() == ["rcl-emd+random", "consistency+random", "contrast-emd"]
     with torch.no_grad():
         full = objective_of("rcl-emd", config, encoder).compute(model, batch, generator)
         consistency_only = objective_of("consistency", config, encoder).compute(model, batch, generator)

@@ -95,11 +95,11 @@ def fake_run(key: str, seed: int, psnr: list[float], tasks: tuple[str, ...] = ("
     return {"method": key, "seed": seed, "tasks": {t: scores for t in tasks}, "as_is": {t: scores for t in tasks}}
 
 
-def fake_summary(monkeypatch, runs: list[dict], run_keys: list[str], **overrides) -> dict:
-    """summarise() of ``runs`` with ``run_keys`` as the config's run keys (so that the control methods can
+def fake_summary(monkeypatch, runs: list[dict], variant_keys: list[str], **overrides) -> dict:
+    """summarise() of ``runs`` with ``variant_keys`` as the config's variant keys (so that the control methods can
     be reported before the trainer runs them)."""
     config = build_config(methods=["rcl-emd", "n2n"], tasks=["denoise"], seeds=[0, 1, 2], **overrides)
-    monkeypatch.setattr(TrainConfig, "run_keys", lambda self: run_keys)
+    monkeypatch.setattr(TrainConfig, "variant_keys", lambda self: variant_keys)
     naive = {t: Scores(psnr=INPUT_PSNR, ssim=[0.4] * 4) for t in config.tasks}
     environment = {
         "num_train_images": 10, "num_test_images": 4, "num_labelled": 10, "device": "cpu", "wall_seconds": 1.0,
