@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import _grid
+from ._autograd import no_second_derivative
 from ._backend import resolve_backend
 from ._checks import as_rows, check_all_finite, check_positive_int, check_residuals, compute_dtype
 
@@ -196,6 +197,7 @@ class _BinValues(torch.autograd.Function):
         return weights.view(rows, num_bins)
 
     @staticmethod
+    @no_second_derivative("the MMD sketch's binning (mmd_sketch, pairwise_mmd with value_range)")
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         lo, step, num_bins = ctx.grid
