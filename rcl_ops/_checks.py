@@ -1,11 +1,18 @@
-"""Input validation shared by the public functions and the loss."""
+"""Validation shared by the public functions, the loss, the sketches and the distributed path:
+one check per option name (``OPTIONS``, applied by ``checked_options``), the residual batches,
+and the NaN/Inf checks that read values on the host."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
+from collections.abc import Callable, Sequence
 
 import torch
+
+from ._backend import check_backend_name
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # The NaN/Inf input check reads every value and brings one number back to the host. On CPU
@@ -15,7 +22,172 @@ CHECK_FINITE_DEFAULTS = {"cpu": True}  # device types not listed: off
 _check_finite_overrides: dict[str, bool] = {}
 _ALL_DEVICES = "*"
 
+# ---- the options' ranges ----------------------------------------------------------------------
 
+MMD_METHODS = ("auto", "grid", "direct")
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_NUM_BINS = 4096
+# Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
+MAX_NUM_BINS = 1 << 24
+# Largest K: sort orders are int32.
+MAX_NUM_QUANTILES = (1 << 31) - 1
+# Largest queue: 2^31 keys of sketches (at least 32 GiB of negatives for a BD sketch).
+MAX_QUEUE_SIZE = (1 << 31) - 1
+# Bandwidths, given or the default: 1 / (2 h^2) and h^2 must be finite and non-zero in float64
+# (every kernel evaluates exp(-d^2 / (2 h^2)) in float64; the grid's span reaches 1e-3 h).
+MIN_BANDWIDTH, MAX_BANDWIDTH = 1e-154, 1e154
+
+
+def check_bool(value, name: str, where: str) -> bool:
+    """value if it is a bool: no truthy strings, numbers or tensors."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_int(value, name: str, where: str, *, low: int, high: int) -> int:
+    """value as an int in [low, high] (TypeError for bools, floats, strings)."""
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(low, "an integer")
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(f"{where}: {name} must be {what} in [{low}, {high}], got {type(value).__name__} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{where}: {name} must be {what} in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_real(value, name: str, where: str, *, positive: bool) -> float:
+    """value as a finite float, > 0 (positive) or >= 0."""
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0 if positive else value >= 0) or value == math.inf:  # NaN fails both
+        what = "positive and finite" if positive else "a non-negative finite float"
+        raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
+    return value
+
+
+def check_choice(value, name: str, where: str, *, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{where}: unknown {name} {value!r}; choose one of {choices}")
+    return value
+
+
+def check_bandwidths(value, name: str, where: str) -> tuple[float, ...]:
+    """A float or a non-empty sequence of floats, each in [MIN_BANDWIDTH, MAX_BANDWIDTH]."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: pass {name} as a float or a sequence of floats, not a tensor")
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{where}: {name} must be a float or a sequence of floats, got {type(value).__name__}")
+    values = [value] if isinstance(value, numbers.Real) else value
+    if not isinstance(values, Sequence) or len(values) == 0:
+        raise ValueError(f"{where}: {name} must be None, a float or a non-empty sequence of floats")
+    values = tuple(check_real(h, name, where, positive=True) for h in values)
+    for h in values:
+        if not MIN_BANDWIDTH <= h <= MAX_BANDWIDTH:
+            raise ValueError(
+                f"{where}: {name} {h!r} is outside [{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}]: 1 / (2 h^2) or h^2 "
+                "overflows float64; rescale the residuals instead"
+            )
+    return values
+
+
+def check_value_range(value, name: str, where: str) -> tuple[float, float]:
+    """(lo, hi): two finite floats, lo < hi, hi - lo finite in float64."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{where}: {name} must be a pair (lo, hi) of floats, got {value!r}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{where}: {name} must hold two finite floats, got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not lo < hi:
+        raise ValueError(f"{where}: {name} must satisfy lo < hi, got {value!r}")
+    if not math.isfinite(hi - lo):
+        raise ValueError(f"{where}: {name} {value!r} spans hi - lo = inf, which overflows float64")
+    return lo, hi
+
+
+def check_device_type(value, name: str, where: str) -> str:
+    """A device type torch knows ("cpu", "cuda", ...), not a device ("cuda:0")."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: {name} must be a device type such as 'cpu' or 'cuda', got {type(value).__name__}")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{where}: {name} {value!r} is not a device type torch knows ('cpu', 'cuda', ...)") from None
+    if device.type != value:
+        raise ValueError(f"{where}: {name} must be a device type such as {device.type!r}, not the device {value!r}")
+    return value
+
+
+def _optional(check: Callable) -> Callable:
+    """check, or None passed through (the option's default)."""
+
+    def optional(value, name: str, where: str):
+        return None if value is None else check(value, name, where)
+
+    return optional
+
+
+# The check of every option by name: the functions, the loss, the sketches and the distributed path
+# take each option through the same one (``checked_options``).
+OPTIONS: dict[str, Callable] = {
+    "num_quantiles": _optional(functools.partial(check_int, low=1, high=MAX_NUM_QUANTILES)),
+    "num_bins": _optional(functools.partial(check_int, low=2, high=MAX_NUM_BINS)),
+    "queue_size": functools.partial(check_int, low=0, high=MAX_QUEUE_SIZE),
+    "first_positive": functools.partial(check_int, low=0, high=(1 << 63) - 1),
+    "unbiased": check_bool,
+    "symmetric": check_bool,
+    "gather_distributed": check_bool,
+    "enabled": _optional(check_bool),
+    "eps": functools.partial(check_real, positive=False),
+    "temperature": functools.partial(check_real, positive=True),
+    "bandwidth": _optional(check_bandwidths),
+    "value_range": _optional(check_value_range),
+    "method": functools.partial(check_choice, choices=MMD_METHODS),
+    "reduction": functools.partial(check_choice, choices=REDUCTIONS),
+    "backend": lambda value, name, where: check_backend_name(value, where),
+    "device_type": _optional(check_device_type),
+}
+
+
+def checked_options(*data: str, where: str | None = None) -> Callable:
+    """Decorator: every call checks the options it is given by ``OPTIONS`` (by parameter name, also
+    those in ``**kwargs``) and passes their normalised values on. ``data`` names the parameters that
+    are not options; any other parameter without a check is a TypeError where the function is
+    defined, so an option cannot be added unchecked. Defaults are not checked (a test checks them)."""
+
+    def decorate(fn: Callable) -> Callable:
+        parameters = inspect.signature(fn).parameters.values()
+        unchecked = [p.name for p in parameters if p.name not in OPTIONS and p.name not in data]
+        if unchecked:
+            raise TypeError(f"{fn.__qualname__}: no check for option(s) {unchecked} in rcl_ops._checks.OPTIONS")
+        positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        checks = {key: check for key, check in OPTIONS.items() if key not in data}
+        positional_checks = [(i, key, checks[key]) for i, key in enumerate(positional) if key in checks]
+        name = where or fn.__name__
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            if positional_checks and len(args) > positional_checks[0][0]:
+                args = list(args)
+                for i, key, check in positional_checks:
+                    if i < len(args):
+                        args[i] = check(args[i], key, name)
+            for key, value in kwargs.items():
+                check = checks.get(key)
+                if check is not None:
+                    kwargs[key] = check(value, key, name)
+            return fn(*args, **kwargs)
+
+        return checked
+
+    return decorate
+
+
+# ---- the NaN/Inf checks -------------------------------------------------------------------------
+
+
+@checked_options()
 def set_check_finite(enabled: bool | None, device_type: str | None = None) -> None:
     """Turn the NaN/Inf check of the inputs on or off, for one device type ("cpu", "cuda",
     ...) or, with ``device_type=None``, for all; ``enabled=None`` restores the defaults (on for
@@ -30,11 +202,16 @@ def set_check_finite(enabled: bool | None, device_type: str | None = None) -> No
     if device_type is None:
         _check_finite_overrides.clear()
         device_type = _ALL_DEVICES
-    _check_finite_overrides[device_type] = bool(enabled)
+    _check_finite_overrides[device_type] = enabled
 
 
+@checked_options()
 def check_finite_enabled(device_type: str = "cpu") -> bool:
     """Whether the NaN/Inf check of the inputs is on for tensors of ``device_type``."""
+    return _finite_check_on(device_type)
+
+
+def _finite_check_on(device_type: str) -> bool:
     enabled = _check_finite_overrides.get(device_type)
     if enabled is None:
         enabled = _check_finite_overrides.get(_ALL_DEVICES, CHECK_FINITE_DEFAULTS.get(device_type, False))
@@ -74,7 +251,7 @@ def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     sum of the sums NaN or Inf. A non-finite sum of finite values (overflow) falls through to
     the exact per-row check."""
     device_type = next(iter(tensors.values())).device.type
-    if not check_finite_enabled(device_type) or _is_compiling():
+    if not _finite_check_on(device_type) or _is_compiling():
         return
     if device_type == "cpu":
         if math.isfinite(sum(_finite_sum(x).item() for x in tensors.values())):
@@ -96,7 +273,7 @@ def check_result(distances: torch.Tensor, where: str) -> torch.Tensor:
     """distances, or OverflowError when they hold NaN or Inf (the inputs were finite) while
     the check is on for their device type: a distance beyond the dtype's range (e.g. EMD of
     float32 values near 3e38), or a Bhattacharyya distance of a constant residual with eps=0."""
-    if not check_finite_enabled(distances.device.type) or _is_compiling():
+    if not _finite_check_on(distances.device.type) or _is_compiling():
         return distances
     if not bool(torch.isfinite(distances).all()):
         raise OverflowError(
@@ -131,20 +308,3 @@ def as_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if x.dim() != 2:
         x = x.reshape(x.shape[0], -1)
     return x if x.dtype == dtype else x.to(dtype)
-
-
-def check_positive_int(value, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be a positive integer, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_positive_float(value, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and value != float("inf")):
-        raise ValueError(f"{where}: {name} must be positive and finite, got {value!r}")
-    return value

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_float
+from ._checks import checked_options
 from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
 from .ops import pairwise_bd, pairwise_emd, pairwise_mmd
 from .sketch import Sketch, bd_sketch, check_same_layout, emd_sketch, mmd_sketch
@@ -19,7 +19,6 @@ DISTANCES: dict[str, Callable[..., torch.Tensor]] = {
     "mmd": pairwise_mmd,
     "bd": pairwise_bd,
 }
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def _keyword_names(fn: Callable) -> set[str]:
@@ -31,11 +30,7 @@ def _as_list(bandwidth) -> list[float]:
     return [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
 
 
-def _check_reduction(reduction, where: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
-
-
+@checked_options("distances")
 def residual_contrastive_loss(
     distances: torch.Tensor,
     temperature: float,
@@ -53,19 +48,13 @@ def residual_contrastive_loss(
     if not isinstance(distances, torch.Tensor) or not distances.is_floating_point():
         got = distances.dtype if isinstance(distances, torch.Tensor) else type(distances).__name__
         raise TypeError(f"{where}: distances must be a floating-point (B, B) tensor, got {got}")
-    if isinstance(first_positive, bool) or not isinstance(first_positive, int) or first_positive < 0:
-        raise ValueError(f"{where}: first_positive must be a non-negative int, got {first_positive!r}")
     if distances.dim() != 2 or distances.shape[1] < max(2, first_positive + distances.shape[0]):
         raise ValueError(
             f"{where}: distances must be a (B, B) matrix with B >= 2, or (Bq, Bk) with Bk >= first_positive + Bq "
             f"(extra columns are negatives), got shape {tuple(distances.shape)}"
         )
-    temperature = check_positive_float(temperature, "temperature", where)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"{where}: symmetric must be a bool, got {type(symmetric).__name__}")
     if symmetric and (distances.shape[0] != distances.shape[1] or first_positive):
         raise ValueError(f"{where}: symmetric=True needs a square (B, B) matrix, got shape {tuple(distances.shape)}")
-    _check_reduction(reduction, where)
     logits = -distances / temperature
     target = torch.arange(first_positive, first_positive + logits.shape[0], device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none")
@@ -111,6 +100,7 @@ class ResidualContrastiveLoss(nn.Module):
     With gather_distributed, reduction "sum" gives 1/W of one process's gradients under DDP.
     """
 
+    @checked_options("self", "distance", "distance_kwargs", where="ResidualContrastiveLoss")
     def __init__(
         self,
         distance: str | Callable[..., torch.Tensor] = "emd",
@@ -139,12 +129,6 @@ class ResidualContrastiveLoss(nn.Module):
             self.distance_fn = distance
         else:
             raise TypeError(f"{where}: distance must be a name or a callable, got {type(distance).__name__}")
-        self.temperature = check_positive_float(temperature, "temperature", where)
-        _check_reduction(reduction, where)
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(f"{where}: gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
-            raise ValueError(f"{where}: queue_size must be a non-negative int (0: no queue), got {queue_size!r}")
         if (gather_distributed or queue_size) and not isinstance(distance, str):
             raise ValueError(f"{where}: gather_distributed and queue_size need a named distance (emd, mmd, bd)")
         if (gather_distributed or queue_size) and symmetric:
@@ -161,7 +145,8 @@ class ResidualContrastiveLoss(nn.Module):
                 f"{where}: queue_size with distance 'mmd' needs value_range=(lo, hi): queued binned weights pair "
                 "only on one fixed grid, and the batch's own range changes every step"
             )
-        self.symmetric = bool(symmetric)
+        self.temperature = temperature
+        self.symmetric = symmetric
         self.reduction = reduction
         self.gather_distributed = gather_distributed
         self.queue_size = queue_size

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 
 import torch
 
 from ._backend import Backend, resolve_backend
-from ._checks import check_finite_enabled, check_positive_float, check_positive_int, check_result, prepare_pair
+from ._checks import MAX_NUM_BINS, check_finite_enabled, check_result, checked_options, prepare_pair
 from .sketch import (
     Sketch,
     bd_sketch,
-    check_value_range,
     emd_sketch,
     mmd_sketch,
     pair_bd,
@@ -23,19 +21,12 @@ from .sketch import (
     sketch_bandwidth,
 )
 
-MMD_METHODS = ("auto", "grid", "direct")
 # Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
 DIRECT_SUM_COST = 16
-# Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
-MAX_NUM_BINS = 1 << 24
-# Largest K: sort orders are int32.
-MAX_NUM_QUANTILES = (1 << 31) - 1
 # The grid MMD's accuracy (1e-3 relative, gradients' cosine >= 0.999; tests/test_mmd_grid.py)
 # is tested up to a grid step of this fraction of the smallest bandwidth (range / h = 100 on
 # the default 4096 bins); beyond it a GridAccuracyWarning says so.
 GRID_STEP_OVER_BANDWIDTH_TESTED = 0.025
-# 1 / (2 h^2) must be finite in float64 (the kernels evaluate exp(-d^2 / (2 h^2)) in float64).
-MIN_BANDWIDTH = 1e-154
 
 
 class GridAccuracyWarning(UserWarning):
@@ -57,6 +48,7 @@ def _sketch_pair(q, k, distance: str, where: str, sketch_fn) -> tuple[Sketch, Sk
     return q, k
 
 
+@checked_options("q", "k")
 def pairwise_emd(
     q: torch.Tensor | Sketch, k: torch.Tensor | Sketch, *, num_quantiles: int | None = None, backend: str = "auto"
 ) -> torch.Tensor:
@@ -82,16 +74,11 @@ def pairwise_emd(
     if sketches is not None:
         return check_result(pair_emd(*sketches, backend=backend), where)
     q2, k2 = prepare_pair(q, k, where)
-    if num_quantiles is None:
-        if q2.shape[1] != k2.shape[1]:
-            raise ValueError(
-                f"{where}: q has {q2.shape[1]} values per residual but k has {k2.shape[1]}; "
-                "exact EMD needs equal counts; pass num_quantiles=K to compare K quantiles"
-            )
-    else:
-        num_quantiles = check_positive_int(num_quantiles, "num_quantiles", where)
-        if num_quantiles > MAX_NUM_QUANTILES:
-            raise ValueError(f"{where}: num_quantiles must be at most {MAX_NUM_QUANTILES}, got {num_quantiles}")
+    if num_quantiles is None and q2.shape[1] != k2.shape[1]:
+        raise ValueError(
+            f"{where}: q has {q2.shape[1]} values per residual but k has {k2.shape[1]}; "
+            "exact EMD needs equal counts; pass num_quantiles=K to compare K quantiles"
+        )
     return check_result(resolve_backend(backend, q2.device, where).emd(q2, k2, num_quantiles), where)
 
 
@@ -123,26 +110,12 @@ def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return pooled_std([count_q, count_k], torch.stack([stats_q, stats_k]))
 
 
-def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+def _bandwidths(bandwidth: tuple[float, ...] | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+    """The checked ``bandwidth`` option as a float64 tensor (every kernel evaluates the Gaussian in
+    float64 whatever the inputs' dtype), or the default bandwidth of q and k."""
     if bandwidth is None:
         return default_bandwidth(q, k)
-    if isinstance(bandwidth, torch.Tensor):
-        raise TypeError(f"{where}: pass bandwidth as a float or a sequence of floats, not a tensor")
-    if isinstance(bandwidth, (str, bytes, bytearray)):
-        raise TypeError(f"{where}: bandwidth must be a float or a sequence of floats, got {type(bandwidth).__name__}")
-    if isinstance(bandwidth, numbers.Real):
-        bandwidth = [bandwidth]
-    if not isinstance(bandwidth, Sequence) or len(bandwidth) == 0:
-        raise ValueError(f"{where}: bandwidth must be None, a float or a non-empty sequence of floats")
-    values = [check_positive_float(h, "bandwidth", where) for h in bandwidth]
-    for h in values:
-        if h < MIN_BANDWIDTH:
-            raise ValueError(
-                f"{where}: bandwidth {h!r} is below {MIN_BANDWIDTH}: 1 / (2 h^2) overflows float64; "
-                "rescale the residuals instead"
-            )
-    # float64 whatever the inputs' dtype: every kernel evaluates the Gaussian in float64.
-    return torch.tensor(values, dtype=torch.float64, device=q.device)
+    return torch.tensor(bandwidth, dtype=torch.float64, device=q.device)
 
 
 def warn_if_grid_inaccurate(grid: torch.Tensor, bandwidths: torch.Tensor, num_bins: int) -> None:
@@ -161,13 +134,14 @@ def warn_if_grid_inaccurate(grid: torch.Tensor, bandwidths: torch.Tensor, num_bi
             f"{min(MAX_NUM_BINS, math.ceil(num_bins * ratio / GRID_STEP_OVER_BANDWIDTH_TESTED))}) "
             "or use method='direct'",
             GridAccuracyWarning,
-            stacklevel=4,  # the caller of pairwise_mmd: here <- backend <- pairwise_mmd <- caller
+            stacklevel=5,  # pairwise_mmd's caller: here <- backend <- pairwise_mmd <- its option check <- caller
         )
 
 
+@checked_options("q", "k")
 def pairwise_mmd(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: torch.Tensor | Sketch,
+    k: torch.Tensor | Sketch,
     *,
     bandwidth: float | Sequence[float] | None = None,
     unbiased: bool = False,
@@ -183,8 +157,8 @@ def pairwise_mmd(
     (V-statistic; ``unbiased=True`` drops the x = x' and y = y' terms: the U-statistic),
     with k(a, b) = sum_h exp(-(a - b)^2 / (2 h^2)) over the bandwidths h.
 
-    bandwidth: a float, a sequence of floats (sum of kernels), or None for the standard
-    deviation of all values of q and k pooled (detached; 1 if they are all equal).
+    bandwidth: a float, a sequence of floats (sum of kernels), each in [1e-154, 1e154], or None
+    for the standard deviation of all values of q and k pooled (detached; 1 if they are all equal).
     method: "direct" is the exact O(M N) sum; "grid" (native backends) bins the values
     linearly onto ``num_bins`` points spanning the batch's range and applies the kernel as a
     convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins; its
@@ -199,10 +173,7 @@ def pairwise_mmd(
     grid); with bandwidth=None the bandwidth is then the pooled std of the binned values.
     """
     where = "pairwise_mmd"
-    if method not in MMD_METHODS:
-        raise ValueError(f"{where}: unknown method {method!r}; choose one of {MMD_METHODS}")
     if value_range is not None:
-        value_range = check_value_range(value_range, where)
         if not isinstance(q, Sketch):
             q = mmd_sketch(q, value_range=value_range, num_bins=num_bins)
     sketches = _sketch_pair(
@@ -211,15 +182,12 @@ def pairwise_mmd(
     if sketches is not None:
         return _pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
     q2, k2 = prepare_pair(q, k, where)
-    num_bins = check_positive_int(num_bins, "num_bins", where)
-    if not 2 <= num_bins <= MAX_NUM_BINS:
-        raise ValueError(f"{where}: num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}")
     if unbiased and min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     impl = resolve_backend(backend, q2.device, where)
     method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], num_bins, where)
     bandwidths = _bandwidths(bandwidth, q2, k2, where)
-    return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
+    return check_result(impl.mmd(q2, k2, bandwidths, unbiased, method, num_bins), where)
 
 
 def _pair_mmd_sketches(sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: bool, method: str, where: str):
@@ -232,7 +200,7 @@ def _pair_mmd_sketches(sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: 
         bandwidths = sketch_bandwidth(sketch_q, sketch_k)
     else:
         bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
-    return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, bool(unbiased)), where)
+    return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, unbiased), where)
 
 
 def _mmd_method(impl: Backend, method: str, value_pairs: int, num_bins: int, where: str) -> str:
@@ -247,6 +215,7 @@ def _mmd_method(impl: Backend, method: str, value_pairs: int, num_bins: int, whe
     return method
 
 
+@checked_options("q", "k")
 def pairwise_bd(
     q: torch.Tensor | Sketch, k: torch.Tensor | Sketch, *, eps: float = 1e-6, backend: str = "auto"
 ) -> torch.Tensor:
@@ -258,14 +227,10 @@ def pairwise_bd(
     q and k may also be BD sketches (``bd_sketch``: the float64 moments), or one of each.
     """
     where = "pairwise_bd"
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{where}: eps must be a real number, got {type(eps).__name__}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"{where}: eps must be a non-negative finite float, got {eps!r}")
     sketches = _sketch_pair(q, k, "bd", where, lambda x, s: bd_sketch(x, backend=backend))
     if sketches is not None:
-        return check_result(pair_bd(*sketches, float(eps), backend=backend), where)
+        return check_result(pair_bd(*sketches, eps, backend=backend), where)
     q2, k2 = prepare_pair(q, k, where)
     if min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
-    return check_result(resolve_backend(backend, q2.device, where).bd(q2, k2, float(eps)), where)
+    return check_result(resolve_backend(backend, q2.device, where).bd(q2, k2, eps), where)

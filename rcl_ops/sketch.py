@@ -15,8 +15,6 @@ pair two Sketch objects (or a sketch and a residual batch, which is sketched ali
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,7 +22,7 @@ import torch
 from . import _grid
 from ._autograd import no_second_derivative
 from ._backend import resolve_backend
-from ._checks import as_rows, check_all_finite, check_positive_int, check_residuals, compute_dtype
+from ._checks import DEFAULT_NUM_BINS, as_rows, check_all_finite, check_residuals, checked_options, compute_dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,14 +105,13 @@ def _prepare_rows(x: torch.Tensor, where: str) -> torch.Tensor:
 # ---- EMD -----------------------------------------------------------------------------------
 
 
+@checked_options("x")
 def emd_sketch(x: torch.Tensor, *, num_quantiles: int | None = None, backend: str = "auto") -> Sketch:
     """EMD sketch of (B, ...) residuals: the K mid-level quantiles Q(t_m), t_m = (m + 0.5) / K,
     of each residual's M values, (B, K) (K = None: the M sorted values, for exact EMD).
     Differentiable (the gradient returns through the sort order)."""
     where = "emd_sketch"
     x2 = _prepare_rows(x, where)
-    if num_quantiles is not None:
-        num_quantiles = check_positive_int(num_quantiles, "num_quantiles", where)
     size = x2.shape[1] if num_quantiles is None else num_quantiles
     values = resolve_backend(backend, x2.device, where).sorted_quantiles(x2, size)
     return Sketch("emd", values, x2.shape[1], x2.dtype, num_quantiles=num_quantiles)
@@ -133,6 +130,7 @@ def pair_emd(sketch_q: Sketch, sketch_k: Sketch, backend: str = "auto") -> torch
 # ---- BD ------------------------------------------------------------------------------------
 
 
+@checked_options("x")
 def bd_sketch(x: torch.Tensor, *, backend: str = "auto") -> Sketch:
     """BD sketch of (B, ...) residuals: float64 [mean, unbiased variance] per residual, (B, 2)."""
     where = "bd_sketch"
@@ -155,19 +153,6 @@ def pair_bd(sketch_q: Sketch, sketch_k: Sketch, eps: float, backend: str = "auto
 
 
 # ---- MMD -----------------------------------------------------------------------------------
-
-
-def check_value_range(value_range, where: str) -> tuple[float, float]:
-    """(lo, hi) as two finite floats with lo < hi (TypeError/ValueError naming value_range)."""
-    if isinstance(value_range, (str, bytes)) or not hasattr(value_range, "__len__") or len(value_range) != 2:
-        raise TypeError(f"{where}: value_range must be a pair (lo, hi) of floats, got {value_range!r}")
-    lo, hi = value_range
-    for v in (lo, hi):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{where}: value_range must hold two finite floats, got {value_range!r}")
-    if not lo < hi:
-        raise ValueError(f"{where}: value_range must satisfy lo < hi, got {value_range!r}")
-    return float(lo), float(hi)
 
 
 def grid_positions(x: torch.Tensor, lo: float, step: float, num_bins: int):
@@ -209,18 +194,19 @@ class _BinValues(torch.autograd.Function):
         return grad_x.to(x.dtype), None, None, None
 
 
-def mmd_sketch(x: torch.Tensor, *, value_range, num_bins: int = 4096) -> Sketch:
+@checked_options("x")
+def mmd_sketch(x: torch.Tensor, *, value_range: tuple[float, float], num_bins: int = DEFAULT_NUM_BINS) -> Sketch:
     """MMD sketch of (B, ...) residuals: float64 linear-binning weights (B, G) of each residual's
     values on the G = ``num_bins`` points lo + g (hi - lo) / (G - 1) of ``value_range`` = (lo, hi)
     (values outside it count at its ends). A fixed range is what lets sketches of other
     batches, ranks and steps be paired; the grid MMD's accuracy needs a step of at most ~0.025
     of the bandwidth (pairwise_mmd). Torch ops on any device (no backend choice)."""
     where = "mmd_sketch"
+    if value_range is None:
+        raise TypeError(f"{where}: value_range must be a pair (lo, hi) of floats, got None")
     x2 = _prepare_rows(x, where)
-    lo, hi = check_value_range(value_range, where)
-    num_bins = check_positive_int(num_bins, "num_bins", where)
-    if num_bins < 2:
-        raise ValueError(f"{where}: num_bins must be at least 2, got {num_bins}")
+    lo, hi = value_range
+    num_bins = DEFAULT_NUM_BINS if num_bins is None else num_bins
     weights = _BinValues.apply(x2, lo, (hi - lo) / (num_bins - 1), num_bins)
     return Sketch("mmd", weights, x2.shape[1], x2.dtype, value_range=(lo, hi))
 

@@ -4,10 +4,14 @@ the shared validation layer of the options (what must be true, point 2)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+from utils import NATIVE_BACKENDS
 
 import rcl_ops
+from rcl_ops import _checks
 
 
 def _pair(dtype=torch.float64, bq=3, bk=4, m=12, requires_grad=False):
@@ -42,3 +46,157 @@ class TestSilentWrongResults:
 
         with pytest.raises(RuntimeError, match="second derivative.*not implemented"):
             _gradient_penalty_backward(grid_mmd)
+
+    @pytest.mark.parametrize(
+        "call",
+        [
+            lambda: rcl_ops.ResidualContrastiveLoss("emd", symmetric="no"),
+            lambda: rcl_ops.ResidualContrastiveLoss("emd", gather_distributed=1),
+            lambda: rcl_ops.ResidualContrastiveLoss("mmd", unbiased="no"),
+            lambda: rcl_ops.pairwise_mmd(*_pair(), unbiased="no"),
+            lambda: rcl_ops.set_check_finite("no"),
+            lambda: rcl_ops.residual_contrastive_loss(torch.rand(3, 3), 0.1, symmetric="no"),
+        ],
+        ids=["loss-symmetric", "loss-gather", "loss-unbiased", "mmd-unbiased", "set_check_finite", "functional"],
+    )
+    def test_truthy_values_are_not_booleans(self, call):
+        with pytest.raises(TypeError, match="must be a bool"):
+            call()
+
+    @pytest.mark.parametrize("device_type", ["cuda:0", "gpu", "", 0])
+    def test_check_finite_takes_device_types_only(self, device_type):
+        error = TypeError if not isinstance(device_type, str) else ValueError
+        with pytest.raises(error, match="device_type"):
+            rcl_ops.set_check_finite(True, device_type)
+        with pytest.raises(error, match="device_type"):
+            rcl_ops.check_finite_enabled(device_type)
+        assert rcl_ops.check_finite_enabled("cpu") and not rcl_ops.check_finite_enabled("cuda")
+
+
+# ---- documented promises broken --------------------------------------------------------------
+
+
+class TestDocumentedPromises:
+    @pytest.mark.parametrize("backend", [*NATIVE_BACKENDS, "triton", "reference"])
+    def test_bandwidth_range(self, backend):
+        if backend not in rcl_ops.available_backends():
+            pytest.skip(f"{backend} not loaded")
+        q, k = _pair(m=8)
+        method = "direct" if backend == "reference" else "grid"
+        # Far beyond the data's range, inside the documented [1e-154, 1e154]: the limit, MMD 0.
+        far = rcl_ops.pairwise_mmd(q, k, bandwidth=1e150, method=method, backend=backend)
+        assert far.abs().max() < 1e-12
+        for bad in (1e200, [1.0, 2e154]):
+            with pytest.raises(ValueError, match=r"bandwidth .* outside \[1e-154, 1e\+154\]"):
+                rcl_ops.pairwise_mmd(q, k, bandwidth=bad, method=method, backend=backend)
+
+    @pytest.mark.parametrize("num_bins", [1, (1 << 24) + 1, 1 << 61])
+    def test_num_bins_range_on_the_sketch_path(self, num_bins):
+        q, k = _pair()
+        with pytest.raises(ValueError, match=r"num_bins must be an integer in \[2, 16777216\]"):
+            rcl_ops.mmd_sketch(q, value_range=(-1, 1), num_bins=num_bins)
+        with pytest.raises(ValueError, match=r"num_bins must be an integer in \[2, 16777216\]"):
+            rcl_ops.pairwise_mmd(q, k, value_range=(-1, 1), num_bins=num_bins)
+
+    @pytest.mark.parametrize(
+        ("distance", "options", "dynamic"),
+        [("bd", {}, True)],
+        ids=["bd-dynamic"],
+    )
+    def test_compiled_loss_fullgraph(self, distance, options, dynamic):
+        # BD failed under dynamic shapes (math.isfinite of a symbolic eps). Two training steps.
+        torch._dynamo.reset()
+        eager = rcl_ops.ResidualContrastiveLoss(distance, **options)
+        loss_fn = rcl_ops.ResidualContrastiveLoss(distance, **options)
+        compiled = torch.compile(loss_fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for step in range(2):
+            q, k = _pair(torch.float32, bq=4, bk=4 + step, m=16, requires_grad=True)
+            want, got = eager(q, k), compiled(q, k)
+            torch.testing.assert_close(got, want)
+            for a, b in zip(torch.autograd.grad(got, (q, k)), torch.autograd.grad(want, (q, k))):
+                torch.testing.assert_close(a, b)
+        if eager.queue is not None:
+            torch.testing.assert_close(loss_fn.queue.values, eager.queue.values)
+
+    def test_value_range_wider_than_float64(self):
+        q, k = _pair()
+        with pytest.raises(ValueError, match="value_range .* overflows float64"):
+            rcl_ops.pairwise_mmd(q, k, value_range=(-1e308, 1e308))
+
+
+# ---- unclear errors --------------------------------------------------------------------------
+
+
+class TestUnclearErrors:
+    def test_emd_sketch_num_quantiles_bound(self):
+        with pytest.raises(ValueError, match=r"num_quantiles must be a positive integer in \[1, 2147483647\]"):
+            rcl_ops.emd_sketch(_pair()[0], num_quantiles=2**62)
+
+    @pytest.mark.parametrize("queue_size", [10**30, 2**31])
+    def test_queue_size_bound(self, queue_size):
+        with pytest.raises(ValueError, match=r"queue_size must be a non-negative integer in \[0, 2147483647\]"):
+            rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=4, queue_size=queue_size)
+
+
+# ---- one validation layer for the options (what must be true, point 2) ------------------------
+
+# Every public callable that takes options, with the parameters that are data, not options.
+PUBLIC_CALLABLES = [
+    (rcl_ops.pairwise_emd, ("q", "k")),
+    (rcl_ops.pairwise_mmd, ("q", "k")),
+    (rcl_ops.pairwise_bd, ("q", "k")),
+    (rcl_ops.emd_sketch, ("x",)),
+    (rcl_ops.mmd_sketch, ("x",)),
+    (rcl_ops.bd_sketch, ("x",)),
+    (rcl_ops.residual_contrastive_loss, ("distances",)),
+    (rcl_ops.ResidualContrastiveLoss.__init__, ("self", "distance", "distance_kwargs")),
+    (rcl_ops.set_check_finite, ()),
+    (rcl_ops.check_finite_enabled, ()),
+    (rcl_ops.select_backend, ("device", "where")),
+]
+
+
+@pytest.mark.parametrize("fn", [fn for fn, _ in PUBLIC_CALLABLES], ids=lambda fn: fn.__qualname__)
+def test_every_option_has_one_check_and_valid_defaults(fn):
+    data = dict(PUBLIC_CALLABLES)[fn]
+    for parameter in inspect.signature(fn).parameters.values():
+        if parameter.name in data:
+            continue
+        assert parameter.name in _checks.OPTIONS, f"{fn.__qualname__}: option {parameter.name!r} has no check"
+        if parameter.default is not inspect.Parameter.empty:
+            _checks.OPTIONS[parameter.name](parameter.default, parameter.name, "default")
+
+
+def test_an_option_without_a_check_is_refused_where_it_is_declared():
+    with pytest.raises(TypeError, match="no check for option"):
+
+        @_checks.checked_options("q")
+        def distance(q, *, new_option=1):
+            return q
+
+
+# Each shared option with a value of the wrong type and one out of its range, through every
+# public entry that takes it: the functions, the module, the sketches.
+SHARED = {
+    "num_quantiles": ([(rcl_ops.pairwise_emd, 2), (rcl_ops.emd_sketch, 1)], 2.0, 0),
+    "num_bins": ([(rcl_ops.pairwise_mmd, 2), (rcl_ops.mmd_sketch, 1)], "64", 1 << 25),
+    "unbiased": ([(rcl_ops.pairwise_mmd, 2)], "no", None),
+    "eps": ([(rcl_ops.pairwise_bd, 2)], "0", float("nan")),
+    "bandwidth": ([(rcl_ops.pairwise_mmd, 2)], "1", -1.0),
+}
+DISTANCE_OF = {"num_quantiles": "emd", "num_bins": "mmd", "unbiased": "mmd", "eps": "bd", "bandwidth": "mmd"}
+
+
+@pytest.mark.parametrize("option", sorted(SHARED))
+def test_shared_options_are_checked_alike_everywhere(option):
+    entries, wrong_type, out_of_range = SHARED[option]
+    q, k = _pair()
+    extra = {"value_range": (-1.0, 1.0)} if option == "num_bins" else {}
+    calls = [lambda value, fn=fn, n=n: fn(*(q, k)[:n], **{option: value}, **extra) for fn, n in entries]
+    calls.append(lambda value: rcl_ops.ResidualContrastiveLoss(DISTANCE_OF[option], **{option: value}))
+    for call in calls:
+        with pytest.raises(TypeError, match=f"{option} must be"):
+            call(wrong_type)
+        if out_of_range is not None:
+            with pytest.raises(ValueError, match=f"{option} must be|{option} .* outside"):
+                call(out_of_range)
