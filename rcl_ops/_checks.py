@@ -192,7 +192,8 @@ def set_check_finite(enabled: bool | None, device_type: str | None = None) -> No
     """Turn the NaN/Inf check of the inputs on or off, for one device type ("cpu", "cuda",
     ...) or, with ``device_type=None``, for all; ``enabled=None`` restores the defaults (on for
     CPU tensors, off elsewhere: there the check costs a host-device synchronisation per call).
-    The check is always skipped inside ``torch.compile``."""
+    The check is always skipped inside ``torch.compile``; under ``torch.func.vmap`` it raises
+    (it reads values on the host): turn it off there."""
     if enabled is None:
         if device_type is None:
             _check_finite_overrides.clear()
@@ -218,8 +219,24 @@ def _finite_check_on(device_type: str) -> bool:
     return enabled
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _under_vmap() -> bool:
+    """Whether a torch.func.vmap transform is active (there no value can be read on the host)."""
+    stack = torch._C._functorch.get_interpreter_stack()
+    return bool(stack) and any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
+def host_checks_on(device_type: str, where: str) -> bool:
+    """Whether the checks that read values on the host run for tensors of ``device_type``: the NaN/Inf
+    check is on for it and no torch.compile traces the call. Under torch.func.vmap, where no value
+    can be read, a RuntimeError says how to turn them off."""
+    if not _finite_check_on(device_type) or torch.compiler.is_compiling():
+        return False
+    if _under_vmap():
+        raise RuntimeError(
+            f"{where}: the NaN/Inf check reads values on the host, which torch.func.vmap does not allow; "
+            f"turn it off around vmap with rcl_ops.set_check_finite(False, {device_type!r})"
+        )
+    return True
 
 
 def check_residuals(x: torch.Tensor, name: str, where: str) -> None:
@@ -251,7 +268,7 @@ def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     sum of the sums NaN or Inf. A non-finite sum of finite values (overflow) falls through to
     the exact per-row check."""
     device_type = next(iter(tensors.values())).device.type
-    if not _finite_check_on(device_type) or _is_compiling():
+    if not host_checks_on(device_type, where):
         return
     if device_type == "cpu":
         if math.isfinite(sum(_finite_sum(x).item() for x in tensors.values())):
@@ -273,9 +290,7 @@ def check_result(distances: torch.Tensor, where: str) -> torch.Tensor:
     """distances, or OverflowError when they hold NaN or Inf (the inputs were finite) while
     the check is on for their device type: a distance beyond the dtype's range (e.g. EMD of
     float32 values near 3e38), or a Bhattacharyya distance of a constant residual with eps=0."""
-    if not _finite_check_on(distances.device.type) or _is_compiling():
-        return distances
-    if not bool(torch.isfinite(distances).all()):
+    if host_checks_on(distances.device.type, where) and not bool(torch.isfinite(distances).all()):
         raise OverflowError(
             f"{where}: the distances are not finite in {distances.dtype} although the inputs are: "
             "they overflow its range (compute in float64, or rescale the residuals), or, for BD "

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ._backend import Backend, resolve_backend
-from ._checks import MAX_NUM_BINS, check_finite_enabled, check_result, checked_options, prepare_pair
+from ._checks import MAX_NUM_BINS, check_result, checked_options, host_checks_on, prepare_pair
 from .sketch import (
     Sketch,
     bd_sketch,
@@ -122,7 +122,7 @@ def warn_if_grid_inaccurate(grid: torch.Tensor, bandwidths: torch.Tensor, num_bi
     """GridAccuracyWarning when the grid step (``grid`` = [lo, step], as the grid ops return it)
     exceeds the tested fraction of the smallest bandwidth. Called by the backends with the grid
     they built (no extra pass over the data), where the NaN/Inf check runs (no GPU sync else)."""
-    if not check_finite_enabled(grid.device.type) or torch.compiler.is_compiling():
+    if not host_checks_on(grid.device.type, "pairwise_mmd"):
         return
     step = grid[1].item()
     ratio = step / bandwidths.min().item()

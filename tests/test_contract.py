@@ -137,6 +137,16 @@ class TestUnclearErrors:
         with pytest.raises(ValueError, match=r"queue_size must be a non-negative integer in \[0, 2147483647\]"):
             rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=4, queue_size=queue_size)
 
+    def test_vmap_with_the_finite_check_on(self):
+        q, k = (x.expand(2, *x.shape) for x in _pair())
+        with pytest.raises(RuntimeError, match=r"vmap.*set_check_finite\(False"):
+            torch.func.vmap(rcl_ops.pairwise_bd)(q, k)
+        rcl_ops.set_check_finite(False)
+        try:
+            torch.testing.assert_close(torch.func.vmap(rcl_ops.pairwise_bd)(q, k)[1], rcl_ops.pairwise_bd(q[1], k[1]))
+        finally:
+            rcl_ops.set_check_finite(None)
+
 
 # ---- one validation layer for the options (what must be true, point 2) ------------------------
 
