@@ -299,6 +299,23 @@ def check_result(distances: torch.Tensor, where: str) -> torch.Tensor:
     return distances
 
 
+def check_default_bandwidth(bandwidths: torch.Tensor, where: str) -> torch.Tensor:
+    """The data-driven bandwidth (float64 (1,)) where it lies in [MIN_BANDWIDTH, MAX_BANDWIDTH].
+    Outside (values of magnitude ~1e-200 or ~1e200): ValueError where the host checks run, else NaN,
+    so that the distances come out NaN, never a plausible number (no host sync)."""
+    if host_checks_on(bandwidths.device.type, where):
+        h = bandwidths.min().item()
+        if not MIN_BANDWIDTH <= h <= MAX_BANDWIDTH:
+            raise ValueError(
+                f"{where}: the default bandwidth (the pooled standard deviation of the values, {h:.3g}) is "
+                f"outside [{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}], where 1 / (2 h^2) and h^2 are finite in float64; "
+                "rescale the residuals"
+            )
+        return bandwidths
+    inside = (bandwidths >= MIN_BANDWIDTH) & (bandwidths <= MAX_BANDWIDTH)
+    return torch.where(inside, bandwidths, torch.full_like(bandwidths, math.nan))
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32 for half/bfloat16 inputs, else the promoted floating dtype."""
     dtype = tensors[0].dtype
@@ -307,13 +324,18 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def prepare_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate two residual batches and flatten them to (Bq, Mq), (Bk, Mk) in the compute dtype."""
+def check_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> None:
+    """Two residual batches on one device, finite where the check is on."""
     check_residuals(q, "q", where)
     check_residuals(k, "k", where)
     if q.device != k.device:
         raise ValueError(f"{where}: q is on {q.device} but k is on {k.device}; put both on one device")
     check_all_finite({"q": q, "k": k}, where)
+
+
+def prepare_pair(q: torch.Tensor, k: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate two residual batches and flatten them to (Bq, Mq), (Bk, Mk) in the compute dtype."""
+    check_pair(q, k, where)
     dtype = compute_dtype(q, k)
     return as_rows(q, dtype), as_rows(k, dtype)
 

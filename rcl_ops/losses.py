@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import checked_options
+from ._checks import check_default_bandwidth, checked_options
 from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
-from .ops import pairwise_bd, pairwise_emd, pairwise_mmd
+from .ops import pair_mmd_sketches, pairwise_bd, pairwise_emd, pairwise_mmd
 from .sketch import Sketch, bd_sketch, check_same_layout, emd_sketch, mmd_sketch
 
 DISTANCES: dict[str, Callable[..., torch.Tensor]] = {
@@ -24,10 +24,6 @@ DISTANCES: dict[str, Callable[..., torch.Tensor]] = {
 def _keyword_names(fn: Callable) -> set[str]:
     params = inspect.signature(fn).parameters.values()
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def _as_list(bandwidth) -> list[float]:
-    return [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
 
 
 @checked_options("distances")
@@ -186,21 +182,18 @@ class ResidualContrastiveLoss(nn.Module):
 
     def _sketch_distances(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Bq, W Bk + queued) distances from sketches, and the column of q[0]'s positive."""
+        where = "ResidualContrastiveLoss"
         options = dict(self.distance_kwargs)
         pair_options = {
             key: v for key, v in options.items() if key == "backend" or key not in SKETCH_OPTIONS[self.distance_name]
         }
         sketch_options = {key: options[key] for key in SKETCH_OPTIONS[self.distance_name] if key in options}
         if self.distance_name == "mmd":
-            pair_options.pop("num_bins", None)
-            if pair_options.get("bandwidth") is None:
-                bandwidths = global_pooled_std(q, k)
-                pair_options["bandwidth"] = bandwidths.tolist()
+            bandwidths = self._bandwidths(q, k, pair_options.pop("bandwidth", None), where)
             if options.get("value_range") is None:
                 lo, hi = global_value_range(q, k)
                 # The span the fused grid op uses: at least 1e-3 of the smallest bandwidth.
-                smallest = min(_as_list(pair_options["bandwidth"]))
-                sketch_options["value_range"] = (lo, lo + max(hi - lo, 1e-3 * smallest))
+                sketch_options["value_range"] = (lo, lo + max(hi - lo, 1e-3 * bandwidths.min().item()))
         sketch = SKETCHES[self.distance_name]
         sketch_q, sketch_k = sketch(q, **sketch_options), sketch(k, **sketch_options)
         rank, _ = world()
@@ -212,10 +205,22 @@ class ResidualContrastiveLoss(nn.Module):
             queued = self._queue.with_values(self._queue.values[: self._queue_filled].to(sketch_k.values.device))
             check_same_layout(queued, sketch_k, "ResidualContrastiveLoss (queue_size)")
             keys = Sketch.cat([sketch_k, queued])
-        distances = self.distance_fn(sketch_q, keys, **pair_options)
+        if self.distance_name == "mmd":
+            unbiased, method = pair_options.get("unbiased", False), pair_options.get("method", "auto")
+            distances = pair_mmd_sketches(sketch_q, keys, bandwidths, unbiased, method, "pairwise_mmd")
+        else:
+            distances = self.distance_fn(sketch_q, keys, **pair_options)
         if self.queue_size and self.training:
             self._enqueue(sketch_k.detach())
         return distances, first_positive
+
+    @staticmethod
+    def _bandwidths(q: torch.Tensor, k: torch.Tensor, bandwidth: tuple[float, ...] | None, where: str) -> torch.Tensor:
+        """The MMD bandwidths as a float64 tensor (no host sync): the option, or the pooled std over
+        every rank's values."""
+        if bandwidth is None:
+            return check_default_bandwidth(global_pooled_std(q, k), where)
+        return torch.tensor(bandwidth, dtype=torch.float64, device=q.device)
 
     def _enqueue(self, keys: Sketch) -> None:
         """Write the key sketches into the ring of the last queue_size ones, oldest overwritten first."""

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 import torch
 
 from ._backend import Backend, resolve_backend
-from ._checks import MAX_NUM_BINS, check_result, checked_options, host_checks_on, prepare_pair
+from ._checks import (
+    MAX_NUM_BINS,
+    check_default_bandwidth,
+    check_pair,
+    check_result,
+    checked_options,
+    host_checks_on,
+    prepare_pair,
+)
 from .sketch import (
     Sketch,
     bd_sketch,
@@ -83,38 +91,50 @@ def pairwise_emd(
 
 
 def value_statistics(x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """The count of x's values and their float64 [mean, sum of squared deviations] (2,), detached.
-    Accumulated in float64 (a norm, no float32 square): values near 1e20 in float32 (squared
-    deviations near 1e40) still give their finite statistics."""
+    """The count of x's values and their float64 [mean, sum of squared deviations, largest absolute
+    deviation] (3,), detached. Accumulated in float64 (a norm, no float32 square): values near 1e20
+    in float32 (squared deviations near 1e40) still give their finite statistics. The largest
+    deviation tells constant values (0) from squares that underflow float64 (values near 1e-200)."""
     with torch.no_grad():
         mean = x.mean(dtype=torch.float64)
-        deviations = torch.linalg.vector_norm(x - mean.to(x.dtype), dtype=torch.float64).square()
-        return x.numel(), torch.stack([mean, deviations])
+        centred = x - mean.to(x.dtype)
+        deviations = torch.linalg.vector_norm(centred, dtype=torch.float64).square()
+        spread = torch.linalg.vector_norm(centred, ord=math.inf, dtype=torch.float64)
+        return x.numel(), torch.stack([mean, deviations, spread])
 
 
 def pooled_std(counts: list[int], stats: torch.Tensor) -> torch.Tensor:
-    """The standard deviation of the union of N groups of values from their counts and (N, 2)
-    value_statistics (Chan's combination), float64 (1,); 1 where it is 0."""
+    """The standard deviation of the union of N groups of values from their counts and (N, 3)
+    value_statistics (Chan's combination), float64 (1,); 1 where the values are all equal (0 where
+    it underflows float64, NaN where they hold NaN)."""
     weights = torch.tensor(counts, dtype=torch.float64).to(stats.device, non_blocking=True)
     total = float(sum(counts))
-    means, deviations = stats.unbind(1)
+    means, deviations, spreads = stats.unbind(1)
     pooled_mean = (weights * means).sum() / total
     std = ((deviations.sum() + (weights * (means - pooled_mean).square()).sum()) / total).sqrt()
-    return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+    constant = (spreads.amax() == 0) & (means == means[0]).all()
+    return torch.where(constant, torch.ones_like(std), std).reshape(1)
+
+
+def _pooled_std_of(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    (count_q, stats_q), (count_k, stats_k) = value_statistics(q), value_statistics(k)
+    return pooled_std([count_q, count_k], torch.stack([stats_q, stats_k]))
 
 
 def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The data-driven MMD bandwidth: the standard deviation of all values of q and k pooled
-    (detached, no host sync), or 1 where that is 0. Shape (1,), float64 (accumulated in float64)."""
-    (count_q, stats_q), (count_k, stats_k) = value_statistics(q), value_statistics(k)
-    return pooled_std([count_q, count_k], torch.stack([stats_q, stats_k]))
+    (detached, no host sync), or 1 where that is 0. Shape (1,), float64 (accumulated in float64).
+    q and k are checked as the distances check them (NaN or Inf: ValueError where the check is on,
+    a NaN bandwidth where it is off)."""
+    check_pair(q, k, "default_bandwidth")
+    return _pooled_std_of(q, k)
 
 
 def _bandwidths(bandwidth: tuple[float, ...] | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
     """The checked ``bandwidth`` option as a float64 tensor (every kernel evaluates the Gaussian in
     float64 whatever the inputs' dtype), or the default bandwidth of q and k."""
     if bandwidth is None:
-        return default_bandwidth(q, k)
+        return check_default_bandwidth(_pooled_std_of(q, k), where)
     return torch.tensor(bandwidth, dtype=torch.float64, device=q.device)
 
 
@@ -180,7 +200,7 @@ def pairwise_mmd(
         q, k, "mmd", where, lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1])
     )
     if sketches is not None:
-        return _pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
+        return pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
     q2, k2 = prepare_pair(q, k, where)
     if unbiased and min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
@@ -190,14 +210,19 @@ def pairwise_mmd(
     return check_result(impl.mmd(q2, k2, bandwidths, unbiased, method, num_bins), where)
 
 
-def _pair_mmd_sketches(sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: bool, method: str, where: str):
-    """pairwise_mmd of two MMD sketches on one grid."""
+def pair_mmd_sketches(
+    sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: bool, method: str, where: str
+) -> torch.Tensor:
+    """pairwise_mmd of two MMD sketches on one grid; ``bandwidth`` checked (a tuple), None (the
+    pooled std of the binned values) or a float64 tensor of bandwidths (the loss's, no host sync)."""
     if method == "direct":
         raise ValueError(f"{where}: sketches and value_range pair on the grid; use method='grid' or 'auto'")
     if unbiased and min(sketch_q.num_values, sketch_k.num_values) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     if bandwidth is None:
-        bandwidths = sketch_bandwidth(sketch_q, sketch_k)
+        bandwidths = check_default_bandwidth(sketch_bandwidth(sketch_q, sketch_k), where)
+    elif isinstance(bandwidth, torch.Tensor):
+        bandwidths = bandwidth
     else:
         bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
     return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, unbiased), where)

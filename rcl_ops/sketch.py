@@ -214,15 +214,20 @@ def mmd_sketch(x: torch.Tensor, *, value_range: tuple[float, float], num_bins: i
 def sketch_bandwidth(sketch_q: Sketch, sketch_k: Sketch) -> torch.Tensor:
     """The default bandwidth from MMD sketches: the pooled std of the binned values (the grid
     points weighted by w; linear binning keeps the mean and adds at most step^2 / 4 to the
-    variance), float64 (1,), detached, 1 where it is 0."""
+    variance), float64 (1,), detached; 1 where all the mass is on one grid point (0 where the
+    squares underflow float64: a grid of step ~1e-200)."""
     with torch.no_grad():
         lo, hi = sketch_q.value_range
-        points = torch.linspace(lo, hi, sketch_q.values.shape[1], dtype=torch.float64, device=sketch_q.values.device)
+        num_bins = sketch_q.values.shape[1]
+        device = sketch_q.values.device
+        points = torch.linspace(lo, hi, num_bins, dtype=torch.float64, device=device)
         weights = torch.cat([sketch_q.values * sketch_q.num_values, sketch_k.values * sketch_k.num_values]).sum(0)
         weights = weights / weights.sum()
         mean = (weights * points).sum()
         std = (weights * (points - mean).square()).sum().sqrt()
-        return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+        index = torch.arange(num_bins, dtype=torch.float64, device=device)
+        one_point = (weights * (index - (weights * index).sum()).square()).sum() == 0
+        return torch.where(one_point, torch.ones_like(std), std).reshape(1)
 
 
 def pair_mmd(sketch_q: Sketch, sketch_k: Sketch, bandwidths: torch.Tensor, unbiased: bool) -> torch.Tensor:

@@ -21,6 +21,13 @@ def _pair(dtype=torch.float64, bq=3, bk=4, m=12, requires_grad=False):
     return q.requires_grad_(requires_grad), k.requires_grad_(requires_grad)
 
 
+@pytest.fixture
+def check_finite_off():
+    rcl_ops.set_check_finite(False)
+    yield
+    rcl_ops.set_check_finite(None)
+
+
 def _gradient_penalty_backward(distance_fn) -> None:
     """A loss plus a penalty on its own input gradient, backward: needs the second derivative."""
     q, k = _pair(requires_grad=True)
@@ -46,6 +53,35 @@ class TestSilentWrongResults:
 
         with pytest.raises(RuntimeError, match="second derivative.*not implemented"):
             _gradient_penalty_backward(grid_mmd)
+
+    def test_default_bandwidth_refuses_nan(self):
+        q, k = _pair()
+        q[1, 3] = float("nan")
+        with pytest.raises(ValueError, match="q contains NaN or Inf at batch index 1"):
+            rcl_ops.default_bandwidth(q, k)
+
+    def test_default_bandwidth_of_nan_is_nan_without_the_check(self, check_finite_off):
+        q, k = _pair()
+        q[1, 3] = float("nan")
+        assert torch.isnan(rcl_ops.default_bandwidth(q, k)).all()  # was 1.0, a plausible bandwidth
+
+    @pytest.mark.parametrize("scale", [1e-200, 1e200])
+    def test_default_bandwidth_beyond_float64_kernels_raises(self, scale):
+        # 1e-200: 1 / (2 h^2) overflowed and every MMD came out 0 instead of the scale-free ~0.0124.
+        q, k = (x * scale for x in _pair())
+        with pytest.raises(ValueError, match=r"default bandwidth .* outside \[1e-154, 1e\+154\]"):
+            rcl_ops.pairwise_mmd(q, k)
+        with pytest.raises(ValueError, match="default bandwidth"):
+            rcl_ops.ResidualContrastiveLoss("mmd", value_range=(-scale, scale), queue_size=4)(q, k)
+
+    def test_default_bandwidth_beyond_float64_kernels_is_nan_without_the_check(self, check_finite_off):
+        # No host sync where the check is off: a NaN bandwidth, refused by the kernels that check their
+        # arguments on the host, NaN distances elsewhere.
+        q, k = (x * 1e-200 for x in _pair())
+        assert torch.isnan(rcl_ops.pairwise_mmd(q, k, value_range=(-1e-199, 1e-199))).all()
+        if NATIVE_BACKENDS:
+            with pytest.raises(RuntimeError, match="bandwidths must be positive, got nan"):
+                rcl_ops.pairwise_mmd(q, k, backend="cpu")
 
     @pytest.mark.parametrize(
         "call",
@@ -136,6 +172,12 @@ class TestUnclearErrors:
     def test_queue_size_bound(self, queue_size):
         with pytest.raises(ValueError, match=r"queue_size must be a non-negative integer in \[0, 2147483647\]"):
             rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=4, queue_size=queue_size)
+
+    def test_default_bandwidth_checks_its_inputs(self):
+        with pytest.raises(TypeError, match="default_bandwidth: q must be a floating-point tensor"):
+            rcl_ops.default_bandwidth(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
+        with pytest.raises(TypeError, match="default_bandwidth: k must be a torch.Tensor"):
+            rcl_ops.default_bandwidth(torch.ones(2, 3), [[1.0, 3.0]])
 
     def test_vmap_with_the_finite_check_on(self):
         q, k = (x.expand(2, *x.shape) for x in _pair())
