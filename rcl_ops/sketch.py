@@ -175,8 +175,11 @@ class _BinValues(torch.autograd.Function):
         rows, count = x.shape
         flat = lower + torch.arange(rows, device=x.device).unsqueeze(1) * num_bins
         mass = 1.0 / count
-        weights = torch.bincount(flat.flatten(), ((1.0 - upper_weight) * mass).flatten(), rows * num_bins)
-        weights += torch.bincount((flat + 1).flatten(), (upper_weight * mass).flatten(), rows * num_bins)
+        # index_add_, not bincount: the same sums in the same order, and a size that does not depend
+        # on the data (torch.compile traces it).
+        weights = torch.zeros(rows * num_bins, dtype=torch.float64, device=x.device)
+        weights.index_add_(0, flat.flatten(), ((1.0 - upper_weight) * mass).flatten())
+        weights.index_add_(0, (flat + 1).flatten(), (upper_weight * mass).flatten())
         ctx.save_for_backward(x)
         ctx.grid = (lo, step, num_bins)
         return weights.view(rows, num_bins)

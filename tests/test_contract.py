@@ -136,11 +136,12 @@ class TestDocumentedPromises:
 
     @pytest.mark.parametrize(
         ("distance", "options", "dynamic"),
-        [("bd", {}, True)],
-        ids=["bd-dynamic"],
+        [("bd", {}, True), ("mmd", {"value_range": (-4.0, 4.0), "num_bins": 128, "queue_size": 8}, False)],
+        ids=["bd-dynamic", "mmd-queue-default-bandwidth"],
     )
     def test_compiled_loss_fullgraph(self, distance, options, dynamic):
-        # BD failed under dynamic shapes (math.isfinite of a symbolic eps). Two training steps.
+        # BD failed under dynamic shapes (math.isfinite of a symbolic eps), the MMD queue at
+        # bandwidth.tolist(). Two training steps: the second pairs against the queued keys.
         torch._dynamo.reset()
         eager = rcl_ops.ResidualContrastiveLoss(distance, **options)
         loss_fn = rcl_ops.ResidualContrastiveLoss(distance, **options)
