@@ -299,6 +299,21 @@ def check_result(distances: torch.Tensor, where: str) -> torch.Tensor:
     return distances
 
 
+def check_loss(loss: torch.Tensor, distances: torch.Tensor, temperature: float, where: str) -> torch.Tensor:
+    """loss (reduced or per row), or OverflowError when it holds NaN or Inf although the distances
+    are finite (the logits -distances / temperature overflow their dtype), while the check is on."""
+    if not host_checks_on(loss.device.type, where):
+        return loss
+    finite = math.isfinite(loss.item()) if loss.dim() == 0 else bool(torch.isfinite(loss).all())
+    if not finite and bool(torch.isfinite(distances).all()):
+        raise OverflowError(
+            f"{where}: the loss is not finite although the distances are: the logits -distances / "
+            f"temperature overflow {distances.dtype} (temperature {temperature!r}, distances up to "
+            f"{distances.abs().max().item():.3g}); raise the temperature or rescale the distances"
+        )
+    return loss
+
+
 def check_default_bandwidth(bandwidths: torch.Tensor, where: str) -> torch.Tensor:
     """The data-driven bandwidth (float64 (1,)) where it lies in [MIN_BANDWIDTH, MAX_BANDWIDTH].
     Outside (values of magnitude ~1e-200 or ~1e200): ValueError where the host checks run, else NaN,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_default_bandwidth, checked_options
+from ._checks import check_default_bandwidth, check_loss, checked_options
 from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
 from .ops import pair_mmd_sketches, pairwise_bd, pairwise_emd, pairwise_mmd
 from .sketch import Sketch, bd_sketch, check_same_layout, emd_sketch, mmd_sketch
@@ -49,6 +49,8 @@ def residual_contrastive_loss(
             f"{where}: distances must be a (B, B) matrix with B >= 2, or (Bq, Bk) with Bk >= first_positive + Bq "
             f"(extra columns are negatives), got shape {tuple(distances.shape)}"
         )
+    if distances.shape[0] == 0:
+        raise ValueError(f"{where}: distances has no rows (shape {tuple(distances.shape)}): the loss needs a query")
     if symmetric and (distances.shape[0] != distances.shape[1] or first_positive):
         raise ValueError(f"{where}: symmetric=True needs a square (B, B) matrix, got shape {tuple(distances.shape)}")
     logits = -distances / temperature
@@ -57,10 +59,10 @@ def residual_contrastive_loss(
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
     if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return check_loss(loss, distances, temperature, where)
 
 
 SKETCHES = {"emd": emd_sketch, "mmd": mmd_sketch, "bd": bd_sketch}

@@ -83,6 +83,15 @@ class TestSilentWrongResults:
             with pytest.raises(RuntimeError, match="bandwidths must be positive, got nan"):
                 rcl_ops.pairwise_mmd(q, k, backend="cpu")
 
+    def test_loss_overflowing_its_dtype_raises(self):
+        q, k = _pair(torch.float32)
+        with pytest.raises(OverflowError, match="temperature 1e-300"):
+            rcl_ops.ResidualContrastiveLoss("emd", temperature=1e-300)(q, k)
+
+    def test_functional_loss_refuses_an_empty_matrix(self):
+        with pytest.raises(ValueError, match=r"no rows.*\(0, 2\)"):
+            rcl_ops.residual_contrastive_loss(torch.zeros(0, 2), 0.1)
+
     @pytest.mark.parametrize(
         "call",
         [
