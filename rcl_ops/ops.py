@@ -10,6 +10,7 @@ import torch
 
 from ._backend import Backend, resolve_backend
 from ._checks import (
+    DEFAULT_NUM_BINS,
     MAX_NUM_BINS,
     check_default_bandwidth,
     check_pair,
@@ -21,6 +22,8 @@ from ._checks import (
 from .sketch import (
     Sketch,
     bd_sketch,
+    check_same_layout,
+    check_sketch_options,
     emd_sketch,
     mmd_sketch,
     pair_bd,
@@ -41,18 +44,24 @@ class GridAccuracyWarning(UserWarning):
     """The grid MMD runs where its documented accuracy is not tested: see pairwise_mmd."""
 
 
-def _sketch_pair(q, k, distance: str, where: str, sketch_fn) -> tuple[Sketch, Sketch] | None:
-    """(sketch_q, sketch_k) when q or k is a Sketch (a residual batch beside it is sketched by
-    ``sketch_fn(x, like_sketch)``), None when both are residual batches."""
-    if not isinstance(q, Sketch) and not isinstance(k, Sketch):
-        return None
+def _sketch_pair(q, k, distance: str, where: str, sketch_like, first=None, **options) -> tuple[Sketch, Sketch] | None:
+    """(sketch_q, sketch_k) when q or k is a Sketch, or when ``first`` sketches a residual batch q;
+    None for two residual batches. Residuals beside a sketch are sketched by ``sketch_like(x,
+    sketch)``; the ``options`` given (not None) must agree with the sketches' layouts."""
+    given = {name: value for name, value in options.items() if value is not None}
     for name, s in (("q", q), ("k", k)):
-        if isinstance(s, Sketch) and s.distance != distance:
-            raise ValueError(
-                f"{where}: {name} is a {s.distance} sketch; pass {distance} sketches (rcl_ops.{distance}_sketch)"
-            )
-    q = q if isinstance(q, Sketch) else sketch_fn(q, k)
-    k = k if isinstance(k, Sketch) else sketch_fn(k, q)
+        if isinstance(s, Sketch):
+            if s.distance != distance:
+                raise ValueError(
+                    f"{where}: {name} is a {s.distance} sketch; pass {distance} sketches (rcl_ops.{distance}_sketch)"
+                )
+            check_sketch_options(s, name, where, **given)
+    if not isinstance(q, Sketch) and not isinstance(k, Sketch):
+        if first is None:
+            return None
+        q = first(q)
+    q = q if isinstance(q, Sketch) else sketch_like(q, k)
+    k = k if isinstance(k, Sketch) else sketch_like(k, q)
     return q, k
 
 
@@ -77,7 +86,12 @@ def pairwise_emd(
     """
     where = "pairwise_emd"
     sketches = _sketch_pair(
-        q, k, "emd", where, lambda x, s: emd_sketch(x, num_quantiles=s.num_quantiles, backend=backend)
+        q,
+        k,
+        "emd",
+        where,
+        lambda x, s: emd_sketch(x, num_quantiles=s.num_quantiles, backend=backend),
+        num_quantiles=num_quantiles,
     )
     if sketches is not None:
         return check_result(pair_emd(*sketches, backend=backend), where)
@@ -166,7 +180,7 @@ def pairwise_mmd(
     bandwidth: float | Sequence[float] | None = None,
     unbiased: bool = False,
     method: str = "auto",
-    num_bins: int = 4096,
+    num_bins: int | None = None,
     value_range: tuple[float, float] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -180,9 +194,9 @@ def pairwise_mmd(
     bandwidth: a float, a sequence of floats (sum of kernels), each in [1e-154, 1e154], or None
     for the standard deviation of all values of q and k pooled (detached; 1 if they are all equal).
     method: "direct" is the exact O(M N) sum; "grid" (native backends) bins the values
-    linearly onto ``num_bins`` points spanning the batch's range and applies the kernel as a
-    convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins; its
-    error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
+    linearly onto ``num_bins`` (None: 4096) points spanning the batch's range and applies the
+    kernel as a convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins;
+    its error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
     for residuals so small that the exact sum is cheaper (16 M N <= num_bins: an exp costs
     ~16 multiply-adds, and the grid pays O(G) per pair whatever M), and "direct" on the
     reference backend. Computed in float32 for half inputs.
@@ -190,14 +204,20 @@ def pairwise_mmd(
     value_range=(lo, hi): the grid spans this fixed range instead of the batch's (values
     outside count at its ends), computed through MMD sketches (torch ops, any device). q and k
     may be MMD sketches (``mmd_sketch``; one of them may be residuals, binned on the other's
-    grid); with bandwidth=None the bandwidth is then the pooled std of the binned values.
+    grid; value_range and num_bins, where given, must be the sketches'); with bandwidth=None the
+    bandwidth is then the pooled std of the binned values.
     """
     where = "pairwise_mmd"
-    if value_range is not None:
-        if not isinstance(q, Sketch):
-            q = mmd_sketch(q, value_range=value_range, num_bins=num_bins)
+    grid = DEFAULT_NUM_BINS if num_bins is None else num_bins
     sketches = _sketch_pair(
-        q, k, "mmd", where, lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1])
+        q,
+        k,
+        "mmd",
+        where,
+        lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1]),
+        None if value_range is None else lambda x: mmd_sketch(x, value_range=value_range, num_bins=grid),
+        value_range=value_range,
+        num_bins=num_bins,
     )
     if sketches is not None:
         return pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
@@ -205,9 +225,9 @@ def pairwise_mmd(
     if unbiased and min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     impl = resolve_backend(backend, q2.device, where)
-    method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], num_bins, where)
+    method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], grid, where)
     bandwidths = _bandwidths(bandwidth, q2, k2, where)
-    return check_result(impl.mmd(q2, k2, bandwidths, unbiased, method, num_bins), where)
+    return check_result(impl.mmd(q2, k2, bandwidths, unbiased, method, grid), where)
 
 
 def pair_mmd_sketches(
@@ -215,6 +235,7 @@ def pair_mmd_sketches(
 ) -> torch.Tensor:
     """pairwise_mmd of two MMD sketches on one grid; ``bandwidth`` checked (a tuple), None (the
     pooled std of the binned values) or a float64 tensor of bandwidths (the loss's, no host sync)."""
+    check_same_layout(sketch_q, sketch_k, where, pairing=True)
     if method == "direct":
         raise ValueError(f"{where}: sketches and value_range pair on the grid; use method='grid' or 'auto'")
     if unbiased and min(sketch_q.num_values, sketch_k.num_values) < 2:

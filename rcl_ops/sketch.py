@@ -42,15 +42,20 @@ class Sketch:
     value_range: tuple[float, float] | None = None
 
     @property
-    def layout(self) -> tuple:
-        """What two sketches must share to be paired, concatenated or queued together: the distance
-        and the sketch size, plus M for exact EMD (size = M) and MMD (its U-statistic needs M),
-        the grid for MMD."""
+    def pair_layout(self) -> tuple:
+        """What two sketches must share to be paired: the distance and the sketch size, plus the
+        values' dtype for EMD and the grid for MMD."""
         if self.distance == "emd":
             return ("emd", self.values.shape[1], self.values.dtype)
         if self.distance == "mmd":
-            return ("mmd", self.values.shape[1], self.value_range, self.num_values)
+            return ("mmd", self.values.shape[1], self.value_range)
         return ("bd",)
+
+    @property
+    def layout(self) -> tuple:
+        """What sketches must share to be concatenated or queued together: their pair layout, plus M
+        for MMD (the U-statistic of a row needs its M; for exact EMD the size is M)."""
+        return self.pair_layout + ((self.num_values,) if self.distance == "mmd" else ())
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -65,6 +70,8 @@ class Sketch:
     @staticmethod
     def cat(sketches: list[Sketch]) -> Sketch:
         """Rows of several sketches of one layout, in order (ValueError naming a mismatch)."""
+        if not sketches:
+            raise ValueError("Sketch.cat needs at least one sketch, got none")
         first = sketches[0]
         for other in sketches[1:]:
             check_same_layout(first, other, "Sketch.cat")
@@ -74,25 +81,43 @@ class Sketch:
 
 
 def describe_layout(sketch: Sketch) -> str:
+    """The sketch's layout in words, with its article ("an EMD sketch of 16 quantiles (K, ...)")."""
     if sketch.distance == "emd":
         size = "exact, M" if sketch.num_quantiles is None else "K"
-        return f"EMD sketch of {sketch.values.shape[1]} quantiles ({size}, {sketch.values.dtype})"
+        return f"an EMD sketch of {sketch.values.shape[1]} quantiles ({size}, {sketch.values.dtype})"
     if sketch.distance == "mmd":
         return (
-            f"MMD sketch of {sketch.values.shape[1]} bins on value_range {sketch.value_range} (M = {sketch.num_values})"
+            f"an MMD sketch of {sketch.values.shape[1]} bins on value_range {sketch.value_range} "
+            f"(M = {sketch.num_values})"
         )
-    return "BD sketch (mean, variance)"
+    return "a BD sketch (mean, variance)"
 
 
-def check_same_layout(a: Sketch, b: Sketch, where: str) -> None:
-    """ValueError naming both layouts when a and b cannot be paired or concatenated."""
-    if a.layout != b.layout:
+def check_same_layout(a: Sketch, b: Sketch, where: str, pairing: bool = False) -> None:
+    """ValueError naming both layouts when a and b cannot be concatenated (or, ``pairing``, paired)."""
+    if (a.pair_layout != b.pair_layout) if pairing else (a.layout != b.layout):
         hint = ""
         if a.distance == b.distance == "emd" and (a.num_quantiles is None or b.num_quantiles is None):
             hint = "; exact EMD sketches hold all M sorted values: pass num_quantiles=K for a fixed size"
         elif a.distance == b.distance == "mmd":
             hint = "; MMD sketches pair only on one grid: sketch both with the same value_range and num_bins"
-        raise ValueError(f"{where}: cannot combine a {describe_layout(a)} with a {describe_layout(b)}{hint}")
+        raise ValueError(f"{where}: cannot combine {describe_layout(a)} with {describe_layout(b)}{hint}")
+
+
+def check_sketch_options(sketch: Sketch, name: str, where: str, **options) -> None:
+    """ValueError where an option given with a sketch (num_quantiles, value_range, num_bins) is not
+    the one the sketch ``name`` was made with: it would be silently ignored."""
+    held = {
+        "num_quantiles": sketch.num_quantiles,
+        "value_range": sketch.value_range,
+        "num_bins": sketch.values.shape[1] if sketch.distance == "mmd" else None,
+    }
+    for option, value in options.items():
+        if held[option] != value:
+            raise ValueError(
+                f"{where}: {option}={value!r} but {name} is {describe_layout(sketch)}; "
+                f"pass the sketch's {option}, or leave it out"
+            )
 
 
 def _prepare_rows(x: torch.Tensor, where: str) -> torch.Tensor:
@@ -120,7 +145,7 @@ def emd_sketch(x: torch.Tensor, *, num_quantiles: int | None = None, backend: st
 def pair_emd(sketch_q: Sketch, sketch_k: Sketch, backend: str = "auto") -> torch.Tensor:
     """D[i, j] = mean_m |Q_i(t_m) - Q_j(t_m)|, (Bq, Bk), from two EMD sketches of one layout."""
     where = "pairwise_emd"
-    check_same_layout(sketch_q, sketch_k, where)
+    check_same_layout(sketch_q, sketch_k, where, pairing=True)
     dtype = torch.promote_types(sketch_q.dtype, sketch_k.dtype)
     values_dtype = torch.promote_types(sketch_q.values.dtype, sketch_k.values.dtype)
     a, b = sketch_q.values.to(values_dtype), sketch_k.values.to(values_dtype)
@@ -144,7 +169,7 @@ def bd_sketch(x: torch.Tensor, *, backend: str = "auto") -> Sketch:
 def pair_bd(sketch_q: Sketch, sketch_k: Sketch, eps: float, backend: str = "auto") -> torch.Tensor:
     """Eq. 6 between the Gaussians of two BD sketches, (Bq, Bk)."""
     where = "pairwise_bd"
-    check_same_layout(sketch_q, sketch_k, where)
+    check_same_layout(sketch_q, sketch_k, where, pairing=True)
     dtype = torch.promote_types(sketch_q.dtype, sketch_k.dtype)
     mean_q, var_q = sketch_q.values.unbind(1)
     mean_k, var_k = sketch_k.values.unbind(1)
@@ -236,7 +261,7 @@ def sketch_bandwidth(sketch_q: Sketch, sketch_k: Sketch) -> torch.Tensor:
 def pair_mmd(sketch_q: Sketch, sketch_k: Sketch, bandwidths: torch.Tensor, unbiased: bool) -> torch.Tensor:
     """Squared MMD (Bq, Bk) from two MMD sketches on one grid (rcl_ops._grid.grid_mmd: the
     kernel as a convolution on the grid, centred float64 GEMMs; V- or U-statistic)."""
-    check_same_layout(sketch_q, sketch_k, "pairwise_mmd")
+    check_same_layout(sketch_q, sketch_k, "pairwise_mmd", pairing=True)
     w_q, w_k = sketch_q.values, sketch_k.values
     num_bins = w_q.shape[1]
     lo, hi = sketch_q.value_range

@@ -12,6 +12,7 @@ from utils import NATIVE_BACKENDS
 
 import rcl_ops
 from rcl_ops import _checks
+from rcl_ops.sketch import Sketch
 
 
 def _pair(dtype=torch.float64, bq=3, bk=4, m=12, requires_grad=False):
@@ -108,6 +109,22 @@ class TestSilentWrongResults:
         with pytest.raises(TypeError, match="must be a bool"):
             call()
 
+    def test_explicit_options_must_agree_with_a_sketch(self):
+        q, k = _pair()
+        sketch = rcl_ops.emd_sketch(q, num_quantiles=16)
+        with pytest.raises(ValueError, match="num_quantiles=32 .* q is an EMD sketch of 16 quantiles"):
+            rcl_ops.pairwise_emd(sketch, k, num_quantiles=32)
+        with pytest.raises(ValueError, match="num_quantiles=16 .* k is an EMD sketch of 12 quantiles"):
+            rcl_ops.pairwise_emd(q, rcl_ops.emd_sketch(k), num_quantiles=16)
+        torch.testing.assert_close(rcl_ops.pairwise_emd(sketch, k, num_quantiles=16), rcl_ops.pairwise_emd(sketch, k))
+        grid = rcl_ops.mmd_sketch(q, value_range=(-4.0, 4.0), num_bins=256)
+        with pytest.raises(ValueError, match=r"value_range=\(-2.0, 2.0\) .* q is an MMD sketch"):
+            rcl_ops.pairwise_mmd(grid, k, value_range=(-2.0, 2.0))
+        with pytest.raises(ValueError, match="num_bins=128 .* q is an MMD sketch of 256 bins"):
+            rcl_ops.pairwise_mmd(grid, k, num_bins=128)
+        agreeing = rcl_ops.pairwise_mmd(grid, k, value_range=(-4, 4), num_bins=256, bandwidth=1.0)
+        torch.testing.assert_close(agreeing, rcl_ops.pairwise_mmd(grid, k, bandwidth=1.0))
+
     @pytest.mark.parametrize("device_type", ["cuda:0", "gpu", "", 0])
     def test_check_finite_takes_device_types_only(self, device_type):
         error = TypeError if not isinstance(device_type, str) else ValueError
@@ -142,6 +159,15 @@ class TestDocumentedPromises:
             rcl_ops.mmd_sketch(q, value_range=(-1, 1), num_bins=num_bins)
         with pytest.raises(ValueError, match=r"num_bins must be an integer in \[2, 16777216\]"):
             rcl_ops.pairwise_mmd(q, k, value_range=(-1, 1), num_bins=num_bins)
+
+    @pytest.mark.parametrize("unbiased", [False, True])
+    def test_value_range_with_unequal_value_counts(self, unbiased):
+        q, k = torch.randn(3, 192, dtype=torch.float64), torch.randn(4, 64, dtype=torch.float64)
+        lo, hi = min(q.min(), k.min()).item(), max(q.max(), k.max()).item()
+        options = {"bandwidth": 0.8, "num_bins": 512, "unbiased": unbiased}
+        got = rcl_ops.pairwise_mmd(q, k, value_range=(lo, hi), **options)
+        want = rcl_ops.pairwise_mmd(q, k, method="grid", **options)  # the grid on the same range
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
     @pytest.mark.parametrize(
         ("distance", "options", "dynamic"),
@@ -183,11 +209,22 @@ class TestUnclearErrors:
         with pytest.raises(ValueError, match=r"queue_size must be a non-negative integer in \[0, 2147483647\]"):
             rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=4, queue_size=queue_size)
 
+    def test_cat_of_no_sketches(self):
+        with pytest.raises(ValueError, match="Sketch.cat needs at least one sketch"):
+            Sketch.cat([])
+
     def test_default_bandwidth_checks_its_inputs(self):
         with pytest.raises(TypeError, match="default_bandwidth: q must be a floating-point tensor"):
             rcl_ops.default_bandwidth(torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3))
         with pytest.raises(TypeError, match="default_bandwidth: k must be a torch.Tensor"):
             rcl_ops.default_bandwidth(torch.ones(2, 3), [[1.0, 3.0]])
+
+    def test_mmd_sketches_of_different_grids(self):
+        q, k = _pair()
+        a = rcl_ops.mmd_sketch(q, value_range=(-1, 1), num_bins=64)
+        b = rcl_ops.mmd_sketch(k, value_range=(-1, 1), num_bins=128)
+        with pytest.raises(ValueError, match="cannot combine an MMD sketch of 64 bins"):
+            rcl_ops.pairwise_mmd(a, b)
 
     def test_vmap_with_the_finite_check_on(self):
         q, k = (x.expand(2, *x.shape) for x in _pair())
