@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_default_bandwidth, check_loss, checked_options
+from ._checks import DEFAULT_NUM_BINS, check_default_bandwidth, check_loss, checked_options
 from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
 from .ops import pair_mmd_sketches, pairwise_bd, pairwise_emd, pairwise_mmd
-from .sketch import Sketch, bd_sketch, check_same_layout, emd_sketch, mmd_sketch
+from .sketch import Sketch, bd_sketch, check_same_layout, check_sketch_options, emd_sketch, mmd_sketch
 
 DISTANCES: dict[str, Callable[..., torch.Tensor]] = {
     "emd": pairwise_emd,
@@ -253,14 +253,22 @@ class ResidualContrastiveLoss(nn.Module):
         return {"queue_values": queue.values.detach().cpu(), "queue_layout": layout}
 
     def set_extra_state(self, state: dict) -> None:
+        where = "ResidualContrastiveLoss"
         self._queue, self._queue_next, self._queue_filled = None, 0, 0
         if not state:
             return
-        if not self.queue_size or state["queue_layout"]["distance"] != self.distance_name:
-            raise ValueError(
-                f"ResidualContrastiveLoss: the state holds a queue of {state['queue_layout']['distance']} sketches, "
-                f"but this loss has distance {self.distance_name!r} and queue_size {self.queue_size}"
-            )
         saved = Sketch(values=state["queue_values"], **state["queue_layout"])
+        if not self.queue_size or saved.distance != self.distance_name or len(saved) > self.queue_size:
+            raise ValueError(
+                f"{where}: the state holds a queue of {saved.distance} sketches ({len(saved)} of them), but this "
+                f"loss has distance {self.distance_name!r} and queue_size {self.queue_size}"
+            )
+        options = self.distance_kwargs
+        layout = {
+            "emd": {"num_quantiles": options.get("num_quantiles")},
+            "mmd": {"value_range": options.get("value_range"), "num_bins": options.get("num_bins") or DEFAULT_NUM_BINS},
+            "bd": {},
+        }[self.distance_name]
+        check_sketch_options(saved, "the state's queue", where, **layout)
         if len(saved):
             self._enqueue(saved)

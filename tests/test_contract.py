@@ -134,6 +134,27 @@ class TestSilentWrongResults:
             rcl_ops.check_finite_enabled(device_type)
         assert rcl_ops.check_finite_enabled("cpu") and not rcl_ops.check_finite_enabled("cuda")
 
+    def test_load_state_dict_refuses_another_queue(self):
+        q, k = _pair()
+        saved = rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=16, queue_size=8)
+        saved(q, k)
+        for other, what in [
+            (rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=32, queue_size=8), "num_quantiles"),
+            (rcl_ops.ResidualContrastiveLoss("emd", queue_size=8), "num_quantiles"),
+            (rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=16, queue_size=2), "queue_size 2"),
+            (rcl_ops.ResidualContrastiveLoss("emd", num_quantiles=16), "queue_size 0"),
+        ]:
+            with pytest.raises(ValueError, match=what):
+                other.load_state_dict(saved.state_dict())
+        grid = rcl_ops.ResidualContrastiveLoss("mmd", value_range=(-3, 3), num_bins=64, queue_size=8)
+        grid(q, k)
+        with pytest.raises(ValueError, match="value_range"):
+            rcl_ops.ResidualContrastiveLoss("mmd", value_range=(-2, 2), num_bins=64, queue_size=8).load_state_dict(
+                grid.state_dict()
+            )
+        with pytest.raises(ValueError, match="num_bins"):
+            rcl_ops.ResidualContrastiveLoss("mmd", value_range=(-3, 3), queue_size=8).load_state_dict(grid.state_dict())
+
 
 # ---- documented promises broken --------------------------------------------------------------
 
