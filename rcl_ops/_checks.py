@@ -260,30 +260,40 @@ def _finite_sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dtype=torch.float32) if x.dtype in _LOW_PRECISION else x.sum()
 
 
-def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ValueError naming the first tensor and batch index holding NaN or Inf (when the
-    check is on for the tensors' device type; see set_check_finite).
+def find_non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, list[int]] | None:
+    """(name, batch indices) of the first of ``tensors`` holding NaN or Inf, or None.
 
     One host round trip for all tensors in the common case: a NaN or Inf anywhere makes the
     sum of the sums NaN or Inf. A non-finite sum of finite values (overflow) falls through to
     the exact per-row check."""
-    device_type = next(iter(tensors.values())).device.type
-    if not host_checks_on(device_type, where):
-        return
-    if device_type == "cpu":
+    if next(iter(tensors.values())).device.type == "cpu":
         if math.isfinite(sum(_finite_sum(x).item() for x in tensors.values())):
-            return
+            return None
     elif bool(torch.isfinite(sum(_finite_sum(x) for x in tensors.values()))):  # one sync
-        return
+        return None
     for name, x in tensors.items():
         finite_rows = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if not bool(finite_rows.all()):
-            bad = torch.nonzero(~finite_rows).flatten().tolist()
-            raise ValueError(
-                f"{where}: {name} contains NaN or Inf at batch index {bad[0]}"
-                + (f" (and {len(bad) - 1} more: {bad[1:9]})" if len(bad) > 1 else "")
-                + f"; disable this check with rcl_ops.set_check_finite(False, {device_type!r})"
-            )
+            return name, torch.nonzero(~finite_rows).flatten().tolist()
+    return None
+
+
+def non_finite_message(name: str, bad: list[int], device_type: str) -> str:
+    more = f" (and {len(bad) - 1} more: {bad[1:9]})" if len(bad) > 1 else ""
+    return (
+        f"{name} contains NaN or Inf at batch index {bad[0]}{more}; "
+        f"disable this check with rcl_ops.set_check_finite(False, {device_type!r})"
+    )
+
+
+def check_all_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ValueError naming the first tensor and batch index holding NaN or Inf (when the
+    check is on for the tensors' device type; see set_check_finite)."""
+    device_type = next(iter(tensors.values())).device.type
+    if host_checks_on(device_type, where):
+        found = find_non_finite(tensors)
+        if found is not None:
+            raise ValueError(f"{where}: {non_finite_message(*found, device_type)}")
 
 
 def check_result(distances: torch.Tensor, where: str) -> torch.Tensor:

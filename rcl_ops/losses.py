@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import DEFAULT_NUM_BINS, check_default_bandwidth, check_loss, checked_options
-from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
+from .distributed import all_gather_rows, check_batches, global_pooled_std, global_value_range, world
 from .ops import pair_mmd_sketches, pairwise_bd, pairwise_emd, pairwise_mmd
 from .sketch import Sketch, bd_sketch, check_same_layout, check_sketch_options, emd_sketch, mmd_sketch
 
@@ -185,6 +185,7 @@ class ResidualContrastiveLoss(nn.Module):
     def _sketch_distances(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Bq, W Bk + queued) distances from sketches, and the column of q[0]'s positive."""
         where = "ResidualContrastiveLoss"
+        check_batches(q, k, where, across_ranks=self.gather_distributed)
         options = dict(self.distance_kwargs)
         pair_options = {
             key: v for key, v in options.items() if key == "backend" or key not in SKETCH_OPTIONS[self.distance_name]

@@ -5,9 +5,15 @@ the shared validation layer of the options (what must be true, point 2)."""
 from __future__ import annotations
 
 import inspect
+import os
+import socket
+import sys
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from utils import NATIVE_BACKENDS
 
 import rcl_ops
@@ -155,6 +161,56 @@ class TestSilentWrongResults:
         with pytest.raises(ValueError, match="num_bins"):
             rcl_ops.ResidualContrastiveLoss("mmd", value_range=(-3, 3), queue_size=8).load_state_dict(grid.state_dict())
 
+    @pytest.mark.slow
+    def test_gather_distributed_refuses_unequal_batches_on_every_rank(self, two_rank_outcomes):
+        for distance in ("emd", "mmd", "bd"):
+            for rank in range(2):
+                outcome = two_rank_outcomes[rank][f"unequal-{distance}"]
+                assert outcome.startswith("ValueError"), (distance, rank, outcome)
+                assert "rank 0 passes k of 4 residuals" in outcome and "rank 1 passes k of 3" in outcome
+
+
+# ---- the gather across two gloo processes (a pattern of tests/test_distributed.py) -----------
+
+# (name, batch size of k per rank, the rank whose k holds an Inf at batch index 2 or None, distance)
+GATHER_CASES = [(f"unequal-{d}", (4, 3), None, d) for d in ("emd", "mmd", "bd")] + [
+    (f"inf-{d}", (4, 4), 1, d) for d in ("mmd", "emd")
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    outcomes = {}
+    for name, sizes, inf_rank, distance in GATHER_CASES:
+        q, k = torch.randn(sizes[rank], 12), torch.randn(sizes[rank], 12)
+        if inf_rank == rank:
+            k[2, 5] = float("inf")
+        try:
+            rcl_ops.ResidualContrastiveLoss(distance, gather_distributed=True)(q, k)
+            outcomes[name] = "returned"
+        except Exception as error:  # noqa: BLE001  the outcome is what the test checks
+            outcomes[name] = f"{type(error).__name__}: {error}"
+    torch.save(outcomes, f"{path}.{rank}")
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # without gloo's teardown (tests/test_distributed.py says why)
+
+
+@pytest.fixture(scope="module")
+def two_rank_outcomes(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("gather") / "outcomes")
+    mp.spawn(_gather_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return [torch.load(f"{path}.{rank}") for rank in range(2)]
+
 
 # ---- documented promises broken --------------------------------------------------------------
 
@@ -256,6 +312,20 @@ class TestUnclearErrors:
             torch.testing.assert_close(torch.func.vmap(rcl_ops.pairwise_bd)(q, k)[1], rcl_ops.pairwise_bd(q[1], k[1]))
         finally:
             rcl_ops.set_check_finite(None)
+
+    @pytest.mark.parametrize("distance", ["mmd", "emd", "bd"])
+    def test_non_finite_keys_under_gather_distributed(self, distance):
+        q, k = _pair()
+        k[2, 5] = float("inf")
+        with pytest.raises(ValueError, match="k contains NaN or Inf at batch index 2"):
+            rcl_ops.ResidualContrastiveLoss(distance, gather_distributed=True)(q, k)
+
+    @pytest.mark.slow
+    def test_non_finite_keys_of_one_rank_raise_on_every_rank(self, two_rank_outcomes):
+        for distance in ("mmd", "emd"):
+            for rank in range(2):
+                outcome = two_rank_outcomes[rank][f"inf-{distance}"]
+                assert outcome.startswith("ValueError") and "rank 1: k contains NaN or Inf at batch index 2" in outcome
 
 
 # ---- one validation layer for the options (what must be true, point 2) ------------------------
