@@ -89,7 +89,9 @@ class ResidualContrastiveLoss(nn.Module):
     reduction "mean" (over this rank's queries) and DDP's gradient averaging, W ranks with batch
     B give the loss (mean over ranks) and gradients of one process with batch W B. MMD without
     value_range: the grid spans the min/max over all ranks (an all-reduce) and the default
-    bandwidth is the pooled std over all ranks, as one process would compute them.
+    bandwidth is the pooled std over all ranks, as one process would compute them. Every rank
+    must pass q and k of the same sizes: one all-gather of six integers per step checks it (and
+    NaN/Inf on any rank), and every rank raises a ValueError where they differ.
 
     queue_size=Q: the sketches of the last Q keys (after this rank's, or with
     gather_distributed all ranks', keys of each training-mode forward) are extra negatives,
