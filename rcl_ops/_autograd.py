@@ -7,11 +7,57 @@ Second derivatives: not implemented. The ``*_backward`` ops have no derivative o
 the native ones raise "the derivative for ... is not implemented" when a second derivative
 flows through them (torch's not-implemented autograd kernel), the Triton ones (custom ops
 without autograd) raise "Autograd has not been implemented for operator ...". Neither gives a
-silently zero second derivative. eps, the bandwidths and num_bins are constants: no gradient."""
+silently zero second derivative. eps, the bandwidths and num_bins are constants: no gradient.
+The Python autograd Functions without a second derivative (the reference MMD, the MMD sketches'
+binning) raise alike: ``no_second_derivative``."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on a backward's gradients, whose own backward raises (the second derivative)."""
+
+    @staticmethod
+    def forward(ctx, what: str, *grads):
+        ctx.what = what
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            f"{ctx.what}: the second derivative is not implemented (its backward is not differentiable); "
+            "a gradient penalty needs EMD or BD on the reference backend"
+        )
+
+
+def no_second_derivative(what: str):
+    """Decorator of an autograd.Function's backward, as torch's once_differentiable: the backward runs
+    without a graph, and where one is being built (create_graph=True) its gradients carry a node that
+    raises RuntimeError naming ``what`` when differentiated. once_differentiable did so only where the
+    incoming gradient needed a graph: grad(D.sum(), create_graph=True) got a constant, so a penalty on
+    it silently contributed nothing."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            tensors = [i for i, g in enumerate(outputs) if isinstance(g, torch.Tensor)]
+            marked = _NoSecondDerivative.apply(what, *(outputs[i].detach().requires_grad_() for i in tensors))
+            outputs = list(outputs)
+            for i, g in zip(tensors, marked):
+                outputs[i] = g
+            return tuple(outputs)
+
+        return wrapper
+
+    return decorate
 
 
 def gradient_if_needed(grad: torch.Tensor, needed: bool) -> torch.Tensor | None:

@@ -83,13 +83,19 @@ def select_backend(backend: str = "auto", device: torch.device | str = "cpu", *,
     return resolve_backend(backend, torch.device(device), where).name
 
 
+def check_backend_name(name, where: str, device: torch.device | None = None) -> str:
+    """name if it is one of BACKEND_NAMES, else ValueError listing those loaded on ``device`` (None:
+    on CPU and CUDA)."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        device_types = _AUTO_ORDER if device is None else (device.type,)
+        available = "; ".join(f"available on {t}: {available_backends(t)}" for t in device_types)
+        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {BACKEND_NAMES} ({available})")
+    return name
+
+
 def resolve_backend(name: str, device: torch.device, where: str) -> Backend:
     """The backend called ``name`` for tensors on ``device``; "auto" picks the fastest loaded."""
-    if not isinstance(name, str) or name not in BACKEND_NAMES:
-        raise ValueError(
-            f"{where}: unknown backend {name!r}; choose one of {BACKEND_NAMES} "
-            f"(available on {device.type}: {available_backends(device)})"
-        )
+    check_backend_name(name, where, device)
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ()):
             backend = _registry.get(candidate)

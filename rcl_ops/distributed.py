@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ._checks import check_all_finite, find_non_finite, host_checks_on, non_finite_message
 from .ops import pooled_std, value_statistics
 
 
@@ -36,6 +37,33 @@ class _AllGatherRows(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def check_batches(q: torch.Tensor, k: torch.Tensor, where: str, across_ranks: bool) -> None:
+    """q and k finite where the NaN/Inf check is on, and, ``across_ranks`` under a process group of
+    W > 1 ranks, of the same sizes on every rank (the gather and the targets' offsets assume it):
+    one all-gather of six integers per rank, and a ValueError on every rank naming each rank's sizes,
+    or the rank and batch index of a NaN or Inf (a rank that raised alone would leave the others
+    waiting in the next collective)."""
+    size = world()[1]
+    if not across_ranks or size == 1 or torch.compiler.is_compiling():
+        check_all_finite({"q": q, "k": k}, where)
+        return
+    found = find_non_finite({"q": q, "k": k}) if host_checks_on(q.device.type, where) else None
+    bad = (-1, -1) if found is None else (("q", "k").index(found[0]), found[1][0])
+    mine = torch.tensor([q.shape[0], q[0].numel(), k.shape[0], k[0].numel(), *bad], device=q.device)
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    dist.all_gather(parts, mine)
+    ranks = torch.stack(parts).tolist()
+    if any(row[:4] != ranks[0][:4] for row in ranks):
+        sizes = "; ".join(
+            f"rank {r} passes k of {bk} residuals ({mk} values each) and q of {bq} ({mq} values each)"
+            for r, (bq, mq, bk, mk, *_) in enumerate(ranks)
+        )
+        raise ValueError(f"{where} (gather_distributed): every rank must pass q and k of the same sizes: {sizes}")
+    for r, (*_, tensor, index) in enumerate(ranks):
+        if tensor >= 0:
+            raise ValueError(f"{where}: rank {r}: {non_finite_message(('q', 'k')[tensor], [index], q.device.type)}")
 
 
 def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:

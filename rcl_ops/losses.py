@@ -9,17 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_float
-from .distributed import all_gather_rows, global_pooled_std, global_value_range, world
-from .ops import pairwise_bd, pairwise_emd, pairwise_mmd
-from .sketch import Sketch, bd_sketch, check_same_layout, emd_sketch, mmd_sketch
+from ._checks import DEFAULT_NUM_BINS, check_default_bandwidth, check_loss, checked_options
+from .distributed import all_gather_rows, check_batches, global_pooled_std, global_value_range, world
+from .ops import pair_mmd_sketches, pairwise_bd, pairwise_emd, pairwise_mmd
+from .sketch import Sketch, bd_sketch, check_same_layout, check_sketch_options, emd_sketch, mmd_sketch
 
 DISTANCES: dict[str, Callable[..., torch.Tensor]] = {
     "emd": pairwise_emd,
     "mmd": pairwise_mmd,
     "bd": pairwise_bd,
 }
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def _keyword_names(fn: Callable) -> set[str]:
@@ -27,15 +26,7 @@ def _keyword_names(fn: Callable) -> set[str]:
     return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _as_list(bandwidth) -> list[float]:
-    return [bandwidth] if isinstance(bandwidth, (int, float)) else list(bandwidth)
-
-
-def _check_reduction(reduction, where: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{where}: unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
-
-
+@checked_options("distances")
 def residual_contrastive_loss(
     distances: torch.Tensor,
     temperature: float,
@@ -53,29 +44,25 @@ def residual_contrastive_loss(
     if not isinstance(distances, torch.Tensor) or not distances.is_floating_point():
         got = distances.dtype if isinstance(distances, torch.Tensor) else type(distances).__name__
         raise TypeError(f"{where}: distances must be a floating-point (B, B) tensor, got {got}")
-    if isinstance(first_positive, bool) or not isinstance(first_positive, int) or first_positive < 0:
-        raise ValueError(f"{where}: first_positive must be a non-negative int, got {first_positive!r}")
     if distances.dim() != 2 or distances.shape[1] < max(2, first_positive + distances.shape[0]):
         raise ValueError(
             f"{where}: distances must be a (B, B) matrix with B >= 2, or (Bq, Bk) with Bk >= first_positive + Bq "
             f"(extra columns are negatives), got shape {tuple(distances.shape)}"
         )
-    temperature = check_positive_float(temperature, "temperature", where)
-    if not isinstance(symmetric, bool):
-        raise TypeError(f"{where}: symmetric must be a bool, got {type(symmetric).__name__}")
+    if distances.shape[0] == 0:
+        raise ValueError(f"{where}: distances has no rows (shape {tuple(distances.shape)}): the loss needs a query")
     if symmetric and (distances.shape[0] != distances.shape[1] or first_positive):
         raise ValueError(f"{where}: symmetric=True needs a square (B, B) matrix, got shape {tuple(distances.shape)}")
-    _check_reduction(reduction, where)
     logits = -distances / temperature
     target = torch.arange(first_positive, first_positive + logits.shape[0], device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none")
     if symmetric:
         loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
     if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return check_loss(loss, distances, temperature, where)
 
 
 SKETCHES = {"emd": emd_sketch, "mmd": mmd_sketch, "bd": bd_sketch}
@@ -102,7 +89,9 @@ class ResidualContrastiveLoss(nn.Module):
     reduction "mean" (over this rank's queries) and DDP's gradient averaging, W ranks with batch
     B give the loss (mean over ranks) and gradients of one process with batch W B. MMD without
     value_range: the grid spans the min/max over all ranks (an all-reduce) and the default
-    bandwidth is the pooled std over all ranks, as one process would compute them.
+    bandwidth is the pooled std over all ranks, as one process would compute them. Every rank
+    must pass q and k of the same sizes: one all-gather of six integers per step checks it (and
+    NaN/Inf on any rank), and every rank raises a ValueError where they differ.
 
     queue_size=Q: the sketches of the last Q keys (after this rank's, or with
     gather_distributed all ranks', keys of each training-mode forward) are extra negatives,
@@ -111,6 +100,7 @@ class ResidualContrastiveLoss(nn.Module):
     With gather_distributed, reduction "sum" gives 1/W of one process's gradients under DDP.
     """
 
+    @checked_options("self", "distance", "distance_kwargs", where="ResidualContrastiveLoss")
     def __init__(
         self,
         distance: str | Callable[..., torch.Tensor] = "emd",
@@ -139,12 +129,6 @@ class ResidualContrastiveLoss(nn.Module):
             self.distance_fn = distance
         else:
             raise TypeError(f"{where}: distance must be a name or a callable, got {type(distance).__name__}")
-        self.temperature = check_positive_float(temperature, "temperature", where)
-        _check_reduction(reduction, where)
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(f"{where}: gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
-            raise ValueError(f"{where}: queue_size must be a non-negative int (0: no queue), got {queue_size!r}")
         if (gather_distributed or queue_size) and not isinstance(distance, str):
             raise ValueError(f"{where}: gather_distributed and queue_size need a named distance (emd, mmd, bd)")
         if (gather_distributed or queue_size) and symmetric:
@@ -161,7 +145,8 @@ class ResidualContrastiveLoss(nn.Module):
                 f"{where}: queue_size with distance 'mmd' needs value_range=(lo, hi): queued binned weights pair "
                 "only on one fixed grid, and the batch's own range changes every step"
             )
-        self.symmetric = bool(symmetric)
+        self.temperature = temperature
+        self.symmetric = symmetric
         self.reduction = reduction
         self.gather_distributed = gather_distributed
         self.queue_size = queue_size
@@ -201,21 +186,19 @@ class ResidualContrastiveLoss(nn.Module):
 
     def _sketch_distances(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Bq, W Bk + queued) distances from sketches, and the column of q[0]'s positive."""
+        where = "ResidualContrastiveLoss"
+        check_batches(q, k, where, across_ranks=self.gather_distributed)
         options = dict(self.distance_kwargs)
         pair_options = {
             key: v for key, v in options.items() if key == "backend" or key not in SKETCH_OPTIONS[self.distance_name]
         }
         sketch_options = {key: options[key] for key in SKETCH_OPTIONS[self.distance_name] if key in options}
         if self.distance_name == "mmd":
-            pair_options.pop("num_bins", None)
-            if pair_options.get("bandwidth") is None:
-                bandwidths = global_pooled_std(q, k)
-                pair_options["bandwidth"] = bandwidths.tolist()
+            bandwidths = self._bandwidths(q, k, pair_options.pop("bandwidth", None), where)
             if options.get("value_range") is None:
                 lo, hi = global_value_range(q, k)
                 # The span the fused grid op uses: at least 1e-3 of the smallest bandwidth.
-                smallest = min(_as_list(pair_options["bandwidth"]))
-                sketch_options["value_range"] = (lo, lo + max(hi - lo, 1e-3 * smallest))
+                sketch_options["value_range"] = (lo, lo + max(hi - lo, 1e-3 * bandwidths.min().item()))
         sketch = SKETCHES[self.distance_name]
         sketch_q, sketch_k = sketch(q, **sketch_options), sketch(k, **sketch_options)
         rank, _ = world()
@@ -227,10 +210,22 @@ class ResidualContrastiveLoss(nn.Module):
             queued = self._queue.with_values(self._queue.values[: self._queue_filled].to(sketch_k.values.device))
             check_same_layout(queued, sketch_k, "ResidualContrastiveLoss (queue_size)")
             keys = Sketch.cat([sketch_k, queued])
-        distances = self.distance_fn(sketch_q, keys, **pair_options)
+        if self.distance_name == "mmd":
+            unbiased, method = pair_options.get("unbiased", False), pair_options.get("method", "auto")
+            distances = pair_mmd_sketches(sketch_q, keys, bandwidths, unbiased, method, "pairwise_mmd")
+        else:
+            distances = self.distance_fn(sketch_q, keys, **pair_options)
         if self.queue_size and self.training:
             self._enqueue(sketch_k.detach())
         return distances, first_positive
+
+    @staticmethod
+    def _bandwidths(q: torch.Tensor, k: torch.Tensor, bandwidth: tuple[float, ...] | None, where: str) -> torch.Tensor:
+        """The MMD bandwidths as a float64 tensor (no host sync): the option, or the pooled std over
+        every rank's values."""
+        if bandwidth is None:
+            return check_default_bandwidth(global_pooled_std(q, k), where)
+        return torch.tensor(bandwidth, dtype=torch.float64, device=q.device)
 
     def _enqueue(self, keys: Sketch) -> None:
         """Write the key sketches into the ring of the last queue_size ones, oldest overwritten first."""
@@ -261,14 +256,22 @@ class ResidualContrastiveLoss(nn.Module):
         return {"queue_values": queue.values.detach().cpu(), "queue_layout": layout}
 
     def set_extra_state(self, state: dict) -> None:
+        where = "ResidualContrastiveLoss"
         self._queue, self._queue_next, self._queue_filled = None, 0, 0
         if not state:
             return
-        if not self.queue_size or state["queue_layout"]["distance"] != self.distance_name:
-            raise ValueError(
-                f"ResidualContrastiveLoss: the state holds a queue of {state['queue_layout']['distance']} sketches, "
-                f"but this loss has distance {self.distance_name!r} and queue_size {self.queue_size}"
-            )
         saved = Sketch(values=state["queue_values"], **state["queue_layout"])
+        if not self.queue_size or saved.distance != self.distance_name or len(saved) > self.queue_size:
+            raise ValueError(
+                f"{where}: the state holds a queue of {saved.distance} sketches ({len(saved)} of them), but this "
+                f"loss has distance {self.distance_name!r} and queue_size {self.queue_size}"
+            )
+        options = self.distance_kwargs
+        layout = {
+            "emd": {"num_quantiles": options.get("num_quantiles")},
+            "mmd": {"value_range": options.get("value_range"), "num_bins": options.get("num_bins") or DEFAULT_NUM_BINS},
+            "bd": {},
+        }[self.distance_name]
+        check_sketch_options(saved, "the state's queue", where, **layout)
         if len(saved):
             self._enqueue(saved)

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 
 import torch
 
 from ._backend import Backend, resolve_backend
-from ._checks import check_finite_enabled, check_positive_float, check_positive_int, check_result, prepare_pair
+from ._checks import (
+    DEFAULT_NUM_BINS,
+    MAX_NUM_BINS,
+    check_default_bandwidth,
+    check_pair,
+    check_result,
+    checked_options,
+    host_checks_on,
+    prepare_pair,
+)
 from .sketch import (
     Sketch,
     bd_sketch,
-    check_value_range,
+    check_same_layout,
+    check_sketch_options,
     emd_sketch,
     mmd_sketch,
     pair_bd,
@@ -23,40 +32,40 @@ from .sketch import (
     sketch_bandwidth,
 )
 
-MMD_METHODS = ("auto", "grid", "direct")
 # Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
 DIRECT_SUM_COST = 16
-# Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
-MAX_NUM_BINS = 1 << 24
-# Largest K: sort orders are int32.
-MAX_NUM_QUANTILES = (1 << 31) - 1
 # The grid MMD's accuracy (1e-3 relative, gradients' cosine >= 0.999; tests/test_mmd_grid.py)
 # is tested up to a grid step of this fraction of the smallest bandwidth (range / h = 100 on
 # the default 4096 bins); beyond it a GridAccuracyWarning says so.
 GRID_STEP_OVER_BANDWIDTH_TESTED = 0.025
-# 1 / (2 h^2) must be finite in float64 (the kernels evaluate exp(-d^2 / (2 h^2)) in float64).
-MIN_BANDWIDTH = 1e-154
 
 
 class GridAccuracyWarning(UserWarning):
     """The grid MMD runs where its documented accuracy is not tested: see pairwise_mmd."""
 
 
-def _sketch_pair(q, k, distance: str, where: str, sketch_fn) -> tuple[Sketch, Sketch] | None:
-    """(sketch_q, sketch_k) when q or k is a Sketch (a residual batch beside it is sketched by
-    ``sketch_fn(x, like_sketch)``), None when both are residual batches."""
-    if not isinstance(q, Sketch) and not isinstance(k, Sketch):
-        return None
+def _sketch_pair(q, k, distance: str, where: str, sketch_like, first=None, **options) -> tuple[Sketch, Sketch] | None:
+    """(sketch_q, sketch_k) when q or k is a Sketch, or when ``first`` sketches a residual batch q;
+    None for two residual batches. Residuals beside a sketch are sketched by ``sketch_like(x,
+    sketch)``; the ``options`` given (not None) must agree with the sketches' layouts."""
+    given = {name: value for name, value in options.items() if value is not None}
     for name, s in (("q", q), ("k", k)):
-        if isinstance(s, Sketch) and s.distance != distance:
-            raise ValueError(
-                f"{where}: {name} is a {s.distance} sketch; pass {distance} sketches (rcl_ops.{distance}_sketch)"
-            )
-    q = q if isinstance(q, Sketch) else sketch_fn(q, k)
-    k = k if isinstance(k, Sketch) else sketch_fn(k, q)
+        if isinstance(s, Sketch):
+            if s.distance != distance:
+                raise ValueError(
+                    f"{where}: {name} is a {s.distance} sketch; pass {distance} sketches (rcl_ops.{distance}_sketch)"
+                )
+            check_sketch_options(s, name, where, **given)
+    if not isinstance(q, Sketch) and not isinstance(k, Sketch):
+        if first is None:
+            return None
+        q = first(q)
+    q = q if isinstance(q, Sketch) else sketch_like(q, k)
+    k = k if isinstance(k, Sketch) else sketch_like(k, q)
     return q, k
 
 
+@checked_options("q", "k")
 def pairwise_emd(
     q: torch.Tensor | Sketch, k: torch.Tensor | Sketch, *, num_quantiles: int | None = None, backend: str = "auto"
 ) -> torch.Tensor:
@@ -77,79 +86,77 @@ def pairwise_emd(
     """
     where = "pairwise_emd"
     sketches = _sketch_pair(
-        q, k, "emd", where, lambda x, s: emd_sketch(x, num_quantiles=s.num_quantiles, backend=backend)
+        q,
+        k,
+        "emd",
+        where,
+        lambda x, s: emd_sketch(x, num_quantiles=s.num_quantiles, backend=backend),
+        num_quantiles=num_quantiles,
     )
     if sketches is not None:
         return check_result(pair_emd(*sketches, backend=backend), where)
     q2, k2 = prepare_pair(q, k, where)
-    if num_quantiles is None:
-        if q2.shape[1] != k2.shape[1]:
-            raise ValueError(
-                f"{where}: q has {q2.shape[1]} values per residual but k has {k2.shape[1]}; "
-                "exact EMD needs equal counts; pass num_quantiles=K to compare K quantiles"
-            )
-    else:
-        num_quantiles = check_positive_int(num_quantiles, "num_quantiles", where)
-        if num_quantiles > MAX_NUM_QUANTILES:
-            raise ValueError(f"{where}: num_quantiles must be at most {MAX_NUM_QUANTILES}, got {num_quantiles}")
+    if num_quantiles is None and q2.shape[1] != k2.shape[1]:
+        raise ValueError(
+            f"{where}: q has {q2.shape[1]} values per residual but k has {k2.shape[1]}; "
+            "exact EMD needs equal counts; pass num_quantiles=K to compare K quantiles"
+        )
     return check_result(resolve_backend(backend, q2.device, where).emd(q2, k2, num_quantiles), where)
 
 
 def value_statistics(x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """The count of x's values and their float64 [mean, sum of squared deviations] (2,), detached.
-    Accumulated in float64 (a norm, no float32 square): values near 1e20 in float32 (squared
-    deviations near 1e40) still give their finite statistics."""
+    """The count of x's values and their float64 [mean, sum of squared deviations, largest absolute
+    deviation] (3,), detached. Accumulated in float64 (a norm, no float32 square): values near 1e20
+    in float32 (squared deviations near 1e40) still give their finite statistics. The largest
+    deviation tells constant values (0) from squares that underflow float64 (values near 1e-200)."""
     with torch.no_grad():
         mean = x.mean(dtype=torch.float64)
-        deviations = torch.linalg.vector_norm(x - mean.to(x.dtype), dtype=torch.float64).square()
-        return x.numel(), torch.stack([mean, deviations])
+        centred = x - mean.to(x.dtype)
+        deviations = torch.linalg.vector_norm(centred, dtype=torch.float64).square()
+        spread = torch.linalg.vector_norm(centred, ord=math.inf, dtype=torch.float64)
+        return x.numel(), torch.stack([mean, deviations, spread])
 
 
 def pooled_std(counts: list[int], stats: torch.Tensor) -> torch.Tensor:
-    """The standard deviation of the union of N groups of values from their counts and (N, 2)
-    value_statistics (Chan's combination), float64 (1,); 1 where it is 0."""
+    """The standard deviation of the union of N groups of values from their counts and (N, 3)
+    value_statistics (Chan's combination), float64 (1,); 1 where the values are all equal (0 where
+    it underflows float64, NaN where they hold NaN)."""
     weights = torch.tensor(counts, dtype=torch.float64).to(stats.device, non_blocking=True)
     total = float(sum(counts))
-    means, deviations = stats.unbind(1)
+    means, deviations, spreads = stats.unbind(1)
     pooled_mean = (weights * means).sum() / total
     std = ((deviations.sum() + (weights * (means - pooled_mean).square()).sum()) / total).sqrt()
-    return torch.where(std > 0, std, torch.ones_like(std)).reshape(1)
+    constant = (spreads.amax() == 0) & (means == means[0]).all()
+    return torch.where(constant, torch.ones_like(std), std).reshape(1)
 
 
-def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The data-driven MMD bandwidth: the standard deviation of all values of q and k pooled
-    (detached, no host sync), or 1 where that is 0. Shape (1,), float64 (accumulated in float64)."""
+def _pooled_std_of(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     (count_q, stats_q), (count_k, stats_k) = value_statistics(q), value_statistics(k)
     return pooled_std([count_q, count_k], torch.stack([stats_q, stats_k]))
 
 
-def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The data-driven MMD bandwidth: the standard deviation of all values of q and k pooled
+    (detached, no host sync), or 1 where that is 0. Shape (1,), float64 (accumulated in float64).
+    q and k are checked as the distances check them (NaN or Inf: ValueError where the check is on,
+    a NaN bandwidth where it is off)."""
+    check_pair(q, k, "default_bandwidth")
+    return _pooled_std_of(q, k)
+
+
+def _bandwidths(bandwidth: tuple[float, ...] | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+    """The checked ``bandwidth`` option as a float64 tensor (every kernel evaluates the Gaussian in
+    float64 whatever the inputs' dtype), or the default bandwidth of q and k."""
     if bandwidth is None:
-        return default_bandwidth(q, k)
-    if isinstance(bandwidth, torch.Tensor):
-        raise TypeError(f"{where}: pass bandwidth as a float or a sequence of floats, not a tensor")
-    if isinstance(bandwidth, (str, bytes, bytearray)):
-        raise TypeError(f"{where}: bandwidth must be a float or a sequence of floats, got {type(bandwidth).__name__}")
-    if isinstance(bandwidth, numbers.Real):
-        bandwidth = [bandwidth]
-    if not isinstance(bandwidth, Sequence) or len(bandwidth) == 0:
-        raise ValueError(f"{where}: bandwidth must be None, a float or a non-empty sequence of floats")
-    values = [check_positive_float(h, "bandwidth", where) for h in bandwidth]
-    for h in values:
-        if h < MIN_BANDWIDTH:
-            raise ValueError(
-                f"{where}: bandwidth {h!r} is below {MIN_BANDWIDTH}: 1 / (2 h^2) overflows float64; "
-                "rescale the residuals instead"
-            )
-    # float64 whatever the inputs' dtype: every kernel evaluates the Gaussian in float64.
-    return torch.tensor(values, dtype=torch.float64, device=q.device)
+        return check_default_bandwidth(_pooled_std_of(q, k), where)
+    return torch.tensor(bandwidth, dtype=torch.float64, device=q.device)
 
 
 def warn_if_grid_inaccurate(grid: torch.Tensor, bandwidths: torch.Tensor, num_bins: int) -> None:
     """GridAccuracyWarning when the grid step (``grid`` = [lo, step], as the grid ops return it)
     exceeds the tested fraction of the smallest bandwidth. Called by the backends with the grid
     they built (no extra pass over the data), where the NaN/Inf check runs (no GPU sync else)."""
-    if not check_finite_enabled(grid.device.type) or torch.compiler.is_compiling():
+    if not host_checks_on(grid.device.type, "pairwise_mmd"):
         return
     step = grid[1].item()
     ratio = step / bandwidths.min().item()
@@ -161,18 +168,19 @@ def warn_if_grid_inaccurate(grid: torch.Tensor, bandwidths: torch.Tensor, num_bi
             f"{min(MAX_NUM_BINS, math.ceil(num_bins * ratio / GRID_STEP_OVER_BANDWIDTH_TESTED))}) "
             "or use method='direct'",
             GridAccuracyWarning,
-            stacklevel=4,  # the caller of pairwise_mmd: here <- backend <- pairwise_mmd <- caller
+            stacklevel=5,  # pairwise_mmd's caller: here <- backend <- pairwise_mmd <- its option check <- caller
         )
 
 
+@checked_options("q", "k")
 def pairwise_mmd(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    q: torch.Tensor | Sketch,
+    k: torch.Tensor | Sketch,
     *,
     bandwidth: float | Sequence[float] | None = None,
     unbiased: bool = False,
     method: str = "auto",
-    num_bins: int = 4096,
+    num_bins: int | None = None,
     value_range: tuple[float, float] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -183,12 +191,12 @@ def pairwise_mmd(
     (V-statistic; ``unbiased=True`` drops the x = x' and y = y' terms: the U-statistic),
     with k(a, b) = sum_h exp(-(a - b)^2 / (2 h^2)) over the bandwidths h.
 
-    bandwidth: a float, a sequence of floats (sum of kernels), or None for the standard
-    deviation of all values of q and k pooled (detached; 1 if they are all equal).
+    bandwidth: a float, a sequence of floats (sum of kernels), each in [1e-154, 1e154], or None
+    for the standard deviation of all values of q and k pooled (detached; 1 if they are all equal).
     method: "direct" is the exact O(M N) sum; "grid" (native backends) bins the values
-    linearly onto ``num_bins`` points spanning the batch's range and applies the kernel as a
-    convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins; its
-    error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
+    linearly onto ``num_bins`` (None: 4096) points spanning the batch's range and applies the
+    kernel as a convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins;
+    its error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
     for residuals so small that the exact sum is cheaper (16 M N <= num_bins: an exp costs
     ~16 multiply-adds, and the grid pays O(G) per pair whatever M), and "direct" on the
     reference backend. Computed in float32 for half inputs.
@@ -196,43 +204,49 @@ def pairwise_mmd(
     value_range=(lo, hi): the grid spans this fixed range instead of the batch's (values
     outside count at its ends), computed through MMD sketches (torch ops, any device). q and k
     may be MMD sketches (``mmd_sketch``; one of them may be residuals, binned on the other's
-    grid); with bandwidth=None the bandwidth is then the pooled std of the binned values.
+    grid; value_range and num_bins, where given, must be the sketches'); with bandwidth=None the
+    bandwidth is then the pooled std of the binned values.
     """
     where = "pairwise_mmd"
-    if method not in MMD_METHODS:
-        raise ValueError(f"{where}: unknown method {method!r}; choose one of {MMD_METHODS}")
-    if value_range is not None:
-        value_range = check_value_range(value_range, where)
-        if not isinstance(q, Sketch):
-            q = mmd_sketch(q, value_range=value_range, num_bins=num_bins)
+    grid = DEFAULT_NUM_BINS if num_bins is None else num_bins
     sketches = _sketch_pair(
-        q, k, "mmd", where, lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1])
+        q,
+        k,
+        "mmd",
+        where,
+        lambda x, s: mmd_sketch(x, value_range=s.value_range, num_bins=s.values.shape[1]),
+        None if value_range is None else lambda x: mmd_sketch(x, value_range=value_range, num_bins=grid),
+        value_range=value_range,
+        num_bins=num_bins,
     )
     if sketches is not None:
-        return _pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
+        return pair_mmd_sketches(*sketches, bandwidth, unbiased, method, where)
     q2, k2 = prepare_pair(q, k, where)
-    num_bins = check_positive_int(num_bins, "num_bins", where)
-    if not 2 <= num_bins <= MAX_NUM_BINS:
-        raise ValueError(f"{where}: num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}")
     if unbiased and min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     impl = resolve_backend(backend, q2.device, where)
-    method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], num_bins, where)
+    method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], grid, where)
     bandwidths = _bandwidths(bandwidth, q2, k2, where)
-    return check_result(impl.mmd(q2, k2, bandwidths, bool(unbiased), method, num_bins), where)
+    return check_result(impl.mmd(q2, k2, bandwidths, unbiased, method, grid), where)
 
 
-def _pair_mmd_sketches(sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: bool, method: str, where: str):
-    """pairwise_mmd of two MMD sketches on one grid."""
+def pair_mmd_sketches(
+    sketch_q: Sketch, sketch_k: Sketch, bandwidth, unbiased: bool, method: str, where: str
+) -> torch.Tensor:
+    """pairwise_mmd of two MMD sketches on one grid; ``bandwidth`` checked (a tuple), None (the
+    pooled std of the binned values) or a float64 tensor of bandwidths (the loss's, no host sync)."""
+    check_same_layout(sketch_q, sketch_k, where, pairing=True)
     if method == "direct":
         raise ValueError(f"{where}: sketches and value_range pair on the grid; use method='grid' or 'auto'")
     if unbiased and min(sketch_q.num_values, sketch_k.num_values) < 2:
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     if bandwidth is None:
-        bandwidths = sketch_bandwidth(sketch_q, sketch_k)
+        bandwidths = check_default_bandwidth(sketch_bandwidth(sketch_q, sketch_k), where)
+    elif isinstance(bandwidth, torch.Tensor):
+        bandwidths = bandwidth
     else:
         bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
-    return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, bool(unbiased)), where)
+    return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, unbiased), where)
 
 
 def _mmd_method(impl: Backend, method: str, value_pairs: int, num_bins: int, where: str) -> str:
@@ -247,6 +261,7 @@ def _mmd_method(impl: Backend, method: str, value_pairs: int, num_bins: int, whe
     return method
 
 
+@checked_options("q", "k")
 def pairwise_bd(
     q: torch.Tensor | Sketch, k: torch.Tensor | Sketch, *, eps: float = 1e-6, backend: str = "auto"
 ) -> torch.Tensor:
@@ -258,14 +273,10 @@ def pairwise_bd(
     q and k may also be BD sketches (``bd_sketch``: the float64 moments), or one of each.
     """
     where = "pairwise_bd"
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{where}: eps must be a real number, got {type(eps).__name__}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise ValueError(f"{where}: eps must be a non-negative finite float, got {eps!r}")
     sketches = _sketch_pair(q, k, "bd", where, lambda x, s: bd_sketch(x, backend=backend))
     if sketches is not None:
-        return check_result(pair_bd(*sketches, float(eps), backend=backend), where)
+        return check_result(pair_bd(*sketches, eps, backend=backend), where)
     q2, k2 = prepare_pair(q, k, where)
     if min(q2.shape[1], k2.shape[1]) < 2:
         raise ValueError(f"{where}: the sample variance needs at least 2 values per residual")
-    return check_result(resolve_backend(backend, q2.device, where).bd(q2, k2, float(eps)), where)
+    return check_result(resolve_backend(backend, q2.device, where).bd(q2, k2, eps), where)

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from .. import _grid
-from ..ops import MAX_NUM_BINS, warn_if_grid_inaccurate
+from .._checks import MAX_NUM_BINS
+from ..ops import warn_if_grid_inaccurate
 from ._common import (
     ELEMENT_BLOCK,
     NAMESPACE,
