@@ -8,7 +8,8 @@ import torch
 
 from rcl_ops.train.config import build_config
 from rcl_ops.train.contrast_check import CHECK_BATCHES, PAIRWISE, check_contrast, crop_pair_batches, gaussian_blur
-from rcl_ops.train.data import load_split, make_records
+from rcl_ops.train.data import make_records
+from rcl_ops.train.images import load_split
 from rcl_ops.train.methods import temperature_of
 from rcl_ops.train.models import build_model, configured_model
 from rcl_ops.train.preflight import RunError

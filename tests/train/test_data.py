@@ -8,15 +8,14 @@ import torch
 from skimage import io
 
 from rcl_ops.train.config import build_config
-from rcl_ops.train.data import (
+from rcl_ops.train.data import CropSampler, make_records
+from rcl_ops.train.images import (
     CleanImage,
-    CropSampler,
     DataError,
     check_image_sizes,
     load_embedded_images,
     load_folder,
     load_split,
-    make_records,
     to_rgb_float,
 )
 from train.helpers import make_sidd_folder
@@ -72,7 +71,7 @@ def test_batches_need_distinct_images():
 
 
 def test_tiles_and_colour_images(tmp_path):
-    from rcl_ops.train.data import EMBEDDED_RGB, tile_images
+    from rcl_ops.train.images import EMBEDDED_RGB, tile_images
 
     image = CleanImage("im", torch.arange(3 * 5 * 7, dtype=torch.float32).reshape(3, 5, 7) / 105)
     tiles = tile_images([image, CleanImage("small", torch.zeros(3, 1, 4))], 2)
@@ -95,7 +94,7 @@ def test_embedded_images_load_offline():
 
 
 def test_sidd_loader_reads_a_tiny_folder(tmp_path):
-    from rcl_ops.train.data import DataError, load_sidd_pairs
+    from rcl_ops.train.images import load_sidd_pairs
 
     root = make_sidd_folder(tmp_path / "sidd", scenes=3)
     pairs = load_sidd_pairs(root)

@@ -206,7 +206,7 @@ def test_label_efficiency_comparisons_use_photographs_x_seeds(monkeypatch):
 
 
 def test_paired_difference_t_interval():
-    from rcl_ops.train.report import paired_difference
+    from rcl_ops.train.intervals import paired_difference
 
     differences = [0.5, 1.0, 1.5, 2.0]
     found = paired_difference(differences)
