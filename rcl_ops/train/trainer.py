@@ -36,7 +36,8 @@ from .methods import METHODS, ObjectiveInputs, build_objective, contrast_distanc
 from .models import ResNet50Encoder, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, check_machine, resolve_device
 from .pretraining import RunContext, initial_network
-from .run_folder import check_resumable, create_run_dir, locate_run
+from .run_folder import check_resumable, claim_run_dir, locate_run
+from .run_lock import RunLock
 from .run_log import RunLogger
 from .seeding import seeded_generator
 from .variant_runs import VariantRunner
@@ -117,7 +118,7 @@ class Experiment:
             self.raw,
         )
         self.contrast_checks = self._check_contrast()  # before the run folder: a refusal leaves nothing behind
-        proxy_settings = ProxySettings(
+        self.proxy_settings = ProxySettings(
             config.finetune_steps,
             config.finetune_batch_size,
             config.crop_size,
@@ -126,14 +127,20 @@ class Experiment:
             config.adam_eps,
             config.finetune_schedule,
         )
-        if not config.resume and self.ranks.is_main:
-            create_run_dir(run_dir, config)
+        self.lock: RunLock | None = None
+
+    def _open_run_folder(self) -> None:
+        """Claim the run folder (rank 0: created, or taken for --resume, and locked until the run ends), open
+        its metrics log, and tell every rank where it is."""
+        config, context = self.config, self.context
         if self.ranks.is_main:
-            logger = RunLogger(run_dir, config.tensorboard, resume=config.resume)
+            self.run_dir, self.lock = claim_run_dir(self.run_dir, config, self.say)
+            logger = RunLogger(self.run_dir, config.tensorboard, resume=config.resume)
             self.context = dataclasses.replace(context, logger=logger)
-        self.runner = VariantRunner(self, proxy_settings)
+        self.run_dir = distributed.broadcast(self.run_dir, self.ranks)
+        self.runner = VariantRunner(self, self.proxy_settings)
         self.say(
-            f"rcl-train: run folder {run_dir}; {len(self.train)} training / {len(self.test)} test images; "
+            f"rcl-train: run folder {self.run_dir}; {len(self.train)} training / {len(self.test)} test images; "
             f"device {context.device}; torch {torch.__version__}"
         )
 
@@ -232,9 +239,11 @@ class Experiment:
         return encoder, record
 
     def execute(self) -> dict:
-        """Every (seed, variant) and the label study, then the summary, table and figures."""
+        """Claim the run folder, run every (seed, variant) and the label study, then write the summary, table and
+        figures; the folder's lock is released when the run ends, however it ends."""
         config, results, label_results = self.config, [], []
         try:
+            self._open_run_folder()
             for seed_index, seed in enumerate(config.seeds):
                 initial = initial_network(config, seed)
                 initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
@@ -246,12 +255,12 @@ class Experiment:
                     except FloatingPointError as error:
                         raise self._diverged(f"{key}/seed{seed}", error) from error
                 label_results += self._label_study(seed, initial_state)
+            return self._report(results, label_results) if self.ranks.is_main else {}
         finally:
             if self.context.logger is not None:
                 self.context.logger.close()
-        if not self.ranks.is_main:
-            return {}
-        return self._report(results, label_results)
+            if self.lock is not None:
+                self.lock.release()
 
     def _label_study(self, seed: int, initial_state: dict) -> list[dict]:
         """SL and RCL+SL (each RCL variant) at every label count. Rank 0's, like the proxy evaluation (the

@@ -122,11 +122,11 @@ def test_too_small_test_image_advice(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, monkeypatch, capsys):
-    from rcl_ops.train import variant_runs
+    from rcl_ops.train import checkpoints
 
     steps = ["--pretrain-steps", "4", "--checkpoint-every", "1", "--log-every", "1"]
     assert main(tiny_run(image_folder, tmp_path, "whole", *steps)) == 0
-    real_save = variant_runs.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def killed_while_saving_step_4(path, model, optimizer=None, generator=None, metadata=None, extra=None):
         real_save(path, model, optimizer, generator, metadata, extra)
@@ -134,7 +134,7 @@ def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, m
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a non-atomic write leaves
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(variant_runs, "save_checkpoint", killed_while_saving_step_4)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_while_saving_step_4)  # the pre-training checkpoints
     with pytest.raises(KeyboardInterrupt):
         main(tiny_run(image_folder, tmp_path, "killed", *steps))
     monkeypatch.undo()

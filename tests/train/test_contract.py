@@ -1,0 +1,144 @@
+"""The trainer's contract at its edges (issue 25): the probes of a demanding user, kept as tests. Run folders
+are claimed atomically and never take over a user's files; a diverged run never reports a number; the noise
+does not depend on how --data-dir is spelled; every value is checked before the run folder exists; errors
+name the option or the file; Ctrl-C says how to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rcl_ops.train.cli import main
+from rcl_ops.train.config import build_config
+from train.helpers import tiny_run
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders: never a user's folder, claimed atomically, locked while a process trains there
+
+
+def test_a_folder_of_the_users_own_files_is_refused(image_folder, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("results.md", "results.json", "metrics.csv"):
+        (mine / name).write_text(f"my own {name}")
+    assert main(tiny_run(image_folder, tmp_path, "mine")) == 2
+    error = capsys.readouterr().err
+    assert "holds files that are not a run of rcl-train" in error and "results.md" in error
+    assert {p.name: p.read_text() for p in mine.iterdir()} == {
+        name: f"my own {name}" for name in ("results.md", "results.json", "metrics.csv")
+    }
+    (tmp_path / "empty").mkdir()  # an empty folder made for the run is fine
+    assert main(tiny_run(image_folder, tmp_path, "empty", "--pretrain-steps", "1", "--finetune-steps", "0")) == 0
+
+
+def test_a_finished_run_whose_config_json_is_missing_is_not_replaced(image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "done", "--pretrain-steps", "1", "--finetune-steps", "0")
+    assert main(args) == 0
+    results = (tmp_path / "done" / "results.json").read_bytes()
+    (tmp_path / "done" / "config.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "looks like a run of rcl-train whose config.json is missing" in error
+    assert (tmp_path / "done" / "results.json").read_bytes() == results
+
+
+def test_a_run_folder_is_claimed_by_one_process_at_a_time(tmp_path):
+    from rcl_ops.train.preflight import RunError
+    from rcl_ops.train.run_folder import claim_run_dir
+
+    config = build_config(output_dir=str(tmp_path), run_name="same")
+    run_dir, lock = claim_run_dir(tmp_path / "same", config, print)
+    assert run_dir == tmp_path / "same" and (run_dir / "config.json").exists()
+    with pytest.raises(RunError, match=rf"in use by process {os.getpid()}"):
+        claim_run_dir(tmp_path / "same", config, print)  # the second of two runs started together
+    with pytest.raises(RunError, match=rf"--resume: the run in .*same is still being trained by process {os.getpid()}"):
+        claim_run_dir(tmp_path / "same", build_config(output_dir=str(tmp_path), run_name="same", resume=True), print)
+    lock.release()
+    with pytest.raises(RunError, match="already holds a run; pass --resume"):
+        claim_run_dir(tmp_path / "same", config, print)
+    resumed, lock = claim_run_dir(run_dir, build_config(output_dir=str(tmp_path), run_name="same", resume=True), print)
+    lock.release()
+
+
+def test_runs_without_a_name_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from rcl_ops.train import run_folder
+
+    monkeypatch.setattr(run_folder, "timestamp", lambda: "20270101-120000")
+    config = build_config(output_dir=str(tmp_path), preset="quick")
+    claimed = []
+    for _ in range(3):
+        run_dir, _ = run_folder.locate_run(config)
+        claimed.append(run_folder.claim_run_dir(run_dir, config, print))
+    assert [d.name for d, _ in claimed] == [
+        "quick-20270101-120000",
+        "quick-20270101-120000-2",
+        "quick-20270101-120000-3",
+    ]
+    for _, lock in claimed:
+        lock.release()
+
+
+def test_a_stale_lock_of_a_dead_process_is_said_and_taken_over(tmp_path):
+    from rcl_ops.train.run_folder import LOCK_NAME, claim_run_dir
+
+    config = build_config(output_dir=str(tmp_path), run_name="r")
+    run_dir, lock = claim_run_dir(tmp_path / "r", config, print)
+    lock.release()
+    pid = dead_pid()
+    (run_dir / LOCK_NAME).write_text(f"{pid} {os.uname().nodename}\n")  # what a killed process leaves
+    said = []
+    _, lock = claim_run_dir(run_dir, build_config(output_dir=str(tmp_path), run_name="r", resume=True), said.append)
+    lock.release()
+    assert any(f"process {pid}" in line and "no longer running" in line for line in said), said
+
+
+def test_resume_of_a_run_still_training_is_refused(image_folder, tmp_path, capsys):
+    from rcl_ops.train.run_folder import claim_run_dir
+
+    args = tiny_run(image_folder, tmp_path, "busy")
+    _, lock = claim_run_dir(tmp_path / "busy", build_config(**_options(args)), print)
+    try:
+        assert main([*args, "--resume"]) == 2
+    finally:
+        lock.release()
+    error = capsys.readouterr().err
+    assert f"still being trained by process {os.getpid()}" in error
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".rcl-train.lock", "config.json"]
+
+
+def _options(args: list[str]) -> dict:
+    """The TrainConfig options of a command line (tiny_run's)."""
+    from rcl_ops.train.cli import build_parser
+
+    options = vars(build_parser().parse_args(args))
+    options.pop("print_config")
+    return options
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_same_name_started_together(image_folder, tmp_path):
+    args = [sys.executable, "-m", "rcl_ops.train", *tiny_run(image_folder, tmp_path, "same")]
+    root = Path(__file__).resolve().parents[2]
+    processes = [
+        subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in processes)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    refusal = outcomes[1][1]
+    assert "in use by process" in refusal or "already holds a run" in refusal, refusal
+    assert "Traceback" not in refusal
+    assert json.loads((tmp_path / "same" / "results.json").read_text())["runs"]
