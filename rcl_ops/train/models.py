@@ -412,6 +412,15 @@ def load_encoder_weights(encoder: ResNet50Encoder, path: str | Path) -> None:
     encoder.load_state_dict({key: state[key] for key in expected})
 
 
+def non_finite_tensors(module: nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point weights and buffers that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in module.state_dict().items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes (hex), read in chunks."""
     digest = hashlib.sha256()

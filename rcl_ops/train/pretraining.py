@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .data import CropSampler
 from .diagnostics import summarise_history
 from .losses import Objective
-from .models import configured_model
+from .models import configured_model, non_finite_tensors
 from .run_log import RunLogger, progress_bar
 from .seeding import derive_seed
 
@@ -85,6 +85,12 @@ def pretrain(
                 steps.set_postfix(loss=f"{last_loss:.4g}")
         if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
             loop.save({"step": done, "loss": last_loss, "history": history})
+    broken = non_finite_tensors(model)  # the loss is checked before each update: this is the last update's check
+    if broken:
+        raise FloatingPointError(
+            f"pre-training left non-finite weights ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}) "
+            f"after its last update, step {config.pretrain_steps}; try {objective.divergence_advice}"
+        )
     return {
         "steps": config.pretrain_steps,
         "seconds": time.perf_counter() - started,

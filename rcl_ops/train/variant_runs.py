@@ -151,12 +151,17 @@ class VariantRunner:
                 "positive_closer_true_noise": fraction_positive(torch.from_numpy(self.densities["noise"])),
             }
         model.eval()  # the network as pre-trained, no layer replaced: the "0 labels" row
-        result["as_is"] = {
-            task: scores_dict(
-                evaluate_restorer(model, self.experiment.test, task, self.context.device, config.eval_crop)
-            )
-            for task in tasks
-        }
+        try:
+            result["as_is"] = {
+                task: scores_dict(
+                    evaluate_restorer(model, self.experiment.test, task, self.context.device, config.eval_crop)
+                )
+                for task in tasks
+            }
+        except FloatingPointError as error:  # finite weights, but so large that the output overflows
+            objective = self.experiment.objectives.get(key)
+            advice = f"; try {objective.divergence_advice}" if objective is not None else ""
+            raise FloatingPointError(f"pre-training diverged: {error}{advice}") from error
         result["tasks"] = {}
         for task in tasks if config.finetune_steps > 0 else ():
             result["tasks"][task] = self._finetune(model, key, seed, task, first_seed, samples)
@@ -200,7 +205,7 @@ class VariantRunner:
     def _reuse_result(self, key: str, result_path: Path, samples_path: Path | None, seed: int) -> dict:
         """A finished (variant, seed)'s saved result, and for the first seed its figure data from
         ``samples_path``; DamagedFileError naming a file that cannot be read."""
-        result = read_json(result_path)
+        result = read_json(result_path, non_finite=True)
         tasks = self.config.evaluation_tasks(key)
         proxy_tasks = tasks if self.config.finetune_steps > 0 else []
         if (
@@ -222,7 +227,7 @@ class VariantRunner:
         result_path = self.run_dir / "results" / "labels" / f"{protocol}_n{count}_seed{seed}.json"
         if config.resume and result_path.exists():
             try:
-                result = read_json(result_path)
+                result = read_json(result_path, non_finite=True)
                 if isinstance(result, dict) and "psnr_per_image" in result:
                     return result
                 raise DamagedFileError(result_path, "it lacks the per-image scores")

@@ -6,12 +6,15 @@ name the option or the file; Ctrl-C says how to resume."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
@@ -142,3 +145,81 @@ def test_two_runs_with_the_same_name_started_together(image_folder, tmp_path):
     assert "in use by process" in refusal or "already holds a run" in refusal, refusal
     assert "Traceback" not in refusal
     assert json.loads((tmp_path / "same" / "results.json").read_text())["runs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a diverged run reports no number, blames the stage that diverged, and keeps its JSON strict
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune_steps", ["0", "2"])
+def test_a_diverged_last_update_is_not_reported_as_a_number(finetune_steps, image_folder, tmp_path, capsys):
+    args = tiny_run(image_folder, tmp_path, "r", "--lr", "1e30", "--pretrain-steps", "1")
+    assert main([*args, "--finetune-steps", finetune_steps]) == 2
+    captured = capsys.readouterr()
+    assert "n2n/seed0: pre-training" in captured.err and "try a lower --lr" in captured.err
+    assert "fine-tuning diverged" not in captured.err and "Traceback" not in captured.err
+    assert "nan" not in captured.out.lower()
+    for path in (tmp_path / "r").rglob("*.json"):
+        json.loads(path.read_text(), parse_constant=lambda token, path=path: pytest.fail(f"{path}: a bare {token}"))
+
+
+def test_non_finite_weights_after_the_last_update_are_caught(tmp_path):
+    from rcl_ops.train.data import CropSampler
+    from rcl_ops.train.evaluate import ProxySettings, fit_l1
+    from rcl_ops.train.models import build_model
+    from rcl_ops.train.seeding import seeded_generator
+    from train.helpers import denoising_records, objective_of, pretrain_quietly
+
+    config = build_config(crop_size=12, batch_size=3, pretrain_steps=2, checkpoint_every=5)
+    records = denoising_records(4, 24)
+    objective = objective_of("n2s", config)
+
+    updates = []
+
+    def last_update_overflows(model):
+        updates.append(1)
+        if len(updates) == config.pretrain_steps:
+            model.head.weight.data.fill_(math.inf)
+
+    objective.after_step = last_update_overflows  # the loss before each update stays finite
+    sampler = CropSampler(records, 12, seeded_generator(0, "pretrain"), raw=False)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"pre-training left non-finite weights \(head.weight\) after its "
+        r"last update, step 2; try a lower --lr",
+    ):
+        pretrain_quietly(build_model("unet", 4, 1), objective, sampler, config, tmp_path, resume=False)
+
+    model = build_model("unet", 4, 1)
+    settings = ProxySettings(steps=2, batch_size=2, crop_size=12, lr=1e-3)
+
+    def overflow_at_the_last_step(step: int, loss: float) -> None:
+        if step == settings.steps:
+            model.head.bias.data.fill_(math.nan)
+
+    with pytest.raises(FloatingPointError, match=r"last update of L1 training on denoise \(step 2\) left non-finite"):
+        fit_l1(
+            model,
+            list(model.parameters()),
+            "denoise",
+            records,
+            settings,
+            seeded_generator(0, "x"),
+            torch.device("cpu"),
+            False,
+            "try a lower --finetune-lr",
+            overflow_at_the_last_step,
+        )
+
+
+def test_results_are_written_as_strict_json(tmp_path):
+    from rcl_ops.train.files import read_json, write_json_atomically
+
+    value = {"low": math.nan, "ratio": [math.inf, -math.inf, 1.5], "numpy": np.float32("nan"), "count": np.int64(3)}
+    write_json_atomically(tmp_path / "r.json", value)
+    text = (tmp_path / "r.json").read_text()
+    parsed = json.loads(text, parse_constant=lambda token: pytest.fail(f"a bare {token}"))
+    assert parsed == {"low": "NaN", "ratio": ["Infinity", "-Infinity", 1.5], "numpy": "NaN", "count": 3.0}
+    restored = read_json(tmp_path / "r.json", non_finite=True)
+    assert math.isnan(restored["low"]) and restored["ratio"] == [math.inf, -math.inf, 1.5]
