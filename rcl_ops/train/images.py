@@ -29,13 +29,20 @@ class DataError(ValueError):
 
 @dataclass
 class CleanImage:
-    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and seeds.
+    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and results.
     ``noisy``: a real noisy photograph of the same scene (paired data such as SIDD), or None when the
-    noise is simulated."""
+    noise is simulated. ``seed_name``: what its noise is seeded from (default: ``name``): a file's path
+    relative to the data folder, so that the noise does not depend on how --data-dir is spelled or where the
+    folder lies; a bundled image's name."""
 
     name: str
     pixels: torch.Tensor
     noisy: torch.Tensor | None = None
+    seed_name: str | None = None
+
+    def __post_init__(self):
+        if self.seed_name is None:
+            self.seed_name = self.name
 
 
 def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
@@ -64,8 +71,9 @@ def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def load_image_file(path: Path) -> CleanImage:
-    """Read one image file (PNG/JPEG/BMP/TIFF) with scikit-image; DataError if it cannot be decoded."""
+def load_image_file(path: Path, root: Path | None = None) -> CleanImage:
+    """Read one image file (PNG/JPEG/BMP/TIFF) with scikit-image; DataError if it cannot be decoded. Its noise
+    is seeded from its path relative to ``root`` (the data folder; default: the file's own folder)."""
     from skimage import io
 
     try:
@@ -74,7 +82,12 @@ def load_image_file(path: Path) -> CleanImage:
             array = io.imread(str(path))
     except Exception as error:  # decoders raise many types
         raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
-    return CleanImage(name=str(path), pixels=to_rgb_float(array, str(path)))
+    return CleanImage(str(path), to_rgb_float(array, str(path)), seed_name=_relative_name(path, root))
+
+
+def _relative_name(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root`` (or its own folder), with / as separator: 'train/0001.png'."""
+    return path.relative_to(root).as_posix() if root is not None else path.name
 
 
 def list_image_files(folder: Path) -> list[Path]:
@@ -89,9 +102,11 @@ def list_image_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_folder(folder: str | Path) -> list[CleanImage]:
-    """All images under ``folder``, sorted by path."""
-    return [load_image_file(path) for path in list_image_files(Path(folder))]
+def load_folder(folder: str | Path, root: str | Path | None = None) -> list[CleanImage]:
+    """All images under ``folder``, sorted by path; their noise seeded from their paths relative to ``root``
+    (the data folder; default ``folder``)."""
+    folder = Path(folder)
+    return [load_image_file(path, Path(root or folder)) for path in list_image_files(folder)]
 
 
 def load_embedded_images(names: tuple[str, ...] = EMBEDDED_IMAGES) -> list[CleanImage]:
@@ -121,7 +136,7 @@ DATA_FORMATS = ("clean", "sidd")
 SIDD_NOISY_TAG, SIDD_CLEAN_TAG = "NOISY", "GT"
 
 
-def load_sidd_pairs(folder: str | Path) -> list[CleanImage]:
+def load_sidd_pairs(folder: str | Path, root: str | Path | None = None) -> list[CleanImage]:
     """Paired real noisy/clean images in the SIDD layout: under ``folder`` (recursively), every image
     file whose name contains NOISY (e.g. ``Data/0001_001_S6_.../0001_NOISY_SRGB_010.PNG``) next to
     its ground truth, the same name with GT (``0001_GT_SRGB_010.PNG``). Sorted by path; DataError
@@ -145,7 +160,8 @@ def load_sidd_pairs(folder: str | Path) -> list[CleanImage]:
                 f"{noisy_path} ({tuple(noisy.pixels.shape[1:])}) and its ground truth {clean_path.name} "
                 f"({tuple(clean.pixels.shape[1:])}) differ in size"
             )
-        pairs.append(CleanImage(name=str(noisy_path), pixels=clean.pixels, noisy=noisy.pixels))
+        seed_name = _relative_name(noisy_path, Path(root or folder))
+        pairs.append(CleanImage(str(noisy_path), clean.pixels, noisy.pixels, seed_name))
     return pairs
 
 
@@ -175,7 +191,7 @@ def load_split(
     else:
         root = Path(data_dir)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train, test = load(root / "train")[:max_images], load(root / "test")[:max_images]
+            train, test = load(root / "train", root)[:max_images], load(root / "test", root)[:max_images]
             return (tile_images(train, tile_size), tile_images(test, tile_size)) if tile_size else (train, test)
         images = load(root)
     if max_images is not None:
@@ -210,7 +226,10 @@ def tile_images(images: list[CleanImage], tile: int) -> list[CleanImage]:
             for c in range(columns):
                 window = (slice(None), slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
                 noisy = None if img.noisy is None else img.noisy[window].contiguous()
-                tiles.append(CleanImage(f"{img.name}@{r},{c}", img.pixels[window].contiguous(), noisy))
+                where = f"@{r},{c}"
+                tiles.append(
+                    CleanImage(img.name + where, img.pixels[window].contiguous(), noisy, img.seed_name + where)
+                )
     return tiles
 
 

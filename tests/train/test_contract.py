@@ -5,6 +5,7 @@ name the option or the file; Ctrl-C says how to resume."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from skimage import io
 
 from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
-from train.helpers import tiny_run
+from rcl_ops.train.data import make_records
+from rcl_ops.train.images import load_split
+from train.helpers import smooth_image, tiny_run
 
 
 def dead_pid() -> int:
@@ -223,3 +227,51 @@ def test_results_are_written_as_strict_json(tmp_path):
     assert parsed == {"low": "NaN", "ratio": ["Infinity", "-Infinity", 1.5], "numpy": "NaN", "count": 3.0}
     restored = read_json(tmp_path / "r.json", non_finite=True)
     assert math.isnan(restored["low"]) and restored["ratio"] == [math.inf, -math.inf, 1.5]
+
+
+# ---------------------------------------------------------------------------------------------
+# the noise: seeded by the image's path inside the data folder, never by how the folder is spelled
+
+
+def test_the_noise_does_not_depend_on_how_the_data_dir_is_spelled(image_folder, monkeypatch):
+    monkeypatch.chdir(image_folder.parent)
+    spellings = [
+        image_folder.name,
+        str(image_folder.resolve()),
+        f"./{image_folder.name}/",
+        f"../{image_folder.parent.name}/{image_folder.name}",
+    ]
+    observed = []
+    for spelling in spellings:
+        train, test = load_split(spelling, 0.25, 0)
+        records = make_records(train + test, "rgb", 0, 20, 0, second_draw=True)
+        observed.append([torch.cat([r.observed.flatten(), r.observed_second.flatten()]) for r in records])
+    for other in observed[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(observed[0], other))
+
+
+def test_train_and_test_images_of_the_same_name_get_their_own_noise(tmp_path):
+    image = smooth_image(np.random.default_rng(0), 36)
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        io.imsave(tmp_path / split / "a.png", image, check_contrast=False)
+    train, test = load_split(str(tmp_path), 0.25, 0)
+    first, second = make_records(train + test, "rgb", 5, 20, 0, second_draw=False)
+    assert not torch.equal(first.observed, second.observed)
+
+
+def test_the_bundled_images_keep_their_noise():
+    """Checksums recorded from the code before issue 25: the bundled images' noise is seeded by their names."""
+    train, test = load_split(None, 0.25, 0, None, "clean", "all", 128)
+    images = [i for i in train + test if i.name in ("astronaut@0,0", "coffee@1,2", "moon@0,0")]
+    digest = hashlib.sha256()
+    for record in make_records(images, "rgb", 0.0, 50.0, 3, second_draw=True):
+        digest.update(record.observed.numpy().tobytes())
+        digest.update(record.observed_second.numpy().tobytes())
+    assert digest.hexdigest() == "db13ef0f7811cd78bcf313d4345d435440b577bdba14697d8fc94dfa898bc5c0"
+    digest = hashlib.sha256()
+    for record in make_records(images, "raw", 0.0, 50.0, 3, second_draw=False, burst=True):
+        digest.update(record.observed.numpy().tobytes())
+        for _, frame in record.burst:
+            digest.update(frame.numpy().tobytes())
+    assert digest.hexdigest() == "893c01665bd5afe6494c7970abf3e5cd8c67bff24999532e02956c03027ef91a"
