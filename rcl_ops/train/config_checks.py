@@ -156,13 +156,17 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "grid_images": (0, math.inf),
 }
 
-RANGE_REASONS = {"eval_crop": "the SSIM window is 7x7"}
+RANGE_REASONS = {
+    "eval_crop": "the SSIM window is 7x7",
+    "sigma_max": "0 is no noise at all: the noisy input would be the clean image, whose PSNR is infinite, so no score "
+    "or interval could be computed",
+}
 
 # (low, high, closed): closed says which ends are allowed, e.g. "[)" for Adam's betas.
 FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "test_fraction": (0.0, 1.0, "()"),
     "sigma_min": (0.0, MAX_SIGMA, "[]"),
-    "sigma_max": (0.0, MAX_SIGMA, "[]"),
+    "sigma_max": (0.0, MAX_SIGMA, "(]"),
     "temperature": (MIN_TEMPERATURE, math.inf, "[)"),
     "alpha": (0.0, math.inf, "[)"),
     "consistency_weight": (0.0, math.inf, "[)"),
@@ -191,7 +195,8 @@ def _check_float(name: str, value: float, low: float, high: float, closed: str) 
         allowed = f"a finite number {'>=' if closed[0] == '[' else '>'} {low:g}"
     else:
         allowed = f"in {closed[0]}{low:g}, {high:g}{closed[1]}"
-    raise ValueError(f"{flag(name)} must be {allowed}, got {value}")
+    why = f" ({RANGE_REASONS[name]})" if name in RANGE_REASONS else ""
+    raise ValueError(f"{flag(name)} must be {allowed}{why}, got {value}")
 
 
 def check_types(config: TrainConfig) -> None:

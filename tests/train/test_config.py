@@ -104,7 +104,7 @@ NAN, INF = float("nan"), float("inf")
         ({"test_fraction": 1.5}, r"--test-fraction must be in \(0, 1\), got 1.5"),
         ({"test_fraction": NAN}, "--test-fraction must be in"),
         ({"crop_size": 1}, "--crop-size must be >= 2"),
-        ({"sigma_max": INF}, r"--sigma-max must be in \[0, 255\]"),
+        ({"sigma_max": INF}, r"--sigma-max must be in \(0, 255\]"),
         ({"sigma_min": NAN}, "--sigma-min must be in"),
         ({"sigma_min": 5, "sigma_max": 2}, "--sigma-min <= --sigma-max"),
         ({"model": "dncnn", "depth": 1}, "--depth of a dncnn must be >= 2"),

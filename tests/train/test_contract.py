@@ -9,19 +9,22 @@ import hashlib
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import io
 
 from rcl_ops.train.cli import main
 from rcl_ops.train.config import build_config
 from rcl_ops.train.data import make_records
-from rcl_ops.train.images import load_split
+from rcl_ops.train.images import DataError, load_image_file, load_split
 from train.helpers import smooth_image, tiny_run
 
 
@@ -275,3 +278,59 @@ def test_the_bundled_images_keep_their_noise():
         for _, frame in record.burst:
             digest.update(frame.numpy().tobytes())
     assert digest.hexdigest() == "893c01665bd5afe6494c7970abf3e5cd8c67bff24999532e02956c03027ef91a"
+
+
+# ---------------------------------------------------------------------------------------------
+# --sigma-max 0, and images that cannot be read at their precision
+
+
+def test_sigma_max_zero_is_refused_before_anything(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"--sigma-max must be in \(0, 255\].*PSNR.*infinite"):
+        build_config(sigma_max=0.0)
+    (tmp_path / "old").mkdir()  # a run saved by an older version with sigma_max 0: its --resume is refused too
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"sigma_max": 0.0}))
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path), "--run-name", "old", "--sigma-max", "0", "--resume"])
+    assert "--sigma-max must be in (0, 255]" in capsys.readouterr().err
+
+
+def test_statistics_of_an_infinite_psnr_do_not_crash():
+    from rcl_ops.train.intervals import paired_difference, photographs_seeds_interval
+    from rcl_ops.train.rows import mean_std
+
+    assert mean_std([math.inf, 30.0])["mean"] == math.inf
+    assert math.isnan(mean_std([math.inf, 30.0])["std"])
+    assert paired_difference([math.inf, 1.0, 2.0])["could_be_noise"]
+    interval = photographs_seeds_interval({0: [math.inf, 1.0], 1: [2.0, 1.0]}, ["a", "b"])
+    assert interval["could_be_noise"] and math.isnan(interval["low"])
+
+
+def write_png16(path: Path, array: np.ndarray, colour_type: int) -> None:
+    """A 16-bit PNG of ``array`` (H, W[, C]) uint16 (Pillow writes none but grey)."""
+    height, width = array.shape[:2]
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
+
+
+def test_png_precision_and_channels(tmp_path):
+    values = np.random.default_rng(0).integers(0, 65536, (12, 10, 4), dtype=np.uint16)
+    write_png16(tmp_path / "grey16.png", values[..., 0], 0)
+    grey = load_image_file(tmp_path / "grey16.png").pixels
+    assert torch.equal(grey[0], torch.from_numpy(values[..., 0].astype(np.float32) / 65535))  # full precision
+    for name, colour_type, channels in (("rgb16", 2, 3), ("grey_alpha16", 4, 2), ("rgba16", 6, 4)):
+        write_png16(tmp_path / f"{name}.png", values[..., :channels], colour_type)
+        with pytest.raises(DataError, match=rf"{name}.png.*16-bit.*read at 8 bits.*TIFF"):
+            load_image_file(tmp_path / f"{name}.png")
+    grey8, alpha = (values[..., :2] >> 8).astype(np.uint8).transpose(2, 0, 1)
+    Image.merge("LA", [Image.fromarray(grey8), Image.fromarray(alpha)]).save(tmp_path / "grey_alpha8.png")
+    Image.merge("RGBA", [Image.fromarray(grey8)] * 3 + [Image.fromarray(alpha)]).save(tmp_path / "rgba8.png")
+    assert torch.equal(
+        load_image_file(tmp_path / "grey_alpha8.png").pixels, load_image_file(tmp_path / "rgba8.png").pixels
+    )
