@@ -46,18 +46,21 @@ class CleanImage:
 
 
 def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
-    """Convert an image array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of any dtype to (3, H, W) float32 in [0, 1].
+    """Convert an image array (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) of any dtype to (3, H, W)
+    float32 in [0, 1].
 
     Integer images are divided by their dtype's maximum; float images must already lie in
-    [0, 1]; grey is replicated to three channels and an alpha channel dropped.
+    [0, 1]; grey is replicated to three channels and an alpha channel dropped (grey + alpha as RGBA).
     """
     array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
-        array = array[..., :3] if array.shape[2] != 1 else array[..., 0]
+    if array.ndim == 3 and array.shape[2] in (1, 2, 3, 4):
+        array = array[..., :3] if array.shape[2] > 2 else array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
-        raise DataError(f"image {name}: expected a grey, RGB or RGBA image, got an array of shape {array.shape}")
+        raise DataError(
+            f"image {name}: expected a grey, grey + alpha, RGB or RGBA image, got an array of shape {array.shape}"
+        )
     if array.dtype == bool:
         pixels = array.astype(np.float32)
     elif np.issubdtype(array.dtype, np.integer):
@@ -76,6 +79,7 @@ def load_image_file(path: Path, root: Path | None = None) -> CleanImage:
     is seeded from its path relative to ``root`` (the data folder; default: the file's own folder)."""
     from skimage import io
 
+    _refuse_16_bit_colour_png(path)
     try:
         with warnings.catch_warnings():  # imageio warns about legacy plugins while probing formats
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -83,6 +87,28 @@ def load_image_file(path: Path, root: Path | None = None) -> CleanImage:
     except Exception as error:  # decoders raise many types
         raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
     return CleanImage(str(path), to_rgb_float(array, str(path)), seed_name=_relative_name(path, root))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES = {2: "RGB", 4: "grey + alpha", 6: "RGBA"}  # IHDR colour types Pillow reads at 8 bits if 16-bit
+
+
+def _refuse_16_bit_colour_png(path: Path) -> None:
+    """DataError for a 16-bit PNG with colour or alpha, which the PNG reader (Pillow, under scikit-image) decodes
+    at 8 bits only; 16-bit grey PNGs are read at full precision. The header says it: the signature, then the
+    IHDR chunk's bit depth (byte 24) and colour type (byte 25)."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(26)
+    except OSError:
+        return  # the reader names the file
+    if len(header) < 26 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
+        return
+    if header[24] == 16 and header[25] in PNG_COLOUR_TYPES:
+        raise DataError(
+            f"image {path}: a 16-bit {PNG_COLOUR_TYPES[header[25]]} PNG, which the PNG reader (Pillow) would read at "
+            "8 bits only: save it as a 16-bit TIFF (read at full precision), or as an 8-bit PNG"
+        )
 
 
 def _relative_name(path: Path, root: Path | None) -> str:
