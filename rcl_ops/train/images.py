@@ -260,14 +260,21 @@ def tile_images(images: list[CleanImage], tile: int) -> list[CleanImage]:
 
 
 def check_image_sizes(
-    images: list[CleanImage], min_size: int, purpose: str, advice: str = "pass a smaller --crop-size or remove them"
+    images: list[CleanImage],
+    min_size: int,
+    purpose: str,
+    advice: str = "pass a smaller --crop-size or remove them",
+    multiple: int = 1,
 ) -> None:
-    """DataError naming every image whose height or width is below ``min_size``, with ``advice``."""
-    small = [
-        f"{img.name} ({img.pixels.shape[1]}x{img.pixels.shape[2]})"
-        for img in images
-        if min(img.pixels.shape[1:]) < min_size
-    ]
+    """DataError naming every image whose height or width, once cut to a multiple of ``multiple`` (as
+    ``data.make_records`` cuts them), is below ``min_size``, with ``advice``."""
+    small = []
+    for img in images:
+        height, width = img.pixels.shape[1:]
+        cut = (height // multiple * multiple, width // multiple * multiple)
+        if min(cut) < min_size:
+            once_cut = f", {cut[0]}x{cut[1]} once cut to a multiple of {multiple}" if cut != (height, width) else ""
+            small.append(f"{img.name} ({height}x{width}{once_cut})")
     if small:
         raise DataError(
             f"{len(small)} image(s) are smaller than the {min_size}x{min_size} {purpose}: {', '.join(small[:10])}"

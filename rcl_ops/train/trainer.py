@@ -150,12 +150,16 @@ class Experiment:
         config, world_size = self.config, self.ranks.world_size
         images = (config.data_dir, config.test_fraction, config.split_seed, config.max_images)
         train_images, test_images = load_split(*images, config.data_format, config.bundled_images, config.tile_size)
-        check_image_sizes(train_images, config.crop_size, "training crop")
+        # the sizes the images have once make_records cuts them to the tasks' multiple
+        multiple, burst = records_multiple(self._input_tasks()), any(METHODS[m].burst for m in config.methods)
+        crop = "training crop" + (" and the one-pixel shift of a mosaic2mosaic frame" if burst else "")
+        check_image_sizes(train_images, config.crop_size + burst, crop, multiple=multiple)
         check_image_sizes(
             test_images,
             8,
             "minimum size of a test image (the 7x7 SSIM window on an image cropped to even size)",
             "remove them from the test images or replace them by larger ones",
+            multiple,
         )
         if config.batch_size * world_size > len(train_images):
             raise DataError(
@@ -179,12 +183,15 @@ class Experiment:
                 f"--labels {self.label_levels[-1]} exceeds the {len(self.train)} training images; lower it or use all"
             )
 
+    def _input_tasks(self) -> list[str]:
+        """The tasks whose inputs the records hold: the evaluated ones and those of supervised pre-training."""
+        specs = [variant(key).method for key in self.keys]
+        return list(dict.fromkeys([*self.config.tasks, *(s.task for s in specs if s.task is not None)]))
+
     def _make_records(self, train_images: list, test_images: list) -> None:
         config = self.config
         noise = (config.modality, config.sigma_min, config.sigma_max, config.noise_seed)
-        specs = [variant(key).method for key in self.keys]
-        # the tasks whose inputs are needed: the evaluated ones and those of supervised pre-training
-        input_tasks = list(dict.fromkeys([*config.tasks, *(s.task for s in specs if s.task is not None)]))
+        input_tasks = self._input_tasks()
         multiple = records_multiple(input_tasks)
         methods = [METHODS[name] for name in config.methods]
         second_draw, burst = any(s.second_draw for s in methods), any(s.burst for s in methods)

@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -26,6 +27,14 @@ from rcl_ops.train.config import build_config
 from rcl_ops.train.data import make_records
 from rcl_ops.train.images import DataError, load_image_file, load_split
 from train.helpers import smooth_image, tiny_run
+
+
+def exit_status(args: list[str]) -> int:
+    """rcl-train's exit status: main's, or argparse's for an option refused while the configuration is built."""
+    try:
+        return main(args)
+    except SystemExit as error:
+        return error.code
 
 
 def dead_pid() -> int:
@@ -334,3 +343,67 @@ def test_png_precision_and_channels(tmp_path):
     assert torch.equal(
         load_image_file(tmp_path / "grey_alpha8.png").pixels, load_image_file(tmp_path / "rgba8.png").pixels
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# every value checked against what the code does with it, before the run folder exists
+
+
+def test_images_smaller_than_the_crop_once_cut_to_the_tasks_multiple_are_refused_first(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for size in (17, 18):
+        folder = tmp_path / f"images{size}"
+        folder.mkdir()
+        for index in range(8):
+            io.imsave(folder / f"{index}.png", smooth_image(rng, size), check_contrast=False)
+    cases = [
+        ("images17", ["--crop-size", "17", "--batch-size", "3"], "(17x17, 16x16 once cut to a multiple of 2)"),
+        ("images18", ["--crop-size", "18", "--tasks", "sr4"], "(18x18, 16x16 once cut to a multiple of 4)"),
+    ]
+    for folder, extra, shown in cases:
+        args = [*tiny_run(tmp_path / folder, tmp_path / "runs", "r"), *extra, "--eval-crop", "8"]
+        assert main(args) == 2
+        error = capsys.readouterr().err
+        assert shown in error and "smaller than the" in error, error
+        assert "Traceback" not in error and not (tmp_path / "runs").exists()
+
+
+def test_learning_rates_that_overflow_adam_are_refused():
+    largest = float(np.finfo(np.float32).max) * (1 - 0.9)
+    for option in ("lr", "finetune_lr", "sl_lr", "encoder_pretrain_lr"):
+        with pytest.raises(ValueError, match=rf"--{option.replace('_', '-')} must be at most 3.4e\+37.*float32"):
+            build_config(**{option: 1e38})
+        build_config(**{option: largest * 0.999})
+    with pytest.raises(ValueError, match=r"--lr must be at most 3.4e\+38 .*--adam-beta1 0"):
+        build_config(lr=1e39, adam_beta1=0.0)
+    # the bound is where Adam's first step stops fitting in float32
+    for lr, fits in ((largest * 0.999, True), (largest * 1.001, False)):
+        weight = torch.nn.Parameter(torch.zeros(2))
+        weight.grad = torch.ones(2)
+        optimizer = torch.optim.Adam([weight], lr=lr, betas=(0.9, 0.999))
+        if fits:
+            optimizer.step()
+        else:
+            with pytest.raises(RuntimeError, match="overflow"):
+                optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--crop-size", str(10**23)], "--crop-size"),
+        (["--width", str(10**23)], "--width"),
+        (["--batch-size", str(10**23)], "--batch-size"),
+        (["--finetune-batch-size", str(10**23)], "--finetune-batch-size"),
+        (["--density-batches", str(10**23)], "--density-batches"),
+        (["--depth", "40"], "--depth 40 is too deep for --crop-size 16"),
+        (["--depth", "1000000"], "--depth 1000000 is too deep for --crop-size 16"),
+        (["--model", "dncnn", "--depth", "1000000", "--width", "64"], "--depth 1000000"),
+    ],
+)
+def test_huge_sizes_are_refused_naming_the_option_before_anything(extra, message, image_folder, tmp_path, capsys):
+    started = time.perf_counter()
+    assert exit_status(tiny_run(image_folder, tmp_path, "r", *extra)) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error, error
+    assert time.perf_counter() - started < 20 and not (tmp_path / "r").exists()

@@ -88,7 +88,10 @@ def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, 
             "--encoder-weights: cannot read",
         ),
         (["--encoder-weights", str(tmp_path), "--encoders", "file", "--methods", "rcl"], "is not a file"),
-        (["--width", "64", "--depth", "10"], r"needs about [\d,]+ GiB.*padded to 1024x1024.*lower --width or --depth"),
+        (
+            ["--crop-size", "24", "--width", "4096", "--depth", "4"],
+            r"--width 4096 and --depth 4: the weights alone need [\d,]+ GiB, but only .* is free on cpu; lower them",
+        ),
         (
             ["--lr", "1e12", "--pretrain-steps", "3"],
             r"pre-training loss became (nan|inf).*try a lower --lr\. The run folder",
