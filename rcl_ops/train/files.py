@@ -18,21 +18,34 @@ class DamagedFileError(RuntimeError):
         self.path = path
 
 
+class WriteError(OSError):
+    """A run file that cannot be written (a full disk, a file-size limit, no permission), named."""
+
+    def __init__(self, path: Path, error: BaseException):
+        super().__init__(f"cannot write {path}: {error}")
+        self.path = path
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path next to ``path`` to write to; it replaces ``path`` only when the block succeeds.
 
     A kill during the write leaves at most a stray temporary file, never a truncated ``path``. The
-    temporary name keeps the suffix, since numpy and matplotlib pick the format from it.
+    temporary name keeps the suffix, since numpy and matplotlib pick the format from it. An OSError of the
+    write (a full disk) is raised as a WriteError naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
         with temporary.open("rb+") as handle:  # on disk before the rename, so a power cut cannot tear it either
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(path, error) from error
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -374,10 +374,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"encoder weights file {path} does not exist")
     if not path.is_file():
         raise ValueError(f"encoder weights {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"encoder weights {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read encoder weights {path}: {type(error).__name__}: {error}") from error
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -30,6 +30,10 @@ class RunError(RuntimeError):
     options on resume, a damaged run file, a missing package, or a machine that cannot run it."""
 
 
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C; its message says where and how to resume."""
+
+
 def require_packages(config: TrainConfig) -> None:
     """Fail before any training if a package this run needs is missing (RunError naming them)."""
     needed = {"skimage": "scikit-image", "safetensors": "safetensors"}

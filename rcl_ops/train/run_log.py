@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .files import atomic_path
+from .files import WriteError, atomic_path
 from .preflight import RunError
 
 
@@ -86,11 +86,14 @@ class RunLogger:
             self._file = self.path.open("a", newline="")
             self._csv = csv.writer(self._file)
         now = time.time()
-        for metric, value in values.items():
-            self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
-            if self._writer is not None:
-                self._writer.add_scalar(f"{method}/seed{seed}/{phase}/{metric}", float(value), step)
-        self._file.flush()
+        try:
+            for metric, value in values.items():
+                self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
+                if self._writer is not None:
+                    self._writer.add_scalar(f"{method}/seed{seed}/{phase}/{metric}", float(value), step)
+            self._file.flush()
+        except OSError as error:
+            raise WriteError(self.path, error) from error
 
     def close(self) -> None:
         self._file.close()

@@ -34,7 +34,7 @@ from .images import DataError, check_image_sizes, load_split
 from .losses import DISTANCE_SCALES
 from .methods import METHODS, ObjectiveInputs, build_objective, contrast_distance, variant
 from .models import ResNet50Encoder, file_sha256, load_encoder_weights, state_sha256
-from .preflight import RunError, check_machine, resolve_device
+from .preflight import RunError, RunInterrupted, check_machine, resolve_device
 from .pretraining import RunContext, initial_network
 from .run_folder import check_resumable, claim_run_dir, locate_run
 from .run_lock import RunLock
@@ -82,8 +82,12 @@ def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = pri
         run_dir, config = distributed.broadcast((run_dir, config) if ranks.is_main else None, ranks)
         check_machine(config, device)
         say = (echo or (lambda message: None)) if ranks.is_main else (lambda message: None)
-        with torch_settings(config.threads, config.deterministic, device):
-            summary = Experiment(config, RunContext(device, say, None, config.progress, ranks), run_dir).execute()
+        context = RunContext(device, say, None, config.progress, ranks)
+        try:
+            with torch_settings(config.threads, config.deterministic, device):
+                summary = Experiment(config, context, run_dir).execute()
+        except KeyboardInterrupt:  # the run folder's files are whole (atomic writes) and its lock released
+            raise RunInterrupted(context.position.interrupted()) from None
         distributed.barrier(ranks)  # every rank done before the group is torn down
         return summary
     finally:
@@ -137,6 +141,7 @@ class Experiment:
             self.run_dir, self.lock = claim_run_dir(self.run_dir, config, self.say)
             logger = RunLogger(self.run_dir, config.tensorboard, resume=config.resume)
             self.context = dataclasses.replace(context, logger=logger)
+            self.context.position.run_dir = self.run_dir
         self.run_dir = distributed.broadcast(self.run_dir, self.ranks)
         self.runner = VariantRunner(self, self.proxy_settings)
         self.say(
@@ -288,6 +293,7 @@ class Experiment:
         from . import report
 
         config = self.config
+        self.context.position.at("writing the report")
         environment = self._environment()
         environment["contrast_checks"] = {
             distance: {str(seed): check for (d, seed), check in self.contrast_checks.items() if d == distance}

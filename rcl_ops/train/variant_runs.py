@@ -150,6 +150,7 @@ class VariantRunner:
                 "positive_closer_after": fraction_positive(torch.from_numpy(gaps)),
                 "positive_closer_true_noise": fraction_positive(torch.from_numpy(self.densities["noise"])),
             }
+        self.context.position.at("the evaluation of", f"{key}/seed{seed}")
         model.eval()  # the network as pre-trained, no layer replaced: the "0 labels" row
         try:
             result["as_is"] = {
@@ -170,6 +171,7 @@ class VariantRunner:
     def _finetune(self, model: nn.Module, key: str, seed: int, task: str, first_seed: bool, samples: dict) -> dict:
         """The proxy evaluation on ``task``: a fresh head fine-tuned on the labelled images, then scored."""
         config, context, tag = self.config, self.context, f"{key}/seed{seed}"
+        context.position.at(f"the fine-tuning on {task} of", tag)
 
         def log_finetune(step: int, loss: float) -> None:
             if step % config.log_every == 0 or step == config.finetune_steps:
@@ -233,6 +235,7 @@ class VariantRunner:
                 raise DamagedFileError(result_path, "it lacks the per-image scores")
             except DamagedFileError as error:
                 self.context.say(f"  {tag}: {error}; computing this result again")
+        self.context.position.at("the label study,", tag)
         model = configured_model(config)
         model.load_state_dict(initial_state)
         if protocol != "sl":

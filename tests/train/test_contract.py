@@ -407,3 +407,116 @@ def test_huge_sizes_are_refused_naming_the_option_before_anything(extra, message
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error, error
     assert time.perf_counter() - started < 20 and not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors that name the file: config files, encoder weights, failing writes
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("list.json", "[]", "must hold a table of options (a JSON object), not an array"),
+        ("string.json", '"quick"', "must hold a table of options (a JSON object), not a string"),
+        ("null.json", "null", "must hold a table of options (a JSON object), not null"),
+        ("number.json", "42", "must hold a table of options (a JSON object), not a number"),
+        ("preset.json", '{"preset": ["quick"]}', "preset must be one of"),
+        ("empty.json", "", "is not valid JSON"),
+        ("comma.json", '{"lr": 0.1,}', "is not valid JSON"),
+        ("bad.toml", "lr = = 1", "is not valid TOML"),
+    ],
+)
+def test_config_files_that_are_not_tables_or_do_not_parse_name_the_file(name, content, message, tmp_path):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as caught:
+        build_config(config_file=str(path))
+    assert str(path) in str(caught.value) and message in str(caught.value)
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
+    for suffix in (".json", ".toml"):
+        path = tmp_path / f"latin1{suffix}"
+        path.write_bytes('run_name = "caf\xe9"'.encode("latin-1") if suffix == ".toml" else b'{"run_name": "caf\xe9"}')
+        with pytest.raises(ValueError, match=rf"{path.name} is not valid (JSON|TOML).*UTF-8"):
+            build_config(config_file=str(path))
+
+
+def test_an_empty_encoder_weights_file_is_named(image_folder, tmp_path, capsys):
+    for name in ("empty.safetensors", "empty.pth"):
+        (tmp_path / name).write_bytes(b"")
+        args = tiny_run(image_folder, tmp_path / "runs", "r", "--methods", "rcl", "--encoders", "file")
+        assert main([*args, "--encoder-weights", str(tmp_path / name)]) == 2
+        error = capsys.readouterr().err
+        assert f"--encoder-weights: encoder weights {tmp_path / name} is empty" in error, error
+        assert "Traceback" not in error and not (tmp_path / "runs" / "r").exists()
+
+
+def test_failing_writes_name_the_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from rcl_ops.train.checkpoints import save_checkpoint
+    from rcl_ops.train.files import write_json_atomically
+
+    def full_disk(*args, **kwargs):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / 'results.json'}: \[Errno 27\] File too large"):
+        write_json_atomically(tmp_path / "results.json", {"a": 1})
+    monkeypatch.undo()
+    from safetensors import SafetensorError
+
+    def full_disk_safetensors(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_safetensors)
+    path = tmp_path / "checkpoints" / "pretrained.safetensors"
+    with pytest.raises(OSError, match=rf"cannot write {path}: .*FileTooLarge"):
+        save_checkpoint(path, torch.nn.Linear(2, 2))
+    assert not list(path.parent.iterdir())  # no temporary left behind
+
+
+@pytest.mark.slow
+def test_a_full_disk_names_the_file_it_could_not_write(image_folder, tmp_path):
+    """A file-size limit (as a full disk) in a process of its own: the checkpoint that does not fit is named."""
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY)); "
+        "from rcl_ops.train.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = tiny_run(image_folder, tmp_path, "r", "--width", "16")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "rcl-train: error: cannot write " in done.stderr and ".safetensors" in done.stderr, done.stderr
+    assert "File too large" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_resume(image_folder, tmp_path, monkeypatch, capsys):
+    from rcl_ops.train import pretraining
+
+    steps = ["--pretrain-steps", "4", "--checkpoint-every", "2"]
+    real_step = pretraining._Loop.step
+
+    def interrupted_at_step_3(self, logging, done):
+        if done == 3:
+            raise KeyboardInterrupt
+        return real_step(self, logging, done)
+
+    monkeypatch.setattr(pretraining._Loop, "step", interrupted_at_step_3)
+    assert main(tiny_run(image_folder, tmp_path, "r", *steps)) == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "KeyboardInterrupt" not in captured.err
+    assert captured.err.strip().splitlines() == [
+        f"rcl-train: interrupted at step 3 of pre-training n2n/seed0; resume with --resume --run-name r "
+        f"--output-dir {tmp_path}"
+    ]
+    monkeypatch.undo()
+    assert main(tiny_run(image_folder, tmp_path, "r", *steps, "--resume")) == 0
+    result = json.loads((tmp_path / "r" / "results" / "n2n_seed0.json").read_text())
+    assert result["pretrain"]["resumed_from"] == 2
