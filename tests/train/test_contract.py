@@ -498,17 +498,10 @@ def test_a_full_disk_names_the_file_it_could_not_write(image_folder, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(image_folder, tmp_path, monkeypatch, capsys):
-    from rcl_ops.train import pretraining
+    from train.helpers import interrupt_pretraining_at
 
     steps = ["--pretrain-steps", "4", "--checkpoint-every", "2"]
-    real_step = pretraining._Loop.step
-
-    def interrupted_at_step_3(self, logging, done):
-        if done == 3:
-            raise KeyboardInterrupt
-        return real_step(self, logging, done)
-
-    monkeypatch.setattr(pretraining._Loop, "step", interrupted_at_step_3)
+    interrupt_pretraining_at(monkeypatch, 3)
     assert main(tiny_run(image_folder, tmp_path, "r", *steps)) == 130
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "KeyboardInterrupt" not in captured.err
