@@ -441,21 +441,18 @@ def _parse_config_file(path: Path):
     """The value a .toml or .json file holds; ValueError naming the file when it does not parse."""
     if path.suffix not in (".toml", ".json"):
         raise ValueError(f"config file {path}: expected a .toml or .json file")
-    kind = path.suffix[1:].upper()
-    try:
-        text = path.read_bytes().decode("utf-8")
-        if kind == "JSON":
-            return json.loads(text)
+    kind, parse = "JSON", json.loads
+    if path.suffix == ".toml":
         try:
             import tomllib
         except ModuleNotFoundError as error:  # Python < 3.11
             raise ValueError("reading TOML config files needs Python >= 3.11; use a JSON file") from error
-        return tomllib.loads(text)
+        kind, parse = "TOML", tomllib.loads
+    try:
+        return parse(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as error:
         raise ValueError(f"config file {path} is not valid {kind}: it is not UTF-8 text ({error})") from error
     except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
-        if str(path) in str(error):
-            raise
         raise ValueError(f"config file {path} is not valid {kind}: {error}") from error
 
 

@@ -184,10 +184,13 @@ def claim_run_dir(run_dir: Path, config: TrainConfig, say: Callable[[str], None]
 
 def _claim_new(run_dir: Path, config: TrainConfig, say: Callable[[str], None]) -> RunLock:
     """Lock the new run's folder, check under the lock that it holds nothing else, and write config.json."""
+    had_lock_file = (run_dir / LOCK_NAME).exists()
     lock = take_lock(run_dir, say, lambda holder: _in_use(run_dir, holder))
     try:
         problem = _occupied(run_dir, locked=True)
         if problem is not None:
+            if not had_lock_file:  # leave a folder that is not ours as it was
+                lock.path.unlink(missing_ok=True)
             raise RunError(problem)
         write_json_atomically(run_dir / "config.json", config_to_dict(config))
     except BaseException:

@@ -56,6 +56,11 @@ def test_a_folder_of_the_users_own_files_is_refused(image_folder, tmp_path, caps
     assert main(tiny_run(image_folder, tmp_path, "mine")) == 2
     error = capsys.readouterr().err
     assert "holds files that are not a run of rcl-train" in error and "results.md" in error
+    from rcl_ops.train.preflight import RunError
+    from rcl_ops.train.run_folder import claim_run_dir
+
+    with pytest.raises(RunError, match="holds files that are not a run of rcl-train"):  # the check under the lock
+        claim_run_dir(mine, build_config(output_dir=str(tmp_path), run_name="mine"), print)
     assert {p.name: p.read_text() for p in mine.iterdir()} == {
         name: f"my own {name}" for name in ("results.md", "results.json", "metrics.csv")
     }
