@@ -50,12 +50,16 @@ MACHINE_FIELDS = {
 TIME_LINE = re.compile(r"\d+(\.\d+)? (s|min)\b|wall|seconds|minutes", re.IGNORECASE)
 
 
+# results.json is strict JSON since issue 25: a non-finite number is one of these strings (a bare NaN before).
+NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
 def _without_machine_fields(value):
     if isinstance(value, dict):
         return {k: _without_machine_fields(v) for k, v in value.items() if k not in MACHINE_FIELDS}
     if isinstance(value, list):
         return [_without_machine_fields(v) for v in value]
-    return value
+    return NON_FINITE.get(value, value) if isinstance(value, str) else value
 
 
 def _without_time_lines(text: str) -> str:

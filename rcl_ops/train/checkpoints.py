@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import DamagedFileError, atomic_path
+from .files import DamagedFileError, WriteError, atomic_path
 from .preflight import RunError
 
 PRETRAIN_LAST = "pretrain_last.safetensors"
@@ -29,6 +29,7 @@ def save_checkpoint(
 ) -> None:
     """Write model (and optimizer/generator, and ``extra``: a stateful objective's momentum encoders and
     queues) state to ``path`` atomically as safetensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {f"model.{key}": value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
@@ -44,8 +45,11 @@ def save_checkpoint(
         meta["optimizer_param_groups"] = json.dumps(state["param_groups"])
     if generator is not None:
         tensors["generator_state"] = generator.get_state()
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=meta)
+    try:
+        with atomic_path(path) as temporary:
+            save_file(tensors, str(temporary), metadata=meta)
+    except SafetensorError as error:  # safetensors' own error for a failing write (a full disk)
+        raise WriteError(path, error) from error
 
 
 def load_checkpoint(

@@ -128,8 +128,21 @@ def experiment_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None, experiment: tuple[str, str] | None = None) -> int:
-    """Entry point of ``rcl-train``; returns the process exit status. ``experiment``: (table, scale) of
-    ``rcl-train experiment``, whose comparison with the paper is written after the run."""
+    """Entry point of ``rcl-train``; returns the process exit status (130 after Ctrl-C, with one line saying
+    where the run stopped and how to resume it). ``experiment``: (table, scale) of ``rcl-train experiment``,
+    whose comparison with the paper is written after the run."""
+    from .preflight import RunInterrupted
+
+    try:
+        return _main(argv, experiment)
+    except RunInterrupted as interrupted:
+        print(f"rcl-train: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("rcl-train: interrupted", file=sys.stderr)
+    return 130
+
+
+def _main(argv: list[str] | None, experiment: tuple[str, str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "experiment":
         return experiment_main(argv[1:])

@@ -415,17 +415,12 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError as error:  # Python < 3.11
-            raise ValueError("reading TOML config files needs Python >= 3.11; use a JSON file") from error
-        with path.open("rb") as handle:
-            raw = tomllib.load(handle)
-    elif path.suffix == ".json":
-        raw = json.loads(path.read_text())
-    else:
-        raise ValueError(f"config file {path}: expected a .toml or .json file")
+    raw = _parse_config_file(path)
+    if not isinstance(raw, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+        raise ValueError(
+            f"config file {path} must hold a table of options (a JSON object), not {kind.get(type(raw), 'null')}"
+        )
     flat: dict = {}
     for key, value in raw.items():
         if isinstance(value, dict):  # a [section] table
@@ -437,7 +432,28 @@ def read_config_file(path: str | Path) -> dict:
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"config file {path}: unknown option(s) {unknown}")
+    if "preset" in options and not (isinstance(options["preset"], str) and options["preset"] in PRESETS):
+        raise ValueError(f"config file {path}: preset must be one of {sorted(PRESETS)}, got {options['preset']!r}")
     return options
+
+
+def _parse_config_file(path: Path):
+    """The value a .toml or .json file holds; ValueError naming the file when it does not parse."""
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"config file {path}: expected a .toml or .json file")
+    kind, parse = "JSON", json.loads
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError as error:  # Python < 3.11
+            raise ValueError("reading TOML config files needs Python >= 3.11; use a JSON file") from error
+        kind, parse = "TOML", tomllib.loads
+    try:
+        return parse(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path} is not valid {kind}: it is not UTF-8 text ({error})") from error
+    except ValueError as error:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise ValueError(f"config file {path} is not valid {kind}: {error}") from error
 
 
 def build_config(preset: str | None = None, config_file: str | None = None, **overrides) -> TrainConfig:

@@ -33,6 +33,7 @@ def check_ranges(config: TrainConfig) -> None:
     for name, (low, high, closed) in FLOAT_RANGES.items():
         if getattr(config, name) is not None:
             _check_float(name, getattr(config, name), low, high, closed)
+    check_learning_rates(config)
     if config.sigma_min > config.sigma_max:
         raise ValueError(f"need --sigma-min <= --sigma-max, got {config.sigma_min} > {config.sigma_max}")
     if config.device != "auto":
@@ -48,6 +49,26 @@ def check_ranges(config: TrainConfig) -> None:
         raise ValueError(f"--run-name must be a folder name (no path separators), got {config.run_name!r}")
     if not config.output_dir:
         raise ValueError("--output-dir must not be empty")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+# The Adam optimisers of the trainer and the beta1 each runs with (the self-supervised encoder's: torch's default).
+ADAM_BETA1 = {"lr": "adam_beta1", "finetune_lr": "adam_beta1", "sl_lr": "adam_beta1", "encoder_pretrain_lr": 0.9}
+
+
+def check_learning_rates(config: TrainConfig) -> None:
+    """Each learning rate at most FLOAT32_MAX * (1 - beta1): Adam's first update moves a weight by up to
+    lr / (1 - beta1) (its bias correction; a ratio that only shrinks after), a float32 step that must be finite
+    (torch refuses a larger one with "value cannot be converted to type float without overflow")."""
+    for name, beta in ADAM_BETA1.items():
+        beta1 = getattr(config, beta) if isinstance(beta, str) else beta
+        rate = getattr(config, name)
+        if rate / (1 - beta1) > FLOAT32_MAX:  # as torch.optim.Adam computes its step size
+            which = f"--adam-beta1 {beta1:g}" if isinstance(beta, str) else f"its beta1 {beta1:g}"
+            raise ValueError(
+                f"{flag(name)} must be at most {FLOAT32_MAX * (1 - beta1):.2g} (Adam's first update moves a weight by "
+                f"up to lr / (1 - {which}), which must fit in a float32, at most {FLOAT32_MAX:.2g}), got {rate:g}"
+            )
 
 
 def check_encoders(config: TrainConfig) -> None:
@@ -92,6 +113,8 @@ def check_shapes(config: TrainConfig) -> None:
         raise ValueError(f"--crop-size must be even for the tasks {config.tasks} and raw data, got {config.crop_size}")
     if config.model == "dncnn" and config.depth is not None and config.depth < 2:
         raise ValueError(f"--depth of a dncnn must be >= 2 (its first and last conv layers), got {config.depth}")
+    if config.model == "unet" and config.depth is not None:
+        _check_unet_depth(config.depth, config.crop_size, config.raw_input == "packed")
     if config.tile_size is not None and config.tile_size < config.crop_size:
         raise ValueError(
             f"--tile-size must be at least --crop-size {config.crop_size} (a crop lies inside one tile), "
@@ -102,6 +125,20 @@ def check_shapes(config: TrainConfig) -> None:
         raise ValueError(
             f"--emd-quantiles must be at most the {values_per_residual} values of a residual "
             f"(channels x --crop-size^2), got {config.emd_quantiles}"
+        )
+
+
+def _check_unet_depth(depth: int, crop_size: int, packed: bool) -> None:
+    """Each U-Net level halves its input: a side of n pixels reaches 1 after ceil(log2 n) levels (padded to a
+    multiple of 2^depth), and a deeper level would only halve padding, on a crop padded to twice its size or more
+    per level (the network's sizes, width * 2^level channels, grow without bound with it)."""
+    side = crop_size // 2 if packed else crop_size  # a packed mosaic enters the network at half resolution
+    deepest = (side - 1).bit_length()  # ceil(log2(side))
+    if depth > deepest:
+        what = f"{side}x{side} packed mosaic" if packed else f"{side}x{side} crop"
+        raise ValueError(
+            f"--depth {depth} is too deep for --crop-size {crop_size}: each U-Net level halves its input, and a "
+            f"{what} reaches 1x1 after {deepest} levels; use --depth <= {deepest} or a larger --crop-size"
         )
 
 
@@ -156,13 +193,17 @@ INTEGER_RANGES: dict[str, tuple[int, float]] = {
     "grid_images": (0, math.inf),
 }
 
-RANGE_REASONS = {"eval_crop": "the SSIM window is 7x7"}
+RANGE_REASONS = {
+    "eval_crop": "the SSIM window is 7x7",
+    "sigma_max": "0 is no noise at all: the noisy input would be the clean image, whose PSNR is infinite, so no score "
+    "or interval could be computed",
+}
 
 # (low, high, closed): closed says which ends are allowed, e.g. "[)" for Adam's betas.
 FLOAT_RANGES: dict[str, tuple[float, float, str]] = {
     "test_fraction": (0.0, 1.0, "()"),
     "sigma_min": (0.0, MAX_SIGMA, "[]"),
-    "sigma_max": (0.0, MAX_SIGMA, "[]"),
+    "sigma_max": (0.0, MAX_SIGMA, "(]"),
     "temperature": (MIN_TEMPERATURE, math.inf, "[)"),
     "alpha": (0.0, math.inf, "[)"),
     "consistency_weight": (0.0, math.inf, "[)"),
@@ -191,7 +232,8 @@ def _check_float(name: str, value: float, low: float, high: float, closed: str) 
         allowed = f"a finite number {'>=' if closed[0] == '[' else '>'} {low:g}"
     else:
         allowed = f"in {closed[0]}{low:g}, {high:g}{closed[1]}"
-    raise ValueError(f"{flag(name)} must be {allowed}, got {value}")
+    why = f" ({RANGE_REASONS[name]})" if name in RANGE_REASONS else ""
+    raise ValueError(f"{flag(name)} must be {allowed}{why}, got {value}")
 
 
 def check_types(config: TrainConfig) -> None:

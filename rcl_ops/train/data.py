@@ -4,8 +4,9 @@ train/test split and tiles: images.py).
 Clean images are (3, H, W) float32 tensors in [0, 1] (grey images are replicated to three
 channels). Each image gets its own noise level (Eq. 16-17) and one fixed noisy observation
 (plus, for noise2noise, a second independent draw at the same level), seeded from
-``noise_seed`` and the image's name, so every method and every training seed sees the same
-noisy data set, as a real collection of noisy photographs would be.
+``noise_seed`` and the image's ``seed_name`` (its path inside the data folder, a bundled image's name), so
+every method and every training seed sees the same noisy data set, as a real collection of noisy
+photographs would be, wherever the folder lies.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class ImageRecord:
     observed_second: torch.Tensor | None = None
     task_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     burst: list[tuple[tuple[int, int], torch.Tensor]] = field(default_factory=list)
+    seed_name: str | None = None  # what its noise is seeded from (CleanImage.seed_name); None: name
+
+    def __post_init__(self):
+        if self.seed_name is None:
+            self.seed_name = self.name
 
 
 # mosaic2mosaic's sensor shifts, one frame each: an odd shift changes the colour the sensor records at a scene
@@ -102,16 +108,19 @@ def make_records(
             if modality != "rgb":
                 raise ValueError("real noisy images (SIDD layout) are sRGB: use modality rgb")
             observed = img.noisy[:, :height, :width].contiguous()
-            records.append(ImageRecord(img.name, clean, observed, observed_clean, None, None))
+            records.append(ImageRecord(img.name, clean, observed, observed_clean, None, None, seed_name=img.seed_name))
             continue
-        level = sample_noise_level(image_seed(noise_seed, img.name, 0), sigma_min, sigma_max)
-        observed = add_noise(observed_clean, level, image_seed(noise_seed, img.name, 1))
-        second = add_noise(observed_clean, level, image_seed(noise_seed, img.name, 2)) if second_draw else None
+        name = img.seed_name
+        level = sample_noise_level(image_seed(noise_seed, name, 0), sigma_min, sigma_max)
+        observed = add_noise(observed_clean, level, image_seed(noise_seed, name, 1))
+        second = add_noise(observed_clean, level, image_seed(noise_seed, name, 2)) if second_draw else None
         frames = [
-            (shift, add_noise(mosaic(shifted_frame(clean, shift)), level, image_seed(noise_seed, img.name, 10 + n)))
+            (shift, add_noise(mosaic(shifted_frame(clean, shift)), level, image_seed(noise_seed, name, 10 + n)))
             for n, shift in enumerate(BURST_SHIFTS if burst else ())
         ]
-        records.append(ImageRecord(img.name, clean, observed, observed_clean, level, second, burst=frames))
+        records.append(
+            ImageRecord(img.name, clean, observed, observed_clean, level, second, burst=frames, seed_name=name)
+        )
     return records
 
 
@@ -173,7 +182,7 @@ def task_input(task: str, record: ImageRecord, modality: str, noise_seed: int = 
     same with noise at the image's noise level added to the low-resolution image (its own draw).
     RAW: jdd, the noisy mosaic; jdemsr2, the RGGB mosaic of the x2-downsampled clean image brought to
     the target grid by ``raw_on_high_resolution_grid``; jddsr2, the same with noise added to the
-    low-resolution mosaic. The noise of jdensr2/jddsr2 comes from (``noise_seed``, the image's name).
+    low-resolution mosaic. The noise of jdensr2/jddsr2 comes from (``noise_seed``, the image's seed_name).
     """
     task = canonical_task(task, modality)
     if task in ("denoise", "jdd"):
@@ -185,7 +194,7 @@ def task_input(task: str, record: ImageRecord, modality: str, noise_seed: int = 
     if task in NOISY_TASKS:
         if record.noise_level is None:
             raise ValueError(f"the {task} task simulates noise, which real noisy pairs (--data-format sidd) lack")
-        low = add_noise(low, record.noise_level, image_seed(noise_seed, record.name, 3))
+        low = add_noise(low, record.noise_level, image_seed(noise_seed, record.seed_name, 3))
     if modality == "raw":
         return raw_on_high_resolution_grid(low, scale)[0]
     return upsample(low, scale)[0]

@@ -48,7 +48,7 @@ def cache_key(records: list[ImageRecord], config: TrainConfig) -> str:
     }
     digest.update(json.dumps(options, sort_keys=True).encode())
     for record in records:
-        digest.update(record.name.encode())
+        digest.update(record.seed_name.encode())  # not where the data folder lies
         digest.update(record.observed.contiguous().numpy().tobytes())
     return digest.hexdigest()
 

@@ -9,6 +9,7 @@ with L1 on a labelled subset of the training images, and report PSNR/SSIM on the
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ def evaluate_restorer(
         target = center_crop(record.clean, eval_crop)[None].to(device)
         output = restore(inputs).clamp(0, 1)
         psnrs.append(float(psnr(output, target)[0]))
+        if math.isnan(psnrs[-1]):
+            raise FloatingPointError(f"the network's output on the {task} test image {record.name} is not a number")
         ssims.append(float(ssim(output, target)[0]))
         if index < keep_examples:
             examples.append((inputs[0].cpu(), output[0].cpu(), target[0].cpu()))
@@ -194,6 +197,11 @@ def fit_l1(
         scheduler.step()
         if on_step is not None:
             on_step(step + 1, float(loss.detach()))
+    # the loss is checked before each update; the weights after the last one
+    if not all(bool(torch.isfinite(p).all()) for p in parameters):
+        raise FloatingPointError(
+            f"the last update of L1 training on {task} (step {settings.steps}) left non-finite weights; {advice}"
+        )
     return time.perf_counter() - started
 
 
@@ -235,7 +243,10 @@ def proxy_evaluate(
     seconds = fit_l1(
         predict, head_parameters, task, labelled, settings, generator, device, raw, advice, on_step, progress
     )
-    scores = evaluate_restorer(model, test, task, device, eval_crop, keep_examples)
+    try:
+        scores = evaluate_restorer(model, test, task, device, eval_crop, keep_examples)
+    except FloatingPointError as error:
+        raise FloatingPointError(f"{error} after fine-tuning; {advice}") from error
     return model, scores, seconds
 
 

@@ -29,28 +29,38 @@ class DataError(ValueError):
 
 @dataclass
 class CleanImage:
-    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and seeds.
+    """A clean image: ``pixels`` (3, H, W) float32 in [0, 1]; ``name`` identifies it in logs and results.
     ``noisy``: a real noisy photograph of the same scene (paired data such as SIDD), or None when the
-    noise is simulated."""
+    noise is simulated. ``seed_name``: what its noise is seeded from (default: ``name``): a file's path
+    relative to the data folder, so that the noise does not depend on how --data-dir is spelled or where the
+    folder lies; a bundled image's name."""
 
     name: str
     pixels: torch.Tensor
     noisy: torch.Tensor | None = None
+    seed_name: str | None = None
+
+    def __post_init__(self):
+        if self.seed_name is None:
+            self.seed_name = self.name
 
 
 def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
-    """Convert an image array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of any dtype to (3, H, W) float32 in [0, 1].
+    """Convert an image array (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) of any dtype to (3, H, W)
+    float32 in [0, 1].
 
     Integer images are divided by their dtype's maximum; float images must already lie in
-    [0, 1]; grey is replicated to three channels and an alpha channel dropped.
+    [0, 1]; grey is replicated to three channels and an alpha channel dropped (grey + alpha as RGBA).
     """
     array = np.asarray(array)
-    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
-        array = array[..., :3] if array.shape[2] != 1 else array[..., 0]
+    if array.ndim == 3 and array.shape[2] in (1, 2, 3, 4):
+        array = array[..., :3] if array.shape[2] > 2 else array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
-        raise DataError(f"image {name}: expected a grey, RGB or RGBA image, got an array of shape {array.shape}")
+        raise DataError(
+            f"image {name}: expected a grey, grey + alpha, RGB or RGBA image, got an array of shape {array.shape}"
+        )
     if array.dtype == bool:
         pixels = array.astype(np.float32)
     elif np.issubdtype(array.dtype, np.integer):
@@ -64,17 +74,46 @@ def to_rgb_float(array: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def load_image_file(path: Path) -> CleanImage:
-    """Read one image file (PNG/JPEG/BMP/TIFF) with scikit-image; DataError if it cannot be decoded."""
+def load_image_file(path: Path, root: Path | None = None) -> CleanImage:
+    """Read one image file (PNG/JPEG/BMP/TIFF) with scikit-image; DataError if it cannot be decoded. Its noise
+    is seeded from its path relative to ``root`` (the data folder; default: the file's own folder)."""
     from skimage import io
 
+    _refuse_16_bit_colour_png(path)
     try:
         with warnings.catch_warnings():  # imageio warns about legacy plugins while probing formats
             warnings.simplefilter("ignore", DeprecationWarning)
             array = io.imread(str(path))
     except Exception as error:  # decoders raise many types
         raise DataError(f"cannot read image {path}: {type(error).__name__}: {error}") from error
-    return CleanImage(name=str(path), pixels=to_rgb_float(array, str(path)))
+    return CleanImage(str(path), to_rgb_float(array, str(path)), seed_name=_relative_name(path, root))
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES = {2: "RGB", 4: "grey + alpha", 6: "RGBA"}  # IHDR colour types Pillow reads at 8 bits if 16-bit
+
+
+def _refuse_16_bit_colour_png(path: Path) -> None:
+    """DataError for a 16-bit PNG with colour or alpha, which the PNG reader (Pillow, under scikit-image) decodes
+    at 8 bits only; 16-bit grey PNGs are read at full precision. The header says it: the signature, then the
+    IHDR chunk's bit depth (byte 24) and colour type (byte 25)."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(26)
+    except OSError:
+        return  # the reader names the file
+    if len(header) < 26 or not header.startswith(PNG_SIGNATURE) or header[12:16] != b"IHDR":
+        return
+    if header[24] == 16 and header[25] in PNG_COLOUR_TYPES:
+        raise DataError(
+            f"image {path}: a 16-bit {PNG_COLOUR_TYPES[header[25]]} PNG, which the PNG reader (Pillow) would read at "
+            "8 bits only: save it as a 16-bit TIFF (read at full precision), or as an 8-bit PNG"
+        )
+
+
+def _relative_name(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root`` (or its own folder), with / as separator: 'train/0001.png'."""
+    return path.relative_to(root).as_posix() if root is not None else path.name
 
 
 def list_image_files(folder: Path) -> list[Path]:
@@ -89,9 +128,11 @@ def list_image_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_folder(folder: str | Path) -> list[CleanImage]:
-    """All images under ``folder``, sorted by path."""
-    return [load_image_file(path) for path in list_image_files(Path(folder))]
+def load_folder(folder: str | Path, root: str | Path | None = None) -> list[CleanImage]:
+    """All images under ``folder``, sorted by path; their noise seeded from their paths relative to ``root``
+    (the data folder; default ``folder``)."""
+    folder = Path(folder)
+    return [load_image_file(path, Path(root or folder)) for path in list_image_files(folder)]
 
 
 def load_embedded_images(names: tuple[str, ...] = EMBEDDED_IMAGES) -> list[CleanImage]:
@@ -121,7 +162,7 @@ DATA_FORMATS = ("clean", "sidd")
 SIDD_NOISY_TAG, SIDD_CLEAN_TAG = "NOISY", "GT"
 
 
-def load_sidd_pairs(folder: str | Path) -> list[CleanImage]:
+def load_sidd_pairs(folder: str | Path, root: str | Path | None = None) -> list[CleanImage]:
     """Paired real noisy/clean images in the SIDD layout: under ``folder`` (recursively), every image
     file whose name contains NOISY (e.g. ``Data/0001_001_S6_.../0001_NOISY_SRGB_010.PNG``) next to
     its ground truth, the same name with GT (``0001_GT_SRGB_010.PNG``). Sorted by path; DataError
@@ -145,7 +186,8 @@ def load_sidd_pairs(folder: str | Path) -> list[CleanImage]:
                 f"{noisy_path} ({tuple(noisy.pixels.shape[1:])}) and its ground truth {clean_path.name} "
                 f"({tuple(clean.pixels.shape[1:])}) differ in size"
             )
-        pairs.append(CleanImage(name=str(noisy_path), pixels=clean.pixels, noisy=noisy.pixels))
+        seed_name = _relative_name(noisy_path, Path(root or folder))
+        pairs.append(CleanImage(str(noisy_path), clean.pixels, noisy.pixels, seed_name))
     return pairs
 
 
@@ -175,7 +217,7 @@ def load_split(
     else:
         root = Path(data_dir)
         if (root / "train").is_dir() and (root / "test").is_dir():
-            train, test = load(root / "train")[:max_images], load(root / "test")[:max_images]
+            train, test = load(root / "train", root)[:max_images], load(root / "test", root)[:max_images]
             return (tile_images(train, tile_size), tile_images(test, tile_size)) if tile_size else (train, test)
         images = load(root)
     if max_images is not None:
@@ -210,19 +252,29 @@ def tile_images(images: list[CleanImage], tile: int) -> list[CleanImage]:
             for c in range(columns):
                 window = (slice(None), slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
                 noisy = None if img.noisy is None else img.noisy[window].contiguous()
-                tiles.append(CleanImage(f"{img.name}@{r},{c}", img.pixels[window].contiguous(), noisy))
+                where = f"@{r},{c}"
+                tiles.append(
+                    CleanImage(img.name + where, img.pixels[window].contiguous(), noisy, img.seed_name + where)
+                )
     return tiles
 
 
 def check_image_sizes(
-    images: list[CleanImage], min_size: int, purpose: str, advice: str = "pass a smaller --crop-size or remove them"
+    images: list[CleanImage],
+    min_size: int,
+    purpose: str,
+    advice: str = "pass a smaller --crop-size or remove them",
+    multiple: int = 1,
 ) -> None:
-    """DataError naming every image whose height or width is below ``min_size``, with ``advice``."""
-    small = [
-        f"{img.name} ({img.pixels.shape[1]}x{img.pixels.shape[2]})"
-        for img in images
-        if min(img.pixels.shape[1:]) < min_size
-    ]
+    """DataError naming every image whose height or width, once cut to a multiple of ``multiple`` (as
+    ``data.make_records`` cuts them), is below ``min_size``, with ``advice``."""
+    small = []
+    for img in images:
+        height, width = img.pixels.shape[1:]
+        cut = (height // multiple * multiple, width // multiple * multiple)
+        if min(cut) < min_size:
+            once_cut = f", {cut[0]}x{cut[1]} once cut to a multiple of {multiple}" if cut != (height, width) else ""
+            small.append(f"{img.name} ({height}x{width}{once_cut})")
     if small:
         raise DataError(
             f"{len(small)} image(s) are smaller than the {min_size}x{min_size} {purpose}: {', '.join(small[:10])}"

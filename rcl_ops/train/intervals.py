@@ -19,7 +19,7 @@ def paired_difference(differences: list[float], confidence: float = 0.95) -> dic
 
     n = len(differences)
     mean = statistics.fmean(differences)
-    if n < 2:
+    if n < 2 or not all(math.isfinite(d) for d in differences):  # an infinite PSNR leaves no spread to measure
         return {"mean": mean, "low": math.nan, "high": math.nan, "n": n, "could_be_noise": True}
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(differences) / math.sqrt(n)
     return {
@@ -49,9 +49,12 @@ def photographs_seeds_interval(differences: dict[int, list[float]], names: list[
         table.append([statistics.fmean(values[i] for i in indices) for indices in members.values()])
     d = np.array(table, dtype=np.float64).reshape(len(differences), len(members))
     num_seeds, num_photographs = d.shape
+    finite = bool(np.isfinite(d).all())  # an infinite PSNR (a perfect restoration) leaves no spread to measure
     errors = {
-        "photographs": d.mean(axis=0).std(ddof=1) / math.sqrt(num_photographs) if num_photographs > 1 else None,
-        "seeds": d.mean(axis=1).std(ddof=1) / math.sqrt(num_seeds) if num_seeds > 1 else None,
+        "photographs": d.mean(axis=0).std(ddof=1) / math.sqrt(num_photographs)
+        if finite and num_photographs > 1
+        else None,
+        "seeds": d.mean(axis=1).std(ddof=1) / math.sqrt(num_seeds) if finite and num_seeds > 1 else None,
     }
     mean, half, df = float(d.mean()), math.nan, None
     if all(e is not None for e in errors.values()):
@@ -64,7 +67,7 @@ def photographs_seeds_interval(differences: dict[int, list[float]], names: list[
         basis, df = "photographs only (one seed)", num_photographs - 1
         half = stats.t.ppf(0.5 + confidence / 2, df) * errors["photographs"]
     else:
-        basis = "none (one photograph, one seed)"
+        basis = "none (one photograph, one seed)" if finite else "none (a PSNR is infinite)"
     return {
         "mean": mean,
         "low": mean - half,

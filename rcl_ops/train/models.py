@@ -377,10 +377,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"encoder weights file {path} does not exist")
     if not path.is_file():
         raise ValueError(f"encoder weights {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"encoder weights {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read encoder weights {path}: {type(error).__name__}: {error}") from error
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -413,6 +419,15 @@ def load_encoder_weights(encoder: ResNet50Encoder, path: str | Path) -> None:
     if wrong:
         raise ValueError(f"encoder weights {path} have mis-shaped tensors: {wrong[:5]}")
     encoder.load_state_dict({key: state[key] for key in expected})
+
+
+def non_finite_tensors(module: nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point weights and buffers that hold a NaN or an infinity."""
+    return [
+        name
+        for name, value in module.state_dict().items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
 
 
 def file_sha256(path: str | Path) -> str:

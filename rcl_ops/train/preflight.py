@@ -13,6 +13,7 @@ import torch
 
 from .. import select_backend
 from .config import TrainConfig
+from .contrast_check import CHECK_BATCHES
 from .methods import METHODS
 from .models import DEFAULT_DEPTH, DEFAULT_WIDTH, ResNet50Encoder, configured_model, layer_output_count
 
@@ -27,6 +28,10 @@ GIB = 2**30
 class RunError(RuntimeError):
     """A run that cannot start: an existing run folder without --resume, nothing to resume, changed
     options on resume, a damaged run file, a missing package, or a machine that cannot run it."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C; its message says where and how to resume."""
 
 
 def require_packages(config: TrainConfig) -> None:
@@ -72,13 +77,69 @@ def check_machine(config: TrainConfig, device: torch.device) -> None:
             select_backend(config.distance_backend, device, where="--distance-backend")
         except (ValueError, RuntimeError) as error:
             raise RunError(str(error)) from error
-    estimate = estimate_memory(config)
     available = available_memory(device)
+    check_sizes(config, available, device)
+    estimate = estimate_memory(config)
     if available is not None and estimate.total_bytes > available:
         raise RunError(
             f"{estimate.describe(config)}, but only {gib(available)} is free on {device}; lower --width "
             "or --depth (or --batch-size, --crop-size)"
         )
+
+
+# Where the free memory is unknown: more than any machine has, and little enough that the meta-device
+# estimate's int64 sizes cannot overflow.
+UNKNOWN_MEMORY_LIMIT = 2**50
+
+
+def size_floors(config: TrainConfig) -> list[tuple[int, str]]:
+    """Lower bounds, in bytes, of what a run allocates, each with the options it grows with: the crops of a
+    pre-training and a fine-tuning batch, the contrast check's fixed crop pairs (two crops, noisy and clean, of
+    each of --batch-size images, at least CHECK_BATCHES batches), the first layer's outputs, the widest layer's
+    weights in their copies. Python ints: exact for any value, where the meta-device estimate's int64 sizes
+    overflow (a crop of 10**23) or its channel lists never end (a depth of 10**6)."""
+    raw, packed = config.modality == "raw", config.raw_input == "packed"
+    channels, size, batch = (1 if raw else 3), config.crop_size, config.batch_size
+    width = config.width or DEFAULT_WIDTH[config.model]
+    depth = config.depth or DEFAULT_DEPTH[config.model]
+    side = size // 2 if packed else size  # the network's input
+    pairs = max(config.density_batches, CHECK_BATCHES)
+    crops = f"--crop-size {size}"
+    floors = [
+        (2 * batch * channels * size**2, f"--batch-size {batch} (2 crops each) and {crops}: a pre-training batch"),
+        (
+            config.finetune_batch_size * channels * size**2,
+            f"--finetune-batch-size {config.finetune_batch_size} and {crops}: a fine-tuning batch",
+        ),
+        (
+            2 * pairs * batch * (channels + 3) * size**2,
+            f"--density-batches {config.density_batches} (at least {CHECK_BATCHES} for the contrast check), "
+            f"--batch-size {batch} and {crops}: the fixed crop pairs",
+        ),
+        (2 * batch * width * side**2, f"--width {width}, --batch-size {batch} and {crops}: the first layer's outputs"),
+    ]
+    widest = width * 2**depth if config.model == "unet" else width  # the U-Net's deepest level
+    layers = 1 if config.model == "unet" else depth - 2
+    floors.append((WEIGHT_COPIES * 9 * widest**2 * layers, f"--width {width} and --depth {depth}: the weights"))
+    if "moco" in config.methods:  # its ResNet-FCN: --depth stages of width * 2^stage channels
+        stages, fcn_width = max(1, config.depth or 3), config.width or 32
+        floors.append(
+            (
+                WEIGHT_COPIES * 9 * (fcn_width * 2 ** (stages - 1)) ** 2,
+                f"--width {fcn_width} and --depth {stages}: MoCo's ResNet-FCN's weights",
+            )
+        )
+    return [(BYTES_PER_VALUE * values, what) for values, what in floors]
+
+
+def check_sizes(config: TrainConfig, available: int | None, device: torch.device) -> None:
+    """RunError naming the options when a lower bound of ``size_floors`` alone exceeds the free memory, before
+    anything is allocated or built."""
+    need, what = max(size_floors(config))
+    limit = UNKNOWN_MEMORY_LIMIT if available is None else available
+    if need > limit:
+        free = f"only {gib(available)} is free on {device}" if available is not None else "more than any machine has"
+        raise RunError(f"{what} alone need {gib(need)}, but {free}; lower them")
 
 
 @dataclass
@@ -140,9 +201,12 @@ def estimate_memory(config: TrainConfig) -> MemoryEstimate:
 
 
 def gib(num_bytes: int) -> str:
-    """A byte count in GiB for messages: 0.0805 GiB, 22.7 GiB, 3,810 GiB."""
-    value = num_bytes / GIB
-    return f"{value:.3g} GiB" if value < 1000 else f"{value:,.0f} GiB"
+    """A byte count in GiB for messages: 0.0805 GiB, 22.7 GiB, 3,810 GiB, 1.2e+40 GiB."""
+    try:
+        value = num_bytes / GIB
+    except OverflowError:  # beyond a float
+        return f"more than 2^{num_bytes.bit_length() - 1} bytes"
+    return f"{value:.3g} GiB" if value < 1000 or value >= 1e15 else f"{value:,.0f} GiB"
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -18,21 +18,49 @@ from .config import TrainConfig
 from .data import CropSampler
 from .diagnostics import summarise_history
 from .losses import Objective
-from .models import configured_model
+from .models import configured_model, non_finite_tensors
 from .run_log import RunLogger, progress_bar
 from .seeding import derive_seed
+
+
+@dataclass
+class Position:
+    """Where a run is, for the line an interruption (Ctrl-C) prints: the run folder once claimed, the stage, its
+    variant and seed, and the step in progress."""
+
+    run_dir: Path | None = None
+    stage: str = ""
+    tag: str = ""
+    step: int | None = None
+
+    def at(self, stage: str, tag: str = "", step: int | None = None) -> None:
+        self.stage, self.tag, self.step = stage, tag, step
+
+    def interrupted(self) -> str:
+        """'interrupted at step 3 of pre-training n2n/seed0; resume with --resume --run-name ...'."""
+        if self.run_dir is None:
+            return "interrupted before the run folder was created; nothing was written"
+        where = " ".join(filter(None, [self.stage, self.tag]))
+        if self.step is not None:
+            where = f"at step {self.step} of {where}"
+        else:
+            where = f"during {where}" if where else "before training started"
+        resume = f"--resume --run-name {self.run_dir.name} --output-dir {self.run_dir.parent}"
+        return f"interrupted {where}; resume with {resume}"
 
 
 @dataclass(frozen=True)
 class RunContext:
     """What every stage of a run shares: its device, where messages go (``say``), the metrics log (rank 0's;
-    None elsewhere), whether to show progress bars, and this process's place among the ranks."""
+    None elsewhere), whether to show progress bars, this process's place among the ranks, and where the run is
+    (``position``, kept up to date by the stages)."""
 
     device: torch.device
     say: Callable[[str], None] = print
     logger: RunLogger | None = None
     progress: bool = False
     ranks: distributed.DistributedState = distributed.SINGLE
+    position: Position = field(default_factory=Position)
 
     def log(self, key: str, seed: int, phase: str, step: int, values: dict[str, float]) -> None:
         """One row of metrics.csv (rank 0 only)."""
@@ -72,6 +100,7 @@ def pretrain(
     )
     for step in steps:
         done = step + 1
+        context.position.at("pre-training", loop.tag, done)
         logging = ranks.is_main and (done == 1 or done % config.log_every == 0 or done == config.pretrain_steps)
         loss, parts = loop.step(logging, done)
         if not ranks.is_main:
@@ -85,6 +114,12 @@ def pretrain(
                 steps.set_postfix(loss=f"{last_loss:.4g}")
         if done % config.checkpoint_every == 0 or done == config.pretrain_steps:
             loop.save({"step": done, "loss": last_loss, "history": history})
+    broken = non_finite_tensors(model)  # the loss is checked before each update: this is the last update's check
+    if broken:
+        raise FloatingPointError(
+            f"pre-training left non-finite weights ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}) "
+            f"after its last update, step {config.pretrain_steps}; try {objective.divergence_advice}"
+        )
     return {
         "steps": config.pretrain_steps,
         "seconds": time.perf_counter() - started,

@@ -211,7 +211,7 @@ def interval_text(paired: dict) -> str:
     or 'no interval (one photograph, one seed)'), from photographs_seeds_interval."""
     photographs, seeds = paired["n_photographs"], paired["n_seeds"]
     if paired["df"] is None:
-        return "no interval (one photograph, one seed)"
+        return "no interval " + paired["basis"].removeprefix("none ")
     if photographs > 1 and seeds > 1:
         over = f"{photographs} photographs x {seeds} seeds"
     else:

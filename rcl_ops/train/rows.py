@@ -3,6 +3,7 @@ proxy evaluation, or the pre-trained network as it is), and the task input's own
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from .config import TrainConfig
@@ -21,11 +22,11 @@ INPUT_TITLES = {
 
 
 def mean_std(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
+    """Mean, std (NaN when a value is not finite, e.g. an infinite PSNR) and count of ``values``."""
+    std = 0.0
+    if len(values) > 1:
+        std = statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
 def input_row(config: TrainConfig, naive: dict[str, TestScores]) -> dict:

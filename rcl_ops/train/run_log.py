@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .files import atomic_path
+from .files import WriteError, atomic_path
 from .preflight import RunError
 
 
@@ -22,11 +22,14 @@ def progress_bar(enabled: bool, description: str) -> Callable:
 
 class RunLogger:
     """Appends (time, method, seed, phase, step, metric, value) rows to metrics.csv, and to TensorBoard
-    when ``tensorboard`` is True.
+    when ``tensorboard`` is True (tensorboard/<method>/seed<s>/<phase>/, one TensorBoard run per phase; tags
+    <method>/seed<s>/<phase>/<metric>).
 
     With ``resume`` the existing file is kept, less a torn last row (a kill during a write); the first row
     this process logs for a (method, seed, phase) replaces the file's rows of that phase from its step
-    on, which the interrupted process logged after its last checkpoint, so no step is logged twice.
+    on, which the interrupted process logged after its last checkpoint, so no step is logged twice. In
+    TensorBoard the same: that phase's writer starts with ``purge_step`` at that step, so TensorBoard drops the
+    phase's events the interrupted process wrote from it on.
     """
 
     COLUMNS = ("wall_time", "method", "seed", "phase", "step", "metric", "value")
@@ -49,13 +52,15 @@ class RunLogger:
             self._rewrite(lambda row: False)
         self._file = self.path.open("a", newline="")
         self._csv = csv.writer(self._file)
-        self._writer = None
+        self._tensorboard = run_dir / "tensorboard" if tensorboard else None
+        self._resume = resume
+        self._writers: dict[tuple[str, str, str], object] = {}  # the open TensorBoard writers, of one (method, seed)
+        self._started: set[tuple[str, str, str]] = set()  # the phases this process has written to TensorBoard
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError as error:
                 raise RunError("--tensorboard needs the tensorboard package (pip install tensorboard)") from error
-            self._writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def _rows(self) -> Iterator[list[str]]:
         """The file's complete, well-formed data rows (none when it is missing or lacks its header); a
@@ -86,16 +91,38 @@ class RunLogger:
             self._file = self.path.open("a", newline="")
             self._csv = csv.writer(self._file)
         now = time.time()
-        for metric, value in values.items():
-            self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
-            if self._writer is not None:
-                self._writer.add_scalar(f"{method}/seed{seed}/{phase}/{metric}", float(value), step)
-        self._file.flush()
+        try:
+            for metric, value in values.items():
+                self._csv.writerow((f"{now:.3f}", method, seed, phase, step, metric, f"{float(value):.6g}"))
+            self._file.flush()
+        except OSError as error:
+            raise WriteError(self.path, error) from error
+        if self._tensorboard is not None:
+            writer = self._writer(key, step)
+            for metric, value in values.items():
+                writer.add_scalar(f"{method}/seed{seed}/{phase}/{metric}", float(value), step)
+
+    def _writer(self, key: tuple[str, str, str], step: int):
+        """The TensorBoard writer of phase ``key``, opened at its first ``step`` (the writers of another
+        (method, seed) are closed: logging moves from one to the next). On --resume, a phase's first writer in
+        this process purges the events from ``step`` on that the interrupted process wrote."""
+        if key not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            for other in [k for k in self._writers if k[:2] != key[:2]]:
+                self._writers.pop(other).close()
+            purge = step if self._resume and key not in self._started else None
+            method, seed, phase = key
+            folder = self._tensorboard / method / f"seed{seed}" / phase
+            self._writers[key] = SummaryWriter(str(folder), purge_step=purge)
+            self._started.add(key)
+        return self._writers[key]
 
     def close(self) -> None:
         self._file.close()
-        if self._writer is not None:
-            self._writer.close()
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
 
 
 def _is_number(text: str) -> bool:

@@ -34,9 +34,10 @@ from .images import DataError, check_image_sizes, load_split
 from .losses import DISTANCE_SCALES
 from .methods import METHODS, SL_PROTOCOL, ObjectiveInputs, build_objective, contrast_distance, variant
 from .models import ResNet50Encoder, file_sha256, load_encoder_weights, state_sha256
-from .preflight import RunError, check_machine, resolve_device
+from .preflight import RunError, RunInterrupted, check_machine, resolve_device
 from .pretraining import RunContext, initial_network
-from .run_folder import check_resumable, create_run_dir, locate_run
+from .run_folder import check_resumable, claim_run_dir, locate_run
+from .run_lock import RunLock
 from .run_log import RunLogger
 from .seeding import seeded_generator
 from .variant_runs import VariantRunner
@@ -81,8 +82,12 @@ def run_experiment(config: TrainConfig, echo: Callable[[str], None] | None = pri
         run_dir, config = distributed.broadcast((run_dir, config) if ranks.is_main else None, ranks)
         check_machine(config, device)
         say = (echo or (lambda message: None)) if ranks.is_main else (lambda message: None)
-        with torch_settings(config.threads, config.deterministic, device):
-            summary = Experiment(config, RunContext(device, say, None, config.progress, ranks), run_dir).execute()
+        context = RunContext(device, say, None, config.progress, ranks)
+        try:
+            with torch_settings(config.threads, config.deterministic, device):
+                summary = Experiment(config, context, run_dir).execute()
+        except KeyboardInterrupt:  # the run folder's files are whole (atomic writes) and its lock released
+            raise RunInterrupted(context.position.interrupted()) from None
         distributed.barrier(ranks)  # every rank done before the group is torn down
         return summary
     finally:
@@ -117,7 +122,7 @@ class Experiment:
             self.raw,
         )
         self.contrast_checks = self._check_contrast()  # before the run folder: a refusal leaves nothing behind
-        proxy_settings = ProxySettings(
+        self.proxy_settings = ProxySettings(
             config.finetune_steps,
             config.finetune_batch_size,
             config.crop_size,
@@ -126,14 +131,21 @@ class Experiment:
             config.adam_eps,
             config.finetune_schedule,
         )
-        if not config.resume and self.ranks.is_main:
-            create_run_dir(run_dir, config)
+        self.lock: RunLock | None = None
+
+    def _open_run_folder(self) -> None:
+        """Claim the run folder (rank 0: created, or taken for --resume, and locked until the run ends), open
+        its metrics log, and tell every rank where it is."""
+        config, context = self.config, self.context
         if self.ranks.is_main:
-            logger = RunLogger(run_dir, config.tensorboard, resume=config.resume)
+            self.run_dir, self.lock = claim_run_dir(self.run_dir, config, self.say)
+            logger = RunLogger(self.run_dir, config.tensorboard, resume=config.resume)
             self.context = dataclasses.replace(context, logger=logger)
-        self.runner = VariantRunner(self, proxy_settings)
+            self.context.position.run_dir = self.run_dir
+        self.run_dir = distributed.broadcast(self.run_dir, self.ranks)
+        self.runner = VariantRunner(self, self.proxy_settings)
         self.say(
-            f"rcl-train: run folder {run_dir}; {len(self.train)} training / {len(self.test)} test images; "
+            f"rcl-train: run folder {self.run_dir}; {len(self.train)} training / {len(self.test)} test images; "
             f"device {context.device}; torch {torch.__version__}"
         )
 
@@ -143,12 +155,16 @@ class Experiment:
         config, world_size = self.config, self.ranks.world_size
         images = (config.data_dir, config.test_fraction, config.split_seed, config.max_images)
         train_images, test_images = load_split(*images, config.data_format, config.bundled_images, config.tile_size)
-        check_image_sizes(train_images, config.crop_size, "training crop")
+        # the sizes the images have once make_records cuts them to the tasks' multiple
+        multiple, burst = records_multiple(self._input_tasks()), any(METHODS[m].burst for m in config.methods)
+        crop = "training crop" + (" and the one-pixel shift of a mosaic2mosaic frame" if burst else "")
+        check_image_sizes(train_images, config.crop_size + burst, crop, multiple=multiple)
         check_image_sizes(
             test_images,
             8,
             "minimum size of a test image (the 7x7 SSIM window on an image cropped to even size)",
             "remove them from the test images or replace them by larger ones",
+            multiple,
         )
         if config.batch_size * world_size > len(train_images):
             raise DataError(
@@ -172,12 +188,15 @@ class Experiment:
                 f"--labels {self.label_levels[-1]} exceeds the {len(self.train)} training images; lower it or use all"
             )
 
+    def _input_tasks(self) -> list[str]:
+        """The tasks whose inputs the records hold: the evaluated ones and those of supervised pre-training."""
+        specs = [variant(key).method for key in self.keys]
+        return list(dict.fromkeys([*self.config.tasks, *(s.task for s in specs if s.task is not None)]))
+
     def _make_records(self, train_images: list, test_images: list) -> None:
         config = self.config
         noise = (config.modality, config.sigma_min, config.sigma_max, config.noise_seed)
-        specs = [variant(key).method for key in self.keys]
-        # the tasks whose inputs are needed: the evaluated ones and those of supervised pre-training
-        input_tasks = list(dict.fromkeys([*config.tasks, *(s.task for s in specs if s.task is not None)]))
+        input_tasks = self._input_tasks()
         multiple = records_multiple(input_tasks)
         methods = [METHODS[name] for name in config.methods]
         second_draw, burst = any(s.second_draw for s in methods), any(s.burst for s in methods)
@@ -232,9 +251,11 @@ class Experiment:
         return encoder, record
 
     def execute(self) -> dict:
-        """Every (seed, variant) and the label study, then the summary, table and figures."""
+        """Claim the run folder, run every (seed, variant) and the label study, then write the summary, table and
+        figures; the folder's lock is released when the run ends, however it ends."""
         config, results, label_results = self.config, [], []
         try:
+            self._open_run_folder()
             for seed_index, seed in enumerate(config.seeds):
                 initial = initial_network(config, seed)
                 initial_state = {key: value.clone() for key, value in initial.state_dict().items()}
@@ -246,12 +267,12 @@ class Experiment:
                     except FloatingPointError as error:
                         raise self._diverged(f"{key}/seed{seed}", error) from error
                 label_results += self._label_study(seed, initial_state)
+            return self._report(results, label_results) if self.ranks.is_main else {}
         finally:
             if self.context.logger is not None:
                 self.context.logger.close()
-        if not self.ranks.is_main:
-            return {}
-        return self._report(results, label_results)
+            if self.lock is not None:
+                self.lock.release()
 
     def _label_study(self, seed: int, initial_state: dict) -> list[dict]:
         """SL and RCL+SL (each RCL variant) at every label count. Rank 0's, like the proxy evaluation (the
@@ -272,6 +293,7 @@ class Experiment:
         from . import report
 
         config = self.config
+        self.context.position.at("writing the report")
         environment = self._environment()
         environment["contrast_checks"] = {
             distance: {str(seed): check for (d, seed), check in self.contrast_checks.items() if d == distance}

@@ -150,13 +150,19 @@ class VariantRunner:
                 "positive_closer_after": fraction_positive(torch.from_numpy(gaps)),
                 "positive_closer_true_noise": fraction_positive(torch.from_numpy(self.densities["noise"])),
             }
+        self.context.position.at("the evaluation of", f"{key}/seed{seed}")
         model.eval()  # the network as pre-trained, no layer replaced: the "0 labels" row
-        result["as_is"] = {
-            task: scores_dict(
-                evaluate_restorer(model, self.experiment.test, task, self.context.device, config.eval_crop)
-            )
-            for task in tasks
-        }
+        try:
+            result["as_is"] = {
+                task: scores_dict(
+                    evaluate_restorer(model, self.experiment.test, task, self.context.device, config.eval_crop)
+                )
+                for task in tasks
+            }
+        except FloatingPointError as error:  # finite weights, but so large that the output overflows
+            objective = self.experiment.objectives.get(key)
+            advice = f"; try {objective.divergence_advice}" if objective is not None else ""
+            raise FloatingPointError(f"pre-training diverged: {error}{advice}") from error
         result["tasks"] = {}
         for task in tasks if config.finetune_steps > 0 else ():
             result["tasks"][task] = self._finetune(model, key, seed, task, first_seed, samples)
@@ -165,6 +171,7 @@ class VariantRunner:
     def _finetune(self, model: nn.Module, key: str, seed: int, task: str, first_seed: bool, samples: dict) -> dict:
         """The proxy evaluation on ``task``: a fresh head fine-tuned on the labelled images, then scored."""
         config, context, tag = self.config, self.context, f"{key}/seed{seed}"
+        context.position.at(f"the fine-tuning on {task} of", tag)
 
         def log_finetune(step: int, loss: float) -> None:
             if step % config.log_every == 0 or step == config.finetune_steps:
@@ -200,7 +207,7 @@ class VariantRunner:
     def _reuse_result(self, key: str, result_path: Path, samples_path: Path | None, seed: int) -> dict:
         """A finished (variant, seed)'s saved result, and for the first seed its figure data from
         ``samples_path``; DamagedFileError naming a file that cannot be read."""
-        result = read_json(result_path)
+        result = read_json(result_path, non_finite=True)
         tasks = self.config.evaluation_tasks(key)
         proxy_tasks = tasks if self.config.finetune_steps > 0 else []
         if (
@@ -222,12 +229,13 @@ class VariantRunner:
         result_path = self.run_dir / "results" / "labels" / f"{protocol}_n{count}_seed{seed}.json"
         if config.resume and result_path.exists():
             try:
-                result = read_json(result_path)
+                result = read_json(result_path, non_finite=True)
                 if isinstance(result, dict) and "psnr_per_image" in result:
                     return result
                 raise DamagedFileError(result_path, "it lacks the per-image scores")
             except DamagedFileError as error:
                 self.context.say(f"  {tag}: {error}; computing this result again")
+        self.context.position.at("the label study,", tag)
         model = configured_model(config)
         model.load_state_dict(initial_state)
         if protocol != SL_PROTOCOL:

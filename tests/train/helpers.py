@@ -75,3 +75,32 @@ def pretrain_quietly(model, objective, sampler, config, checkpoint_dir, resume: 
 
     config = dataclasses.replace(config, resume=resume)
     return pretrain(model, objective, sampler, config, RunContext(torch.device("cpu"), say), checkpoint_dir, "test", 0)
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows under ``folder`` (all its runs), by tag: (step, value) in step order, as
+    TensorBoard's own reader loads them (restarted runs purged)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(folder))
+    multiplexer.Reload()
+    found: dict[str, list[tuple[int, float]]] = {}
+    for run, tags in multiplexer.Runs().items():
+        for tag in tags["scalars"]:
+            found.setdefault(tag, []).extend((e.step, e.value) for e in multiplexer.Scalars(run, tag))
+    return {tag: sorted(events) for tag, events in found.items()}
+
+
+def interrupt_pretraining_at(monkeypatch, step: int) -> None:
+    """Ctrl-C (a KeyboardInterrupt) when pre-training reaches ``step``, until ``monkeypatch.undo()``."""
+    from rcl_ops.train import pretraining
+
+    real_step = pretraining._Loop.step
+
+    def interrupted(self, logging, done):
+        if done == step:
+            raise KeyboardInterrupt
+        return real_step(self, logging, done)
+
+    monkeypatch.setattr(pretraining._Loop, "step", interrupted)

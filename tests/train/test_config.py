@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rcl_ops.train.cli import build_parser, main
 from rcl_ops.train.config import TrainConfig, build_config, config_fields
@@ -104,7 +105,7 @@ NAN, INF = float("nan"), float("inf")
         ({"test_fraction": 1.5}, r"--test-fraction must be in \(0, 1\), got 1.5"),
         ({"test_fraction": NAN}, "--test-fraction must be in"),
         ({"crop_size": 1}, "--crop-size must be >= 2"),
-        ({"sigma_max": INF}, r"--sigma-max must be in \[0, 255\]"),
+        ({"sigma_max": INF}, r"--sigma-max must be in \(0, 255\]"),
         ({"sigma_min": NAN}, "--sigma-min must be in"),
         ({"sigma_min": 5, "sigma_max": 2}, "--sigma-min <= --sigma-max"),
         ({"model": "dncnn", "depth": 1}, "--depth of a dncnn must be >= 2"),
@@ -168,11 +169,26 @@ def test_memory_estimate_counts_without_building():
     estimate = estimate_memory(config)
     assert estimate.parameters == sum(p.numel() for p in build_model("unet", 4, 2).parameters())
     assert estimate.padded_size == 12 and estimate.crops == 2 * config.batch_size
-    huge = build_config("quick", depth=10)  # the issue's case: a U-Net of ~8e9 parameters
+    huge = build_config("quick", depth=6, width=512)  # a U-Net of ~3e10 parameters
     estimate = estimate_memory(huge)
-    assert 7e9 < estimate.parameters < 9e9 and estimate.padded_size == 1024
+    assert 3e10 < estimate.parameters < 3.3e10 and estimate.padded_size == 64
     assert estimate.total_bytes > 8 * 4 * estimate.parameters
-    assert "padded to 1024x1024" in estimate.describe(huge)
+    assert "padded to 64x64" in estimate.describe(huge)
+
+
+def test_the_memory_check_refuses_with_the_estimate_or_with_a_lower_bound(monkeypatch):
+    """issue 25: a lower bound in Python ints first (any size), then the estimate on the meta device."""
+    from rcl_ops.train import preflight
+
+    huge = build_config("quick", depth=6, width=512)
+    floor, what = max(preflight.size_floors(huge))
+    assert what == "--width 512 and --depth 6: the weights" and floor < preflight.estimate_memory(huge).total_bytes
+    monkeypatch.setattr(preflight, "available_memory", lambda device: floor + 1)
+    with pytest.raises(preflight.RunError, match=r"needs about 950 GiB.*padded to 64x64.*lower --width or --depth"):
+        preflight.check_machine(huge, torch.device("cpu"))
+    monkeypatch.setattr(preflight, "available_memory", lambda device: floor - 1)
+    with pytest.raises(preflight.RunError, match=r"--width 512 and --depth 6: the weights alone need 288 GiB"):
+        preflight.check_machine(huge, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------

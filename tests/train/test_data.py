@@ -94,7 +94,7 @@ def test_embedded_images_load_offline():
 
 
 def test_sidd_loader_reads_a_tiny_folder(tmp_path):
-    from rcl_ops.train.images import DataError, load_sidd_pairs
+    from rcl_ops.train.images import load_sidd_pairs
 
     root = make_sidd_folder(tmp_path / "sidd", scenes=3)
     pairs = load_sidd_pairs(root)

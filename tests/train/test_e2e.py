@@ -110,14 +110,27 @@ def test_too_few_images_for_the_batch(image_folder, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tensorboard_logs(image_folder, tmp_path, capsys):
-    pytest.importorskip("tensorboard")
+def test_tensorboard_logs_every_step_once_across_a_resume(image_folder, tmp_path, monkeypatch, capsys):
+    import time
+
+    from train.helpers import interrupt_pretraining_at, tensorboard_scalars
+
     args = [
         "--data-dir", str(image_folder), "--output-dir", str(tmp_path), "--run-name", "tb", "--methods", "n2n",
-        "--tasks", "denoise", "--seeds", "0", "--no-plots", "--tensorboard", *TINY,
+        "--tasks", "denoise", "--seeds", "0", "--no-plots", "--tensorboard", *TINY, "--pretrain-steps", "4",
+        "--log-every", "1", "--checkpoint-every", "2",
     ]  # fmt: skip
-    assert main(args) == 0
-    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    interrupt_pretraining_at(monkeypatch, 4)
+    assert main(args) == 130  # steps 1-3 logged, the last checkpoint at step 2
+    monkeypatch.undo()
+    time.sleep(1.1)  # a resume is a later process: its event files sort after the first ones
+    assert main([*args, "--resume"]) == 0
+    scalars = tensorboard_scalars(tmp_path / "tb" / "tensorboard")
+    assert [step for step, _ in scalars["n2n/seed0/pretrain/loss"]] == [1, 2, 3, 4]
+    assert [step for step, _ in scalars["n2n/seed0/finetune-denoise/l1"]] == [1, 2, 3]
+    assert sorted(p.parent.name for p in (tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*")) == [
+        "as-is", "finetune-denoise", "pretrain", "pretrain", "proxy",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from skimage import io
 
 from rcl_ops.train.cli import main
-from train.helpers import smooth_image, tiny_run
+from train.helpers import smooth_image, tensorboard_scalars, tiny_run
 
 
 def test_atomic_path_keeps_the_old_file_when_a_write_fails(tmp_path):
@@ -60,6 +61,31 @@ def test_metrics_csv_has_no_duplicate_steps_across_resumes(tmp_path):
     ]
 
 
+def test_tensorboard_events_are_written_and_a_resume_does_not_duplicate_them(tmp_path):
+    from rcl_ops.train.run_log import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=True)
+    for step in (10, 20, 30):  # the last checkpoint was at step 20; the kill came after step 30 was logged
+        logger.log("n2n", 0, "pretrain", step, {"loss": 1.0 / step})
+    logger.log("n2n", 0, "finetune-denoise", 10, {"l1": 0.5})
+    logger.log("sl-denoise", 0, "pretrain", 10, {"loss": 0.25})
+    logger.close()
+    time.sleep(1.1)  # a resume is a later process: its event files sort after the first ones
+
+    resumed = RunLogger(tmp_path, tensorboard=True, resume=True)
+    for step in (30, 40):
+        resumed.log("n2n", 0, "pretrain", step, {"loss": 2.0 / step})
+    resumed.log("n2n", 0, "finetune-denoise", 10, {"l1": 0.25})
+    resumed.close()
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    approx = pytest.approx
+    assert scalars == {
+        "n2n/seed0/pretrain/loss": [(10, approx(0.1)), (20, approx(0.05)), (30, approx(2 / 30)), (40, approx(0.05))],
+        "n2n/seed0/finetune-denoise/l1": [(10, approx(0.25))],
+        "sl-denoise/seed0/pretrain/loss": [(10, approx(0.25))],
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # whole runs: refused runs leave nothing, damaged runs resume or name the damaged file
 
@@ -88,7 +114,10 @@ def test_runs_the_machine_cannot_do_leave_no_run_folder(image_folder, tmp_path, 
             "--encoder-weights: cannot read",
         ),
         (["--encoder-weights", str(tmp_path), "--encoders", "file", "--methods", "rcl"], "is not a file"),
-        (["--width", "64", "--depth", "10"], r"needs about [\d,]+ GiB.*padded to 1024x1024.*lower --width or --depth"),
+        (
+            ["--crop-size", "24", "--width", "4096", "--depth", "4"],
+            r"--width 4096 and --depth 4: the weights alone need [\d,]+ GiB, but only .* is free on cpu; lower them",
+        ),
         (
             ["--lr", "1e12", "--pretrain-steps", "3"],
             r"pre-training loss became (nan|inf).*try a lower --lr\. The run folder",
@@ -134,9 +163,8 @@ def test_resume_after_a_kill_during_a_checkpoint_write(image_folder, tmp_path, m
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # what a non-atomic write leaves
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_while_saving_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        main(tiny_run(image_folder, tmp_path, "killed", *steps))
+    monkeypatch.setattr(checkpoints, "save_checkpoint", killed_while_saving_step_4)  # the pre-training checkpoints
+    assert main(tiny_run(image_folder, tmp_path, "killed", *steps)) == 130  # Ctrl-C: said, not a traceback
     monkeypatch.undo()
     with (tmp_path / "killed" / "metrics.csv").open("a") as handle:
         handle.write("1700000000.000,n2n,0,pretr")  # a row torn by the kill
