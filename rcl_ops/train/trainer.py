@@ -32,7 +32,7 @@ from .encoder_pretraining import self_supervised_encoder
 from .evaluate import ProxySettings, evaluate_naive
 from .images import DataError, check_image_sizes, load_split
 from .losses import DISTANCE_SCALES
-from .methods import METHODS, SL_PROTOCOL, ObjectiveInputs, build_objective, contrast_distance, variant
+from .methods import METHODS, SL_PROTOCOL, ObjectiveInputs, build_objective, contrast_distance, variants
 from .models import ResNet50Encoder, file_sha256, load_encoder_weights, state_sha256
 from .preflight import RunError, RunInterrupted, check_machine, resolve_device
 from .pretraining import RunContext, initial_network
@@ -105,7 +105,8 @@ class Experiment:
         self.config, self.run_dir, self.started = config, run_dir, time.perf_counter()
         self.context, self.say, self.ranks = context, context.say, context.ranks
         self.raw = config.modality == "raw"
-        self.keys = config.variant_keys()
+        self.variants = variants(config)
+        self.keys = [v.key for v in self.variants]
         self._prepare_data()
         self._prepare_objectives()
         self.naive = {  # the evaluation is rank 0's
@@ -190,7 +191,7 @@ class Experiment:
 
     def _input_tasks(self) -> list[str]:
         """The tasks whose inputs the records hold: the evaluated ones and those of supervised pre-training."""
-        specs = [variant(key).method for key in self.keys]
+        specs = [v.method for v in self.variants]
         return list(dict.fromkeys([*self.config.tasks, *(s.task for s in specs if s.task is not None)]))
 
     def _make_records(self, train_images: list, test_images: list) -> None:
@@ -210,7 +211,7 @@ class Experiment:
     def _prepare_objectives(self) -> None:
         """The frozen encoders g_e the variants name, and every variant's objective."""
         config, ranks = self.config, self.ranks
-        single_process = sorted({v.method.name for v in map(variant, self.keys) if not v.method.distributed})
+        single_process = sorted({v.method.name for v in self.variants if not v.method.distributed})
         if ranks.active and single_process:
             raise RunError(
                 f"{' and '.join(single_process)} keep momentum encoders and queues per process: run them without "
@@ -218,16 +219,15 @@ class Experiment:
             )
         self.encoders: dict[str, nn.Module] = {}
         self.encoder_records: dict[str, dict] = {}
-        for kind in dict.fromkeys(v.encoder for v in map(variant, self.keys) if v.encoder is not None):
+        for kind in dict.fromkeys(v.encoder for v in self.variants if v.encoder is not None):
             encoder, self.encoder_records[kind] = self._build_encoder(kind)
             self.encoders[kind] = encoder.to(self.context.device)
         self.objectives = {}
-        for key in self.keys:
-            v = variant(key)
+        for v in self.variants:
             inputs = ObjectiveInputs(config, self.encoders.get(v.encoder), ranks.active, ranks.world_size)
             objective = build_objective(v.method.name, inputs)
             if objective is not None:
-                self.objectives[key] = objective
+                self.objectives[v.key] = objective
 
     def _build_encoder(self, kind: str) -> tuple[nn.Module, dict]:
         """The frozen encoder g_e of ``kind`` and the record of its weights (kind, file name, sha256)."""
@@ -277,7 +277,7 @@ class Experiment:
     def _label_study(self, seed: int, initial_state: dict) -> list[dict]:
         """SL and RCL+SL (each RCL variant) at every label count. Rank 0's, like the proxy evaluation (the
         others wait at the next seed's pre-training)."""
-        rcl_keys = [k for k in self.keys if variant(k).method.family == "rcl"]
+        rcl_keys = [v.key for v in self.variants if v.method.family == "rcl"]
         protocols = [SL_PROTOCOL, *rcl_keys] if self.ranks.is_main else []
         found = []
         for protocol in protocols:
@@ -322,9 +322,9 @@ class Experiment:
         denoising, unless --ignore-contrast-check."""
         config, checks = self.config, {}
         first_key = {}  # distance -> the first variant that contrasts with it (its objective has the settings)
-        for key in self.keys:
-            if variant(key).method.distance is not None:
-                first_key.setdefault(variant(key).method.distance, key)
+        for v in self.variants:
+            if v.method.distance is not None:
+                first_key.setdefault(v.method.distance, v.key)
         for distance, key in first_key.items() if self.crop_pairs else ():
             contrastive = self.objectives[key].contrastive
             options = (

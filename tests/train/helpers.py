@@ -104,3 +104,13 @@ def interrupt_pretraining_at(monkeypatch, step: int) -> None:
         return real_step(self, logging, done)
 
     monkeypatch.setattr(pretraining._Loop, "step", interrupted)
+
+
+def assert_only_the_head_changed(before: dict, after: dict) -> None:
+    """Every ``head.*`` tensor of a state dict differs from ``before``, every other one is equal."""
+    assert set(after) == set(before)
+    for key, value in before.items():
+        if key.startswith("head."):
+            assert not torch.equal(after[key], value), key
+        else:
+            assert torch.equal(after[key], value), key
