@@ -24,8 +24,10 @@ from .sketch import (
 )
 
 MMD_METHODS = ("auto", "grid", "direct")
-# Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
-DIRECT_SUM_COST = 16
+# Cost of one kernel evaluation of the direct sum in grid points (method="auto"): the exact sum
+# where DIRECT_SUM_COST M N <= num_bins. On CPU the direct sum's forward+backward is faster than
+# the 4096-bin grid's up to M N ~ num_bins at B=64 (benchmarks/results/design-measurements.md).
+DIRECT_SUM_COST = 4
 # Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
 MAX_NUM_BINS = 1 << 24
 # Largest K: sort orders are int32.
@@ -123,9 +125,10 @@ def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return pooled_std([count_q, count_k], torch.stack([stats_q, stats_k]))
 
 
-def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+def _bandwidths(bandwidth, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor | None:
+    """The bandwidths as a float64 (H,) tensor, or None for the backend's default_bandwidth."""
     if bandwidth is None:
-        return default_bandwidth(q, k)
+        return None
     if isinstance(bandwidth, torch.Tensor):
         raise TypeError(f"{where}: pass bandwidth as a float or a sequence of floats, not a tensor")
     if isinstance(bandwidth, (str, bytes, bytearray)):
@@ -189,8 +192,8 @@ def pairwise_mmd(
     linearly onto ``num_bins`` points spanning the batch's range and applies the kernel as a
     convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins; its
     error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
-    for residuals so small that the exact sum is cheaper (16 M N <= num_bins: an exp costs
-    ~16 multiply-adds, and the grid pays O(G) per pair whatever M), and "direct" on the
+    for residuals so small that the exact sum is cheaper (4 M N <= num_bins, e.g. M = N = 32 with
+    the default 4096 bins: the grid pays O(G) per pair whatever M), and "direct" on the
     reference backend. Computed in float32 for half inputs.
 
     value_range=(lo, hi): the grid spans this fixed range instead of the batch's (values

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import _grid
-from ..ops import MAX_NUM_BINS, warn_if_grid_inaccurate
+from ..ops import MAX_NUM_BINS, default_bandwidth, warn_if_grid_inaccurate
 from ._common import (
     ELEMENT_BLOCK,
     NAMESPACE,
@@ -231,6 +231,8 @@ def triton_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> 
     """The backend's MMD: the binned grid (no other method)."""
     if method != "grid":
         raise ValueError(f"the triton backend computes MMD only by the binned grid, not {method!r}")
+    if bandwidths is None:
+        bandwidths = default_bandwidth(q, k)
     distances, grid, _, _ = ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
     warn_if_grid_inaccurate(grid, bandwidths, num_bins)
     return distances
