@@ -233,7 +233,7 @@ def test_mmd_direct_paths_agree_with_the_reference(backend, dtype):
     ops = torch.ops.rcl_ops
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-13}
     torch.manual_seed(1)
-    for (bq, bk, m, n) in [(3, 2, 9, 17), (2, 5, 33, 8), (20, 21, 40, 38)]:
+    for bq, bk, m, n in [(3, 2, 9, 17), (2, 5, 33, 8), (20, 21, 40, 38)]:
         q = torch.randn(bq, m, device=device, dtype=dtype)
         k = 1.3 * torch.randn(bk, n, device=device, dtype=dtype) + 0.2
         grad = torch.randn(bq, bk, device=device, dtype=dtype)
@@ -255,7 +255,7 @@ def test_mmd_direct_paths_agree_with_the_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-def test_bd_backward_reads_strided_gradients(backend):
+def test_bd_and_mmd_backward_read_strided_gradients(backend):
     # Autograd hands over expanded (sum) and transposed gradients; the CPU kernels read them
     # through their strides instead of copying.
     device = backend_device(backend)
@@ -274,4 +274,9 @@ def test_bd_backward_reads_strided_gradients(backend):
         pair_got = ops.bd_pair_backward(grad, *moments, 1e-6, [True, True])
         pair_want = ops.bd_pair_backward(grad.contiguous(), *moments, 1e-6, [True, True])
         for a, b in zip(pair_got, pair_want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _, h, statistic, sums = ops.mmd_direct(x, y, None, False, device == "cpu")
+        direct_got = ops.mmd_direct_backward(grad, x, y, h, statistic, sums, False, [True, True])
+        direct_want = ops.mmd_direct_backward(grad.contiguous(), x, y, h, statistic, sums, False, [True, True])
+        for a, b in zip(direct_got, direct_want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -45,14 +45,13 @@ struct Kernel {
 // For the kLanes values x[0..kLanes) (a padded row: every lane holds a value) against y:
 // values[l] = sum_t sum_h exp(-d^2 c_h) and derivatives[l] = sum_t sum_h -2 d c_h exp(-d^2 c_h),
 // d = x[l] - y[t], each where its flag is set; with kColumns also
-// columns[t kLanes + l] += lane_mask[l] sum_h -2 d c_h exp(-d^2 c_h) (lane_mask null: 1).
+// columns[t kLanes + l] += sum_h -2 d c_h exp(-d^2 c_h), times lane_mask[l] with kMasked.
 // (__restrict: without it GCC keeps the accumulators in memory and checks for aliasing per t.)
-template <bool kValues, bool kDerivatives, bool kColumns>
+template <bool kValues, bool kDerivatives, bool kColumns, bool kMasked = false>
 RCL_INLINE void lane_block(const double* __restrict x, const double* __restrict y, int64_t count_y,
                            Kernel kernel, double* __restrict values, double* __restrict derivatives,
                            double* __restrict columns, const double* __restrict lane_mask) {
-  double value_acc[kLanes] = {}, derivative_acc[kLanes] = {}, mask[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) mask[l] = lane_mask == nullptr ? 1.0 : lane_mask[l];
+  double value_acc[kLanes] = {}, derivative_acc[kLanes] = {};
   for (int64_t h = 0; h < kernel.num_h; ++h) {
     const double c = kernel.inv_two_h2[h], minus_two_c = -2.0 * c;
     for (int64_t t = 0; t < count_y; ++t) {
@@ -62,7 +61,7 @@ RCL_INLINE void lane_block(const double* __restrict x, const double* __restrict 
         const double f = d * minus_two_c * e;  // = -2 d c e, bit for bit (a power of 2 apart)
         if (kValues) value_acc[l] += e;
         if (kDerivatives) derivative_acc[l] += f;
-        if (kColumns) columns[t * kLanes + l] += mask[l] * f;
+        if (kColumns) columns[t * kLanes + l] += kMasked ? lane_mask[l] * f : f;
       }
     }
   }
@@ -112,7 +111,8 @@ RCL_MULTIVERSION double pair_sums_with_derivatives(const double* x, int64_t coun
                                    nullptr);
     } else {
       for (int64_t l = 0; l < kLanes; ++l) mask[l] = l < lanes ? 1.0 : 0.0;
-      lane_block<true, true, true>(x + s, y, count_y, kernel, values, derivatives, scratch, mask);
+      lane_block<true, true, true, true>(x + s, y, count_y, kernel, values, derivatives, scratch,
+                                         mask);
     }
     for (int64_t l = 0; l < lanes; ++l) {
       total += values[l];
@@ -156,7 +156,9 @@ Rows padded_rows(const Tensor& x_in) {
 
 // 1 / (2 h^2) per bandwidth; positive bandwidths only.
 std::vector<double> inverse_two_h2(const Tensor& bandwidths, const char* op) {
-  const Tensor h = bandwidths.to(at::kDouble).cpu().contiguous();
+  const bool ready =
+      bandwidths.scalar_type() == at::kDouble && bandwidths.is_cpu() && bandwidths.is_contiguous();
+  const Tensor h = ready ? bandwidths : bandwidths.to(at::kDouble).cpu().contiguous();
   std::vector<double> inv_two_h2(static_cast<size_t>(h.numel()));
   for (int64_t b = 0; b < h.numel(); ++b) {
     const double hb = h.data_ptr<double>()[b];
@@ -373,23 +375,29 @@ struct BackwardWeights {
   std::vector<double> cross, self_q, self_k;
 };
 
+// grad is read through its strides (autograd hands over expanded and transposed ones).
 BackwardWeights backward_weights(const Tensor& grad_in, const Tensor& statistic_in,
                                  const MmdTerms& terms, bool unbiased) {
-  const Tensor grad_t = grad_in.to(at::kDouble).contiguous();
+  const bool floating = grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble;
+  const Tensor grad = floating ? grad_in : grad_in.to(at::kDouble);
   const Tensor statistic_t = statistic_in.contiguous();
-  const double *grad = grad_t.data_ptr<double>(), *statistic = statistic_t.data_ptr<double>();
-  const int64_t rows_q = grad_t.size(0), rows_k = grad_t.size(1);
+  const double* statistic = statistic_t.data_ptr<double>();
+  const int64_t rows_q = grad.size(0), rows_k = grad.size(1);
   BackwardWeights w{std::vector<double>(static_cast<size_t>(rows_q * rows_k)),
                     std::vector<double>(rows_q, 0.0), std::vector<double>(rows_k, 0.0)};
-  for (int64_t i = 0; i < rows_q; ++i) {
-    for (int64_t j = 0; j < rows_k; ++j) {
-      const int64_t p = i * rows_k + j;
-      const double g = unbiased || statistic[p] >= 0.0 ? grad[p] : 0.0;
-      w.self_q[i] += g;
-      w.self_k[j] += g;
-      w.cross[p] = g * (-terms.cross);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rcl_ops::mmd_direct_backward", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rows_q; ++i) {
+      for (int64_t j = 0; j < rows_k; ++j) {
+        const int64_t p = i * rows_k + j;
+        const double g_ij = double(gp[i * grad.stride(0) + j * grad.stride(1)]);
+        const double g = unbiased || statistic[p] >= 0.0 ? g_ij : 0.0;
+        w.self_q[i] += g;
+        w.self_k[j] += g;
+        w.cross[p] = g * (-terms.cross);
+      }
     }
-  }
+  });
   for (double& v : w.self_q) v = 2.0 * (v / terms.div_q);
   for (double& v : w.self_k) v = 2.0 * (v / terms.div_k);
   return w;
