@@ -14,7 +14,8 @@ from .ops import default_bandwidth, warn_if_grid_inaccurate
 
 ops = torch.ops.rcl_ops
 # Value pairs (Bq Bk M N) up to which the CPU's exact MMD returns its derivative sums for the
-# backward (csrc/cpu/mmd_direct.cpp: kFusedMaxWork, 4 * 2^16 kernel evaluations).
+# backward (csrc/cpu/mmd_direct.cpp: kFusedMaxWork, 4 * 2^16 kernel evaluations; on 2 threads the
+# fused pass stays faster well beyond: benchmarks/results/design-measurements.md).
 DERIVATIVE_SUMS_MAX_PAIRS = 1 << 18
 
 

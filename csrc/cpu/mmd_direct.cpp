@@ -31,7 +31,8 @@ namespace {
 using Tensor = at::Tensor;
 
 // Kernel evaluations of the forward up to which mmd_direct runs fused on the calling thread
-// without derivative sums: 4 tasks' work, where the parallel sums would start to split.
+// without derivative sums: 4 tasks' work, where the parallel sums would start to split (not a
+// measured crossover: benchmarks/results/design-measurements.md).
 constexpr int64_t kFusedMaxWork = 4 * kMinTaskWork;
 constexpr int64_t kLanes = 8;
 
