@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --device cpu --quick     # B=64, 3x64x64 (the targets'), + a few scaling points
     python -m benchmarks.run --device cuda --full     # B and M sweeps, exponent fits
+    python -m benchmarks.run --device cpu --overhead  # only the host-overhead case (B=8, M=16)
 
 For each distance and for the whole ResidualContrastiveLoss step, every provider
 (benchmarks/providers.py) is timed on the same inputs in the same run: forward, backward and
@@ -118,46 +119,80 @@ def _summary(samples: dict[str, list[float]]) -> dict:
 
 
 OVERHEAD_BATCH, OVERHEAD_SHAPE = 8, (1, 4, 4)
+# The host-overhead case runs in interleaved rounds (every candidate OVERHEAD_CALLS calls per
+# round), so that a shared machine's changing load moves all of a round's times together: the
+# ratios to the two-op step are per round, then their median.
+OVERHEAD_ROUNDS, OVERHEAD_CALLS, OVERHEAD_WARMUP = 30, 20, 20
+TWO_OP = ("overhead-torch", "two-op step")
 
 
-def host_overhead(fn, device: str, calls: int = 300, warmup: int = 20) -> dict:
-    """Host time of one forward+backward at a tiny size (B=8, M=16), in microseconds: the
-    Python, dispatch and launch cost a training step pays per call. No sync inside the loop
-    on CUDA (the GPU work of so small a call is shorter than its launch)."""
-    q = torch.randn(OVERHEAD_BATCH, *OVERHEAD_SHAPE, device=device)
-    k = 0.9 * torch.randn(OVERHEAD_BATCH, *OVERHEAD_SHAPE, device=device)
+def two_op_step(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The host-overhead case's yardstick (issue 24's "two-op torch step"): (q - k).abs() on the
+    same tensors, forward and backward (the .sum() before backward is every candidate's)."""
+    return (q - k).abs()
+
+
+def host_times(fn, q, k, device: str, calls: int) -> list[float]:
+    """Host seconds of ``calls`` forward+backward steps of ``fn`` (no sync inside a step on CUDA:
+    the GPU work of so small a call is shorter than its launch; one every 50 calls keeps the
+    launch queue from filling up, and one at the end)."""
     times = []
-    for step in range(warmup + calls):
+    for step in range(calls):
         qa, ka = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
         start = time.perf_counter()
         fn(qa, ka).sum().backward()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-        if step % 50 == 0:
-            _sync(device)  # keep the launch queue from filling up
+        times.append(time.perf_counter() - start)
+        if step % 50 == 49:
+            _sync(device)
     _sync(device)
-    quartiles = statistics.quantiles(times, n=4)
-    return {"host_us": 1e6 * statistics.median(times), "host_iqr_us": 1e6 * (quartiles[2] - quartiles[0])}
+    return times
 
 
-def run_overhead(device: str, on_row=None) -> list[dict]:
-    """The host-overhead case for rcl_ops's backends on ``device`` and the hand-written naive
-    formulation, with the library's default settings (the NaN/Inf check as it is by default)."""
-    rows = []
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Median and interquartile range."""
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return statistics.median(values), quartiles[2] - quartiles[0]
+
+
+def overhead_candidates(device: str) -> dict[tuple[str, str], object]:
+    """(what, provider) -> callable: the two-op step, then rcl_ops's backends on ``device`` and
+    the hand-written naive formulation of each distance (library defaults)."""
+    candidates = {TWO_OP: two_op_step}
     for distance in DISTANCES:
-        candidates = providers(distance, device)
-        for name in [n for n in candidates if n.startswith("rcl_ops")] + ["naive"]:
-            row = {"what": f"overhead-{distance}", "provider": name, "batch": OVERHEAD_BATCH}
-            row.update({"shape": "x".join(map(str, OVERHEAD_SHAPE)), "values": math.prod(OVERHEAD_SHAPE)})
-            row["check_finite"] = rcl_ops.check_finite_enabled(device)
-            try:
-                row.update(host_overhead(candidates[name], device))
-            except Exception as error:
-                row["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
-            rows.append(row)
-            if on_row:
-                on_row(row)
-    return rows
+        found = providers(distance, device)
+        for name in [n for n in found if n.startswith("rcl_ops")] + ["naive"]:
+            candidates[(f"overhead-{distance}", name)] = found[name]
+    return candidates
+
+
+def run_overhead(device: str, on_row=None, rounds: int = OVERHEAD_ROUNDS) -> list[dict]:
+    """The host-overhead case (B=8, M=16, forward+backward, the NaN/Inf check as it is by default):
+    host microseconds per call (median over rounds of each round's median) and the ratio to the
+    two-op step (median over rounds of the per-round ratios, and its interquartile range)."""
+    q = torch.randn(OVERHEAD_BATCH, *OVERHEAD_SHAPE, device=device)
+    k = 0.9 * torch.randn(OVERHEAD_BATCH, *OVERHEAD_SHAPE, device=device)
+    candidates, rows, samples = overhead_candidates(device), {}, {}
+    for (what, name), fn in candidates.items():
+        row = {"what": what, "provider": name, "batch": OVERHEAD_BATCH, "values": math.prod(OVERHEAD_SHAPE)}
+        row.update({"shape": "x".join(map(str, OVERHEAD_SHAPE)), "check_finite": rcl_ops.check_finite_enabled(device)})
+        try:
+            host_times(fn, q, k, device, OVERHEAD_WARMUP)
+            samples[(what, name)] = []
+        except Exception as error:  # one broken candidate must not lose the others' rows
+            row["error"] = f"{type(error).__name__}: {str(error).strip()[:300]}"
+        rows[(what, name)] = row
+    for _ in range(rounds):
+        for key in samples:
+            samples[key].append(statistics.median(host_times(candidates[key], q, k, device, OVERHEAD_CALLS)))
+    for key, medians in samples.items():
+        ratios = [m / t for m, t in zip(medians, samples.get(TWO_OP, medians))]
+        (host, host_iqr), (ratio, ratio_iqr) = _spread(medians), _spread(ratios)
+        rows[key].update({"host_us": 1e6 * host, "host_iqr_us": 1e6 * host_iqr, "rounds": rounds})
+        rows[key].update({"calls_per_round": OVERHEAD_CALLS, "vs_two_op": ratio, "vs_two_op_iqr": ratio_iqr})
+    for row in rows.values():
+        if on_row:
+            on_row(row)
+    return list(rows.values())
 
 
 def peak_memory(what: str, provider: str, fn, q, k, device: str) -> dict:
@@ -269,17 +304,22 @@ def print_ratio_table(rows: list[dict]) -> None:
 
 
 def print_overhead_table(rows: list[dict]) -> None:
-    """Host microseconds per forward+backward at B=8, M=16, and each against the naive one."""
+    """Host microseconds per forward+backward at B=8, M=16, each against the two-op step (median of
+    the per-round ratios) and against the naive formulation of its distance."""
     overhead = [r for r in rows if r["what"].startswith("overhead")]
     if not overhead:
         return
-    print(f"\nhost overhead, one forward+backward at B={OVERHEAD_BATCH}, M={math.prod(OVERHEAD_SHAPE)}")
+    rounds = max((r.get("rounds", 0) for r in overhead), default=0)
+    print(f"\nhost overhead, one forward+backward at B={OVERHEAD_BATCH}, M={math.prod(OVERHEAD_SHAPE)}", end="")
+    print(f" ({rounds} interleaved rounds of {OVERHEAD_CALLS} calls; medians, IQR over rounds)")
     naive = {r["what"]: r["host_us"] for r in overhead if r["provider"] == "naive" and "host_us" in r}
     for r in overhead:
         if "host_us" not in r:
             print(f"{r['what']:<16}{r['provider']:<18}{r.get('error', '')}")
             continue
-        versus = f"  {r['host_us'] / naive[r['what']]:.2f}x naive's" if r["what"] in naive else ""
+        versus = f"  {r['vs_two_op']:5.2f}x the two-op step (IQR {r['vs_two_op_iqr']:.2f})"
+        if r["what"] in naive and r["provider"] != "naive":
+            versus += f", {r['host_us'] / naive[r['what']]:.2f}x naive's"
         check = "on" if r["check_finite"] else "off"
         spread = f"(IQR {r['host_iqr_us']:.1f}, check {check})"
         print(f"{r['what']:<16}{r['provider']:<18}{r['host_us']:9.1f} us {spread}{versus}")
@@ -366,7 +406,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def main(argv=None) -> Path:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     size = parser.add_mutually_exclusive_group()
@@ -378,6 +418,9 @@ def main(argv=None) -> Path:
         "--headline", action="store_true", help="B=64, 3x128x128 only (the GPU targets' case), and host overhead"
     )
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    size.add_argument(
+        "--overhead", action="store_true", help="only the host-overhead case (B=8, M=16), in interleaved rounds"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 5 CPU, 10 CUDA)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (allocator, caches, autotuning)")
     parser.add_argument(
@@ -388,24 +431,41 @@ def main(argv=None) -> Path:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-overhead", action="store_true", help="skip the host-overhead case")
+    parser.add_argument(
+        "--overhead-rounds", type=int, default=OVERHEAD_ROUNDS, help="interleaved rounds of the host-overhead case"
+    )
     parser.add_argument("--no-plots", action="store_true", help="write no plots")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
+    return args
 
+
+def select_cases(args: argparse.Namespace) -> tuple[list, str]:
+    """The (batch, shape, scaling_only) cases of the run and its label."""
     if args.smoke:
-        cases, label = [(4, (2, 8, 8), False), (2, (2, 8, 8), True), (4, (1, 8, 8), True)], "smoke"
-    elif args.full:
+        return [(4, (2, 8, 8), False), (2, (2, 8, 8), True), (4, (1, 8, 8), True)], "smoke"
+    if args.full:
         shapes = [(3, 32, 32), (3, 64, 64), (3, 128, 128)] + ([(3, 256, 256)] if args.device == "cuda" else [])
         cases = [(b, (3, 64, 64), False) for b in (8, 16, 32, 64, 128)]
-        cases += [(64, s, False) for s in shapes if s != (3, 64, 64)]
-        label = "full"
-    elif args.headline:
-        cases, label = [(64, (3, 128, 128), False)], "headline"
-    else:  # the targets' case with every provider, and scaling points for the plots
-        cases = [(64, (3, 64, 64), False), (16, (3, 64, 64), True), (32, (3, 64, 64), True), (64, (3, 32, 32), True)]
-        label = "quick"
+        return cases + [(64, s, False) for s in shapes if s != (3, 64, 64)], "full"
+    if args.headline:
+        return [(64, (3, 128, 128), False)], "headline"
+    if args.overhead:
+        return [], "overhead"
+    # The targets' case with every provider, and scaling points for the plots.
+    return [
+        (64, (3, 64, 64), False),
+        (16, (3, 64, 64), True),
+        (32, (3, 64, 64), True),
+        (64, (3, 32, 32), True),
+    ], "quick"
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    cases, label = select_cases(args)
     repeats = args.repeats or (2 if args.smoke else 10 if args.device == "cuda" else 5)
     min_seconds = args.min_seconds if args.min_seconds is not None else 0.0 if args.smoke else MIN_SAMPLED_SECONDS
 
@@ -426,7 +486,7 @@ def main(argv=None) -> Path:
         write_json_atomically(path, {"environment": env, "rows": rows, "exponent_fits": fit_exponents(rows)})
 
     if not args.no_overhead and not args.smoke:
-        run_overhead(args.device, on_row=save)  # with the library's default settings
+        run_overhead(args.device, on_row=save, rounds=args.overhead_rounds)  # the library's defaults
     rcl_ops.set_check_finite(False)  # inputs here are finite; time the kernels, not the check
     try:
         run_cases(cases, args.device, repeats, args.warmup, not args.no_memory, min_seconds, on_row=save)
@@ -438,7 +498,7 @@ def main(argv=None) -> Path:
     for fit in fit_exponents(rows):
         print(f"exponent of full time in {fit['axis']}: {fit['what']} {fit['provider']}: {fit['exponent']:.2f}")
     print(f"wrote {path}")
-    if args.no_plots or args.headline:
+    if args.no_plots or args.headline or args.overhead:
         return path
     # The plots' fixed case: the batch of the M sweep and the shape of the B sweep.
     base_batch, base_shape = (4, (2, 8, 8)) if args.smoke else (64, (3, 64, 64))

@@ -1,4 +1,4 @@
-// Autograd of the fused distance ops (emd_exact, mmd_grid, bd) in C++, on every device.
+// Autograd of the fused distance ops (emd_exact, mmd_grid, mmd_direct, bd) in C++, on every device.
 //
 // Why C++: a loss step calls one of these per step, and torch.library's Python autograd
 // adds host time per op and per backward on top of the kernels, more than the whole
@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 
 namespace rcl_ops {
 namespace {
@@ -125,6 +126,53 @@ MmdGridOutputs mmd_grid_autograd(const Tensor& q, const Tensor& k, const Tensor&
   return {out[0], out[1], out[2], out[3]};
 }
 
+// ---- exact (direct) MMD --------------------------------------------------------------------
+
+using MmdDirectOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+class MmdDirectFunction : public torch::autograd::Function<MmdDirectFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k,
+                               const std::optional<Tensor>& bandwidths, bool unbiased,
+                               bool derivatives) {
+    static const auto op =
+        find_op<MmdDirectOutputs(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool,
+                                 bool)>("rcl_ops::mmd_direct");
+    ctx->set_materialize_grads(false);
+    Tensor distances, used_bandwidths, statistic, derivative_sums;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(distances, used_bandwidths, statistic, derivative_sums) =
+          op.call(q, k, bandwidths, unbiased, derivatives);
+    }
+    ctx->save_for_backward({q, k, used_bandwidths, statistic, derivative_sums});
+    ctx->saved_data["unbiased"] = unbiased;
+    ctx->mark_non_differentiable({used_bandwidths, statistic, derivative_sums});
+    return {distances, used_bandwidths, statistic, derivative_sums};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        find_op<TensorPair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                           const Tensor&, const Tensor&, bool, Mask)>(
+            "rcl_ops::mmd_direct_backward");
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const auto s = ctx->get_saved_variables();
+    const Mask mask = input_grad_mask(ctx);
+    auto [grad_q, grad_k] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], ctx->saved_data["unbiased"].toBool(), mask);
+    // The bandwidths are constants: no gradient, as documented.
+    return {if_needed(grad_q, mask[0]), if_needed(grad_k, mask[1]), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+MmdDirectOutputs mmd_direct_autograd(const Tensor& q, const Tensor& k,
+                                     const std::optional<Tensor>& bandwidths, bool unbiased,
+                                     bool derivatives) {
+  const auto out = MmdDirectFunction::apply(q, k, bandwidths, unbiased, derivatives);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 // ---- Bhattacharyya ------------------------------------------------------------------------
 
 using BdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -169,10 +217,11 @@ BdOutputs bd_autograd(const Tensor& q, const Tensor& k, double eps) {
 TORCH_LIBRARY_IMPL(rcl_ops, Autograd, m) {
   m.impl("emd_exact", &emd_exact_autograd);
   m.impl("mmd_grid", &mmd_grid_autograd);
+  m.impl("mmd_direct", &mmd_direct_autograd);
   m.impl("bd", &bd_autograd);
   for (const char* backward_op :
-       {"emd_exact_backward", "mmd_grid_backward", "bd_backward", "moments_backward",
-        "bd_pair_backward", "sorted_quantiles_backward", "emd_pair_backward",
+       {"emd_exact_backward", "mmd_grid_backward", "mmd_direct_backward", "bd_backward",
+        "moments_backward", "bd_pair_backward", "sorted_quantiles_backward", "emd_pair_backward",
         "gaussian_kernel_sums_backward"}) {
     m.impl(backward_op, torch::autograd::autogradNotImplementedFallback());
   }

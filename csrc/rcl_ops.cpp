@@ -1,7 +1,7 @@
 // Operator schemas of the rcl_ops library. Kernels attach per device in csrc/cpu and
 // csrc/cuda; fake (meta) kernels are registered from Python (rcl_ops/_native.py), autograd
-// of the fused ops (emd_exact, mmd_grid, bd) in C++ (csrc/autograd.cpp), of the primitives
-// from Python (rcl_ops/_autograd.py).
+// of the fused ops (emd_exact, mmd_grid, mmd_direct, bd) in C++ (csrc/autograd.cpp), of the
+// primitives from Python (rcl_ops/_autograd.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -59,4 +59,18 @@ TORCH_LIBRARY(rcl_ops, m) {
   m.def(
       "gaussian_kernel_sums_backward(Tensor grad, Tensor x, Tensor y, Tensor bandwidths, "
       "bool paired, bool[2] output_mask) -> (Tensor, Tensor)");
+  // The exact MMD as one node: the three kernel sums and their V or U statistic. bandwidths
+  // None: the pooled standard deviation of all values of q and k (1 where it is 0). Returns the
+  // float64 bandwidths used and the float64 statistic before the V-statistic's clamp at 0,
+  // which the backward reads. derivatives=True (CPU only) also returns the sums of the kernel's
+  // derivative k'(x - y) that the backward contracts with grad, so that it evaluates no kernel:
+  // one float64 vector of Bq Bk M + Bq Bk N + Bq M + Bk N values, the (Bq, Bk, M) sums over t
+  // of k'(q[i, s] - k[j, t]), the (Bq, Bk, N) sums over s of the same, and the (Bq, M) and
+  // (Bk, N) sums over t of k'(q[i, s] - q[i, t]) and k'(k[j, t] - k[j, u]); else 0 values.
+  m.def(
+      "mmd_direct(Tensor q, Tensor k, Tensor? bandwidths, bool unbiased, bool derivatives) -> "
+      "(Tensor distances, Tensor bandwidths, Tensor statistic, Tensor derivative_sums)");
+  m.def(
+      "mmd_direct_backward(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, Tensor statistic, "
+      "Tensor derivative_sums, bool unbiased, bool[2] output_mask) -> (Tensor, Tensor)");
 }

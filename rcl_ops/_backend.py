@@ -15,9 +15,10 @@ BACKEND_NAMES = ("auto", "reference", "cpu", "cuda", "triton")
 class Backend:
     """A named implementation of the three pairwise distances on (B, M) inputs.
 
-    ``emd(q, k, num_quantiles)``, ``mmd(q, k, bandwidths, unbiased, method, num_bins)``,
-    ``bd(q, k, eps)``; ``device_types`` lists the tensor device types it runs on. The sketch
-    and pair stages (rcl_ops.sketch), all differentiable: ``sorted_quantiles(x, K)`` (B, K),
+    ``emd(q, k, num_quantiles)``, ``mmd(q, k, bandwidths, unbiased, method, num_bins)`` (bandwidths
+    a float64 (H,) tensor, or None for rcl_ops.ops.default_bandwidth(q, k)), ``bd(q, k, eps)``;
+    ``device_types`` lists the tensor device types it runs on. The sketch and pair stages
+    (rcl_ops.sketch), all differentiable: ``sorted_quantiles(x, K)`` (B, K),
     ``emd_pair(a, b)`` (Bq, Bk) mean absolute differences, ``moments(x)`` float64 (mean, var),
     ``bd_pair(mean_q, var_q, mean_k, var_k, eps)`` float64 (Bq, Bk).
     """

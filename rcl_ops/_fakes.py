@@ -22,8 +22,11 @@ The shared contract, per op (B rows of M values; K quantiles; G grid points):
   -> (gq, gk)``.
 
 The native library's own ops: the fused ``emd_exact``, ``bd`` (with the sorted values and orders,
-or the moments, that their backward reuses), and the direct MMD's ``gaussian_kernel_sums``
-(float64), with their backward ops. The Triton library's own ops: the grid MMD's per-value
+or the moments, that their backward reuses), the direct MMD's ``gaussian_kernel_sums``
+(float64) and the fused ``mmd_direct(q, k, bandwidths or None, unbiased, derivatives) ->
+(distances (Bq, Bk) q.dtype, bandwidths (H,) float64 (H = 1 for None: the pooled std), statistic
+(Bq, Bk) float64, derivative_sums float64 (Bq Bk (M + N) + Bq M + Bk N values with derivatives,
+else 0))``, with their backward ops. The Triton library's own ops: the grid MMD's per-value
 kernels ``grid_bin`` ((B, G) float64 weights) and ``grid_interpolate`` ((B, M) in x's dtype).
 """
 
@@ -150,6 +153,19 @@ def _register_native_fakes(namespace: str) -> None:
     @_fake(namespace, "gaussian_kernel_sums_backward")
     def _gaussian_kernel_sums_backward(grad, x, y, bandwidths, paired, output_mask):
         return masked_gradients((x, y), output_mask)
+
+    @_fake(namespace, "mmd_direct")
+    def _mmd_direct(q, k, bandwidths, unbiased, derivatives):
+        torch._check(q.dim() == 2 and k.dim() == 2, lambda: f"{namespace}::mmd_direct: q and k must be 2-D")
+        (bq, m), (bk, n) = q.shape, k.shape
+        num_h = 1 if bandwidths is None else bandwidths.shape[0]
+        statistic = q.new_empty(bq, bk, dtype=torch.float64)
+        sums = q.new_empty(bq * bk * (m + n) + bq * m + bk * n if derivatives else 0, dtype=torch.float64)
+        return q.new_empty(bq, bk), q.new_empty(num_h, dtype=torch.float64), statistic, sums
+
+    @_fake(namespace, "mmd_direct_backward")
+    def _mmd_direct_backward(grad, q, k, bandwidths, statistic, derivative_sums, unbiased, output_mask):
+        return masked_gradients((q, k), output_mask)
 
 
 def _register_triton_fakes(namespace: str) -> None:

@@ -9,11 +9,15 @@ import torch
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
 from ._autograd import gradient_if_needed, register_sketch_and_pair_autograd
 from ._backend import Backend, mark_unavailable, op_library_stages, register_backend
+from ._checks import check_default_bandwidth
 from ._fakes import register_fake_kernels
-from ._formulas import mmd_from_kernel_sums
-from .ops import warn_if_grid_inaccurate
+from .ops import checked_default_bandwidth, warn_if_grid_inaccurate
 
 ops = torch.ops.rcl_ops
+# Value pairs (Bq Bk M N) up to which the CPU's exact MMD returns its derivative sums for the
+# backward (csrc/cpu/mmd_direct.cpp: kFusedMaxWork, 4 * 2^16 kernel evaluations; on 2 threads the
+# fused pass stays faster well beyond: benchmarks/results/design-measurements.md).
+DERIVATIVE_SUMS_MAX_PAIRS = 1 << 18
 
 
 # ---- fake kernels: every op's, in rcl_ops/_fakes.py ------------------------------------------
@@ -22,7 +26,7 @@ register_fake_kernels("rcl_ops")
 
 
 # ---- autograd -----------------------------------------------------------------------------
-# emd_exact, mmd_grid and bd: in C++ (csrc/autograd.cpp), one host hop per step.
+# emd_exact, mmd_grid, mmd_direct and bd: in C++ (csrc/autograd.cpp), one host hop per step.
 
 
 def _kernel_sums_setup(ctx, inputs, output):
@@ -56,18 +60,28 @@ def native_emd(q: torch.Tensor, k: torch.Tensor, num_quantiles: int | None) -> t
 
 def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> torch.Tensor:
     if method == "grid":
+        if bandwidths is None:
+            bandwidths = checked_default_bandwidth(q, k, "pairwise_mmd")
         distances, grid, _, _ = ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
         warn_if_grid_inaccurate(grid, bandwidths, num_bins)
         return distances
-    return mmd_from_kernel_sums(
-        ops.gaussian_kernel_sums(q, q, bandwidths, True),
-        ops.gaussian_kernel_sums(k, k, bandwidths, True),
-        ops.gaussian_kernel_sums(q, k, bandwidths, False),
-        q.shape[1],
-        k.shape[1],
-        bandwidths.numel(),
-        unbiased,
-    ).to(q.dtype)
+    # One node: the pooled bandwidth (bandwidths None), the three kernel sums and the statistic;
+    # on CPU, where a gradient will be wanted, also the sums of k' that the backward contracts.
+    distances, used, _, _ = ops.mmd_direct(q, k, bandwidths, unbiased, _derivative_sums_wanted(q, k))
+    if bandwidths is None:
+        # Raises where the host checks run; elsewhere mmd_direct has made the distances NaN
+        # already (csrc/mmd_direct.h, kMinBandwidth).
+        check_default_bandwidth(used, "pairwise_mmd")
+    return distances
+
+
+def _derivative_sums_wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether mmd_direct should also return its derivative sums: on CPU, where autograd will
+    record it, up to DERIVATIVE_SUMS_MAX_PAIRS pairs of values (Bq Bk (M + N) float64 values, and
+    the op then runs on one thread: the size where its parallel sums would start to split)."""
+    if q.device.type != "cpu" or not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad):
+        return False
+    return q.shape[0] * k.shape[0] * q.shape[1] * k.shape[1] <= DERIVATIVE_SUMS_MAX_PAIRS
 
 
 def native_bd(q: torch.Tensor, k: torch.Tensor, eps: float) -> torch.Tensor:

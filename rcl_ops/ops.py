@@ -32,8 +32,10 @@ from .sketch import (
     sketch_bandwidth,
 )
 
-# Cost of one kernel evaluation of the direct sum in grid multiply-adds (method="auto").
-DIRECT_SUM_COST = 16
+# Cost of one kernel evaluation of the direct sum in grid points (method="auto"): the exact sum
+# where DIRECT_SUM_COST M N <= num_bins. On CPU the direct sum's forward+backward is faster than
+# the 4096-bin grid's up to M N ~ num_bins at B=64 (benchmarks/results/design-measurements.md).
+DIRECT_SUM_COST = 4
 # The grid MMD's accuracy (1e-3 relative, gradients' cosine >= 0.999; tests/test_mmd_grid.py)
 # is tested up to a grid step of this fraction of the smallest bandwidth (range / h = 100 on
 # the default 4096 bins); beyond it a GridAccuracyWarning says so.
@@ -144,11 +146,17 @@ def default_bandwidth(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return _pooled_std_of(q, k)
 
 
-def _bandwidths(bandwidth: tuple[float, ...] | None, q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+def checked_default_bandwidth(q: torch.Tensor, k: torch.Tensor, where: str) -> torch.Tensor:
+    """default_bandwidth of the prepared (B, M) q and k, within the range the kernels take
+    (check_default_bandwidth): what a backend uses where the caller gave no bandwidth."""
+    return check_default_bandwidth(_pooled_std_of(q, k), where)
+
+
+def _bandwidths(bandwidth: tuple[float, ...] | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """The checked ``bandwidth`` option as a float64 tensor (every kernel evaluates the Gaussian in
-    float64 whatever the inputs' dtype), or the default bandwidth of q and k."""
+    float64 whatever the inputs' dtype), or None: the backend computes checked_default_bandwidth."""
     if bandwidth is None:
-        return check_default_bandwidth(_pooled_std_of(q, k), where)
+        return None
     return torch.tensor(bandwidth, dtype=torch.float64, device=q.device)
 
 
@@ -197,8 +205,8 @@ def pairwise_mmd(
     linearly onto ``num_bins`` (None: 4096) points spanning the batch's range and applies the
     kernel as a convolution there: O(M + G log G) per residual plus a (Bq, Bk) GEMM over the bins;
     its error grows with (range / h) / num_bins. "auto" is "grid" on the native backends, except
-    for residuals so small that the exact sum is cheaper (16 M N <= num_bins: an exp costs
-    ~16 multiply-adds, and the grid pays O(G) per pair whatever M), and "direct" on the
+    for residuals so small that the exact sum is cheaper (4 M N <= num_bins, e.g. M = N = 32 with
+    the default 4096 bins: the grid pays O(G) per pair whatever M), and "direct" on the
     reference backend. Computed in float32 for half inputs.
 
     value_range=(lo, hi): the grid spans this fixed range instead of the batch's (values
@@ -226,7 +234,7 @@ def pairwise_mmd(
         raise ValueError(f"{where}: the unbiased estimator needs at least 2 values per residual")
     impl = resolve_backend(backend, q2.device, where)
     method = _mmd_method(impl, method, q2.shape[1] * k2.shape[1], grid, where)
-    bandwidths = _bandwidths(bandwidth, q2, k2, where)
+    bandwidths = _bandwidths(bandwidth, q2, k2)
     return check_result(impl.mmd(q2, k2, bandwidths, unbiased, method, grid), where)
 
 
@@ -245,7 +253,7 @@ def pair_mmd_sketches(
     elif isinstance(bandwidth, torch.Tensor):
         bandwidths = bandwidth
     else:
-        bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values, where)
+        bandwidths = _bandwidths(bandwidth, sketch_q.values, sketch_k.values)
     return check_result(pair_mmd(sketch_q, sketch_k, bandwidths, unbiased), where)
 
 

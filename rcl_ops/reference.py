@@ -15,6 +15,7 @@ import torch
 from ._autograd import no_second_derivative
 from ._backend import Backend, register_backend
 from ._formulas import bd_from_moments, mmd_from_kernel_sums
+from .ops import checked_default_bandwidth
 
 # Pairwise element differences are built in chunks of at most this many values, so the
 # O(M^2) MMD sum never holds a (Bq, Bk, M, M) tensor.
@@ -161,6 +162,8 @@ def pairwise_bd(q: torch.Tensor, k: torch.Tensor, eps: float = 1e-6) -> torch.Te
 def _reference_mmd(q, k, bandwidths, unbiased, method, num_bins):
     if method == "grid":
         raise ValueError("the reference backend computes MMD only by the exact direct sum; use method='direct'")
+    if bandwidths is None:
+        bandwidths = checked_default_bandwidth(q, k, "pairwise_mmd")
     return pairwise_mmd(q, k, bandwidths, unbiased)
 
 

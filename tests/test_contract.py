@@ -84,13 +84,27 @@ class TestSilentWrongResults:
             rcl_ops.ResidualContrastiveLoss("mmd", value_range=(-scale, scale), queue_size=4)(q, k)
 
     def test_default_bandwidth_beyond_float64_kernels_is_nan_without_the_check(self, check_finite_off):
-        # No host sync where the check is off: a NaN bandwidth, refused by the kernels that check their
-        # arguments on the host, NaN distances elsewhere.
+        # No host sync where the check is off: a NaN bandwidth and NaN distances (the fused exact sum
+        # evaluates no kernel).
         q, k = (x * 1e-200 for x in _pair())
         assert torch.isnan(rcl_ops.pairwise_mmd(q, k, value_range=(-1e-199, 1e-199))).all()
-        if NATIVE_BACKENDS:
-            with pytest.raises(RuntimeError, match="bandwidths must be positive, got nan"):
-                rcl_ops.pairwise_mmd(q, k, backend="cpu")
+        for method in ("grid", "direct") if NATIVE_BACKENDS else ():
+            assert torch.isnan(rcl_ops.pairwise_mmd(q, k, backend="cpu", method=method)).all()
+
+    @pytest.mark.skipif(not NATIVE_BACKENDS, reason="the native backend is not built")
+    @pytest.mark.parametrize("scale", [1e-200, 1e200])
+    @pytest.mark.parametrize("size", [12, 600], ids=["fused", "composite"])
+    def test_native_exact_mmd_names_a_default_bandwidth_out_of_range(self, scale, size):
+        # The exact sum computes the default bandwidth in C++: in one pass (fused) or by ATen ops
+        # (composite, beyond the fused size); both leave it for the caller to name.
+        q, k = (x * scale for x in _pair(m=size))
+        with pytest.raises(ValueError, match=r"default bandwidth .* outside \[1e-154, 1e\+154\]"):
+            rcl_ops.pairwise_mmd(q, k, backend="cpu", method="direct")
+        rcl_ops.set_check_finite(False)
+        try:
+            assert torch.isnan(rcl_ops.pairwise_mmd(q, k, backend="cpu", method="direct")).all()
+        finally:
+            rcl_ops.set_check_finite(None)
 
     def test_loss_overflowing_its_dtype_raises(self):
         q, k = _pair(torch.float32)

@@ -45,7 +45,7 @@ def test_a_broken_native_glue_module_fails_the_import(tmp_path):
     # _native.py imports only after _C loaded: its own ImportError is a bug, not "no extension".
     root = _copy_package(tmp_path, with_extension=True)
     native = root / "rcl_ops" / "_native.py"
-    native.write_text(native.read_text().replace("from ._formulas import", "from ._no_such_module import"))
+    native.write_text(native.read_text().replace("from ._fakes import", "from ._no_such_module import"))
     result = _run(root, "import rcl_ops")
     assert result.returncode != 0 and "_no_such_module" in result.stderr
 

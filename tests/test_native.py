@@ -85,7 +85,24 @@ def _op_samples(device, dtype):
     grad = torch.randn(3, 4, device=device, dtype=dtype)
     ops = torch.ops.rcl_ops
     _, grid, w_x, w_y = ops.mmd_grid(x, y, h, 64, False)
-    return [
+    _, used_h, statistic, _ = ops.mmd_direct(x, y, None, False, False)
+    # Above the CPU's fused size (csrc/cpu/mmd_direct.cpp): the composite of the kernel-sum ops.
+    big_x, big_y = torch.randn(20, 40, device=device, dtype=dtype), torch.randn(20, 40, device=device, dtype=dtype)
+    _, _, big_statistic, _ = ops.mmd_direct(big_x, big_y, h, True, False)
+    big_grad = torch.randn(20, 20, device=device, dtype=dtype)
+    no_sums = torch.empty(0, device=device, dtype=torch.float64)
+    direct = [
+        (ops.mmd_direct.default, (x, y, h, False, False)),
+        (ops.mmd_direct.default, (x, y, None, True, False)),
+        (ops.mmd_direct.default, (big_x, big_y, h, True, False)),
+        (ops.mmd_direct_backward.default, (grad, x, y, used_h, statistic, no_sums, False, [True, True])),
+        (ops.mmd_direct_backward.default, (big_grad, big_x, big_y, h, big_statistic, no_sums, True, [False, True])),
+    ]
+    if device == "cpu":  # the derivative sums are CPU-only
+        _, _, _, sums = ops.mmd_direct(x, y, used_h, False, True)
+        direct.append((ops.mmd_direct.default, (x, y, None, False, True)))
+        direct.append((ops.mmd_direct_backward.default, (grad, x, y, used_h, statistic, sums, False, [True, False])))
+    return direct + [
         (ops.moments.default, (x,)),
         (ops.moments_backward.default, (mean.clone(), var.clone(), x, mean)),
         (ops.bd_pair.default, (mean, var, mean_k, var_k, 1e-6)),
@@ -131,6 +148,7 @@ def test_opcheck_every_op(backend):
             "emd_pair",
             "emd_exact",
             "mmd_grid",
+            "mmd_direct",
             "gaussian_kernel_sums",
         )
         args = tuple(
@@ -170,7 +188,7 @@ def test_native_ops_reject_bad_arguments(backend):
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
 def test_mmd_auto_takes_the_exact_sum_for_tiny_residuals(backend, monkeypatch):
-    # 16 M N <= num_bins: the direct sum is exact and cheaper than a 4096-bin grid.
+    # 4 M N <= num_bins: the direct sum is exact and cheaper than a 4096-bin grid.
     device = backend_device(backend)
     q, k = torch.randn(8, 1, 4, 4, device=device), torch.randn(8, 1, 4, 4, device=device)
     direct = rcl_ops.pairwise_mmd(q, k, method="direct", backend=backend)
@@ -178,15 +196,66 @@ def test_mmd_auto_takes_the_exact_sum_for_tiny_residuals(backend, monkeypatch):
     calls = []
     original = torch.ops.rcl_ops.mmd_grid
     monkeypatch.setattr(torch.ops.rcl_ops, "mmd_grid", lambda *a: calls.append(1) or original(*a))
-    rcl_ops.pairwise_mmd(q, k, backend=backend, num_bins=255)  # 16 * 16 * 16 > 255: the grid
+    rcl_ops.pairwise_mmd(q, k, backend=backend, num_bins=1023)  # 4 * 16 * 16 > 1023: the grid
     assert calls
     q, k = torch.randn(4, 300, device=device), torch.randn(4, 300, device=device)
     rcl_ops.pairwise_mmd(q, k, backend=backend)
     assert len(calls) == 2
+    q, k = torch.randn(3, 32, device=device), torch.randn(2, 32, device=device)  # 4 * 32 * 32 = 4096
+    rcl_ops.pairwise_mmd(q, k, backend=backend)
+    assert len(calls) == 2
+
+
+def test_cpu_kernel_values_are_within_an_ulp_of_exp():
+    # The CPU kernel sums evaluate exp with a vectorised polynomial (csrc/cpu/fast_exp.h): each
+    # single-pair sum is exp(-d^2 / (2 h^2)) within 1 ulp of libm's, subnormal results and
+    # underflow to 0 included.
+    torch.manual_seed(0)
+    d = torch.cat([torch.rand(20000, dtype=torch.float64) * 30, torch.linspace(26.0, 27.3, 2000, dtype=torch.float64)])
+    x, y = d.reshape(-1, 1), torch.zeros(d.numel(), 1, dtype=torch.float64)
+    h = 0.7
+    got = torch.ops.rcl_ops.gaussian_kernel_sums(x, y, torch.tensor([h], dtype=torch.float64), True)
+    expected = torch.exp(-d * d * (0.5 / (h * h)))  # the kernels' argument, rounded as theirs
+    ulp = (torch.nextafter(expected, torch.tensor(1.0, dtype=torch.float64)) - expected).abs()
+    ulp = torch.where(expected == 0, torch.tensor(2.0**-1074, dtype=torch.float64), ulp)
+    assert ((got - expected).abs() <= ulp).all()
+    argument = d * d * (0.5 / (h * h))
+    assert (got[argument > 746] == 0).all() and (got[(argument > 709) & (argument < 744)] > 0).all()
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)
-def test_bd_backward_reads_strided_gradients(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mmd_direct_paths_agree_with_the_reference(backend, dtype):
+    # mmd_direct's paths: fused on one thread (CPU, small), with or without the derivative sums
+    # (CPU), and the composite of the kernel-sum ops (CUDA; CPU above the fused size), each with
+    # the gradient of either side or both, odd counts (lane padding), two bandwidths, V and U.
+    device = backend_device(backend)
+    ops = torch.ops.rcl_ops
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-13}
+    torch.manual_seed(1)
+    for bq, bk, m, n in [(3, 2, 9, 17), (2, 5, 33, 8), (20, 21, 40, 38)]:
+        q = torch.randn(bq, m, device=device, dtype=dtype)
+        k = 1.3 * torch.randn(bk, n, device=device, dtype=dtype) + 0.2
+        grad = torch.randn(bq, bk, device=device, dtype=dtype)
+        for unbiased in (False, True):
+            for h in (None, torch.tensor([0.3, 1.7], device=device, dtype=torch.float64)):
+                for derivatives in (False, True) if device == "cpu" else (False,):
+                    d, used_h, statistic, sums = ops.mmd_direct(q, k, h, unbiased, derivatives)
+                    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+                    expected = rcl_ops.reference.pairwise_mmd(q64, k64, used_h, unbiased)
+                    torch.testing.assert_close(d.double(), expected, **tol)
+                    grad_q, grad_k = torch.autograd.grad(expected, (q64, k64), grad.double())
+                    for mask in ([True, True], [True, False], [False, True]):
+                        got_q, got_k = ops.mmd_direct_backward(grad, q, k, used_h, statistic, sums, unbiased, mask)
+                        for got, want, wanted in ((got_q, grad_q, mask[0]), (got_k, grad_k, mask[1])):
+                            if wanted:
+                                torch.testing.assert_close(got.double(), want, **tol)
+                            else:
+                                assert got.numel() == 0
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_bd_and_mmd_backward_read_strided_gradients(backend):
     # Autograd hands over expanded (sum) and transposed gradients; the CPU kernels read them
     # through their strides instead of copying.
     device = backend_device(backend)
@@ -205,4 +274,9 @@ def test_bd_backward_reads_strided_gradients(backend):
         pair_got = ops.bd_pair_backward(grad, *moments, 1e-6, [True, True])
         pair_want = ops.bd_pair_backward(grad.contiguous(), *moments, 1e-6, [True, True])
         for a, b in zip(pair_got, pair_want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        _, h, statistic, sums = ops.mmd_direct(x, y, None, False, device == "cpu")
+        direct_got = ops.mmd_direct_backward(grad, x, y, h, statistic, sums, False, [True, True])
+        direct_want = ops.mmd_direct_backward(grad.contiguous(), x, y, h, statistic, sums, False, [True, True])
+        for a, b in zip(direct_got, direct_want):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

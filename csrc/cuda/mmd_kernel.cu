@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../mmd_direct.h"
 #include "../mmd_grid.h"
 #include "common.cuh"
 #include "rcl_ops/math.h"
@@ -393,6 +394,9 @@ TORCH_LIBRARY_IMPL(rcl_ops, CUDA, m) {
   m.impl("mmd_grid_backward", &mmd_grid_backward_cuda);
   m.impl("gaussian_kernel_sums", &gaussian_kernel_sums_cuda);
   m.impl("gaussian_kernel_sums_backward", &gaussian_kernel_sums_backward_cuda);
+  // The exact MMD as one node over the kernels above (csrc/mmd_direct.cpp).
+  m.impl("mmd_direct", &mmd_direct_composite);
+  m.impl("mmd_direct_backward", &mmd_direct_backward_composite);
 }
 
 }  // namespace rcl_ops

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .. import _grid
 from .._checks import MAX_NUM_BINS
-from ..ops import warn_if_grid_inaccurate
+from ..ops import checked_default_bandwidth, warn_if_grid_inaccurate
 from ._common import (
     ELEMENT_BLOCK,
     NAMESPACE,
@@ -232,6 +232,8 @@ def triton_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> 
     """The backend's MMD: the binned grid (no other method)."""
     if method != "grid":
         raise ValueError(f"the triton backend computes MMD only by the binned grid, not {method!r}")
+    if bandwidths is None:
+        bandwidths = checked_default_bandwidth(q, k, "pairwise_mmd")
     distances, grid, _, _ = ops.mmd_grid(q, k, bandwidths, num_bins, unbiased)
     warn_if_grid_inaccurate(grid, bandwidths, num_bins)
     return distances

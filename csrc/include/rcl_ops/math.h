@@ -87,7 +87,8 @@ RCL_HOST_DEVICE GridPosition grid_position(double x, double lo, double inv_step,
 }
 
 // Gaussian kernel sum_h exp(-d^2 / (2 h^2)) and its derivative in d, given
-// inv_two_h2[h] = 1 / (2 h^2).
+// inv_two_h2[h] = 1 / (2 h^2). The CUDA kernels' (the CPU ones evaluate the same terms with a
+// vectorised exp: csrc/cpu/mmd_direct.cpp).
 RCL_HOST_DEVICE double gaussian_kernel(double diff, const double* inv_two_h2, int64_t num_h) {
   double total = 0.0;
   for (int64_t h = 0; h < num_h; ++h) total += exp(-diff * diff * inv_two_h2[h]);
