@@ -10,7 +10,7 @@ EXT_STAMP := $(VENV)/.rcl_ops-extension
 DEPS_STAMP := $(VENV)/.rcl_ops-deps
 INSTALL_STAMP := $(VENV)/.rcl_ops-install
 
-.PHONY: all test lint format demo tables bench build gpu-check clean
+.PHONY: all test lint format demo tables bench build gpu-check peer-wheels clean
 
 all: test
 
@@ -89,6 +89,11 @@ PYTHON ?= python3
 GPU_RESULTS ?= gpu-check-results
 gpu-check:
 	PYTHON=$(PYTHON) GPU_RESULTS=$(GPU_RESULTS) bash scripts/gpu_check.sh
+
+# Wheels of POT, GeomLoss and KeOps (benchmarks/peers.txt) for the GPU machine's python 3.12, which
+# reaches no registry: gpu-check installs them from .peer-wheels/ when the folder travels along.
+peer-wheels: $(DEPS_STAMP)
+	PYTHON=$(PY) bash scripts/peer_wheels.sh download .peer-wheels
 
 clean:
 	rm -rf build $(GPU_RESULTS) rcl_ops/_C*.so $(EXT_STAMP) $(INSTALL_STAMP)

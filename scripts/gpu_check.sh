@@ -8,6 +8,8 @@
 #      host-overhead case
 #   4. the scaling sweep, only with GPU_CHECK_FULL=1
 #   5. torch.profiler kernel tables of the headline loss steps (what bounds each)
+# Before the stages, the peers' wheels in $PEER_WHEELS (default .peer-wheels, from
+# `make peer-wheels`) are installed into a temporary folder on PYTHONPATH, if there are any.
 # GPU_CHECK_STAGES="1 2 3" picks stages (the build is skipped only if you leave out 1 and
 # the extension is already built).
 set -uo pipefail
@@ -51,6 +53,20 @@ try:
 except ImportError as e:
     print(f"triton: not installed ({e})")
 PY
+# The peers the benchmark compares against, from wheels downloaded beforehand (make peer-wheels:
+# this machine reaches no registry), installed into a folder of their own on PYTHONPATH.
+PEER_WHEELS=${PEER_WHEELS:-.peer-wheels}
+if compgen -G "$PEER_WHEELS/*.whl" >/dev/null; then
+  peers=$(mktemp -d /tmp/rcl-peers.XXXXXX)
+  if PYTHON=$PYTHON bash scripts/peer_wheels.sh install "$PEER_WHEELS" "$peers" >>"$OUT/peers.txt" 2>&1; then
+    export PYTHONPATH="$peers${PYTHONPATH:+:$PYTHONPATH}"
+    log "peers installed from $PEER_WHEELS: $(cd "$PEER_WHEELS" && ls -- *.whl | tr '\n' ' ')"
+  else
+    log "WARNING: the peer wheels in $PEER_WHEELS did not install ($OUT/peers.txt); benchmarking without them"
+  fi
+else
+  log "no peer wheels in $PEER_WHEELS (run make peer-wheels before, and carry the folder): no POT/GeomLoss/KeOps rows"
+fi
 status=0
 for stage in $STAGES; do
   start=$SECONDS
