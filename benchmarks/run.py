@@ -84,6 +84,7 @@ def time_step(fn, q, k, device: str, repeats: int, warmup: int, min_seconds: flo
     ``repeats`` calls after ``warmup``, and more until ``min_seconds`` are sampled. On CUDA
     the times are CUDA-event times of the GPU's work (the step is queued, then synced once)."""
     forward_only = getattr(fn, "forward_only", False)
+    compiles = getattr(fn, "compiles_on_first_call", False)
     samples = {"forward": [], "backward": [], "full": []}
     step, steps = 0, warmup + repeats
     while step < steps or (
@@ -103,7 +104,8 @@ def time_step(fn, q, k, device: str, repeats: int, warmup: int, min_seconds: flo
             samples["forward"].append(forward)
             samples["backward"].append(backward)
             samples["full"].append(forward + backward)
-        elif forward + backward > SLOW_CALL_SECONDS:  # slow provider: end the warm-up, 2 timed calls
+        elif forward + backward > SLOW_CALL_SECONDS and not (step == 0 and compiles):
+            # A slow provider: end the warm-up, 2 timed calls (a compiler's first call is not slow).
             warmup, steps = step + 1, min(steps, step + 3)
         step += 1
     return _summary(samples)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
@@ -145,3 +146,24 @@ def test_extrapolated_rows_scale_times_only():
         fn, torch.randn(8, *run.EXTRAPOLATION_SHAPE), torch.randn(8, *run.EXTRAPOLATION_SHAPE), "cpu", 1, 0
     )
     assert row["full_ms"] > 100 * small["full_ms"]
+
+
+@pytest.mark.parametrize("compiles", [False, True])
+def test_a_compilers_slow_first_call_keeps_its_warm_up(monkeypatch, compiles):
+    # A slow first call ends the warm-up of a slow provider (2 timed calls), but not of a provider
+    # that compiles on its first call: CUDA graph trees record on a later warm-up call.
+    monkeypatch.setattr(run, "SLOW_CALL_SECONDS", 0.01)
+    calls = []
+
+    def step(q, k):
+        if not calls:
+            time.sleep(0.05)
+        calls.append(1)
+        return (q * k).sum()
+
+    if compiles:
+        providers_module.compiles_on_first_call(step)
+    q = torch.randn(2, 3)
+    result = run.time_step(step, q, q.clone(), "cpu", repeats=5, warmup=3)
+    assert result["timed_calls"] == (5 if compiles else 2)
+    assert len(calls) == (8 if compiles else 3)

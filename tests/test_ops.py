@@ -221,6 +221,16 @@ class DistanceTester:
         k = torch.randn(6, *shape, device=device, requires_grad=True)
         assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend=compile_backend)
 
+    def test_compiled_loss_reduce_overhead(self, kernel_backend):
+        # mode="reduce-overhead" replays the step from CUDA graphs (README, host overhead); on CPU it
+        # is the default mode, tested above.
+        if backend_device(kernel_backend) != "cuda" or kernel_backend == "triton":
+            pytest.skip("CUDA graphs of the native CUDA ops need a CUDA device")
+        loss_fn = rcl_ops.ResidualContrastiveLoss(self.distance, temperature=0.2, backend=kernel_backend)
+        q = torch.randn(6, 3, 32, 32, device="cuda", requires_grad=True)
+        k = torch.randn(6, 3, 32, 32, device="cuda", requires_grad=True)
+        assert_compiled_loss_matches_eager(loss_fn, q, k, mode="reduce-overhead", calls=4)
+
 
 class LinearDistanceTester(DistanceTester):
     """The shared tests of the distances whose reference is cheap on long rows (EMD and BD; the

@@ -118,14 +118,20 @@ def as_numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().double().cpu().reshape(x.shape[0], -1).numpy()
 
 
-def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"):
-    """torch.compile(fullgraph=True) of the loss gives the eager value and input gradients."""
+def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor", mode=None, calls=1):
+    """torch.compile(fullgraph=True, mode=mode) of the loss gives the eager value and input
+    gradients, on each of ``calls`` calls with new inputs of q's and k's shapes (CUDA graph trees,
+    mode="reduce-overhead", record on a later call and replay after: every call is compared)."""
     torch._dynamo.reset()
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
-    eager = loss_fn(q, k)
-    eager_grads = torch.autograd.grad(eager, (q, k))
-    got = compiled(q, k)
-    got_grads = torch.autograd.grad(got, (q, k))
-    torch.testing.assert_close(got, eager)
-    for a, b in zip(got_grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend, mode=mode)
+    for call in range(calls):
+        if call:
+            q = (torch.randn_like(q) * (1 + call / 4)).requires_grad_()
+            k = (torch.randn_like(k) + call / 8).requires_grad_()
+        eager = loss_fn(q, k)
+        eager_grads = torch.autograd.grad(eager, (q, k))
+        got = compiled(q, k)
+        got_grads = torch.autograd.grad(got, (q, k))
+        torch.testing.assert_close(got, eager)
+        for a, b in zip(got_grads, eager_grads):
+            torch.testing.assert_close(a, b)
