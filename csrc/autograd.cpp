@@ -1,4 +1,5 @@
-// Autograd of the fused distance ops (emd_exact, mmd_grid, mmd_direct, bd) in C++, on every device.
+// Autograd of the fused ops (emd_exact, mmd_grid, mmd_direct, bd, info_nce) in C++, on every
+// device.
 //
 // Why C++: a loss step calls one of these per step, and torch.library's Python autograd
 // adds host time per op and per backward on top of the kernels, more than the whole
@@ -7,9 +8,9 @@
 // The primitive ops (moments, bd_pair, sorted_quantiles, emd_pair) keep their Python
 // autograd (rcl_ops/_autograd.py) for direct use.
 //
-// Second derivatives are not implemented. Every backward op (of the fused ops and of the
-// primitives) gets torch's "not implemented" autograd kernel: a backward with
-// create_graph=True records a node that raises "the derivative for 'rcl_ops::..._backward' is
+// Second derivatives are not implemented (except info_nce's, by ATen ops). Every backward op (of
+// the fused ops and of the primitives) gets torch's "not implemented" autograd kernel: a backward
+// with create_graph=True records a node that raises "the derivative for 'rcl_ops::..._backward' is
 // not implemented" when a second derivative flows through it, instead of the silently zero
 // second derivative that an op without autograd gives.
 #include <ATen/ATen.h>
@@ -212,6 +213,69 @@ BdOutputs bd_autograd(const Tensor& q, const Tensor& k, double eps) {
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
+// ---- InfoNCE ------------------------------------------------------------------------------
+
+using InfoNceOutputs = std::tuple<Tensor, Tensor, Tensor>;
+
+// d sum_i grad[i] losses[i] / d D from distances by differentiable ATen ops: the backward where
+// a second derivative is wanted (create_graph=True), which the saved derivatives cannot give.
+Tensor info_nce_gradient_composite(const Tensor& grad, const Tensor& distances, double temperature,
+                                   bool symmetric, int64_t first_positive) {
+  const int64_t rows = distances.size(0);
+  const Tensor logits = distances.neg().div(temperature);
+  Tensor target = at::zeros_like(distances, at::MemoryFormat::Contiguous);
+  target.narrow(1, first_positive, rows).fill_diagonal_(1.0);
+  const double scale = symmetric ? 0.5 / temperature : 1.0 / temperature;
+  Tensor result = (target - logits.softmax(1)).mul(grad.unsqueeze(1)).mul(scale);
+  if (symmetric) result = result + (target - logits.softmax(0)).mul(grad.unsqueeze(0)).mul(scale);
+  return result;
+}
+
+class InfoNceFunction : public torch::autograd::Function<InfoNceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& distances, double temperature,
+                               bool symmetric, int64_t first_positive) {
+    static const auto op =
+        find_op<InfoNceOutputs(const Tensor&, double, bool, int64_t)>("rcl_ops::info_nce");
+    ctx->set_materialize_grads(false);
+    Tensor losses, grad_rows, grad_columns;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(losses, grad_rows, grad_columns) =
+          op.call(distances, temperature, symmetric, first_positive);
+    }
+    ctx->save_for_backward({distances, grad_rows, grad_columns});
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["symmetric"] = symmetric;
+    ctx->saved_data["first_positive"] = first_positive;
+    ctx->mark_non_differentiable({grad_rows, grad_columns});
+    return {losses, grad_rows, grad_columns};
+  }
+
+  // grad[i] grad_rows[i, j] + grad[j] grad_columns[i, j] from the forward's derivatives; under
+  // create_graph=True the same from the distances by differentiable ops.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    const auto s = ctx->get_saved_variables();
+    const bool symmetric = ctx->saved_data["symmetric"].toBool();
+    const Tensor grad = grads[0].to(s[0].scalar_type());
+    if (at::GradMode::is_enabled()) {
+      return {info_nce_gradient_composite(grad, s[0], ctx->saved_data["temperature"].toDouble(),
+                                          symmetric, ctx->saved_data["first_positive"].toInt()),
+              Tensor(), Tensor(), Tensor()};
+    }
+    Tensor result = s[1] * grad.unsqueeze(1);
+    if (symmetric) result.addcmul_(s[2], grad.unsqueeze(0));
+    return {result, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+InfoNceOutputs info_nce_autograd(const Tensor& distances, double temperature, bool symmetric,
+                                 int64_t first_positive) {
+  const auto out = InfoNceFunction::apply(distances, temperature, symmetric, first_positive);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_ops, Autograd, m) {
@@ -219,6 +283,7 @@ TORCH_LIBRARY_IMPL(rcl_ops, Autograd, m) {
   m.impl("mmd_grid", &mmd_grid_autograd);
   m.impl("mmd_direct", &mmd_direct_autograd);
   m.impl("bd", &bd_autograd);
+  m.impl("info_nce", &info_nce_autograd);
   for (const char* backward_op :
        {"emd_exact_backward", "mmd_grid_backward", "mmd_direct_backward", "bd_backward",
         "moments_backward", "bd_pair_backward", "sorted_quantiles_backward", "emd_pair_backward",

@@ -1,7 +1,7 @@
 // Operator schemas of the rcl_ops library. Kernels attach per device in csrc/cpu and
 // csrc/cuda; fake (meta) kernels are registered from Python (rcl_ops/_native.py), autograd
-// of the fused ops (emd_exact, mmd_grid, mmd_direct, bd) in C++ (csrc/autograd.cpp), of the
-// primitives from Python (rcl_ops/_autograd.py).
+// of the fused ops (emd_exact, mmd_grid, mmd_direct, bd, info_nce) in C++ (csrc/autograd.cpp), of
+// the primitives from Python (rcl_ops/_autograd.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -73,4 +73,13 @@ TORCH_LIBRARY(rcl_ops, m) {
   m.def(
       "mmd_direct_backward(Tensor grad, Tensor q, Tensor k, Tensor bandwidths, Tensor statistic, "
       "Tensor derivative_sums, bool unbiased, bool[2] output_mask) -> (Tensor, Tensor)");
+  // The InfoNCE loss of a (Bq, Bk) distance matrix with its derivative computed in the forward
+  // (logits -D / temperature, row i's target column first_positive + i): losses (Bq,) per query
+  // (symmetric: the mean of row i's and column i's losses), grad_rows (Bq, Bk) = d losses[i] /
+  // d D[i, :] in row i, and where symmetric grad_columns (Bq, Bk) = d losses[j] / d D[:, j] (the
+  // column part) in column j, else 0 elements. The backward is grad[i] grad_rows[i, j] +
+  // grad[j] grad_columns[i, j] (csrc/autograd.cpp).
+  m.def(
+      "info_nce(Tensor distances, float temperature, bool symmetric, int first_positive) -> "
+      "(Tensor losses, Tensor grad_rows, Tensor grad_columns)");
 }

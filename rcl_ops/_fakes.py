@@ -26,7 +26,9 @@ or the moments, that their backward reuses), the direct MMD's ``gaussian_kernel_
 (float64) and the fused ``mmd_direct(q, k, bandwidths or None, unbiased, derivatives) ->
 (distances (Bq, Bk) q.dtype, bandwidths (H,) float64 (H = 1 for None: the pooled std), statistic
 (Bq, Bk) float64, derivative_sums float64 (Bq Bk (M + N) + Bq M + Bk N values with derivatives,
-else 0))``, with their backward ops. The Triton library's own ops: the grid MMD's per-value
+else 0))``, with their backward ops, and the fused loss ``info_nce(distances (Bq, Bk), temperature,
+symmetric, first_positive) -> (losses (Bq,), grad_rows (Bq, Bk), grad_columns (Bq, Bk) if symmetric
+else 0 elements)``, all in distances' dtype. The Triton library's own ops: the grid MMD's per-value
 kernels ``grid_bin`` ((B, G) float64 weights) and ``grid_interpolate`` ((B, M) in x's dtype).
 """
 
@@ -166,6 +168,12 @@ def _register_native_fakes(namespace: str) -> None:
     @_fake(namespace, "mmd_direct_backward")
     def _mmd_direct_backward(grad, q, k, bandwidths, statistic, derivative_sums, unbiased, output_mask):
         return masked_gradients((q, k), output_mask)
+
+    @_fake(namespace, "info_nce")
+    def _info_nce(distances, temperature, symmetric, first_positive):
+        _check_rows(distances, f"{namespace}::info_nce", "distances")
+        grad_columns = torch.empty_like(distances) if symmetric else distances.new_empty(0)
+        return distances.new_empty(distances.shape[0]), torch.empty_like(distances), grad_columns
 
 
 def _register_triton_fakes(namespace: str) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._backend import available_backends
 from ._checks import DEFAULT_NUM_BINS, check_default_bandwidth, check_loss, checked_options
 from .distributed import all_gather_rows, check_batches, global_pooled_std, global_value_range, world
 from .ops import pair_mmd_sketches, pairwise_bd, pairwise_emd, pairwise_mmd
@@ -33,12 +34,17 @@ def residual_contrastive_loss(
     symmetric: bool = False,
     reduction: str = "mean",
     first_positive: int = 0,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """InfoNCE over a (Bq, Bk) distance matrix: logits -D / temperature, row i's target is
     column first_positive + i; every other column is a negative (Bk > Bq: extra negatives).
 
     symmetric=True (square D, first_positive 0) averages the row-wise and the column-wise
     losses. reduction "none" returns the (Bq,) per-row losses.
+    backend: "reference" computes it with torch's cross entropy; any other name uses the fused
+    native op (rcl_ops::info_nce: losses and their derivative in one pass, in float64) where it is
+    loaded for the distances' device and they are float32 or float64, and torch ops elsewhere.
     """
     where = "residual_contrastive_loss"
     if not isinstance(distances, torch.Tensor) or not distances.is_floating_point():
@@ -53,16 +59,27 @@ def residual_contrastive_loss(
         raise ValueError(f"{where}: distances has no rows (shape {tuple(distances.shape)}): the loss needs a query")
     if symmetric and (distances.shape[0] != distances.shape[1] or first_positive):
         raise ValueError(f"{where}: symmetric=True needs a square (B, B) matrix, got shape {tuple(distances.shape)}")
-    logits = -distances / temperature
-    target = torch.arange(first_positive, first_positive + logits.shape[0], device=logits.device)
-    loss = F.cross_entropy(logits, target, reduction="none")
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
+    if backend != "reference" and _fused_loss_serves(distances):
+        loss = torch.ops.rcl_ops.info_nce(distances, float(temperature), symmetric, first_positive)[0]
+    else:
+        logits = -distances / temperature
+        target = torch.arange(first_positive, first_positive + logits.shape[0], device=logits.device)
+        loss = F.cross_entropy(logits, target, reduction="none")
+        if symmetric:
+            loss = 0.5 * (loss + F.cross_entropy(logits.t(), target, reduction="none"))
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":
         loss = loss.sum()
     return check_loss(loss, distances, temperature, where)
+
+
+def _fused_loss_serves(distances: torch.Tensor) -> bool:
+    """Whether the native library's fused InfoNCE op runs on ``distances``: float32 or float64, on a
+    device whose native backend ("cpu" or "cuda") is loaded."""
+    return distances.dtype in (torch.float32, torch.float64) and distances.device.type in available_backends(
+        distances.device
+    )
 
 
 SKETCHES = {"emd": emd_sketch, "mmd": mmd_sketch, "bd": bd_sketch}
@@ -155,6 +172,12 @@ class ResidualContrastiveLoss(nn.Module):
         self._queue_next = 0  # the ring slot the next key goes to
         self._queue_filled = 0
 
+    @property
+    def _loss_backend(self) -> str:
+        """The distance's backend, which also picks the cross entropy's: "reference" keeps the whole
+        loss in torch ops (residual_contrastive_loss)."""
+        return self.distance_kwargs.get("backend", "auto")
+
     def extra_repr(self) -> str:
         options = "".join(f", {key}={value!r}" for key, value in self.distance_kwargs.items())
         return (
@@ -177,12 +200,16 @@ class ResidualContrastiveLoss(nn.Module):
             raise ValueError(f"{where}: a batch of {q.shape[0]} has no negatives; use a batch of at least 2")
         if self.gather_distributed or self.queue_size:
             distances, first_positive = self._sketch_distances(q, k)
-            return residual_contrastive_loss(distances, self.temperature, False, self.reduction, first_positive)
+            return residual_contrastive_loss(
+                distances, self.temperature, False, self.reduction, first_positive, backend=self._loss_backend
+            )
         distances = self.distance_fn(q, k, **self.distance_kwargs)
         if not isinstance(distances, torch.Tensor) or distances.shape != (q.shape[0], k.shape[0]):
             got = tuple(distances.shape) if isinstance(distances, torch.Tensor) else type(distances).__name__
             raise ValueError(f"{where}: the distance must return a ({q.shape[0]}, {k.shape[0]}) tensor, got {got}")
-        return residual_contrastive_loss(distances, self.temperature, self.symmetric, self.reduction)
+        return residual_contrastive_loss(
+            distances, self.temperature, self.symmetric, self.reduction, backend=self._loss_backend
+        )
 
     def _sketch_distances(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(Bq, W Bk + queued) distances from sketches, and the column of q[0]'s positive."""

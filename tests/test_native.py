@@ -129,6 +129,9 @@ def _op_samples(device, dtype):
         (ops.gaussian_kernel_sums.default, (x, x, h, True)),
         (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False, [True, True])),
         (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False, [True, False])),
+        (ops.info_nce.default, (grad, 0.3, False, 0)),
+        (ops.info_nce.default, (torch.rand(4, 4, device=device, dtype=dtype), 0.3, True, 0)),
+        (ops.info_nce.default, (torch.rand(2, 7, device=device, dtype=dtype), 0.5, False, 3)),
     ]
 
 
@@ -150,6 +153,7 @@ def test_opcheck_every_op(backend):
             "mmd_grid",
             "mmd_direct",
             "gaussian_kernel_sums",
+            "info_nce",
         )
         args = tuple(
             a.clone().requires_grad_(differentiable and a.is_floating_point()) if isinstance(a, torch.Tensor) else a

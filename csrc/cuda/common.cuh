@@ -57,6 +57,31 @@ __device__ __forceinline__ double block_sum(double value) {
   return value;
 }
 
+// Largest `value` over a 1-D block of kBlock threads (as block_sum; NaN where any is NaN); the
+// result is valid in thread 0. Every thread of the block must call it.
+template <int kBlock>
+__device__ __forceinline__ double block_max(double value) {
+  static_assert(kBlock % kWarp == 0 && kBlock <= 1024, "block size");
+  __shared__ double warp_maxima[kBlock / kWarp];
+  const auto larger = [](double a, double b) { return (a > b || a != a) ? a : b; };
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    value = larger(value, __shfl_down_sync(0xffffffffu, value, offset));
+  }
+  if (lane == 0) warp_maxima[warp] = value;
+  __syncthreads();
+  if (warp == 0) {
+    value = lane < kBlock / kWarp ? warp_maxima[lane] : -INFINITY;
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      value = larger(value, __shfl_down_sync(0xffffffffu, value, offset));
+    }
+  }
+  __syncthreads();  // warp_maxima may be reused by the next call
+  return value;
+}
+
 // The CPU kernels index raw pointers of every tensor argument; here a tensor on another
 // device would be read as device memory, so the devices are checked (metadata only).
 inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op,

@@ -104,4 +104,18 @@ RCL_HOST_DEVICE double gaussian_kernel_derivative(double diff, const double* inv
   return total;
 }
 
+// InfoNCE of one line (a row, or for the symmetric loss a column) of the distance matrix, with
+// logits l_j = -D_j / T and target j = p: the loss is logsumexp_j l_j - l_p and its derivative
+// d loss / d D_j = (1[j = p] - softmax_j) / T, softmax_j = exp(l_j - max_l) / sum_j exp(l_j -
+// max_l). inv_sum = 1 / sum_j exp(l_j - max_l).
+RCL_HOST_DEVICE double info_nce_gradient(double logit, double max_logit, double inv_sum,
+                                         bool target, double inv_temperature) {
+  return ((target ? 1.0 : 0.0) - exp(logit - max_logit) * inv_sum) * inv_temperature;
+}
+
+// The line's loss from its largest logit, its sum of exp(l_j - max_l) and the target's logit.
+RCL_HOST_DEVICE double info_nce_loss(double max_logit, double sum, double target_logit) {
+  return max_logit + log(sum) - target_logit;
+}
+
 }  // namespace rcl_ops
