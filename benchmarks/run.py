@@ -15,6 +15,7 @@ the device name, versions and git commit; a table of ratios is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -164,7 +165,16 @@ def overhead_candidates(device: str) -> dict[tuple[str, str], object]:
         found = providers(distance, device)
         for name in [n for n in found if n.startswith("rcl_ops")] + ["naive"]:
             candidates[(f"overhead-{distance}", name)] = found[name]
+    # The loss on a precomputed (B, B) distance matrix (a leaf: q and k unused): rcl_ops' fused
+    # InfoNCE op against torch's cross entropy of -D / T (the reference backend's loss).
+    distances = torch.rand(OVERHEAD_BATCH, OVERHEAD_BATCH, device=device, requires_grad=True)
+    for name, backend in (("rcl_ops", "auto"), ("naive", "reference")):
+        candidates[("overhead-loss", name)] = functools.partial(_infonce_step, distances, backend)
     return candidates
+
+
+def _infonce_step(distances: torch.Tensor, backend: str, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return rcl_ops.residual_contrastive_loss(distances, 0.1, backend=backend)
 
 
 def run_overhead(device: str, on_row=None, rounds: int = OVERHEAD_ROUNDS) -> list[dict]:
