@@ -167,3 +167,10 @@ def test_a_compilers_slow_first_call_keeps_its_warm_up(monkeypatch, compiles):
     result = run.time_step(step, q, q.clone(), "cpu", repeats=5, warmup=3)
     assert result["timed_calls"] == (5 if compiles else 2)
     assert len(calls) == (8 if compiles else 3)
+
+
+def test_overhead_case_times_every_candidate_including_the_loss_alone():
+    rows = run.run_overhead("cpu", rounds=1)
+    timed = {(row["what"], row["provider"]) for row in rows if row.get("host_us", 0) > 0}
+    assert {("overhead-loss", "rcl_ops"), ("overhead-loss", "naive"), run.TWO_OP} <= timed
+    assert timed == {(row["what"], row["provider"]) for row in rows}, [row for row in rows if "error" in row]
