@@ -4,7 +4,7 @@ backend against the reference, torch.compile included: test_ops.py.)"""
 
 import pytest
 import torch
-from utils import NATIVE_BACKENDS, backend_device
+from utils import NATIVE_BACKENDS, assert_close_to_oracle, backend_device
 
 import rcl_ops
 
@@ -256,6 +256,38 @@ def test_mmd_direct_paths_agree_with_the_reference(backend, dtype):
                                 torch.testing.assert_close(got.double(), want, **tol)
                             else:
                                 assert got.numel() == 0
+
+
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("count", [4096, 4097, 4098])
+@pytest.mark.parametrize("storage_offset", [0, 1])
+def test_moments_backward_rows_and_alignments(backend, dtype, count, storage_offset):
+    # dL/dx = grad_mean / M + 2 grad_var (x - mean) / (M - 1) for values 1e4 + N(0, 1), from the
+    # standalone op and the fused BD backward (either side or both): rows of M % 4 == 0 and not,
+    # starting 16-byte aligned and not (the CUDA kernel's packed and single-value paths).
+    device = backend_device(backend)
+    ops = torch.ops.rcl_ops
+    generator = torch.Generator().manual_seed(count + storage_offset)
+    values = 1e4 + torch.randn(5 * count + storage_offset, generator=generator, dtype=torch.float64)
+    x = values.to(dtype).to(device)[storage_offset:].view(5, count)
+    q, k = x[:2], x[2:]
+    grad = torch.randn(2, 3, generator=generator, dtype=torch.float64).to(dtype).to(device)
+    _, *moments = ops.bd(q, k, 1e-6)
+    grad_moments = ops.bd_pair_backward(grad, *moments, 1e-6, [True, True])
+    expected = []
+    for side, mean, grad_mean, grad_var in ((q, moments[0], *grad_moments[:2]), (k, moments[2], *grad_moments[2:])):
+        side64 = side.double()
+        expected.append(grad_mean[:, None] / count + 2 * grad_var[:, None] * (side64 - mean[:, None]) / (count - 1))
+        got = ops.moments_backward(grad_mean, grad_var, side, mean)
+        assert_close_to_oracle(got, expected[-1], dtype, floor=expected[-1].abs().max().item())
+    for mask in ([True, True], [True, False], [False, True]):
+        got_q, got_k = ops.bd_backward(grad, q, k, *moments, 1e-6, mask)
+        for got, want, wanted in ((got_q, expected[0], mask[0]), (got_k, expected[1], mask[1])):
+            if wanted:
+                assert_close_to_oracle(got, want, dtype, floor=want.abs().max().item())
+            else:
+                assert got.numel() == 0
 
 
 @pytest.mark.parametrize("backend", NATIVE_BACKENDS)

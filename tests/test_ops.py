@@ -21,6 +21,7 @@ from utils import (
     ALL_BACKENDS,
     KERNEL_BACKENDS,
     NATIVE_BACKENDS,
+    ORACLE_RTOL,
     TOLERANCE,
     as_numpy,
     assert_close_to_oracle,
@@ -434,3 +435,38 @@ class TestBD(LinearDistanceTester):
         q = torch.randn(67, 4, dtype=torch.float64, device=device)
         k = torch.randn(70, 4, dtype=torch.float64, device=device) + 0.5
         compare_with_reference(rcl_ops.pairwise_bd, {}, compared_backend, q, k)
+
+    def test_gradient_far_from_zero_in_float32(self, kernel_backend):
+        # Values 1e4 + N(0, 1) in float32, M = 3 * 128 * 128: the moments backward
+        # dmean / M + 2 dvar (x - mean) / (M - 1), computed per element in float32 from per-row
+        # coefficients, must not cancel. Norm-wise error against the float64 gradient of the
+        # same (float32) values, at the float32 oracle tolerance.
+        device = backend_device(kernel_backend)
+        generator = torch.Generator().manual_seed(5)
+        m = 3 * 128 * 128
+        q = (1e4 + torch.randn(2, m, generator=generator, dtype=torch.float64)).float()
+        k = (1e4 + 0.5 + 1.3 * torch.randn(3, m, generator=generator, dtype=torch.float64)).float()
+        weights = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+        q64, k64 = q.double().requires_grad_(True), k.double().requires_grad_(True)
+        (rcl_ops.pairwise_bd(q64, k64, backend="reference") * weights).sum().backward()
+        got_q, got_k = q.to(device).requires_grad_(True), k.to(device).requires_grad_(True)
+        (rcl_ops.pairwise_bd(got_q, got_k, backend=kernel_backend) * weights.float().to(device)).sum().backward()
+        for got, want in ((got_q.grad, q64.grad), (got_k.grad, k64.grad)):
+            assert got.dtype == torch.float32
+            assert_close_to_oracle(got, want, torch.float32, floor=want.abs().max().item())
+        # The tolerance catches the uncentred per-row form a + b x in float32 (a = dmean / M -
+        # b mean, b = 2 dvar / (M - 1)), which cancels when |mean| >> std.
+        x = q.double()
+        grad_mean, grad_var = self._moment_gradients(q64.grad, x)
+        slope = 2 * grad_var / (m - 1)
+        uncentred = (grad_mean / m - slope * x.mean(1)).float()[:, None] + slope.float()[:, None] * q
+        assert relative_error(uncentred, q64.grad, floor=q64.grad.abs().max().item()) > ORACLE_RTOL[torch.float32]
+
+    @staticmethod
+    def _moment_gradients(grad_x: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dL/dmean, dL/dvar) per row from dL/dx = dmean / M + 2 dvar (x - mean) / (M - 1):
+        the sum over the row gives dmean, the sum against (x - mean) gives dvar."""
+        m = x.shape[1]
+        centred = x - x.mean(1, keepdim=True)
+        grad_var = (grad_x * centred).sum(1) * (m - 1) / (2 * (centred * centred).sum(1))
+        return grad_x.sum(1), grad_var

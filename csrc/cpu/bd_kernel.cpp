@@ -62,12 +62,13 @@ inline void row_moments_any(const double* x, int64_t count, double* mean, double
   row_moments_f64(x, count, mean, var);
 }
 
+// The row's coefficients once (math.h), then offset + slope (x - shift) in T's own precision:
+// a loop the compiler vectorises.
 template <typename T>
 RCL_INLINE void row_moments_backward(const T* x, int64_t count, double mean, double grad_mean,
                                      double grad_var, T* grad_x) {
-  for (int64_t m = 0; m < count; ++m) {
-    grad_x[m] = T(moments_input_grad(double(x[m]), mean, grad_mean, grad_var, count));
-  }
+  const MomentsGradRow<T> row = moments_grad_row<T>(mean, grad_mean, grad_var, count);
+  for (int64_t m = 0; m < count; ++m) grad_x[m] = moments_input_grad(x[m], row);
 }
 
 RCL_MULTIVERSION void row_moments_backward_f32(const float* x, int64_t count, double mean,

@@ -77,23 +77,107 @@ std::tuple<at::Tensor, at::Tensor> moments_cuda(const at::Tensor& x_in) {
   return {mean, var};
 }
 
+// ---- moments backward ------------------------------------------------------------------------
+
+// One batch of the moments backward: `rows` rows of `count` values, their float64 means and
+// moment gradients, and the input gradient to write.
 template <typename T>
-__global__ void moments_backward_kernel(const T* __restrict__ x, const double* __restrict__ mean,
-                                        const double* __restrict__ grad_mean,
-                                        const double* __restrict__ grad_var, int64_t total,
-                                        int64_t count, T* __restrict__ grad_x) {
-  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
-    const int64_t row = idx / count;
-    grad_x[idx] =
-        T(moments_input_grad(double(x[idx]), mean[row], grad_mean[row], grad_var[row], count));
+struct MomentsGradBatch {
+  const T* x;
+  const double* mean;
+  const double* grad_mean;
+  const double* grad_var;
+  T* grad_x;
+  int64_t rows, count;
+};
+
+// kVec values moved by one load or store (16 bytes: float4, double2).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) ValuePack {
+  T v[kVec];
+};
+
+// Rows [0, q.rows) are q's, the next k.rows k's (k.rows may be 0). blockIdx.y picks the row
+// (grid-stride over rows), blockIdx.x strides over the row's packs: no per-element division.
+// Each thread forms the row's coefficients from three doubles (math.h, moments_grad_row), then
+// writes offset + slope (x - shift) in T's precision. kVec > 1 only where every row of both
+// batches starts 16-byte aligned (the launcher checks), so packs never straddle rows.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    moments_backward_kernel(MomentsGradBatch<T> q, MomentsGradBatch<T> k) {
+  using Pack = ValuePack<T, kVec>;
+  for (int64_t task = blockIdx.y; task < q.rows + k.rows; task += gridDim.y) {
+    const bool is_q = task < q.rows;
+    const MomentsGradBatch<T> side = is_q ? q : k;
+    const int64_t row = is_q ? task : task - q.rows;
+    const MomentsGradRow<T> coefficients =
+        moments_grad_row<T>(side.mean[row], side.grad_mean[row], side.grad_var[row], side.count);
+    const Pack* in = reinterpret_cast<const Pack*>(side.x + row * side.count);
+    Pack* out = reinterpret_cast<Pack*>(side.grad_x + row * side.count);
+    const int64_t packs = side.count / kVec;
+    for (int64_t p = int64_t(blockIdx.x) * kThreads + threadIdx.x; p < packs;
+         p += int64_t(gridDim.x) * kThreads) {
+      const Pack values = in[p];
+      Pack grads;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) grads.v[i] = moments_input_grad(values.v[i], coefficients);
+      out[p] = grads;
+    }
   }
+}
+
+// Whether a batch's rows can be read and written as packs of `vec` values.
+template <typename T>
+bool rows_fit_packs(const MomentsGradBatch<T>& batch, int vec) {
+  const auto aligned = [&](const void* ptr) {
+    return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * vec) == 0;
+  };
+  return batch.rows == 0 || (batch.count % vec == 0 && aligned(batch.x) && aligned(batch.grad_x));
+}
+
+// One launch for both batches: grid (chunks of the longest row, rows), 16-byte packs where
+// rows_fit_packs allows, single values otherwise.
+template <typename T>
+void launch_moments_backward(const MomentsGradBatch<T>& q, const MomentsGradBatch<T>& k,
+                             cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool packed = rows_fit_packs(q, kVec) && rows_fit_packs(k, kVec);
+  const int64_t rows = q.rows + k.rows;
+  const int64_t longest = std::max(q.rows > 0 ? q.count : 0, k.rows > 0 ? k.count : 0);
+  if (rows == 0 || longest == 0) return;
+  const int64_t packs = longest / (packed ? kVec : 1);
+  const int64_t grid_y = std::min<int64_t>(rows, 65535);
+  const int64_t grid_x = std::min<int64_t>((packs + kThreads - 1) / kThreads,
+                                           std::max<int64_t>(1, (int64_t(1) << 20) / grid_y));
+  const dim3 grid(static_cast<unsigned int>(grid_x), static_cast<unsigned int>(grid_y));
+  if (packed) {
+    moments_backward_kernel<T, kVec><<<grid, kThreads, 0, stream>>>(q, k);
+  } else {
+    moments_backward_kernel<T, 1><<<grid, kThreads, 0, stream>>>(q, k);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A (B, M) input, its float64 moment tensors and its gradient as a batch of the launch (all
+// contiguous); an excluded batch has no rows.
+template <typename T>
+MomentsGradBatch<T> batch_of(const at::Tensor& x, const at::Tensor& mean,
+                             const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                             at::Tensor& grad_x, bool included) {
+  return {x.data_ptr<T>(),
+          mean.data_ptr<double>(),
+          grad_mean.data_ptr<double>(),
+          grad_var.data_ptr<double>(),
+          grad_x.data_ptr<T>(),
+          included ? x.size(0) : 0,
+          x.size(1)};
 }
 
 at::Tensor moments_backward_cuda(const at::Tensor& grad_mean_in, const at::Tensor& grad_var_in,
                                  const at::Tensor& x_in, const at::Tensor& mean_in) {
   const char* op = "rcl_ops::moments_backward";
   check_rows(x_in, op, "x");
-  const int64_t rows = x_in.size(0), count = x_in.size(1);
+  const int64_t rows = x_in.size(0);
   check_vector(grad_mean_in, rows, op, "grad_mean");
   check_vector(grad_var_in, rows, op, "grad_var");
   check_vector(mean_in, rows, op, "mean");
@@ -106,40 +190,16 @@ at::Tensor moments_backward_cuda(const at::Tensor& grad_mean_in, const at::Tenso
   const at::Tensor grad_var = grad_var_in.to(at::kDouble).contiguous();
   const at::Tensor mean = mean_in.to(at::kDouble).contiguous();
   at::Tensor grad_x = at::empty_like(x);
-  const int64_t total = rows * count;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::moments_backward", [&] {
-    moments_backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), mean.data_ptr<double>(), grad_mean.data_ptr<double>(),
-        grad_var.data_ptr<double>(), total, count, grad_x.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_moments_backward(
+        batch_of<scalar_t>(x, mean, grad_mean, grad_var, grad_x, true),
+        MomentsGradBatch<scalar_t>{nullptr, nullptr, nullptr, nullptr, nullptr, 0, 1}, stream);
   });
   return grad_x;
 }
 
 // ---- fused: both batches per launch --------------------------------------------------------
-
-// Elements [0, total_q) are q's, the rest k's: the moments backward of both batches.
-template <typename T>
-__global__ void two_batch_moments_backward_kernel(
-    const T* __restrict__ q, const double* __restrict__ mean_q, const double* __restrict__ g_mean_q,
-    const double* __restrict__ g_var_q, int64_t total_q, int64_t count_q, const T* __restrict__ k,
-    const double* __restrict__ mean_k, const double* __restrict__ g_mean_k,
-    const double* __restrict__ g_var_k, int64_t total_k, int64_t count_k, T* __restrict__ grad_q,
-    T* __restrict__ grad_k) {
-  for (int64_t idx = global_thread_index(); idx < total_q + total_k;
-       idx += global_thread_stride()) {
-    if (idx < total_q) {
-      const int64_t row = idx / count_q;
-      grad_q[idx] =
-          T(moments_input_grad(double(q[idx]), mean_q[row], g_mean_q[row], g_var_q[row], count_q));
-    } else {
-      const int64_t e = idx - total_q, row = e / count_k;
-      grad_k[e] =
-          T(moments_input_grad(double(k[e]), mean_k[row], g_mean_k[row], g_var_k[row], count_k));
-    }
-  }
-}
 
 at::Tensor bd_pair_cuda_as(const at::Tensor& mean_q, const at::Tensor& var_q,
                            const at::Tensor& mean_k, const at::Tensor& var_k, double eps,
@@ -185,18 +245,11 @@ std::tuple<at::Tensor, at::Tensor> bd_backward_cuda(
   const at::Tensor mq = mean_q.contiguous(), mk = mean_k.contiguous();
   at::Tensor grad_q = output_mask[0] ? at::empty_like(q) : skipped_gradient(q);
   at::Tensor grad_k = output_mask[1] ? at::empty_like(k) : skipped_gradient(k);
-  // A masked side contributes no elements to the launch.
-  const int64_t total_q = output_mask[0] ? q.numel() : 0, total_k = output_mask[1] ? k.numel() : 0;
-  if (total_q + total_k == 0) return {grad_q, grad_k};
+  // A masked side contributes no rows to the launch.
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "rcl_ops::bd_backward", [&] {
-    two_batch_moments_backward_kernel<scalar_t>
-        <<<blocks_for(total_q + total_k), kThreads, 0, stream>>>(
-            q.data_ptr<scalar_t>(), mq.data_ptr<double>(), g_mq.data_ptr<double>(),
-            g_vq.data_ptr<double>(), total_q, q.size(1), k.data_ptr<scalar_t>(),
-            mk.data_ptr<double>(), g_mk.data_ptr<double>(), g_vk.data_ptr<double>(), total_k,
-            k.size(1), grad_q.data_ptr<scalar_t>(), grad_k.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_moments_backward(batch_of<scalar_t>(q, mq, g_mq, g_vq, grad_q, output_mask[0]),
+                            batch_of<scalar_t>(k, mk, g_mk, g_vk, grad_k, output_mask[1]), stream);
   });
   return {grad_q, grad_k};
 }

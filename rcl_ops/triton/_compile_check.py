@@ -74,7 +74,7 @@ def _jobs():
             yield emd._quantile_scatter_kernel, {**element, "INTERPOLATE": interpolate}, 4, 2, ones
     for ones in ((), ("count", "count_minus_one")):
         yield bd._moments_kernel, {"BLOCK": bd._MOMENTS_BLOCK}, 8, 2, ones
-        yield bd._moments_backward_kernel, element, 4, 2, ones + ("blocks_per_row",)
+        yield bd._moments_backward_kernel, element, 4, 2, ones
     bd_tile = {"BLOCK_Q": bd._BD_BLOCK, "BLOCK_K": bd._BD_BLOCK}
     for ones in ((), ("Bq", "Bk")):
         yield bd._bd_pair_kernel, bd_tile, 4, 2, ones

@@ -23,7 +23,6 @@ from ._common import (
     custom_op,
     on_tensor_device,
     ops,
-    row_block,
 )
 
 # Values per loop step of the one-program-per-row moments.
@@ -78,26 +77,36 @@ def _launch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit
 def _moments_backward_kernel(
-    grad_mean_ptr, grad_var_ptr, x_ptr, mean_ptr, out_ptr, count, count_minus_one, blocks_per_row, BLOCK: tl.constexpr
+    grad_mean_ptr, grad_var_ptr, x_ptr, mean_ptr, out_ptr, count, count_minus_one, BLOCK: tl.constexpr
 ):
-    # moments_input_grad of math.h: grad_mean / M + grad_var * 2 (x - mean) / (M - 1), in
-    # float64 (mean and the moment gradients are float64), stored in x's dtype.
-    row, offs, mask = row_block(blocks_per_row, count, BLOCK)
-    x = tl.load(x_ptr + row * count + offs, mask=mask, other=0.0).to(tl.float64)
+    # moments_grad_row and moments_input_grad of math.h. Program (row, block of the row). Per
+    # row, in float64: slope = 2 grad_var / (M - 1), shift = mean rounded to x's dtype, offset =
+    # grad_mean / M - slope (mean - shift); per element, in x's dtype: offset + slope (x - shift)
+    # (centred on shift so that float32 does not cancel when |mean| >> std).
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < count
+    dtype = x_ptr.dtype.element_ty
     mean = tl.load(mean_ptr + row)
-    grad_mean = tl.load(grad_mean_ptr + row)
-    grad_var = tl.load(grad_var_ptr + row)
-    out = grad_mean / count + grad_var * 2.0 * (x - mean) / count_minus_one
-    tl.store(out_ptr + row * count + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    shift = mean.to(dtype)
+    slope = 2.0 * tl.load(grad_var_ptr + row) / count_minus_one
+    offset = tl.load(grad_mean_ptr + row) / count - slope * (mean - shift.to(tl.float64))
+    x = tl.load(x_ptr + row * count + offsets, mask=mask, other=0.0)
+    out = offset.to(dtype) + slope.to(dtype) * (x - shift)
+    tl.store(out_ptr + row * count + offsets, out, mask=mask)
+
+
+# Programs per row along the grid's second axis, whose size CUDA caps.
+_MAX_GRID_Y = 65535
 
 
 @on_tensor_device
 def _launch_moments_backward(grad_mean, grad_var, x, mean) -> torch.Tensor:
     rows, count = x.shape
     out = torch.empty_like(x)
-    blocks = triton.cdiv(count, ELEMENT_BLOCK)
-    _moments_backward_kernel[(rows * blocks,)](
-        grad_mean, grad_var, x, mean, out, count, max(count - 1, 1), blocks, BLOCK=ELEMENT_BLOCK
+    block = max(ELEMENT_BLOCK, triton.next_power_of_2(triton.cdiv(count, _MAX_GRID_Y)))
+    _moments_backward_kernel[(rows, triton.cdiv(count, block))](
+        grad_mean, grad_var, x, mean, out, count, max(count - 1, 1), BLOCK=block
     )
     return out
 
