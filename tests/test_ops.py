@@ -291,6 +291,35 @@ class TestEMD(LinearDistanceTester):
         expected = rcl_ops.pairwise_emd(q, k, backend="reference")
         torch.testing.assert_close(rcl_ops.pairwise_emd(q, k, backend=compared_backend), expected)
 
+    def test_signed_zeros_and_ties_match_reference(self, compared_backend):
+        # float32 rows of few distinct values, -0.0 among the zeros: the CUDA exact EMD reads its
+        # sorted values back from the radix sort's keys (-0.0 as +0.0). Values against the
+        # reference; gradients summed over each row's equal values (the sorted position a tied
+        # value takes, and so its share, depends on the sort's tie order, which the reference's
+        # torch.sort need not keep stable on every device).
+        device = backend_device(compared_backend)
+        choices = torch.tensor([0.0, -0.0, -0.0, 0.25, -0.25, 1.0, -3.0])
+        q = choices[torch.randint(0, len(choices), (5, 2, 60))].to(device)
+        k = (choices[torch.randint(0, len(choices), (6, 2, 60))] * 1.5).to(device)
+        weights = torch.randn(5, 6, device=device)
+        results = []
+        for backend in (compared_backend, "reference"):
+            qa, ka = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+            out = rcl_ops.pairwise_emd(qa, ka, backend=backend)
+            grad_q, grad_k = torch.autograd.grad((out * weights).sum(), (qa, ka))
+            results.append((out, _sums_over_equal_values(q, grad_q), _sums_over_equal_values(k, grad_k)))
+        for got, expected in zip(*results):
+            torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+
+
+def _sums_over_equal_values(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, V): each row's gradient summed over its elements of each of the V distinct
+    values of x (+0.0 and -0.0 one value), ascending."""
+    rows = x.shape[0]
+    distinct, which = torch.unique(x.reshape(rows, -1) + 0.0, return_inverse=True)
+    sums = torch.zeros(rows, distinct.numel(), dtype=grad.dtype, device=grad.device)
+    return sums.scatter_add_(1, which, grad.reshape(rows, -1))
+
 
 class TestMMD(DistanceTester):
     fn = staticmethod(rcl_ops.pairwise_mmd)

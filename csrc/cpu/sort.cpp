@@ -1,7 +1,6 @@
 // The CPU row sort (see sort.h).
 #include "sort.h"
 
-#include <cstring>
 #include <numeric>
 
 #include "rcl_ops/math.h"
@@ -9,21 +8,9 @@
 namespace rcl_ops {
 namespace {
 
-// Monotone map float -> uint32: negatives to 2^32 - bits, the rest to bits | 2^31. -0.0 thus
-// takes the key of +0.0: signed zeros tie and keep their index order, as in torch.sort and
-// the float64 comparison sort (a -0.0 comes back from the keys as +0.0).
-inline uint32_t float_to_key(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  return (u & 0x80000000u) ? 0u - u : (u | 0x80000000u);
-}
-
-inline float key_to_float(uint32_t key) {
-  const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : 0u - key;
-  float v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
+// Keys: float_sort_key and its inverse float_from_sort_key (rcl_ops/math.h, shared with the
+// CUDA radix sort). Signed zeros tie, as in torch.sort and the float64 comparison sort (a -0.0
+// comes back from the keys as +0.0); every NaN sorts last, as in torch.sort.
 
 // One counting-sort pass on the kBits-wide digit at `shift`. The first pass reads the keys
 // from the input values (index = position); the last writes the sorted values and their
@@ -33,11 +20,11 @@ RCL_INLINE void radix_pass(const float* x, const uint32_t* src_keys, const order
                            int64_t count, int shift, uint32_t* offset, uint32_t* dst_keys,
                            order_t* dst_index, float* sorted, order_t* order) {
   for (int64_t m = 0; m < count; ++m) {
-    const uint32_t key = kFirst ? float_to_key(x[m]) : src_keys[m];
+    const uint32_t key = kFirst ? float_sort_key(x[m]) : src_keys[m];
     const order_t index = kFirst ? order_t(m) : src_index[m];
     const uint32_t pos = offset[(key >> shift) & ((1u << kBits) - 1)]++;
     if (kLast) {
-      sorted[pos] = key_to_float(key);
+      sorted[pos] = float_from_sort_key(key);
       order[pos] = index;
     } else {
       dst_keys[pos] = key;
@@ -55,17 +42,18 @@ void radix_sort_row(const float* x, int64_t count, const int (&shifts)[kPasses],
   constexpr uint32_t kMask = kBuckets - 1;
   uint32_t histogram[kPasses][kBuckets] = {};
   for (int64_t m = 0; m < count; ++m) {
-    const uint32_t key = float_to_key(x[m]);
+    const uint32_t key = float_sort_key(x[m]);
     for (int p = 0; p < kPasses; ++p) ++histogram[p][(key >> shifts[p]) & kMask];
   }
-  const uint32_t first_key = float_to_key(x[0]);
+  const uint32_t first_key = float_sort_key(x[0]);
   int passes[kPasses], num_passes = 0;
   for (int p = 0; p < kPasses; ++p) {
     const uint32_t digit = (first_key >> shifts[p]) & kMask;
     if (histogram[p][digit] != uint32_t(count)) passes[num_passes++] = p;
   }
-  if (num_passes == 0) {  // all digits shared
-    std::copy(x, x + count, sorted);
+  // All digits shared: input order, the values read through their keys as the passes do.
+  if (num_passes == 0) {
+    for (int64_t m = 0; m < count; ++m) sorted[m] = float_from_sort_key(float_sort_key(x[m]));
     std::iota(order, order + count, order_t(0));
     return;
   }
@@ -142,7 +130,7 @@ constexpr int64_t kInsertionMaxCount = 64;
 void insertion_sort_row(const float* x, int64_t count, float* sorted, order_t* order) {
   uint32_t keys[kInsertionMaxCount];
   for (int64_t m = 0; m < count; ++m) {
-    const uint32_t key = float_to_key(x[m]);
+    const uint32_t key = float_sort_key(x[m]);
     int64_t j = m;
     for (; j > 0 && key < keys[j - 1]; --j) {
       keys[j] = keys[j - 1];
@@ -151,7 +139,7 @@ void insertion_sort_row(const float* x, int64_t count, float* sorted, order_t* o
     keys[j] = key;
     order[j] = order_t(m);
   }
-  for (int64_t m = 0; m < count; ++m) sorted[m] = key_to_float(keys[m]);
+  for (int64_t m = 0; m < count; ++m) sorted[m] = float_from_sort_key(keys[m]);
 }
 
 }  // namespace

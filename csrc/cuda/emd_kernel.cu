@@ -1,8 +1,9 @@
 // Earth mover's distance on CUDA. Sketch: each residual sorted (stable, so ties keep their
 // index order as in the CPU radix sort and torch.sort) and reduced to K mid-level quantiles
 // by one thread per quantile. float32 rows are sorted all at once by one device-wide radix
-// sort of (row, value) keys, which keeps every SM busy; at::sort's segmented sort gives a row
-// to each block (64 rows: 64 of 132 SMs). float64 rows use at::sort. The quantile backward
+// sort of (row, value) keys, which keeps every SM busy (at::sort's segmented sort gives a row
+// to each block: 64 rows, 64 of 132 SMs), and the sorted values read back from the sorted keys
+// (no gather from the input). float64 rows use at::sort. The quantile backward
 // gathers the gradients of each sorted position and scatters them through the sort order in
 // one kernel. Pair: tiled like a GEMM over (i, j) blocks with K staged through shared memory
 // in chunks (split over K when the batch is small); the backward has one kernel per side, so
@@ -45,49 +46,48 @@ __global__ void quantiles_kernel(const T* __restrict__ sorted, int64_t count, in
   }
 }
 
-// The float32 radix key: unsigned order equals numeric order; -0.0 takes +0.0's key (equal
-// values tie, so the stable sort keeps their index order, as torch.sort does) and every NaN
-// the largest key (last, as torch.sort puts them). The row index sits above the 32 value bits.
+// The float32 radix key: float_sort_key (rcl_ops/math.h, as in the CPU sort: signed zeros tie,
+// so the stable sort keeps their index order as torch.sort does; NaNs last) in the low 32 bits,
+// the row index above them.
 __device__ __forceinline__ uint64_t row_value_key(int64_t row, float v) {
-  uint32_t bits = __float_as_uint(v);
-  if (v == 0.0f) bits = 0u;
-  uint32_t key = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  if (v != v) key = 0xFFFFFFFFu;
-  return (uint64_t(row) << 32) | key;
+  return (uint64_t(row) << 32) | float_sort_key(v);
 }
 
 // Keys of two batches at once: elements [0, total_a) are a's rows, the rest b's, whose row
-// indices follow a's (b may be empty: total_b == 0).
+// indices follow a's (b may be empty: total_b == 0). Column: each value's index in its row,
+// the payload the sort carries (uint16_t where rows have at most 2^16 values).
+template <typename Column>
 __global__ void row_value_keys_kernel(const float* __restrict__ a, int64_t total_a,
                                       const float* __restrict__ b, int64_t total_b, int64_t count,
-                                      uint64_t* __restrict__ keys, order_t* __restrict__ columns) {
+                                      uint64_t* __restrict__ keys, Column* __restrict__ columns) {
   for (int64_t idx = global_thread_index(); idx < total_a + total_b;
        idx += global_thread_stride()) {
     const int64_t row = idx / count;  // a's rows, then b's: one row numbering
     keys[idx] = row_value_key(row, idx < total_a ? a[idx] : b[idx - total_a]);
-    columns[idx] = order_t(idx - row * count);
+    columns[idx] = Column(idx - row * count);
   }
 }
 
 // After the sort, position idx holds the (idx / count)-th row's rank (idx % count) value:
 // every row has exactly count keys and the row index is the key's most significant part.
-// Writes each batch's sorted values (gathered from the input, bit for bit) and order.
-__global__ void gather_sorted_kernel(const float* __restrict__ a, int64_t total_a,
-                                     const float* __restrict__ b, int64_t total_b, int64_t count,
-                                     const order_t* __restrict__ columns,
+// Writes each batch's sorted values, decoded from the sorted keys' low 32 bits (a coalesced
+// read where a gather from the input would read at random), and int32 order. The decode gives
+// the input value bit for bit but for -0.0 (+0.0) and NaN (0x7FFFFFFF): see float_from_sort_key.
+template <typename Column>
+__global__ void decode_sorted_kernel(const uint64_t* __restrict__ keys, int64_t total_a,
+                                     int64_t total_b, const Column* __restrict__ columns,
                                      float* __restrict__ sorted_a, order_t* __restrict__ order_a,
                                      float* __restrict__ sorted_b, order_t* __restrict__ order_b) {
   for (int64_t idx = global_thread_index(); idx < total_a + total_b;
        idx += global_thread_stride()) {
-    const order_t column = columns[idx];
+    const float value = float_from_sort_key(uint32_t(keys[idx]));  // the low 32 bits
+    const order_t column = order_t(columns[idx]);
     if (idx < total_a) {
-      const int64_t row = idx / count;
-      sorted_a[idx] = a[row * count + column];
+      sorted_a[idx] = value;
       order_a[idx] = column;
     } else {
-      const int64_t e = idx - total_a, row = e / count;
-      sorted_b[e] = b[row * count + column];
-      order_b[e] = column;
+      sorted_b[idx - total_a] = value;
+      order_b[idx - total_a] = column;
     }
   }
 }
@@ -96,31 +96,33 @@ struct SortedRows {
   at::Tensor sorted, order;
 };
 
-// Stable ascending sort of each row of one or two contiguous float32 (rows, count) batches
-// of the same count, with one cub radix sort over 32 + ceil(log2(rows)) key bits: (sorted
-// values, int32 column order) per batch. b may be undefined. The total number of values is
-// below 2^31 (cub's item count is an int).
-std::pair<SortedRows, SortedRows> sort_rows_float32(const at::Tensor& a, const at::Tensor& b) {
+// One cub radix sort of the (row, value) keys of a's and then b's rows (b may be undefined)
+// over 32 + ceil(log2(rows)) key bits, carrying each value's column; then the sorted values
+// and orders decoded into out_a and out_b. Column buffers of `column_type` (Column's size).
+template <typename Column>
+void radix_sort_rows(const at::Tensor& a, const at::Tensor& b, at::ScalarType column_type,
+                     SortedRows& out_a, SortedRows& out_b) {
   const int64_t count = a.size(1), total_a = a.numel(), total_b = b.defined() ? b.numel() : 0;
   const int64_t rows = a.size(0) + (b.defined() ? b.size(0) : 0), total = total_a + total_b;
-  const auto int32 = a.options().dtype(kOrderType), u64 = a.options().dtype(at::kLong);
+  const auto u64 = a.options().dtype(at::kLong), columns_type = a.options().dtype(column_type);
   at::Tensor keys_in = at::empty({total}, u64), keys_out = at::empty({total}, u64);
-  at::Tensor columns_in = at::empty({total}, int32), columns_out = at::empty({total}, int32);
+  at::Tensor columns_in = at::empty({total}, columns_type);
+  at::Tensor columns_out = at::empty({total}, columns_type);
   int row_bits = 0;
   while ((int64_t(1) << row_bits) < rows) ++row_bits;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const float* b_ptr = b.defined() ? b.data_ptr<float>() : nullptr;
-  auto* keys_in_p = reinterpret_cast<uint64_t*>(keys_in.data_ptr<int64_t>());
-  auto* keys_out_p = reinterpret_cast<uint64_t*>(keys_out.data_ptr<int64_t>());
-  row_value_keys_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-      a.data_ptr<float>(), total_a, b_ptr, total_b, count, keys_in_p,
-      columns_in.data_ptr<order_t>());
+  auto* keys_in_p = reinterpret_cast<uint64_t*>(keys_in.data_ptr());
+  auto* keys_out_p = reinterpret_cast<uint64_t*>(keys_out.data_ptr());
+  auto* columns_in_p = reinterpret_cast<Column*>(columns_in.data_ptr());
+  auto* columns_out_p = reinterpret_cast<Column*>(columns_out.data_ptr());
+  row_value_keys_kernel<Column><<<blocks_for(total), kThreads, 0, stream>>>(
+      a.data_ptr<float>(), total_a, b.defined() ? b.data_ptr<float>() : nullptr, total_b, count,
+      keys_in_p, columns_in_p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // Double buffers: cub alternates between the two of each pair, and its temporary storage
   // is then small (the plain SortPairs would allocate another copy of keys and values).
   cub::DoubleBuffer<uint64_t> keys(keys_in_p, keys_out_p);
-  cub::DoubleBuffer<order_t> columns(columns_in.data_ptr<order_t>(),
-                                     columns_out.data_ptr<order_t>());
+  cub::DoubleBuffer<Column> columns(columns_in_p, columns_out_p);
   size_t temp_bytes = 0;
   const int num_items = int(total), end_bit = 32 + row_bits;
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, columns, num_items, 0,
@@ -128,14 +130,27 @@ std::pair<SortedRows, SortedRows> sort_rows_float32(const at::Tensor& a, const a
   at::Tensor temp = at::empty({int64_t(temp_bytes)}, a.options().dtype(at::kByte));
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr(), temp_bytes, keys, columns,
                                                  num_items, 0, end_bit, stream));
-  SortedRows out_a{at::empty_like(a), at::empty(a.sizes(), int32)}, out_b;
-  if (b.defined()) out_b = {at::empty_like(b), at::empty(b.sizes(), int32)};
-  gather_sorted_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-      a.data_ptr<float>(), total_a, b_ptr, total_b, count, columns.Current(),
-      out_a.sorted.data_ptr<float>(), out_a.order.data_ptr<order_t>(),
-      b.defined() ? out_b.sorted.data_ptr<float>() : nullptr,
+  decode_sorted_kernel<Column><<<blocks_for(total), kThreads, 0, stream>>>(
+      keys.Current(), total_a, total_b, columns.Current(), out_a.sorted.data_ptr<float>(),
+      out_a.order.data_ptr<order_t>(), b.defined() ? out_b.sorted.data_ptr<float>() : nullptr,
       b.defined() ? out_b.order.data_ptr<order_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Stable ascending sort of each row of one or two contiguous float32 (rows, count) batches
+// of the same count, with one device-wide radix sort: (sorted values, int32 column order) per
+// batch. b may be undefined. The total number of values is below 2^31 (cub's item count is an
+// int). Rows of at most 2^16 values carry 16-bit columns through the sort: each of its passes
+// then moves 10 bytes per value instead of 12.
+std::pair<SortedRows, SortedRows> sort_rows_float32(const at::Tensor& a, const at::Tensor& b) {
+  const auto int32 = a.options().dtype(kOrderType);
+  SortedRows out_a{at::empty_like(a), at::empty(a.sizes(), int32)}, out_b;
+  if (b.defined()) out_b = {at::empty_like(b), at::empty(b.sizes(), int32)};
+  if (a.size(1) <= (int64_t(1) << 16)) {
+    radix_sort_rows<uint16_t>(a, b, at::kShort, out_a, out_b);
+  } else {
+    radix_sort_rows<order_t>(a, b, kOrderType, out_a, out_b);
+  }
   return {out_a, out_b};
 }
 
@@ -376,7 +391,8 @@ at::Tensor emd_pair_cuda(const at::Tensor& sq_in, const at::Tensor& sk_in) {
 // grad_q is (self, other) = (sorted_q, sorted_k) with grad; grad_k is (sorted_k, sorted_q)
 // with grad^T, since -sign(a - b) = sign(b - a). A block of 32 x 8 threads owns 32 values of
 // k and 32 rows of self (4 per thread); the other side is staged 32 rows at a time, with
-// the matching 32 x 32 block of grad. Each output is summed by one thread, in double.
+// the matching 32 x 32 block of grad. Each output is summed by one thread, in a fixed order:
+// each stage's (at most kGradOther) terms in T, each stage's sum then added in double.
 constexpr int kGradK = 32;                          // k per block (threadIdx.x)
 constexpr int kGradRowsY = 8;                       // threadIdx.y
 constexpr int kGradMicro = 4;                       // self rows per thread
@@ -397,7 +413,7 @@ __global__ void __launch_bounds__(kGradThreads)
   const int64_t s0 = int64_t(blockIdx.y) * kGradRows;
   const bool k_ok = k < n;
   T a[kGradMicro];
-  double acc[kGradMicro];
+  double acc[kGradMicro];  // sums over the stages done
 #pragma unroll
   for (int r = 0; r < kGradMicro; ++r) {
     const int64_t s = s0 + ty + kGradRowsY * r;
@@ -419,13 +435,24 @@ __global__ void __launch_bounds__(kGradThreads)
     }
     __syncthreads();
     const int limit = int(min(int64_t(kGradOther), rows_other - o0));
+    // Each term g sign(a - b) is +-g or 0, exact in T, so FMA contraction cannot change it.
+    // In float32 the stage's sum of at most 32 such terms errs by at most 31 u sum |g| (u =
+    // 2^-24), and adding the stages in double adds next to nothing: below the CPU backward's
+    // error (float32 over all rows of other) and well inside the float32 tolerance against
+    // the float64 reference. It saves the two float -> double conversions and the double
+    // multiply-add per term, which cost most of this kernel's time in float64 arithmetic.
+    T stage[kGradMicro];
+#pragma unroll
+    for (int r = 0; r < kGradMicro; ++r) stage[r] = T(0);
     for (int oo = 0; oo < limit; ++oo) {
       const T b = other_tile[oo][tx];
 #pragma unroll
       for (int r = 0; r < kGradMicro; ++r) {
-        acc[r] += double(grad_tile[ty + kGradRowsY * r][oo]) * double(sign_of_difference(a[r], b));
+        stage[r] += grad_tile[ty + kGradRowsY * r][oo] * sign_of_difference(a[r], b);
       }
     }
+#pragma unroll
+    for (int r = 0; r < kGradMicro; ++r) acc[r] += double(stage[r]);  // once per 32 terms
     __syncthreads();  // the tiles are overwritten by the next stage
   }
   if (!k_ok) return;

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define RCL_HOST_DEVICE __host__ __device__ __forceinline__
@@ -87,6 +88,35 @@ RCL_HOST_DEVICE QuantilePosition quantile_position(int64_t k, int64_t num_quanti
 template <typename T>
 RCL_HOST_DEVICE T sign_of_difference(T a, T b) {
   return T(a > b) - T(a < b);
+}
+
+// The bits of one type read as another of the same size (std::bit_cast, which CUDA device
+// code lacks; memcpy of a register compiles to a move on host and device).
+template <typename To, typename From>
+RCL_HOST_DEVICE To bit_cast_value(From value) {
+  static_assert(sizeof(To) == sizeof(From), "same size");
+  To out;
+  memcpy(&out, &value, sizeof(out));
+  return out;
+}
+
+// The radix sorts' float32 key: unsigned order of keys is numeric order of values.
+// Non-negative values map to bits | 2^31, negative ones to 2^32 - bits (larger magnitude,
+// smaller key). -0.0 (bits 2^31) thus takes +0.0's key 2^31 without a branch: signed zeros
+// tie, so a stable sort keeps their index order, as torch.sort does. Every NaN takes the
+// largest key, 2^32 - 1 (last in its row, as torch.sort puts NaNs).
+RCL_HOST_DEVICE uint32_t float_sort_key(float value) {
+  const uint32_t bits = bit_cast_value<uint32_t>(value);
+  const uint32_t key = (bits & 0x80000000u) ? 0u - bits : (bits | 0x80000000u);
+  return value != value ? 0xFFFFFFFFu : key;
+}
+
+// The inverse of float_sort_key: the sorted values read back from the sorted keys. Exact for
+// every value but two classes: the zeros' key gives +0.0 (for -0.0 too; no distance or
+// gradient tells them apart: |a - b| and sign(a - b) are equal for both) and the NaN key
+// gives the NaN 0x7FFFFFFF (sign and payload of the input NaN are lost; it stays a NaN).
+RCL_HOST_DEVICE float float_from_sort_key(uint32_t key) {
+  return bit_cast_value<float>((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : 0u - key);
 }
 
 // Linear binning onto the grid t_g = lo + g * step, g in [0, G): the lower bin and the
