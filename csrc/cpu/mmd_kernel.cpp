@@ -39,8 +39,9 @@ at::Tensor grid_bin_cpu(const at::Tensor& x_in, const at::Tensor& lo, const at::
           units[size_t(p.lower + 1)] += split.upper;
         }
         double* w = wp + i * num_bins;
-        for (int64_t g = 0; g < num_bins; ++g)
-          w[g] = fixed_point_weight(units[size_t(g)], count, bits);
+        for (int64_t g = 0; g < num_bins; ++g) {  // most bins are empty where M << G: no division
+          w[g] = units[size_t(g)] == 0 ? 0.0 : fixed_point_weight(units[size_t(g)], count, bits);
+        }
       }
     });
   });

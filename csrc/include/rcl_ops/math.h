@@ -90,10 +90,10 @@ RCL_HOST_DEVICE GridPosition grid_position(double x, double lo, double inv_step,
 // points as upper = round(upper_weight 2^S) and lower = 2^S - upper, so a row's units add up to
 // exactly M 2^S and their integer sums do not depend on the order of the additions (the GPU
 // kernels add them with integer atomics). S = min(52, 63 - bit_length(M)) keeps M 2^S < 2^63
-// (int64 sums, any bin and any partial sum) and floor(upper_weight 2^S + 0.5) a correct rounding
-// (the product is exact, and below 2^52 so is the + 0.5); the rounding moves
-// each value's split by at most 2^-(S+1) of its mass, 2^-53 up to M = 2^11 and 2^-25 at the
-// largest row accepted, kMaxGridValues (S >= 24; larger rows are refused where the ops are called).
+// (int64 sums: any bin, any partial sum) and upper_weight 2^S + 0.5 exact below 2^52, so its
+// floor rounds correctly. The rounding moves each value's split by at most 2^-(S+1) of its mass:
+// 2^-53 up to M = 2^11, 2^-25 at the longest row accepted, kMaxGridValues (S >= 24; longer rows
+// are refused where the ops are called).
 constexpr int64_t kMaxGridValues = (int64_t(1) << 39) - 1;  // as rcl_ops._checks.MAX_GRID_VALUES
 
 RCL_HOST_DEVICE int fixed_point_bits(int64_t count) {
@@ -107,13 +107,16 @@ struct FixedPointSplit {
 };
 
 RCL_HOST_DEVICE FixedPointSplit fixed_point_split(double upper_weight, int bits) {
-  const int64_t upper = int64_t(floor(ldexp(upper_weight, bits) + 0.5));
-  return {(int64_t(1) << bits) - upper, upper};
+  const int64_t unit = int64_t(1) << bits;
+  // upper_weight 2^S is exact and >= 0 (the conversion's truncation is the floor); no ldexp or
+  // floor, which can be library calls on the CPU.
+  const int64_t upper = int64_t(upper_weight * double(unit) + 0.5);
+  return {unit - upper, upper};
 }
 
 // A bin's weight from its integer sum: units / (M 2^S), in float64 (M 2^S is exact there).
 RCL_HOST_DEVICE double fixed_point_weight(int64_t units, int64_t count, int bits) {
-  return double(units) / ldexp(double(count), bits);
+  return double(units) / (double(count) * double(int64_t(1) << bits));
 }
 
 // Gaussian kernel sum_h exp(-d^2 / (2 h^2)) and its derivative in d, given
