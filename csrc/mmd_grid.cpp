@@ -6,6 +6,7 @@
 #include "mmd_grid.h"
 
 #include "checks.h"
+#include "rcl_ops/math.h"
 
 namespace rcl_ops {
 namespace {
@@ -46,6 +47,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ba
   // The bound keeps the FFT size's doubling loop (and the kernels' indices) from overflowing.
   TORCH_CHECK(num_bins >= 2 && num_bins <= kMaxNumBins, op, ": num_bins must be in [2, ",
               kMaxNumBins, "], got ", num_bins);
+  TORCH_CHECK(q.size(1) <= kMaxGridValues && k.size(1) <= kMaxGridValues, op, ": at most ",
+              kMaxGridValues, " values per row fit the fixed-point binning, got ",
+              std::max(q.size(1), k.size(1)));
   TORCH_CHECK(!unbiased || (q.size(1) > 1 && k.size(1) > 1), op,
               ": the unbiased estimator needs at least 2 values per residual");
 }

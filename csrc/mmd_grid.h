@@ -11,7 +11,8 @@ namespace rcl_ops {
 
 struct GridKernels {
   // (B, M) values -> (B, G) float64 weights: each value adds mass 1/M to the two nearest
-  // grid points t_g = lo + g * step, split linearly. lo and step are 0-dim float64 tensors
+  // grid points t_g = lo + g * step, split linearly in fixed point (math.h's fixed_point_split:
+  // the same bits whatever the order of the additions). lo and step are 0-dim float64 tensors
   // on the values' device.
   at::Tensor (*bin)(const at::Tensor& x, const at::Tensor& lo, const at::Tensor& step,
                     int64_t num_bins);

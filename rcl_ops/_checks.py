@@ -29,6 +29,9 @@ REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_NUM_BINS = 4096
 # Largest grid: its FFTs have 2^25 points per residual (the kernels index it with int64).
 MAX_NUM_BINS = 1 << 24
+# Longest row of the binned-grid MMD: its fixed-point binning (csrc/include/rcl_ops/math.h,
+# kMaxGridValues) splits each value into 2^S integer units with M 2^S < 2^63 and S >= 24.
+MAX_GRID_VALUES = (1 << 39) - 1
 # Largest K: sort orders are int32.
 MAX_NUM_QUANTILES = (1 << 31) - 1
 # Largest queue: 2^31 keys of sketches (at least 32 GiB of negatives for a BD sketch).

@@ -277,24 +277,3 @@ def test_launchers_switch_to_the_tensors_gpu(monkeypatch):
     launched(FakeCudaTensor(0), 7)
     launched(torch.zeros(1), 7)
     assert entered == [torch.device("cuda", 1)]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_common.INTERPRET or not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_grid_binning_honours_deterministic_mode(backend):
-    if backend not in rcl_ops.available_backends("cuda"):
-        pytest.skip(f"{backend} backend not loaded")
-    q, k = torch.randn(4, 300, device="cuda"), torch.randn(4, 300, device="cuda")
-    try:
-        torch.use_deterministic_algorithms(True)
-        with pytest.raises(RuntimeError, match="deterministic"):
-            rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        if backend == "triton":
-            with pytest.warns(UserWarning, match="deterministic"):
-                rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)
-        else:  # the native op warns through c10's handler (stderr), not as a Python warning
-            rcl_ops.pairwise_mmd(q, k, method="grid", backend=backend)
-    finally:
-        torch.use_deterministic_algorithms(False)

@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "../checks.h"
 #include "../mmd_grid.h"
 #include "cpu_utils.h"
@@ -12,23 +15,32 @@
 namespace rcl_ops {
 namespace {
 
+// Each row in fixed point (math.h's fixed_point_split): integer units per bin, then the
+// weights, so the CPU exercises the split and conversion the GPU kernels use. (Rows are at
+// most kMaxGridValues long: mmd_grid_forward checks.)
 at::Tensor grid_bin_cpu(const at::Tensor& x_in, const at::Tensor& lo, const at::Tensor& step,
                         int64_t num_bins) {
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), count = x.size(1);
   const double lo_v = lo.item<double>(), inv_step = 1.0 / step.item<double>();
-  const double mass = 1.0 / double(count);
-  at::Tensor weights = at::zeros({rows, num_bins}, x.options().dtype(at::kDouble));
+  const int bits = fixed_point_bits(count);
+  at::Tensor weights = at::empty({rows, num_bins}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_bin", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     double* wp = weights.data_ptr<double>();
     at::parallel_for(0, rows, grain_for(count), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> units(static_cast<size_t>(num_bins));
       for (int64_t i = begin; i < end; ++i) {
-        double* w = wp + i * num_bins;
+        std::fill(units.begin(), units.end(), int64_t(0));
         for (int64_t m = 0; m < count; ++m) {
           const GridPosition p = grid_position(double(xp[i * count + m]), lo_v, inv_step, num_bins);
-          w[p.lower] += mass * (1.0 - p.upper_weight);
-          w[p.lower + 1] += mass * p.upper_weight;
+          const FixedPointSplit split = fixed_point_split(p.upper_weight, bits);
+          units[size_t(p.lower)] += split.lower;
+          units[size_t(p.lower + 1)] += split.upper;
+        }
+        double* w = wp + i * num_bins;
+        for (int64_t g = 0; g < num_bins; ++g) {  // most bins are empty where M << G: no division
+          w[g] = units[size_t(g)] == 0 ? 0.0 : fixed_point_weight(units[size_t(g)], count, bits);
         }
       }
     });

@@ -1,6 +1,6 @@
 // Gaussian-kernel MMD on CUDA: the per-value kernels of the binned-grid method (linear
-// binning by double atomics, linear interpolation of a field; the rest is the shared ATen
-// composite of mmd_grid.cpp) and the exact direct kernel sums.
+// binning in fixed point by integer atomics, so bit-reproducible; linear interpolation of a
+// field; the rest is the shared ATen composite of mmd_grid.cpp) and the exact direct sums.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,40 +35,123 @@ void check_grid_scalars(const at::Tensor& x, const at::Tensor& lo, const at::Ten
   check_device(step, x, op, "step", "x");
 }
 
-// One thread per value: mass 1/M split between its two grid points by double atomics
-// (so the order of the additions, and the last bits of the weights, vary between runs).
+// ---- fixed-point binning (math.h's fixed_point_split) ----
+// Each value adds 2^S integer units to its two grid points by integer atomics: integer addition
+// is associative, so the sums, and the weights units / (M 2^S), are the same bit for bit
+// whatever the order of the additions. The units live in the weights' own buffer (8 bytes
+// each; zero bits are zero units) and are converted there in place.
+using units_t = unsigned long long;  // atomicAdd's 64-bit integer; every sum is < 2^63
+
+// Up to kSharedBins bins (32 KiB of units) a block bins a chunk of one row into a shared
+// histogram first: two shared atomics per value, one global atomic per occupied bin per block.
+constexpr int64_t kSharedBins = 4096;
+
+__device__ __forceinline__ void add_value_units(units_t* units, double x, double lo,
+                                                double inv_step, int64_t num_bins, int bits) {
+  const GridPosition p = grid_position(x, lo, inv_step, num_bins);
+  const FixedPointSplit split = fixed_point_split(p.upper_weight, bits);
+  atomicAdd(units + p.lower, units_t(split.lower));
+  atomicAdd(units + p.lower + 1, units_t(split.upper));
+}
+
+__device__ __forceinline__ units_t weight_bits(units_t units, int64_t count, int bits) {
+  return units_t(__double_as_longlong(fixed_point_weight(int64_t(units), count, bits)));
+}
+
+// One thread per value, global atomics into the (B, G) units (zeroed).
 template <typename T>
-__global__ void grid_bin_kernel(const T* __restrict__ x, const double* __restrict__ lo,
-                                const double* __restrict__ step, int64_t count, int64_t num_bins,
-                                int64_t total, double* __restrict__ weights) {
-  const double lo_v = *lo, inv_step = 1.0 / *step, mass = 1.0 / double(count);
+__global__ void grid_bin_global_kernel(const T* __restrict__ x, const double* __restrict__ lo,
+                                       const double* __restrict__ step, int64_t count,
+                                       int64_t num_bins, int64_t total, int bits,
+                                       units_t* __restrict__ units) {
+  const double lo_v = *lo, inv_step = 1.0 / *step;
   for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
     const int64_t row = idx / count;
-    const GridPosition p = grid_position(double(x[idx]), lo_v, inv_step, num_bins);
-    double* w = weights + row * num_bins + p.lower;
-    atomicAdd(w, mass * (1.0 - p.upper_weight));
-    atomicAdd(w + 1, mass * p.upper_weight);
+    add_value_units(units + row * num_bins, double(x[idx]), lo_v, inv_step, num_bins, bits);
   }
 }
+
+// Block task b: chunk b % chunks (chunk_values values) of row b / chunks, binned in shared
+// memory (num_bins <= kSharedBins units, dynamic). A row of one chunk is complete in its block,
+// which writes the weights' bits; otherwise the block adds its units to out (zeroed).
+template <typename T>
+__global__ void grid_bin_shared_kernel(const T* __restrict__ x, const double* __restrict__ lo,
+                                       const double* __restrict__ step, int64_t count,
+                                       int64_t num_bins, int64_t rows, int64_t chunks,
+                                       int64_t chunk_values, int bits, units_t* __restrict__ out) {
+  extern __shared__ units_t histogram[];
+  const double lo_v = *lo, inv_step = 1.0 / *step;
+  for (int64_t task = blockIdx.x; task < rows * chunks; task += gridDim.x) {
+    const int64_t row = task / chunks, begin = (task % chunks) * chunk_values;
+    const int64_t end = begin + chunk_values < count ? begin + chunk_values : count;
+    for (int64_t g = threadIdx.x; g < num_bins; g += blockDim.x) histogram[g] = 0;
+    __syncthreads();
+    for (int64_t m = begin + threadIdx.x; m < end; m += blockDim.x) {
+      add_value_units(histogram, double(x[row * count + m]), lo_v, inv_step, num_bins, bits);
+    }
+    __syncthreads();
+    units_t* out_row = out + row * num_bins;
+    for (int64_t g = threadIdx.x; g < num_bins; g += blockDim.x) {
+      if (chunks == 1) {
+        out_row[g] = weight_bits(histogram[g], count, bits);
+      } else if (histogram[g] != 0) {
+        atomicAdd(out_row + g, histogram[g]);
+      }
+    }
+    __syncthreads();  // the histogram is read before the next task clears it
+  }
+}
+
+// In place: units -> the bits of the float64 weights units / (M 2^S).
+__global__ void units_to_weights_kernel(units_t* __restrict__ buffer, int64_t total, int64_t count,
+                                        int bits) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += global_thread_stride()) {
+    buffer[idx] = weight_bits(buffer[idx], count, bits);
+  }
+}
+
+// Values per block task of the shared path: at least 8 per thread, and at least twice the bins
+// so that clearing and flushing the histogram costs at most about as much as the values.
+int64_t chunk_values_for(int64_t num_bins) { return std::max<int64_t>(8 * kThreads, 2 * num_bins); }
 
 at::Tensor grid_bin_cuda(const at::Tensor& x_in, const at::Tensor& lo, const at::Tensor& step,
                          int64_t num_bins) {
   const char* op = "rcl_ops::grid_bin";
   check_grid_scalars(x_in, lo, step, op);
   TORCH_CHECK(num_bins >= 2, op, ": num_bins must be at least 2, got ", num_bins);
-  at::globalContext().alertNotDeterministic("rcl_ops::grid_bin (CUDA float64 atomics)");
   c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t rows = x.size(0), count = x.size(1), total = rows * count;
-  at::Tensor weights = at::zeros({rows, num_bins}, x.options().dtype(at::kDouble));
+  const int bits = fixed_point_bits(count);
+  const bool shared = num_bins <= kSharedBins;
+  const int64_t chunk_values = chunk_values_for(num_bins);
+  const int64_t chunks = (count + chunk_values - 1) / chunk_values;
+  const bool complete_rows = shared && chunks == 1;  // the binning kernel writes the weights
+  const auto options = x.options().dtype(at::kDouble);
+  at::Tensor weights =
+      complete_rows ? at::empty({rows, num_bins}, options) : at::zeros({rows, num_bins}, options);
   if (total == 0) return weights;
+  units_t* units = reinterpret_cast<units_t*>(weights.data_ptr<double>());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rcl_ops::grid_bin", [&] {
-    grid_bin_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), lo.data_ptr<double>(), step.data_ptr<double>(), count, num_bins,
-        total, weights.data_ptr<double>());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const double *lo_p = lo.data_ptr<double>(), *step_p = step.data_ptr<double>();
+    if (shared) {
+      const size_t shared_bytes = size_t(num_bins) * sizeof(units_t);
+      grid_bin_shared_kernel<scalar_t>
+          <<<blocks_for(rows * chunks, 1), kThreads, shared_bytes, stream>>>(
+              xp, lo_p, step_p, count, num_bins, rows, chunks, chunk_values, bits, units);
+    } else {
+      grid_bin_global_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          xp, lo_p, step_p, count, num_bins, total, bits, units);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  if (!complete_rows) {
+    units_to_weights_kernel<<<blocks_for(rows * num_bins), kThreads, 0, stream>>>(
+        units, rows * num_bins, count, bits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return weights;
 }
 

@@ -88,7 +88,8 @@ def on_tensor_device(launcher):
 
 def alert_not_deterministic(what: str) -> None:
     """Honour torch.use_deterministic_algorithms for a kernel whose float atomics make the last
-    bits depend on the order of the additions (as the native CUDA kernels do)."""
+    bits depend on the order of the additions (emd.py's quantile gradient scatter; the grid
+    MMD's binning adds integers and needs none)."""
     if torch.are_deterministic_algorithms_enabled():
         message = (
             f"rcl_ops (triton): {what} adds with float atomics, so repeated runs can differ in the "

@@ -29,8 +29,16 @@ from . import bd, emd, mmd  # noqa: E402
 from ._common import ELEMENT_BLOCK  # noqa: E402
 
 # Pointer arguments whose element type does not follow the values' dtype.
-_POINTER_TYPES = {"order_ptr": "*i64", "lo_ptr": "*fp64", "step_ptr": "*fp64", "field_ptr": "*fp64"}
-_FP64_OUTPUT = {"_grid_bin_kernel"}  # binned weights are float64 whatever the input
+_POINTER_TYPES = {
+    "order_ptr": "*i64",
+    "lo_ptr": "*fp64",
+    "step_ptr": "*fp64",
+    "field_ptr": "*fp64",
+    "units_ptr": "*i64",  # the fixed-point binning's integer sums
+    "weights_ptr": "*fp64",  # binned weights are float64 whatever the input
+}
+# Integer arguments that arrive as int64 (Triton types an int >= 2^31 so): the binning's 2^S.
+_INT64_ARGUMENTS = {"unit"}
 
 
 def _jit_function(kernel) -> JITFunction:
@@ -47,12 +55,10 @@ def _signature(fn: JITFunction, dtype: str, constexprs: dict) -> dict:
         elif name.endswith("_ptr"):
             if name in _POINTER_TYPES:
                 signature[name] = _POINTER_TYPES[name]
-            elif name == "out_ptr" and fn.__name__ in _FP64_OUTPUT:
-                signature[name] = "*fp64"
             else:
                 signature[name] = f"*{dtype}"
         else:
-            signature[name] = "i32"
+            signature[name] = "i64" if name in _INT64_ARGUMENTS else "i32"
     return signature
 
 
@@ -83,6 +89,7 @@ def _jobs():
     for ones in ((), ("count", "blocks_per_row")):
         yield mmd._grid_bin_kernel, element, 4, 2, ones
         yield mmd._grid_interpolate_kernel, element, 4, 2, ones
+        yield mmd._units_to_weights_kernel, element, 4, 2, ones[:1]
 
 
 def _ptxas_info(ptx: str, arch: int) -> str:

@@ -1,6 +1,7 @@
 """The binned-grid MMD of the "triton" backend: the algorithm of csrc/mmd_grid.cpp composed in
-Python from two Triton kernels (linear binning with fp64 atomics, interpolation of the gradient
-field) and torch.fft / float64 GEMMs (rcl_ops/_grid.py), as ``rcl_ops_triton::`` custom ops.
+Python from Triton kernels (linear binning in fixed point with int64 atomics, so the weights are
+the same bit for bit whatever the order of the additions; interpolation of the gradient field)
+and torch.fft / float64 GEMMs (rcl_ops/_grid.py), as ``rcl_ops_triton::`` custom ops.
 Only method="grid".
 """
 
@@ -11,12 +12,11 @@ import triton
 import triton.language as tl
 
 from .. import _grid
-from .._checks import MAX_NUM_BINS
+from .._checks import MAX_GRID_VALUES, MAX_NUM_BINS
 from ..ops import checked_default_bandwidth, warn_if_grid_inaccurate
 from ._common import (
     ELEMENT_BLOCK,
     NAMESPACE,
-    alert_not_deterministic,
     check_grad,
     check_rows,
     check_same,
@@ -40,28 +40,51 @@ def _grid_position(x, lo, step, num_bins):
     return lower, u - lower.to(tl.float64)
 
 
+def fixed_point_bits(count: int) -> int:
+    """S of math.h's fixed_point_bits: each value's unit mass is 2^S integer units, with
+    M 2^S < 2^63 (int64 sums) and S <= 52 (exact rounding of w 2^S)."""
+    return min(52, 63 - count.bit_length())
+
+
 @triton.jit
-def _grid_bin_kernel(x_ptr, lo_ptr, step_ptr, out_ptr, count, num_bins, blocks_per_row, BLOCK: tl.constexpr):
-    # Each value adds mass 1/M to the two nearest grid points (fp64 atomics; out zeroed).
+def _grid_bin_kernel(x_ptr, lo_ptr, step_ptr, units_ptr, count, num_bins, unit, blocks_per_row, BLOCK: tl.constexpr):
+    # math.h's fixed_point_split: upper = round(w 2^S), lower = 2^S - upper units (unit = 2^S
+    # an int), added by int64 atomics (units zeroed): integer sums do not depend on their order.
     row, offs, mask = row_block(blocks_per_row, count, BLOCK)
     x = tl.load(x_ptr + row * count + offs, mask=mask, other=0.0)
     lower, weight = _grid_position(x, tl.load(lo_ptr), tl.load(step_ptr), num_bins)
-    mass = 1.0 / (tl.zeros_like(weight) + count)
-    out_row = out_ptr + row * num_bins
+    upper_units = (weight * unit + 0.5).to(tl.int64)  # w 2^S exact; >= 0: truncation is the floor
+    units_row = units_ptr + row * num_bins
     # relaxed: only the sums matter, no ordering with other memory (the default is acq_rel)
-    tl.atomic_add(out_row + lower, mass * (1.0 - weight), mask=mask, sem="relaxed")
-    tl.atomic_add(out_row + lower + 1, mass * weight, mask=mask, sem="relaxed")
+    tl.atomic_add(units_row + lower, unit - upper_units, mask=mask, sem="relaxed")
+    tl.atomic_add(units_row + lower + 1, upper_units, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _units_to_weights_kernel(units_ptr, weights_ptr, total, count, unit, BLOCK: tl.constexpr):
+    # math.h's fixed_point_weight, units / (M 2^S) in fp64, as (units / M) / 2^S: the same
+    # rounding, and no float argument (Triton passes those as fp32). weights may alias units.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    units = tl.load(units_ptr + offs, mask=mask, other=0)
+    tl.store(weights_ptr + offs, units.to(tl.float64) / count / unit, mask=mask)
 
 
 @on_tensor_device
 def _launch_grid_bin(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, num_bins: int) -> torch.Tensor:
     rows, count = x.shape
-    if x.is_cuda:
-        alert_not_deterministic("the binned-grid MMD's binning")
-    out = torch.zeros((rows, num_bins), dtype=torch.float64, device=x.device)
+    if count == 0:
+        return torch.zeros((rows, num_bins), dtype=torch.float64, device=x.device)
+    bits = fixed_point_bits(count)
+    units = torch.zeros((rows, num_bins), dtype=torch.int64, device=x.device)
     blocks = triton.cdiv(count, ELEMENT_BLOCK)
-    _grid_bin_kernel[(rows * blocks,)](x, lo, step, out, count, num_bins, blocks, BLOCK=ELEMENT_BLOCK)
-    return out
+    _grid_bin_kernel[(rows * blocks,)](x, lo, step, units, count, num_bins, 1 << bits, blocks, BLOCK=ELEMENT_BLOCK)
+    weights = units.view(torch.float64)  # converted in place: each element is read, then written
+    total = rows * num_bins
+    _units_to_weights_kernel[(triton.cdiv(total, ELEMENT_BLOCK),)](
+        units, weights, total, count, 1 << bits, BLOCK=ELEMENT_BLOCK
+    )
+    return weights
 
 
 @triton.jit
@@ -103,11 +126,15 @@ def _check_grid_point(t: torch.Tensor, x: torch.Tensor, op: str, name: str) -> N
 @custom_op("grid_bin")
 def grid_bin(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, num_bins: int) -> torch.Tensor:
     """(B, M) values -> (B, G) float64 weights: mass 1/M per value, split linearly onto the two
-    nearest grid points lo + g * step (clamped to the ends)."""
+    nearest grid points lo + g * step (clamped to the ends), in fixed point (bit-reproducible)."""
     check_rows(x, "grid_bin", "x")
     _check_grid_point(lo, x, "grid_bin", "lo")
     _check_grid_point(step, x, "grid_bin", "step")
     torch._check(num_bins >= 2, lambda: f"{NAMESPACE}::grid_bin: num_bins must be at least 2, got {num_bins}")
+    torch._check(
+        x.shape[1] <= MAX_GRID_VALUES,
+        lambda: f"{NAMESPACE}::grid_bin: at most {MAX_GRID_VALUES} values per row fit the fixed-point binning",
+    )
     return _launch_grid_bin(x.contiguous(), lo, step, num_bins)
 
 
@@ -149,6 +176,10 @@ def _check_mmd(q, k, bandwidths, num_bins, unbiased, op):
     torch._check(
         2 <= num_bins <= MAX_NUM_BINS,
         lambda: f"{NAMESPACE}::{op}: num_bins must be in [2, {MAX_NUM_BINS}], got {num_bins}",
+    )
+    torch._check(
+        max(q.shape[1], k.shape[1]) <= MAX_GRID_VALUES,
+        lambda: f"{NAMESPACE}::{op}: at most {MAX_GRID_VALUES} values per row fit the fixed-point binning",
     )
     torch._check(
         not unbiased or (q.shape[1] > 1 and k.shape[1] > 1),

@@ -136,6 +136,39 @@ RCL_HOST_DEVICE GridPosition grid_position(double x, double lo, double inv_step,
   return {lower, u - double(lower)};
 }
 
+// Fixed-point binning: each value's unit mass is 2^S integer units, split between its two grid
+// points as upper = round(upper_weight 2^S) and lower = 2^S - upper, so a row's units add up to
+// exactly M 2^S and their integer sums do not depend on the order of the additions (the GPU
+// kernels add them with integer atomics). S = min(52, 63 - bit_length(M)) keeps M 2^S < 2^63
+// (int64 sums: any bin, any partial sum) and upper_weight 2^S + 0.5 exact below 2^52, so its
+// floor rounds correctly. The rounding moves each value's split by at most 2^-(S+1) of its mass:
+// 2^-53 up to M = 2^11, 2^-25 at the longest row accepted, kMaxGridValues (S >= 24; longer rows
+// are refused where the ops are called).
+constexpr int64_t kMaxGridValues = (int64_t(1) << 39) - 1;  // as rcl_ops._checks.MAX_GRID_VALUES
+
+RCL_HOST_DEVICE int fixed_point_bits(int64_t count) {
+  int length = 0;
+  for (uint64_t c = uint64_t(count); c != 0; c >>= 1) ++length;
+  return 63 - length < 52 ? 63 - length : 52;
+}
+
+struct FixedPointSplit {
+  int64_t lower, upper;  // units of the lower and the upper grid point, lower + upper = 2^S
+};
+
+RCL_HOST_DEVICE FixedPointSplit fixed_point_split(double upper_weight, int bits) {
+  const int64_t unit = int64_t(1) << bits;
+  // upper_weight 2^S is exact and >= 0 (the conversion's truncation is the floor); no ldexp or
+  // floor, which can be library calls on the CPU.
+  const int64_t upper = int64_t(upper_weight * double(unit) + 0.5);
+  return {unit - upper, upper};
+}
+
+// A bin's weight from its integer sum: units / (M 2^S), in float64 (M 2^S is exact there).
+RCL_HOST_DEVICE double fixed_point_weight(int64_t units, int64_t count, int bits) {
+  return double(units) / (double(count) * double(int64_t(1) << bits));
+}
+
 // Gaussian kernel sum_h exp(-d^2 / (2 h^2)) and its derivative in d, given
 // inv_two_h2[h] = 1 / (2 h^2). The CUDA kernels' (the CPU ones evaluate the same terms with a
 // vectorised exp: csrc/cpu/mmd_direct.cpp).
