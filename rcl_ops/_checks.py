@@ -339,7 +339,8 @@ def check_default_bandwidth(bandwidths: torch.Tensor, where: str) -> torch.Tenso
     Outside (values of magnitude ~1e-200 or ~1e200): ValueError where the host checks run, else NaN,
     so that the distances come out NaN, never a plausible number (no host sync)."""
     if host_checks_on(bandwidths.device.type, where):
-        h = bandwidths.min().item()
+        # One value (the pooled std) needs no min op: a read is all a tiny step should pay.
+        h = bandwidths.item() if bandwidths.numel() == 1 else bandwidths.min().item()
         if not MIN_BANDWIDTH <= h <= MAX_BANDWIDTH:
             raise ValueError(
                 f"{where}: the default bandwidth (the pooled standard deviation of the values, {h:.3g}) is "
