@@ -15,20 +15,6 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// The float64 mean, sum of squared deviations and largest absolute deviation of x's values, as
-// rcl_ops.ops.value_statistics computes them.
-struct ValueStatistics {
-  Tensor mean, deviations, spread;
-};
-
-ValueStatistics value_statistics(const Tensor& x) {
-  const Tensor mean = at::mean(x, at::kDouble);
-  const Tensor centred = x - mean.to(x.scalar_type());
-  const Tensor norm = at::linalg_vector_norm(centred, 2, std::nullopt, false, at::kDouble);
-  const Tensor spread = at::linalg_vector_norm(centred, INFINITY, std::nullopt, false, at::kDouble);
-  return {mean, norm.square(), spread};
-}
-
 }  // namespace
 
 void check_mmd_direct_args(const Tensor& q, const Tensor& k,
@@ -66,17 +52,8 @@ void check_mmd_direct_backward_args(const Tensor& grad, const Tensor& q, const T
 }
 
 Tensor pooled_std_aten(const Tensor& q, const Tensor& k) {
-  const ValueStatistics sq = value_statistics(q), sk = value_statistics(k);
-  const double count_q = double(q.numel()), count_k = double(k.numel());
-  const double total = count_q + count_k;
-  const Tensor pooled_mean = (sq.mean * count_q + sk.mean * count_k) / total;
-  const Tensor between =
-      (sq.mean - pooled_mean).square() * count_q + (sk.mean - pooled_mean).square() * count_k;
-  const Tensor std = ((sq.deviations + sk.deviations + between) / total).sqrt();
-  // 1 only where every value is equal: a std that underflows float64 (values near 1e-200) stays
-  // 0, and NaN stays NaN, for the caller's range check to see.
-  const Tensor constant = (sq.spread == 0) & (sk.spread == 0) & (sq.mean == sk.mean);
-  return at::where(constant, at::ones_like(std), std).reshape({1});
+  static const auto op = find_op<Tensor(const Tensor&, const Tensor&)>("rcl_ops::pooled_std");
+  return op.call(q, k);
 }
 
 MmdTerms mmd_terms(int64_t m, int64_t n, int64_t num_h, bool unbiased) {

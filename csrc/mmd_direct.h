@@ -28,7 +28,7 @@ void check_mmd_direct_backward_args(const at::Tensor& grad, const at::Tensor& q,
                                     bool unbiased, const char* op);
 
 // The standard deviation of all values of q and k pooled (float64 (1,); 1 where every value is
-// equal), computed as rcl_ops.ops.default_bandwidth does (value_statistics, Chan's combination).
+// equal): the rcl_ops::pooled_std op of q's device (csrc/cpu/pooled_std.cpp, cuda/pooled_std.cu).
 at::Tensor pooled_std_aten(const at::Tensor& q, const at::Tensor& k);
 
 // The bandwidths the Gaussian takes in float64 (1 / (2 h^2) and h^2 finite), as

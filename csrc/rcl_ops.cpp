@@ -82,4 +82,9 @@ TORCH_LIBRARY(rcl_ops, m) {
   m.def(
       "info_nce(Tensor distances, float temperature, bool symmetric, int first_positive) -> "
       "(Tensor losses, Tensor grad_rows, Tensor grad_columns)");
+  // The MMD's default bandwidth (rcl_ops.ops.default_bandwidth): the standard deviation of all
+  // values of q and k pooled, float64 (1,), 1 where every value is equal; two passes in float64
+  // (the mean, then the squared deviations), in a fixed order (deterministic). No autograd: the
+  // bandwidth is a constant of the distance.
+  m.def("pooled_std(Tensor q, Tensor k) -> Tensor");
 }

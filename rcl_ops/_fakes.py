@@ -28,7 +28,8 @@ or the moments, that their backward reuses), the direct MMD's ``gaussian_kernel_
 (Bq, Bk) float64, derivative_sums float64 (Bq Bk (M + N) + Bq M + Bk N values with derivatives,
 else 0))``, with their backward ops, and the fused loss ``info_nce(distances (Bq, Bk), temperature,
 symmetric, first_positive) -> (losses (Bq,), grad_rows (Bq, Bk), grad_columns (Bq, Bk) if symmetric
-else 0 elements)``, all in distances' dtype. The Triton library's own ops: the grid MMD's per-value
+else 0 elements)``, all in distances' dtype, and ``pooled_std(q, k) -> (1,) float64`` (the MMD's default
+bandwidth). The Triton library's own ops: the grid MMD's per-value
 kernels ``grid_bin`` ((B, G) float64 weights) and ``grid_interpolate`` ((B, M) in x's dtype).
 """
 
@@ -168,6 +169,12 @@ def _register_native_fakes(namespace: str) -> None:
     @_fake(namespace, "mmd_direct_backward")
     def _mmd_direct_backward(grad, q, k, bandwidths, statistic, derivative_sums, unbiased, output_mask):
         return masked_gradients((q, k), output_mask)
+
+    @_fake(namespace, "pooled_std")
+    def _pooled_std(q, k):
+        _check_rows(q, f"{namespace}::pooled_std", "q")
+        _check_rows(k, f"{namespace}::pooled_std", "k")
+        return q.new_empty(1, dtype=torch.float64)
 
     @_fake(namespace, "info_nce")
     def _info_nce(distances, temperature, symmetric, first_positive):

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from utils import NATIVE_BACKENDS, backend_device
+from utils import NATIVE_BACKENDS, OpNames, backend_device
 
 import rcl_ops
 
@@ -89,15 +88,6 @@ def test_first_and_second_derivatives(device, bq, bk, symmetric, first_positive)
 
 
 def test_the_loss_takes_the_fused_op_unless_the_reference_is_asked_for(device):
-    class OpNames(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
     distances = _distances(4, 4, torch.float32, device)
     for backend, fused in (("auto", True), ("reference", False)):
         with OpNames() as seen:

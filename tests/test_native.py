@@ -129,6 +129,8 @@ def _op_samples(device, dtype):
         (ops.gaussian_kernel_sums.default, (x, x, h, True)),
         (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False, [True, True])),
         (ops.gaussian_kernel_sums_backward.default, (grad, x, y, h, False, [True, False])),
+        (ops.pooled_std.default, (x, y)),
+        (ops.pooled_std.default, (big_x, big_y)),
         (ops.info_nce.default, (grad, 0.3, False, 0)),
         (ops.info_nce.default, (torch.rand(4, 4, device=device, dtype=dtype), 0.3, True, 0)),
         (ops.info_nce.default, (torch.rand(2, 7, device=device, dtype=dtype), 0.5, False, 3)),

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rcl_ops
 
@@ -135,3 +136,15 @@ def assert_compiled_loss_matches_eager(loss_fn, q, k, compile_backend="inductor"
         torch.testing.assert_close(got, eager)
         for a, b in zip(got_grads, eager_grads):
             torch.testing.assert_close(a, b)
+
+
+class OpNames(TorchDispatchMode):
+    """Records the names of the ops dispatched inside ``with OpNames() as seen:`` (seen.names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))

@@ -24,6 +24,7 @@
 #include "../checks.h"
 #include "cpu_utils.h"
 #include "fast_exp.h"
+#include "rcl_ops/math.h"
 
 namespace rcl_ops {
 namespace {
@@ -269,40 +270,29 @@ int64_t forward_work(const Tensor& q, const Tensor& k) {
   return q.size(0) * k.size(0) * m * n + q.size(0) * m * m + k.size(0) * n * n;
 }
 
-// rcl_ops.ops.default_bandwidth of the values: each side's mean, sum of squared deviations and
-// largest absolute deviation (here in order, in float64), pooled by Chan's combination; 1 only
-// where every value is equal (a std that underflows float64 stays 0 and NaN stays NaN, for the
-// caller's range check to see).
+// rcl_ops.ops.default_bandwidth of the values (math.h's pooled_std_of): each side's mean, sum of
+// squared deviations and range, in order, in float64, on the calling thread.
 Tensor pooled_std_fused(const Rows& q, const Rows& k, const Tensor& like) {
-  struct Statistics {
-    double mean, deviations, spread;
-  };
-  const auto statistics = [](const Rows& x) {
-    double sum = 0.0, deviations = 0.0, spread = 0.0;
-    for (int64_t i = 0; i < x.rows; ++i) {
-      for (int64_t s = 0; s < x.count; ++s) sum += x.row(i)[s];
-    }
-    const double mean = sum / double(x.rows * x.count);
+  const auto moments = [](const Rows& x) {
+    ValueMoments m{double(x.rows * x.count), 0.0, 0.0, INFINITY, -INFINITY};
+    double sum = 0.0;
     for (int64_t i = 0; i < x.rows; ++i) {
       for (int64_t s = 0; s < x.count; ++s) {
-        const double deviation = x.row(i)[s] - mean;
-        deviations += deviation * deviation;
-        // Not std::max: a NaN deviation must make the spread NaN.
-        spread =
-            std::abs(deviation) > spread || deviation != deviation ? std::abs(deviation) : spread;
+        sum += x.row(i)[s];
+        m.lo = nan_min(m.lo, x.row(i)[s]);
+        m.hi = nan_max(m.hi, x.row(i)[s]);
       }
     }
-    return Statistics{mean, deviations, spread};
+    m.mean = sum / m.count;
+    for (int64_t i = 0; i < x.rows; ++i) {
+      for (int64_t s = 0; s < x.count; ++s) {
+        const double deviation = x.row(i)[s] - m.mean;
+        m.deviations += deviation * deviation;
+      }
+    }
+    return m;
   };
-  const Statistics sq = statistics(q), sk = statistics(k);
-  const double count_q = double(q.rows * q.count), count_k = double(k.rows * k.count);
-  const double total = count_q + count_k;
-  const double pooled_mean = (sq.mean * count_q + sk.mean * count_k) / total;
-  const double between = (sq.mean - pooled_mean) * (sq.mean - pooled_mean) * count_q +
-                         (sk.mean - pooled_mean) * (sk.mean - pooled_mean) * count_k;
-  const double std = std::sqrt((sq.deviations + sk.deviations + between) / total);
-  const bool constant = sq.spread == 0.0 && sk.spread == 0.0 && sq.mean == sk.mean;
-  return at::full({1}, constant ? 1.0 : std, like.options().dtype(at::kDouble));
+  return at::full({1}, pooled_std_of(moments(q), moments(k)), like.options().dtype(at::kDouble));
 }
 
 // S_qq[i], S_kk[j] and S_qk[i, j] (row-major), and where derivative_sums is not null, its sums of

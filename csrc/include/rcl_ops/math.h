@@ -201,4 +201,25 @@ RCL_HOST_DEVICE double info_nce_loss(double max_logit, double sum, double target
   return max_logit + log(sum) - target_logit;
 }
 
+// The pooled standard deviation of two sets of values (rcl_ops.ops.default_bandwidth) from each
+// set's count, mean, sum of squared deviations from its own mean, smallest and largest value
+// (Chan's combination): 1 where every value of both sets is equal; a std that underflows float64
+// stays 0 and NaN stays NaN (lo/hi carry NaN), for the caller's range check to see.
+struct ValueMoments {
+  double count, mean, deviations, lo, hi;
+};
+
+RCL_HOST_DEVICE double pooled_std_of(const ValueMoments& a, const ValueMoments& b) {
+  const double total = a.count + b.count;
+  const double mean = (a.mean * a.count + b.mean * b.count) / total;
+  const double between =
+      (a.mean - mean) * (a.mean - mean) * a.count + (b.mean - mean) * (b.mean - mean) * b.count;
+  const bool constant = a.lo == a.hi && b.lo == b.hi && a.lo == b.lo;
+  return constant ? 1.0 : sqrt((a.deviations + b.deviations + between) / total);
+}
+
+// The smaller/larger of two values, NaN if either is (so that NaN reaches pooled_std_of).
+RCL_HOST_DEVICE double nan_min(double a, double b) { return (a < b || a != a) ? a : b; }
+RCL_HOST_DEVICE double nan_max(double a, double b) { return (a > b || a != a) ? a : b; }
+
 }  // namespace rcl_ops
