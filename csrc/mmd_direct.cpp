@@ -51,11 +51,6 @@ void check_mmd_direct_backward_args(const Tensor& grad, const Tensor& q, const T
       derivative_sums_size(q, k), " values, got ", derivative_sums.sizes());
 }
 
-Tensor pooled_std_aten(const Tensor& q, const Tensor& k) {
-  static const auto op = find_op<Tensor(const Tensor&, const Tensor&)>("rcl_ops::pooled_std");
-  return op.call(q, k);
-}
-
 MmdTerms mmd_terms(int64_t m, int64_t n, int64_t num_h, bool unbiased) {
   const double md = double(m), nd = double(n), h = double(num_h);
   if (unbiased) return {md * h, md * (md - 1.0), nd * h, nd * (nd - 1.0), 2.0 / (md * nd)};
@@ -69,24 +64,27 @@ MmdDirectOutputs mmd_direct_composite(const Tensor& q, const Tensor& k,
       "rcl_ops::gaussian_kernel_sums");
   check_mmd_direct_args(q, k, bandwidths, unbiased, "rcl_ops::mmd_direct");
   TORCH_CHECK(!derivatives, "rcl_ops::mmd_direct: derivatives=True is implemented on CPU only");
+  static const auto pooled_std =
+      find_op<Tensor(const Tensor&, const Tensor&)>("rcl_ops::pooled_std");
   // A copy also where the bandwidths are float64 already: an op's output may not alias its input.
   const Tensor h = bandwidths.has_value()
                        ? bandwidths->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true)
-                       : pooled_std_aten(q, k);
+                       : pooled_std.call(q, k);
   // A default bandwidth out of range: the sums run with 1 and the statistic is NaN (no host sync).
-  const Tensor in_range = bandwidths.has_value()
-                              ? at::ones({}, h.options().dtype(at::kBool))
-                              : (h >= kMinBandwidth).logical_and(h <= kMaxBandwidth).all();
-  const Tensor h_used = bandwidths.has_value() ? h : at::where(in_range, h, at::ones_like(h));
+  std::optional<Tensor> in_range;
+  Tensor h_used = h;
+  if (!bandwidths.has_value()) {
+    in_range = (h >= kMinBandwidth).logical_and(h <= kMaxBandwidth).all();
+    h_used = at::where(*in_range, h, at::ones_like(h));
+  }
   const MmdTerms terms = mmd_terms(q.size(1), k.size(1), h.numel(), unbiased);
   const Tensor self_q = (sums.call(q, q, h_used, true) - terms.diag_q) / terms.div_q;
   const Tensor self_k = (sums.call(k, k, h_used, true) - terms.diag_k) / terms.div_k;
-  const Tensor sum_of_terms =
+  Tensor statistic =
       self_q.unsqueeze(1) + self_k.unsqueeze(0) - sums.call(q, k, h_used, false) * terms.cross;
-  const Tensor statistic =
-      bandwidths.has_value()
-          ? sum_of_terms
-          : at::where(in_range, sum_of_terms, at::full({}, NAN, sum_of_terms.options()));
+  if (in_range.has_value()) {
+    statistic = at::where(*in_range, statistic, at::full({}, NAN, statistic.options()));
+  }
   const Tensor distances = unbiased ? statistic.to(q.scalar_type(), false, /*copy=*/true)
                                     : statistic.clamp_min(0.0).to(q.scalar_type());
   return {distances, h, statistic, at::empty({0}, statistic.options())};

@@ -27,10 +27,6 @@ void check_mmd_direct_backward_args(const at::Tensor& grad, const at::Tensor& q,
                                     const at::Tensor& statistic, const at::Tensor& derivative_sums,
                                     bool unbiased, const char* op);
 
-// The standard deviation of all values of q and k pooled (float64 (1,); 1 where every value is
-// equal): the rcl_ops::pooled_std op of q's device (csrc/cpu/pooled_std.cpp, cuda/pooled_std.cu).
-at::Tensor pooled_std_aten(const at::Tensor& q, const at::Tensor& k);
-
 // The bandwidths the Gaussian takes in float64 (1 / (2 h^2) and h^2 finite), as
 // rcl_ops._checks.MIN_BANDWIDTH and MAX_BANDWIDTH. A default bandwidth outside them makes every
 // distance NaN (no kernel is evaluated), for the Python caller to name (check_default_bandwidth).

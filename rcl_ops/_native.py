@@ -9,7 +9,7 @@ import torch
 from . import _C  # noqa: F401  loads the library and its TORCH_LIBRARY registrations
 from ._autograd import gradient_if_needed, register_sketch_and_pair_autograd
 from ._backend import Backend, mark_unavailable, op_library_stages, register_backend
-from ._checks import MAX_BANDWIDTH, MIN_BANDWIDTH, check_default_bandwidth, host_checks_on
+from ._checks import check_default_bandwidth, host_checks_on
 from ._fakes import register_fake_kernels
 from .ops import warn_if_grid_inaccurate
 
@@ -69,13 +69,10 @@ def native_mmd(q, k, bandwidths, unbiased: bool, method: str, num_bins: int) -> 
     # One node: the pooled bandwidth (bandwidths None), the three kernel sums and the statistic;
     # on CPU, where a gradient will be wanted, also the sums of k' that the backward contracts.
     distances, used, _, _ = ops.mmd_direct(q, k, bandwidths, unbiased, _derivative_sums_wanted(q, k))
-    if bandwidths is None:
+    if bandwidths is None and host_checks_on(used.device.type, "pairwise_mmd"):
         # Out of range, mmd_direct has made the distances NaN (csrc/mmd_direct.h, kMinBandwidth);
-        # where the host checks run, the bandwidth is named instead. On CPU one read tells the usual
-        # in-range case apart (a tiny step's host time is the cost that matters there).
-        in_range = used.device.type == "cpu" and MIN_BANDWIDTH <= used.item() <= MAX_BANDWIDTH
-        if not in_range and host_checks_on(used.device.type, "pairwise_mmd"):
-            check_default_bandwidth(used, "pairwise_mmd")
+        # where the host checks run, the bandwidth is named instead.
+        check_default_bandwidth(used, "pairwise_mmd")
     return distances
 
 

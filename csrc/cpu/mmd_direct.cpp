@@ -24,6 +24,7 @@
 #include "../checks.h"
 #include "cpu_utils.h"
 #include "fast_exp.h"
+#include "pooled_std.h"
 #include "rcl_ops/math.h"
 
 namespace rcl_ops {
@@ -270,31 +271,6 @@ int64_t forward_work(const Tensor& q, const Tensor& k) {
   return q.size(0) * k.size(0) * m * n + q.size(0) * m * m + k.size(0) * n * n;
 }
 
-// rcl_ops.ops.default_bandwidth of the values (math.h's pooled_std_of): each side's mean, sum of
-// squared deviations and range, in order, in float64, on the calling thread.
-Tensor pooled_std_fused(const Rows& q, const Rows& k, const Tensor& like) {
-  const auto moments = [](const Rows& x) {
-    ValueMoments m{double(x.rows * x.count), 0.0, 0.0, INFINITY, -INFINITY};
-    double sum = 0.0;
-    for (int64_t i = 0; i < x.rows; ++i) {
-      for (int64_t s = 0; s < x.count; ++s) {
-        sum += x.row(i)[s];
-        m.lo = nan_min(m.lo, x.row(i)[s]);
-        m.hi = nan_max(m.hi, x.row(i)[s]);
-      }
-    }
-    m.mean = sum / m.count;
-    for (int64_t i = 0; i < x.rows; ++i) {
-      for (int64_t s = 0; s < x.count; ++s) {
-        const double deviation = x.row(i)[s] - m.mean;
-        m.deviations += deviation * deviation;
-      }
-    }
-    return m;
-  };
-  return at::full({1}, pooled_std_of(moments(q), moments(k)), like.options().dtype(at::kDouble));
-}
-
 // S_qq[i], S_kk[j] and S_qk[i, j] (row-major), and where derivative_sums is not null, its sums of
 // k' in the schema's layout (csrc/rcl_ops.cpp).
 struct DirectSums {
@@ -344,7 +320,7 @@ MmdDirectOutputs mmd_direct_cpu(const Tensor& q_in, const Tensor& k_in,
   // A copy also where the bandwidths are float64 already: an op's output may not alias its input.
   const Tensor h = bandwidths.has_value()
                        ? bandwidths->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true)
-                       : pooled_std_fused(q, k, q_in);
+                       : pooled_std_cpu(q_in, k_in);
   const auto float64 = q_in.options().dtype(at::kDouble);
   Tensor derivative_sums = at::empty({derivatives ? derivative_sums_size(q_in, k_in) : 0}, float64);
   if (!bandwidths.has_value() && !bandwidth_in_range(h.item<double>())) {

@@ -1,6 +1,8 @@
 // rcl_ops::pooled_std on CPU: two passes over each batch in fixed chunks (sums and range, then
 // squared deviations from the batch mean), each added in chunk order, so the result does not
 // depend on the number of threads.
+#include "pooled_std.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -57,6 +59,8 @@ ValueMoments moments_of(const T* x, int64_t count) {
   return m;
 }
 
+}  // namespace
+
 at::Tensor pooled_std_cpu(const at::Tensor& q_in, const at::Tensor& k_in) {
   const char* op = "rcl_ops::pooled_std";
   check_rows(q_in, op, "q");
@@ -70,8 +74,6 @@ at::Tensor pooled_std_cpu(const at::Tensor& q_in, const at::Tensor& k_in) {
   });
   return at::full({1}, std, q.options().dtype(at::kDouble));
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(rcl_ops, CPU, m) { m.impl("pooled_std", &pooled_std_cpu); }
 
